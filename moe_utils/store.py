@@ -1,0 +1,227 @@
+"""The routing store: captured expert routing on disk, self-describing, atomic and verifiable.
+
+A store is a directory written by :func:`moe_utils.routing.capture_routing`::
+
+    manifest.json        model, architecture, layers, experts, top-k, data spec, parameters,
+                         package versions, and the sha256 of every file below
+    topk_indices.npy     (n_tokens, n_layers, k)  uint8 (or uint16 when E > 256)
+    topk_weights.npy     (n_tokens, n_layers, k)  float32 routing weights the model used
+    probs.npy            (n_tokens, n_layers, E)  float16 full routing probabilities (optional)
+    tokens.parquet       one row per token: sample_id, position, token_id, token, label
+
+Arrays are memory-mapped on open. The manifest is written last and atomically, so a directory
+without one is never mistaken for a finished capture; a store whose checksums do not match its
+manifest refuses to load. Captures split over processes (``shard=(rank, world_size)``) write
+``shard-<rank>-of-<world>/`` sub-stores, which :meth:`RoutingStore.open` reads as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MANIFEST = "manifest.json"
+ARRAYS = ("topk_indices", "topk_weights", "probs")
+TOKENS = "tokens.parquet"
+FORMAT_VERSION = 1
+_SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+
+
+class StoreError(RuntimeError):
+    """A routing store is missing, incomplete, corrupted or inconsistent."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions(names: tuple[str, ...] = ("torch", "transformers", "numpy", "moe-collab-study")) -> dict:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def index_dtype(n_experts: int) -> np.dtype:
+    """Smallest unsigned dtype for expert indices: 1 byte up to 256 experts, else 2."""
+    if n_experts <= 256:
+        return np.dtype(np.uint8)
+    if n_experts <= 65536:
+        return np.dtype(np.uint16)
+    raise ValueError(f"{n_experts} experts per layer is more than a 2-byte index can hold")
+
+
+def write_store(path: Path, manifest: dict, arrays: dict[str, np.ndarray], tokens: pd.DataFrame) -> None:
+    """Write a complete store: arrays and token table first, the checksummed manifest last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)  # the store is invalid until the new manifest lands
+    files = {}
+    for name, array in arrays.items():
+        atomic_save_npy(path / f"{name}.npy", array)
+        files[f"{name}.npy"] = sha256_file(path / f"{name}.npy")
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".tokens.", suffix=".parquet")
+    os.close(fd)
+    tokens.to_parquet(tmp, index=False)
+    os.replace(tmp, path / TOKENS)
+    files[TOKENS] = sha256_file(path / TOKENS)
+    manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files, "n_tokens": len(tokens)}
+    atomic_write_json(path / MANIFEST, manifest)
+
+
+@dataclass
+class RoutingStore:
+    """Captured routing, opened from a store directory (see the module docstring for the layout).
+
+    Attributes:
+        path: the store directory.
+        manifest: what produced the capture (model, data, parameters, versions, checksums).
+        topk_indices: (n_tokens, n_layers, k) selected experts per token and MoE layer.
+        topk_weights: (n_tokens, n_layers, k) their routing weights.
+        probs: (n_tokens, n_layers, E) full routing probabilities, or None if not recorded.
+        tokens: token table with columns sample_id, position, token_id, token, label.
+    """
+
+    path: Path
+    manifest: dict
+    topk_indices: np.ndarray
+    topk_weights: np.ndarray
+    probs: np.ndarray | None
+    tokens: pd.DataFrame
+
+    @property
+    def n_tokens(self) -> int:
+        return self.topk_indices.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.topk_indices.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_indices.shape[2]
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.manifest["model"]["n_experts"])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.tokens["sample_id"].nunique())
+
+    def __repr__(self) -> str:
+        model = self.manifest["model"]
+        return (f"RoutingStore({str(self.path)!r}, model={model['name']!r}, tokens={self.n_tokens}, "
+                f"samples={self.n_samples}, layers={self.n_layers}, experts={self.n_experts}, top_k={self.top_k})")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True) -> "RoutingStore":
+        """Open a store (or a directory of capture shards, read as one store in sample order).
+
+        With ``verify`` (the default) every file's sha256 is checked against the manifest.
+        """
+        path = Path(path)
+        if (path / MANIFEST).is_file():
+            return cls._open_single(path, verify=verify, mmap=mmap)
+        shards = sorted(p for p in path.glob("shard-*-of-*") if p.is_dir()) if path.is_dir() else []
+        if shards:
+            return cls._open_shards(path, shards, verify=verify)
+        hint = " (a capture was started here but did not finish: re-run it to resume)" if (
+            path / ".partial").is_dir() else ""
+        raise StoreError(f"no routing store at {path}: {MANIFEST} is missing{hint}")
+
+    @classmethod
+    def _open_single(cls, path: Path, *, verify: bool, mmap: bool) -> "RoutingStore":
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: store format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        for name, expected in manifest["files"].items():
+            if not (path / name).is_file():
+                raise StoreError(f"{path}: {name} is listed in the manifest but missing; re-run the capture")
+            if verify and sha256_file(path / name) != expected:
+                raise StoreError(
+                    f"{path}: checksum of {name} does not match the manifest: the store was modified or "
+                    "corrupted. Delete the directory and re-run the capture."
+                )
+        arrays = {
+            name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None)
+            for name in ARRAYS if f"{name}.npy" in manifest["files"]
+        }
+        tokens = pd.read_parquet(path / TOKENS)
+        if len(tokens) != arrays["topk_indices"].shape[0]:
+            raise StoreError(f"{path}: token table and arrays disagree on the number of tokens")
+        return cls(path, manifest, arrays["topk_indices"], arrays["topk_weights"], arrays.get("probs"), tokens)
+
+    @classmethod
+    def _open_shards(cls, path: Path, shards: list[Path], *, verify: bool) -> "RoutingStore":
+        ranks = {}
+        for shard in shards:
+            rank, world = map(int, _SHARD_RE.match(shard.name).groups())
+            ranks[rank] = (world, shard)
+        worlds = {world for world, _ in ranks.values()}
+        if len(worlds) != 1:
+            raise StoreError(f"{path}: shards of different world sizes {sorted(worlds)}; remove the stale ones")
+        world = worlds.pop()
+        missing = sorted(set(range(world)) - set(ranks))
+        if missing:
+            raise StoreError(f"{path}: shards {missing} of {world} are missing; run those ranks' captures")
+        parts = [cls._open_single(ranks[r][1], verify=verify, mmap=True) for r in range(world)]
+        first = parts[0].manifest
+        for part in parts[1:]:
+            if part.manifest["fingerprint"]["model"] != first["fingerprint"]["model"]:
+                raise StoreError(f"{path}: shards were captured from different models")
+        manifest = {**first, "shards": [str(p.path.name) for p in parts],
+                    "n_tokens": sum(p.n_tokens for p in parts)}
+        probs = None if parts[0].probs is None else np.concatenate([p.probs for p in parts])
+        tokens = pd.concat([p.tokens for p in parts], ignore_index=True)
+        return cls(path, manifest, np.concatenate([p.topk_indices for p in parts]),
+                   np.concatenate([p.topk_weights for p in parts]), probs, tokens)

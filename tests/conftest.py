@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models of every supported architecture, built from their configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+#: The architectures the registry must support (issue: foundation), each from its own tiny config.
+ARCHITECTURES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "phimoe", "deepseek_v2", "deepseek_v3",
+                 "granitemoe", "gpt_oss")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TEXTS = [
+    "The integral of x squared is x cubed over three.",
+    "Courts interpret statutes.",
+    "def f(x): return x + 1",
+    "Neurons fire.",
+    "In 1905 Einstein published four papers, one on special relativity.",
+    "Q",
+    "What is 17 * 23? Options: A. 391 B. 401",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_threads():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def random_models():
+    """``{model_type: (model, tokenizer)}``, built once per test session."""
+    from moe_utils.models import load_model
+
+    return {arch: load_model(f"random:{arch}") for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def olmoe(random_models):
+    return random_models["olmoe"]
