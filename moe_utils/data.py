@@ -246,15 +246,14 @@ def _sample_category(df: pd.DataFrame, category: str, n: int | None, seed: int) 
 # ------------------------------------------------------------------------------------ formatting
 def format_prompt(row: Mapping[str, Any] | pd.Series, *, with_options: bool = True,
                   with_answer: bool = False) -> str:
-    """Format one question in the lm-eval ``leaderboard_mmlu_pro`` style.
+    """Format one question exactly as lm-eval's stock ``leaderboard_mmlu_pro`` task does.
 
-    ``"Question: {question}\\nOptions:\\nA. ...\\nB. ...\\nAnswer:"``; ``with_answer`` appends
-    ``" {letter}"``; ``with_options=False`` gives ``"Question: {question}\\nAnswer:"``. The
-    question text is stripped of surrounding whitespace (options are already clean).
+    ``"{question}\\nA. ...\\nB. ...\\nAnswer:"``; ``with_answer`` appends ``" {letter}"``;
+    ``with_options=False`` gives ``"{question}\\nAnswer:"``. The question text is stripped of
+    surrounding whitespace (options are already clean).
     """
-    lines = [f"Question: {str(row['question']).strip()}"]
+    lines = [str(row["question"]).strip()]
     if with_options:
-        lines.append("Options:")
         lines.extend(f"{LETTERS[i]}. {option}" for i, option in enumerate(row["options"]))
     prompt = "\n".join(lines) + "\nAnswer:"
     if with_answer:

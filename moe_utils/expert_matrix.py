@@ -99,3 +99,26 @@ def top_cross_layer_pairs(store: RoutingStore, co: np.ndarray | None = None, n: 
     })
     frame["lift"] = frame["p_together"] / (frame["p_a"] * frame["p_b"]).where(lambda s: s > 0)
     return frame.sort_values(["p_together", "lift"], ascending=False).head(n).reset_index(drop=True)
+
+
+def expert_usage(store: RoutingStore) -> np.ndarray:
+    """(n_layers, E): each expert's share of its layer's routed slots (rows sum to 1)."""
+    n_layers, n_experts = store.n_layers, store.n_experts
+    counts = np.zeros((n_layers, n_experts))
+    for layer in range(n_layers):
+        counts[layer] = np.bincount(np.asarray(store.topk_indices[:, layer, :]).ravel(), minlength=n_experts)
+    return counts / counts.sum(axis=1, keepdims=True)
+
+
+def label_profiles(store: RoutingStore) -> pd.DataFrame:
+    """Per label (e.g. MMLU-Pro category): the share of its tokens that select each expert, (labels, N_e)."""
+    if store.tokens["label"].isna().all():
+        raise ValueError("this store has no labels: pass labels= to capture_routing")
+    selected = expert_matrix(store, "token", "binary").T.tocsr()  # (n_tokens, N_e)
+    labels = store.tokens["label"].to_numpy()
+    rows = {}
+    for label in pd.unique(labels):
+        member = labels == label
+        rows[label] = np.asarray(selected[member].mean(axis=0)).ravel()
+    columns = [expert_label(i, store.n_experts) for i in range(store.n_layers * store.n_experts)]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=columns)

@@ -162,7 +162,8 @@ def capture_routing(
         texts: the prompts; ``sample_id`` in the token table is the index of a text in this list.
         out_dir: the store directory (see :mod:`moe_utils.store`). If it already holds a finished
             capture of the same model and inputs, that store is returned without recomputation;
-            an unfinished one is resumed; one of different inputs is an error unless ``overwrite``.
+            an unfinished one is resumed; one of different inputs is an error, unless ``overwrite``
+            (then it is replaced).
         labels: one label per text (e.g. its MMLU-Pro category), copied into the token table.
         batch_size, max_length: tokenisation and batching (longer texts are truncated).
         record_probs: also store full routing probabilities (n_tokens, n_layers, E) as float16.
@@ -190,7 +191,7 @@ def capture_routing(
     }
     if (out_dir / MANIFEST).is_file():
         existing = json.loads((out_dir / MANIFEST).read_text())
-        if existing.get("fingerprint") == fingerprint and not overwrite:
+        if existing.get("fingerprint") == fingerprint:
             log.info("reusing the finished capture in %s", out_dir)
             return RoutingStore.open(out_dir)
         if not overwrite:

@@ -209,9 +209,9 @@ def test_sampling_more_than_available_takes_all(many_dir: Path,
 # ------------------------------------------------------------------------- synthetic: formatting
 def test_format_prompt_exact() -> None:
     row = _row(9, "math", ["3", "4", "5"], "B", 1, question="What is 2 + 2? ")
-    assert format_prompt(row) == "Question: What is 2 + 2?\nOptions:\nA. 3\nB. 4\nC. 5\nAnswer:"
+    assert format_prompt(row) == "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nAnswer:"
     assert format_prompt(row, with_answer=True).endswith("\nC. 5\nAnswer: B")
-    assert format_prompt(row, with_options=False) == "Question: What is 2 + 2?\nAnswer:"
+    assert format_prompt(row, with_options=False) == "What is 2 + 2?\nAnswer:"
 
 
 def test_load_prompts(many_dir: Path) -> None:

@@ -1,0 +1,451 @@
+"""Downstream evaluation of in-memory (masked, pruned) models with EleutherAI's lm-evaluation-harness.
+
+The paper this study reproduces, "Unveiling Hidden Collaboration within Mixture-of-Experts in LLMs"
+(arXiv 2504.12359), evaluates its pruned models zero-shot with the EleutherAI lm-evaluation-harness.
+:func:`evaluate` runs the *real* harness (``lm_eval.simple_evaluate`` on an
+``lm_eval.models.huggingface.HFLM`` wrapping the model object), so a model whose experts are
+masked or pruned in memory (hooks, edited weights) is evaluated as it is, without saving it, and
+the result comes back as a tidy :class:`pandas.DataFrame` with columns
+``task, metric, value, stderr, n`` (one row per task x metric; ``n`` is the number of documents
+evaluated; ``stderr`` is NaN where the harness gives none).
+
+Task names this module defines (anything else goes to the harness's stock tasks unchanged, e.g.
+``arc_challenge``, ``hellaswag``, ``mmlu``, ``leaderboard_mmlu_pro``; those need the Hub):
+
+``mmlu_pro_mc`` (group), ``mmlu_pro_mc_<category>``
+    MMLU-Pro multiple choice by log-likelihood of the answer letter (" A", " B", ...), set up like
+    the stock ``leaderboard_mmlu_pro`` (5-shot by default, ``first_n`` few-shot sampler, metric
+    ``acc``, the stock prompt ``"{question}\\nA. ...\\nAnswer:"`` through
+    :func:`moe_utils.data.format_prompt`, the same prompts whose routing the study captures), on
+    cleaned data (stripped options and question, the answer letter trusted), with the 5
+    validation questions of the same category as few-shot examples. The group row is the
+    size-weighted (= pooled) accuracy. ``acc_norm`` is not reported: every choice is one letter, so it always equals ``acc``.
+``mmlu_pro_ppl`` (group), ``mmlu_pro_ppl_<category>``
+    Perplexity of the question text of one category (``loglikelihood_rolling``): metrics
+    ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte`` as the harness computes them for
+    rolling tasks. The group expands to its categories; it has no pooled row (the harness can
+    only average perplexities, which is not a perplexity).
+``wikitext2_ppl``
+    WikiText-2 test perplexity, one document per article, same metrics, words counted as
+    :func:`moe_utils.wikitext.count_words` (see ``tasks/wikitext2_ppl.yaml``).
+
+``<category>`` is a slug of an MMLU-Pro category (spaces become underscores:
+``computer_science``). The small embedded model's multiple-choice accuracy sits near chance
+(1/10 for most questions), which is why the per-category perplexities exist: they move
+measurably when experts are pruned.
+
+Data-path mechanism: the static part of each task is a YAML template shipped in
+``moe_utils/tasks/`` (``mmlu_pro_mc.yaml``, ``mmlu_pro_ppl.yaml``, ``wikitext2_ppl.yaml``).
+:func:`build_tasks` reads a template, adds the run-time parts (task name, the prompt functions,
+and a ``custom_dataset`` callable that returns the already loaded and cleaned rows) and builds an
+``lm_eval`` ``ConfigurableTask`` from the dict; no YAML is written and no ``include_path`` is
+needed. The rows come from the project's loaders: MMLU-Pro from
+:func:`moe_utils.data.load_mmlu_pro` (``data_dir``, else ``$MOE_MMLU_PRO_DIR``, else the Hub
+``TIGER-Lab/MMLU-Pro``; options stripped, the answer letter trusted), WikiText-2 from
+:func:`moe_utils.wikitext.load_wikitext` (``wikitext_dir``, else ``$MOE_WIKITEXT_DIR``, else the
+Hub ``wikitext`` / ``wikitext-2-v1``). This module does not touch ``HF_HUB_OFFLINE`` /
+``HF_DATASETS_OFFLINE``: set them yourself on a machine without the Hub, or a Hub lookup (stock
+tasks, a missing local path) retries for about 25 s before failing.
+
+Side effects of the harness worth knowing: ``simple_evaluate`` re-seeds Python's, NumPy's and
+torch's global random generators (its defaults 0 / 1234 / 1234), and ``HFLM`` puts the model in
+eval mode (restored afterwards here) and calls its ``tie_weights()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from moe_utils.data import LETTERS, MMLU_PRO_ENV, format_prompt, load_mmlu_pro
+from moe_utils.wikitext import WIKITEXT_ENV, count_words, load_wikitext
+
+log = logging.getLogger(__name__)
+
+#: Directory of the YAML task templates.
+TASKS_DIR = Path(__file__).parent / "tasks"
+MC_GROUP = "mmlu_pro_mc"
+PPL_GROUP = "mmlu_pro_ppl"
+WIKITEXT_TASK = "wikitext2_ppl"
+#: The 14 MMLU-Pro categories, as the data set spells them.
+MMLU_PRO_CATEGORIES = (
+    "biology", "business", "chemistry", "computer science", "economics", "engineering", "health",
+    "history", "law", "math", "other", "philosophy", "physics", "psychology",
+)
+#: Columns of the table :func:`evaluate` returns.
+COLUMNS = ("task", "metric", "value", "stderr", "n")
+
+_HEADING = re.compile(r"^ = [^=].* = $")  # a WikiText article title line (sections have "= =")
+
+
+# ------------------------------------------------------------------------------------ names
+def category_slug(category: str) -> str:
+    """``"computer science"`` -> ``"computer_science"`` (the form used in task names)."""
+    return category.strip().replace(" ", "_")
+
+
+def resolve_category(name: str) -> str:
+    """Return the MMLU-Pro category named by ``name`` (spelled as in the data, or as a slug).
+
+    Raises ValueError, listing the valid slugs, for anything else.
+    """
+    by_slug = {category_slug(c): c for c in MMLU_PRO_CATEGORIES}
+    key = category_slug(str(name)).lower()
+    if key not in by_slug:
+        raise ValueError(
+            f"unknown MMLU-Pro category {name!r}; valid categories: {sorted(by_slug)}"
+        )
+    return by_slug[key]
+
+
+def task_names(categories: Iterable[str] | None = None) -> list[str]:
+    """All task and group names this module defines (for the given categories, default all)."""
+    cats = _resolve_categories(categories)
+    return (
+        [MC_GROUP] + [f"{MC_GROUP}_{category_slug(c)}" for c in cats]
+        + [PPL_GROUP] + [f"{PPL_GROUP}_{category_slug(c)}" for c in cats]
+        + [WIKITEXT_TASK]
+    )
+
+
+def _resolve_categories(categories: Iterable[str] | str | None) -> list[str]:
+    if categories is None:
+        return list(MMLU_PRO_CATEGORIES)
+    if isinstance(categories, str):
+        categories = [categories]
+    resolved = list(dict.fromkeys(resolve_category(c) for c in categories))
+    if not resolved:
+        raise ValueError("categories is empty; pass None for all MMLU-Pro categories")
+    return resolved
+
+
+def _parse(name: str) -> tuple[str, str | None] | None:
+    """``(kind, category)`` for a name this module defines, None for a stock harness task.
+
+    kind is ``"mc"`` or ``"ppl"`` (category None for the group) or ``"wikitext"``.
+    """
+    if name == WIKITEXT_TASK:
+        return "wikitext", None
+    for kind, prefix in (("mc", MC_GROUP), ("ppl", PPL_GROUP)):
+        if name == prefix:
+            return kind, None
+        if name.startswith(prefix + "_"):
+            return kind, resolve_category(name[len(prefix) + 1:])
+    return None
+
+
+# ------------------------------------------------------------------------ prompt functions
+def mc_doc_to_text(doc: Mapping[str, Any]) -> str:
+    """The multiple-choice prompt: ``"{question}\\nA. ...\\nAnswer:"`` (stock leaderboard format)."""
+    return format_prompt(doc)
+
+
+def mc_doc_to_choice(doc: Mapping[str, Any]) -> list[str]:
+    """One letter per option; the harness scores ``target_delimiter + letter`` (``" A"``)."""
+    return list(LETTERS[: len(doc["options"])])
+
+
+def ppl_doc_to_target(doc: Mapping[str, Any]) -> str:
+    """The text whose perplexity ``mmlu_pro_ppl_*`` measures: the question, stripped."""
+    return str(doc["question"]).strip()
+
+
+def wikitext_process_results(doc: Mapping[str, Any], results: Sequence[Any]) -> dict[str, tuple]:
+    """Per-document (log-likelihood, count) pairs; words as :func:`moe_utils.wikitext.count_words`."""
+    (loglikelihood,) = results
+    n_bytes = len(doc["page"].encode("utf-8"))
+    return {
+        "word_perplexity": (loglikelihood, count_words(doc["page"])),
+        "byte_perplexity": (loglikelihood, n_bytes),
+        "bits_per_byte": (loglikelihood, n_bytes),
+    }
+
+
+def wikitext_documents(text: str) -> list[str]:
+    """Split a WikiText-2 split into articles: each from a ``" = Title = "`` line to the next.
+
+    Each article keeps its lines exactly as in the file, newlines included; blank lines before
+    the first title are dropped.
+    """
+    docs: list[list[str]] = []
+    for line in text.splitlines(keepends=True):
+        if _HEADING.match(line.rstrip("\n")):
+            docs.append([])
+        if docs:
+            docs[-1].append(line)
+    return ["".join(lines) for lines in docs]
+
+
+# ------------------------------------------------------------------------------ task build
+def _template(name: str) -> dict[str, Any]:
+    with open(TASKS_DIR / f"{name}.yaml", encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _dataset_dict(splits: Mapping[str, pd.DataFrame]):
+    import datasets
+
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+         for split, df in splits.items()}
+    )
+
+
+def _returning(dataset, **_ignored):
+    """``custom_dataset`` callable: the harness passes the task metadata as keyword arguments."""
+    return dataset
+
+
+class _MmluPro:
+    """Loads each MMLU-Pro split once per :func:`build_tasks` call and hands out categories."""
+
+    def __init__(self, data_dir: str | os.PathLike | None):
+        self.data_dir = data_dir
+
+    @functools.cached_property
+    def test(self) -> pd.DataFrame:
+        return load_mmlu_pro("test", self.data_dir)
+
+    @functools.cached_property
+    def validation(self) -> pd.DataFrame:
+        return load_mmlu_pro("validation", self.data_dir)
+
+    def rows(self, split: str, category: str) -> pd.DataFrame:
+        df = getattr(self, split)
+        out = df[df["category"] == category]
+        if out.empty:
+            raise ValueError(
+                f"MMLU-Pro {split} split has no questions of category {category!r} "
+                f"(data from {self.data_dir or os.environ.get(MMLU_PRO_ENV) or 'the Hub'})"
+            )
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_custom_dataset_warning():
+    """Silence the harness's per-task advice on ``--metadata`` for custom datasets (14x per group)."""
+    logger = logging.getLogger("lm_eval.api.task")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _mc_task(category: str, source: _MmluPro):
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = _template(MC_GROUP)
+    dataset = _dataset_dict({"test": source.rows("test", category),
+                             "validation": source.rows("validation", category)})
+    cfg.update(
+        task=f"{MC_GROUP}_{category_slug(category)}",
+        custom_dataset=functools.partial(_returning, dataset),
+        doc_to_text=mc_doc_to_text,
+        doc_to_choice=mc_doc_to_choice,
+    )
+    return ConfigurableTask(config=cfg)
+
+
+def _ppl_task(category: str, source: _MmluPro):
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = _template(PPL_GROUP)
+    dataset = _dataset_dict({"test": source.rows("test", category)})
+    cfg.update(
+        task=f"{PPL_GROUP}_{category_slug(category)}",
+        custom_dataset=functools.partial(_returning, dataset),
+        doc_to_target=ppl_doc_to_target,
+    )
+    return ConfigurableTask(config=cfg)
+
+
+def _wikitext_task(wikitext_dir: str | os.PathLike | None):
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = _template(WIKITEXT_TASK)
+    docs = wikitext_documents(load_wikitext("test", wikitext_dir))
+    log.info("WikiText-2 test: %d articles from %s", len(docs),
+             wikitext_dir or os.environ.get(WIKITEXT_ENV) or "the Hub")
+    dataset = _dataset_dict({"test": pd.DataFrame({"page": docs})})
+    cfg.update(custom_dataset=functools.partial(_returning, dataset),
+               process_results=wikitext_process_results)
+    return ConfigurableTask(config=cfg)
+
+
+def build_tasks(
+    tasks: Sequence[str] | str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    wikitext_dir: str | os.PathLike | None = None,
+    categories: Iterable[str] | None = None,
+) -> list:
+    """Turn task names into what ``lm_eval.simple_evaluate(tasks=...)`` takes.
+
+    Names this module defines become ``ConfigurableTask`` objects (groups: an ``lm_eval`` ``Group``
+    for ``mmlu_pro_mc``, the category tasks for ``mmlu_pro_ppl``) with their data loaded; other
+    names are returned unchanged for the harness's ``TaskManager``. ``categories`` restricts the
+    two MMLU-Pro groups (not explicitly named category tasks). A category task also covered by a
+    requested group is built once. Raises ValueError for an unknown MMLU-Pro category.
+    """
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not tasks:
+        raise ValueError("no tasks given")
+    group_cats = _resolve_categories(categories)
+    parsed = [(name, _parse(name)) for name in tasks]  # validates every name before any loading
+    groups_asked = {p[0] for _, p in parsed if p is not None and p[1] is None and p[0] != "wikitext"}
+    source = _MmluPro(data_dir)
+    out: list = []
+    seen: set[str] = set()
+    with _quiet_custom_dataset_warning():
+        for name, spec in parsed:
+            if name in seen:
+                continue
+            seen.add(name)
+            if spec is None:
+                out.append(name)
+                continue
+            kind, category = spec
+            if kind == "wikitext":
+                out.append(_wikitext_task(wikitext_dir))
+            elif category is not None:
+                if kind in groups_asked and category in group_cats:
+                    log.debug("%s is part of the requested group; evaluated once", name)
+                    continue
+                out.append((_mc_task if kind == "mc" else _ppl_task)(category, source))
+            elif kind == "mc":
+                from lm_eval.api.group import Group
+                from lm_eval.config.group import AggMetricConfig
+
+                group = Group(
+                    name=MC_GROUP,
+                    aggregate_metric_list=[AggMetricConfig(metric="acc", filter_list=["none"],
+                                                           aggregation="mean", weight_by_size=True)],
+                    metadata={"version": 1.0},
+                )
+                for c in group_cats:
+                    group.add(_mc_task(c, source))
+                out.append(group)
+            else:  # the ppl group: its category tasks, no pooled row
+                out.extend(_ppl_task(c, source) for c in group_cats)
+    return out
+
+
+# -------------------------------------------------------------------------------- evaluate
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[str] | str,
+    *,
+    limit: int | float | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    categories: Iterable[str] | None = None,
+    wikitext_dir: str | os.PathLike | None = None,
+    bootstrap_iters: int = 100,
+) -> pd.DataFrame:
+    """Evaluate an in-memory causal LM with lm-evaluation-harness; return a tidy table.
+
+    Args:
+        model: a ``transformers`` causal LM object, already on its device (hooks and masks stay
+            active during the evaluation).
+        tokenizer: its tokenizer object.
+        tasks: task names (see the module docstring); other names go to the harness's stock
+            tasks (a stock task name or YAML path; ValueError for anything else).
+        limit: documents per task (the first ones of the split), or a fraction if < 1.
+        data_dir: local MMLU-Pro parquet directory (else ``$MOE_MMLU_PRO_DIR``, else the Hub).
+        batch_size, max_length: passed to ``HFLM`` (max_length None: the model's own).
+        num_fewshot: overrides every task's default (5 for ``mmlu_pro_mc*``); perplexity tasks
+            stay 0-shot.
+        categories: restrict the ``mmlu_pro_mc`` / ``mmlu_pro_ppl`` groups to these categories
+            (names or slugs, e.g. the paper's five ``moe_utils.data.PAPER_CATEGORIES``).
+        wikitext_dir: local WikiText-2 directory (else ``$MOE_WIKITEXT_DIR``, else the Hub).
+        bootstrap_iters: for the harness's stderr. This module's tasks never bootstrap (the
+            accuracy stderr is closed-form, perplexities get none), so it only matters for stock
+            tasks with bootstrapped metrics; 0 turns every stderr off.
+
+    Returns:
+        DataFrame with columns ``task, metric, value, stderr, n``: one row per task (and
+        ``mmlu_pro_mc`` group) and metric; ``metric`` is the harness's metric name, followed by
+        ``,<filter>`` for a filter other than ``none``.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories)
+    # Indexing the stock tasks takes ~10 s: only done when a stock task is asked for.
+    stock = [s for s in specs if isinstance(s, str)]
+    task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
+    if stock:
+        known = set(task_manager.all_tasks)
+        unknown = [s for s in stock if s not in known and not Path(s).is_file()]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: neither defined here "
+                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}) "
+                             "nor lm-eval stock tasks")
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%d)",
+             list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,
+             lm.max_length, batch_size)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=False,
+        )
+    finally:
+        model.train(was_training)
+    return results_table(results)
+
+
+def results_table(results: Mapping[str, Any]) -> pd.DataFrame:
+    """The tidy ``task, metric, value, stderr, n`` table of a ``simple_evaluate`` result."""
+    n_samples = results.get("n-samples", {})
+    groups = results.get("groups", {})
+    rows = []
+    for name, metrics in {**results["results"], **groups}.items():
+        if name in n_samples:
+            n = n_samples[name]["effective"]
+        else:  # a group: the documents of its tasks
+            n = metrics.get("sample_len")
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append({
+                "task": name,
+                "metric": metric if filt == "none" else key,
+                "value": _number(value),
+                "stderr": _number(stderr),
+                "n": pd.NA if n is None else int(n),
+            })
+    table = pd.DataFrame(rows, columns=list(COLUMNS)).drop_duplicates(["task", "metric"])
+    table["n"] = table["n"].astype("Int64")
+    return table.reset_index(drop=True)
+
+
+def _number(x: Any) -> float:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):  # "N/A", None
+        return math.nan
+    return value

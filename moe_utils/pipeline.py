@@ -1,0 +1,315 @@
+"""The pipeline: run every stage notebook through papermill with one profile, then build the book.
+
+``python -m moe_utils.pipeline`` (what ``make book`` calls):
+
+1. reads a YAML profile from ``params/`` (default ``params/tiny.yaml``: the embedded model) and
+   ``--set key=value`` overrides; precedence is notebook defaults < profile < command line;
+2. validates every key against the parameters cells of the notebooks in ``notebooks/``: a key no
+   notebook declares, or a value of the wrong type, is an error, before anything runs;
+3. executes the notebooks in order with papermill into ``book/executed/``; a stage whose inputs
+   (notebook text, parameters, package source, data location, the previous stage) did not change
+   since its last successful run is reused, not re-run; a failed stage stops the run and names
+   the notebook and the cell;
+4. builds the HTML book with Jupyter Book 1.x without re-executing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+EXECUTED = ROOT / "book" / "executed"
+PROFILES = ROOT / "params"
+DEFAULT_PROFILE = PROFILES / "tiny.yaml"
+STATE_FILE = "pipeline_state.json"
+#: Environment variables that change what a stage reads, so they are part of its fingerprint.
+DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "HF_HUB_OFFLINE")
+
+
+class PipelineError(RuntimeError):
+    """A profile is invalid or a stage failed."""
+
+
+@dataclass
+class Stage:
+    """One notebook of the pipeline and the parameters its parameters cell declares."""
+
+    name: str  # file stem, e.g. "01_capture"
+    path: Path
+    defaults: dict[str, Any]
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Names and default values of the ``parameters``-tagged cell of a jupytext notebook.
+
+    The cell may hold only ``name = <literal>`` assignments (papermill's convention).
+    """
+    import jupytext
+
+    notebook = jupytext.read(path)
+    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise PipelineError(f"{path.name}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    defaults = {}
+    for node in ast.parse(cells[0].source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise PipelineError(f"{path.name}: the parameters cell may only assign literals to names")
+        try:
+            defaults[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError as err:
+            raise PipelineError(f"{path.name}: parameter {node.targets[0].id} is not a literal") from err
+    return defaults
+
+
+def discover_stages(notebooks: Path = NOTEBOOKS) -> list[Stage]:
+    """The notebooks ``NN_name.py`` in order."""
+    paths = sorted(p for p in notebooks.glob("[0-9][0-9]_*.py"))
+    if not paths:
+        raise PipelineError(f"no stage notebooks in {notebooks}")
+    return [Stage(p.stem, p, notebook_parameters(p)) for p in paths]
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return True  # None defaults mean "optional"; None values mean "use the stage's fallback"
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def validate(params: dict[str, Any], stages: list[Stage]) -> None:
+    """Every key must be declared by some stage, with a value of the declared default's type."""
+    declared: dict[str, list[tuple[str, Any]]] = {}
+    for stage in stages:
+        for name, default in stage.defaults.items():
+            declared.setdefault(name, []).append((stage.name, default))
+    problems = []
+    for key, value in params.items():
+        if key not in declared:
+            problems.append(f"unknown key {key!r} (no notebook declares it; known: {', '.join(sorted(declared))})")
+            continue
+        for stage_name, default in declared[key]:
+            if not _type_ok(value, default):
+                problems.append(f"{key!r} = {value!r} is {type(value).__name__}, but {stage_name} expects "
+                                f"{type(default).__name__} (default {default!r})")
+    if problems:
+        raise PipelineError("invalid parameters:\n  " + "\n  ".join(problems))
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(PROFILES.glob("*.yaml")))
+        raise PipelineError(f"profile {path} not found (profiles in {PROFILES}: {known})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a profile is a mapping of parameter names to values")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings; values are read as YAML (``n=5`` is an int, ``x=[a, b]`` a list)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PipelineError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "moe_utils").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_fingerprint(stage: Stage, params: dict, previous: str, source: str) -> str:
+    payload = {
+        "notebook": hashlib.sha256(stage.path.read_bytes()).hexdigest(),
+        "params": params,
+        "previous": previous,
+        "source": source,
+        "env": {k: os.environ.get(k) for k in DATA_ENV},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _failed_cell(output: Path) -> str:
+    """Which code cell of the source notebook raised, as "code cell N ('first line')" (0-based)."""
+    import nbformat
+
+    try:
+        notebook = nbformat.read(output, as_version=4)
+    except Exception:  # noqa: BLE001 - best effort: the error message is what matters
+        return "an unknown cell"
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"
+                  and "injected-parameters" not in c.metadata.get("tags", [])]
+    for number, cell in enumerate(code_cells):
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+            return f"code cell {number} ({first[:60]!r})"
+    return "an unknown cell"
+
+
+def execute_stage(stage: Stage, params: dict, output: Path) -> float:
+    """Run one notebook with papermill; returns seconds; raises PipelineError naming the failed cell."""
+    import jupytext
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    notebook = jupytext.read(stage.path)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            notebook, str(output), parameters=params, kernel_name="python3", cwd=str(ROOT),
+            progress_bar=False, log_output=False,
+        )
+    except papermill.PapermillExecutionError as err:
+        raise PipelineError(
+            f"stage {stage.name} ({stage.path}) failed in {_failed_cell(output)}: "
+            f"{err.ename}: {err.evalue}\nThe executed notebook with the traceback is {output}"
+        ) from None
+    return time.perf_counter() - start
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only: list[str] | None = None,
+        force: bool = False, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED) -> dict:
+    """Validate, then execute the stages (reusing unchanged ones); returns the run's status record."""
+    stages = discover_stages(notebooks)
+    params = {**load_profile(profile), **(overrides or {})}
+    validate(params, stages)
+    state_path = executed / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    source, previous = _source_digest(), ""
+    status = {"profile": str(Path(profile).resolve().relative_to(ROOT)) if Path(profile).resolve().is_relative_to(ROOT)
+              else str(profile), "overrides": overrides or {}, "stages": [], "commit": _git_commit(),
+              "versions": package_versions(("torch", "transformers", "lm_eval", "numpy", "scikit-learn",
+                                            "papermill", "jupyter-book", "moe-collab-study")),
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpus": os.cpu_count()}}
+    for stage in stages:
+        stage_params = {k: v for k, v in {**stage.defaults, **params}.items() if k in stage.defaults}
+        fingerprint = stage_fingerprint(stage, stage_params, previous, source)
+        output = executed / f"{stage.name}.ipynb"
+        record = {"stage": stage.name, "parameters": stage_params}
+        skip = only is not None and stage.name not in only
+        cached = state.get(stage.name, {})
+        if skip or (not force and cached.get("fingerprint") == fingerprint and output.is_file()):
+            log.info("%s: %s", stage.name, "skipped" if skip else "unchanged, reusing its last run")
+            record.update(cached, reused=True)
+        else:
+            log.info("%s: running", stage.name)
+            state.pop(stage.name, None)
+            atomic_write_json(state_path, state)  # a failed run must not leave a stale "done" record
+            seconds = execute_stage(stage, stage_params, output)
+            record.update(fingerprint=fingerprint, seconds=round(seconds, 1),
+                          finished=time.strftime("%Y-%m-%d %H:%M:%S"), reused=False)
+            state[stage.name] = {k: record[k] for k in ("fingerprint", "seconds", "finished")}
+            atomic_write_json(state_path, state)
+            log.info("%s: done in %.1f s", stage.name, seconds)
+        status["stages"].append(record)
+        previous = fingerprint
+    atomic_write_json(executed / "status.json", status)
+    write_status_page(status, executed / "status.md")
+    return status
+
+
+def write_status_page(status: dict, path: Path) -> None:
+    """The book's status page: each stage's run time and parameters, versions, commit, machine."""
+    lines = [
+        "# Status of this build", "",
+        "*What produced the pages of this book: generated by the pipeline at the end of its run.*", "",
+        f"- **Profile:** `{status['profile']}`" + (f", overrides `{status['overrides']}`" if status["overrides"] else ""),
+        f"- **Commit:** `{status['commit'] or 'unknown'}`",
+        f"- **Machine:** {status['machine']['platform']}, Python {status['machine']['python']}, "
+        f"{status['machine']['cpus']} CPUs", "",
+        "| stage | run time (s) | finished | reused from an earlier run |", "|---|---|---|---|",
+    ]
+    for stage in status["stages"]:
+        lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('finished', '')} | "
+                     f"{'yes' if stage.get('reused') else 'no'} |")
+    lines += ["", "## Parameters", ""]
+    for stage in status["stages"]:
+        lines += [f"**{stage['stage']}**", "", "```yaml", yaml.safe_dump(stage["parameters"], sort_keys=False).strip(),
+                  "```", ""]
+    lines += ["## Package versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {name} | {version} |" for name, version in status["versions"].items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def build_book(builder: str = "html") -> Path:
+    """``jupyter-book build`` of the repository root (config in ``_config.yml``), strict: warnings fail."""
+    executable = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(executable) if executable.is_file() else "jupyter-book", "build", str(ROOT), "--builder", builder,
+           "--warningiserror", "--nitpick", "--keep-going"]
+    log.info("building the book: %s", " ".join(cmd))
+    result = subprocess.run(cmd, cwd=ROOT)
+    index = ROOT / "_build" / builder / "index.html"
+    if result.returncode != 0 or not index.is_file():
+        raise PipelineError("the book build failed (warnings are errors); see the messages above")
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_utils.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="YAML profile (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter (repeatable); the value is read as YAML")
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (e.g. 01_capture)")
+    parser.add_argument("--force", action="store_true", help="re-run stages even if their inputs did not change")
+    parser.add_argument("--no-book", action="store_true", help="execute the notebooks but do not build the book")
+    parser.add_argument("--list", action="store_true", help="list the stages and their parameters, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.list:
+            for stage in discover_stages():
+                print(f"{stage.name}: {stage.defaults}")
+            return 0
+        run(args.profile, parse_overrides(args.overrides), only=args.only, force=args.force)
+        if not args.no_book:
+            index = build_book()
+            log.info("book built: %s", index)
+    except PipelineError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Stage 1: capturing expert routing
+#
+# *Which experts does every token visit, in every MoE layer?*
+#
+# This stage runs the model on MMLU-Pro questions and records, for every real token (never
+# padding) and every MoE layer, the top-k experts the router chose and their routing weights:
+# the paper's "expert activation collection" step {cite}`tang2025unveiling`. Everything later in
+# the study (the dictionary of collaboration patterns, their labels, pruning) reads the routing
+# store written here.
+#
+# **What you will see:** what was captured and from which model; how evenly each layer spreads
+# its tokens over its experts; how confident the routers are; and the paper's Fig 2, the
+# probability that two experts in different layers are chosen for the same token.
+
+# %% tags=["parameters"]
+model = "embedded"
+device = None
+dtype = None
+trust_remote_code = False
+categories = ["math", "computer science", "physics", "law", "psychology"]
+n_per_category = 20
+seed = 0
+data_dir = None
+batch_size = 8
+max_length = 512
+record_probs = True
+artifacts_dir = "artifacts/tiny"
+
+# %%
+from pathlib import Path
+
+import numpy as np
+from IPython.display import Markdown, display
+from myst_nb import glue
+
+from moe_utils import expert_matrix as xm
+from moe_utils import plotting
+from moe_utils.data import load_prompts
+from moe_utils.models import load_model
+from moe_utils.routing import capture_routing
+
+plotting.use_style()
+store_dir = Path(artifacts_dir) / "01_capture" / "store"
+
+# %% [markdown]
+# ## 1. The model and the prompts
+
+# %%
+lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+texts, labels, questions = load_prompts(categories, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
+is_random = model.startswith("random:")
+glue("model_name", model, display=False)
+glue("n_questions", len(texts), display=False)
+glue("n_categories", len(set(labels)), display=False)
+display(Markdown(
+    f"**Model:** `{model}` ({lm.config.model_type}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters). "
+    f"**Data:** {len(texts)} MMLU-Pro test questions, {n_per_category} per category from "
+    f"{', '.join(categories)}, sampled with seed {seed}."
+))
+if is_random:
+    display(Markdown("**This run used a randomly initialised model: its routing is noise, not learned "
+                     "collaboration. Nothing below is a finding.**"))
+elif model == "embedded":
+    display(Markdown("The embedded model is a small MoE trained here on WikiText-2 (see its model card). "
+                     "Its patterns are real, learned routing, but of a tiny model: they illustrate the "
+                     "method and are not the paper's Phi-3.5-MoE results."))
+
+# %% [markdown]
+# ## 2. Capture
+#
+# Hooks on the routers record their own top-k choice; the store is written batch by batch and
+# resumes if interrupted. Re-running this notebook with unchanged inputs reuses the store; with
+# other inputs it replaces it.
+
+# %%
+store = capture_routing(
+    lm, tokenizer, texts, out_dir=store_dir, labels=labels, batch_size=batch_size, max_length=max_length,
+    record_probs=record_probs, overwrite=True,
+    data_spec={"dataset": "TIGER-Lab/MMLU-Pro", "split": "test", "categories": categories,
+               "n_per_category": n_per_category, "seed": seed, "source": data_dir or "env/Hub"},
+)
+assert store.n_samples == len(texts)
+assert store.topk_indices.max() < store.n_experts
+glue("n_tokens", store.n_tokens, display=False)
+glue("n_layers", store.n_layers, display=False)
+glue("n_experts", store.n_experts, display=False)
+glue("top_k", store.top_k, display=False)
+glue("n_rows", store.n_layers * store.n_experts, display=False)
+store
+
+# %% [markdown]
+# The store holds {glue:text}`n_tokens` tokens from {glue:text}`n_questions` questions:
+# {glue:text}`n_layers` MoE layers of {glue:text}`n_experts` experts, top-{glue:text}`top_k`,
+# so the expert activation matrix X has N_e = {glue:text}`n_rows` rows.
+
+# %%
+store.tokens.head(12)
+
+# %% [markdown]
+# ## 3. How evenly does each layer use its experts?
+
+# %%
+usage = xm.expert_usage(store)
+glue("min_usage_pct", float(usage.min() * 100), display=False)
+glue("max_usage_pct", float(usage.max() * 100), display=False)
+glue("fig_usage", plotting.expert_usage(usage), display=False)
+
+# %% [markdown]
+# ```{glue:figure} fig_usage
+# :name: fig-capture-usage
+#
+# Share of each layer's routed slots taken by each expert on the captured MMLU-Pro tokens.
+# The least used expert takes {glue:text}`min_usage_pct:.2f`% and the most used
+# {glue:text}`max_usage_pct:.2f`%.
+# ```
+
+# %%
+glue("fig_weights", plotting.routing_weight_histogram(np.asarray(store.topk_weights)), display=False)
+
+# %% [markdown]
+# ```{glue:figure} fig_weights
+# :name: fig-capture-weights
+#
+# Routing weights of the selected experts, by rank of the choice: how decisively the routers pick.
+# ```
+#
+# ## 4. Which experts fire together across layers? (the paper's Fig 2)
+#
+# For every pair of experts, the probability that both are chosen for the same token. Shown as
+# lift over independence, log2 P(a, b) / (P(a) P(b)): red pairs are chosen together more often
+# than chance, blue pairs avoid each other.
+
+# %%
+co = xm.coactivation(store)
+np.testing.assert_allclose(np.diag(co).reshape(store.n_layers, -1).sum(axis=1), store.top_k, rtol=1e-6)
+pairs = xm.top_cross_layer_pairs(store, co, n=10)
+glue("fig_coactivation", plotting.coactivation_heatmap(co, store.n_experts), display=False)
+glue("top_pair", f"{pairs.expert_a[0]} with {pairs.expert_b[0]}", display=False)
+glue("top_pair_p", float(pairs.p_together[0]), display=False)
+glue("top_pair_lift", float(pairs.lift[0]), display=False)
+
+# %% [markdown]
+# ```{glue:figure} fig_coactivation
+# :name: fig-capture-coactivation
+#
+# Co-activation of all experts of all MoE layers, as log2 lift over independent choice.
+# Black lines separate layers; off-diagonal blocks are cross-layer collaboration.
+# ```
+#
+# The strongest cross-layer pair is {glue:text}`top_pair`, chosen together for
+# {glue:text}`top_pair_p:.1%` of the tokens ({glue:text}`top_pair_lift:.1f` times what independent
+# choices would give). The ten strongest:
+
+# %%
+pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "lift": "{:.2f}"})
+
+# %% [markdown]
+# ## 5. Do domains use experts differently?
+#
+# The share of each category's tokens that select each expert: a first look at the domain view
+# the annotation stage develops (the paper's Fig 7).
+
+# %%
+profiles = xm.label_profiles(store)
+glue("fig_profiles", plotting.label_usage_profiles(profiles), display=False)
+
+# %% [markdown]
+# ```{glue:figure} fig_profiles
+# :name: fig-capture-profiles
+#
+# Expert-selection frequency per MMLU-Pro category (rows), for every expert of every layer (columns).
+# ```
+#
+# ## Summary
+#
+# - The routing of {glue:text}`n_tokens` tokens through {glue:text}`n_rows` experts is stored,
+#   verified by checksums, for the next stages.
+# - The co-activation map shows whether experts of different layers are chosen together more
+#   often than chance: the collaboration that the dictionary-learning stage turns into patterns.

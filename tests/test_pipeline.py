@@ -1,0 +1,114 @@
+"""The pipeline: profile validation, failure reporting, stage reuse, and a real end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_utils import pipeline
+from moe_utils.pipeline import PipelineError, discover_stages, notebook_parameters, validate
+from moe_utils.store import RoutingStore
+
+HEADER = """# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+"""
+
+
+def _notebook(path: Path, params: str, body: str) -> Path:
+    path.write_text(f'{HEADER}\n# %% tags=["parameters"]\n{params}\n\n# %%\n{body}\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return discover_stages()
+
+
+def test_every_profile_is_valid(stages):
+    profiles = sorted(pipeline.PROFILES.glob("*.yaml"))
+    assert pipeline.DEFAULT_PROFILE in profiles
+    for profile in profiles:
+        validate(pipeline.load_profile(profile), stages)
+
+
+def test_every_stage_shares_the_artifacts_dir(stages):
+    assert [s.name for s in stages][:5] == ["01_capture", "02_hsdl", "03_annotation", "04_pruning",
+                                             "05_mmlu_pro_results"]
+    assert all("artifacts_dir" in s.defaults for s in stages)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"n_per_categroy": 5}, "unknown key 'n_per_categroy'"),
+    ({"n_per_category": "5"}, "expects int"),
+    ({"record_probs": 1}, "expects bool"),
+    ({"categories": "math"}, "expects list"),
+])
+def test_invalid_profiles_are_errors(stages, params, message):
+    with pytest.raises(PipelineError, match=message):
+        validate(params, stages)
+
+
+def test_overrides_are_yaml(stages):
+    parsed = pipeline.parse_overrides(["n_per_category=5", "categories=[math, law]", "data_dir=null"])
+    assert parsed == {"n_per_category": 5, "categories": ["math", "law"], "data_dir": None}
+    validate(parsed, stages)
+    with pytest.raises(PipelineError, match="key=value"):
+        pipeline.parse_overrides(["oops"])
+
+
+def test_parameters_cell_must_hold_literals(tmp_path):
+    good = _notebook(tmp_path / "01_a.py", "x = 1\nname = 'a'\nitems = [1, 2]\nmissing = None", "print(x)")
+    assert notebook_parameters(good) == {"x": 1, "name": "a", "items": [1, 2], "missing": None}
+    bad = _notebook(tmp_path / "02_b.py", "import os\nx = os.getcwd()", "print(x)")
+    with pytest.raises(PipelineError, match="literals"):
+        notebook_parameters(bad)
+
+
+def test_failed_stage_is_named_with_its_cell_and_not_reused(tmp_path):
+    notebooks = tmp_path / "nb"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_ok.py", "x = 1", "y = x + 1")
+    _notebook(notebooks / "02_fails.py", "x = 1", "raise ValueError('planted failure')")
+    profile = tmp_path / "p.yaml"
+    profile.write_text("x: 2\n")
+    executed = tmp_path / "executed"
+    with pytest.raises(PipelineError, match=r"02_fails .*code cell 1 .*ValueError: planted failure"):
+        pipeline.run(profile, notebooks=notebooks, executed=executed)
+    state = json.loads((executed / pipeline.STATE_FILE).read_text())
+    assert "01_ok" in state and "02_fails" not in state  # a failed stage is never recorded as done
+
+    # Fix the stage: the first is reused, the second runs; a parameter change re-runs both.
+    _notebook(notebooks / "02_fails.py", "x = 1", "z = x")
+    status = pipeline.run(profile, notebooks=notebooks, executed=executed)
+    assert [s["reused"] for s in status["stages"]] == [True, False]
+    status = pipeline.run(profile, {"x": 3}, notebooks=notebooks, executed=executed)
+    assert [s["reused"] for s in status["stages"]] == [False, False]
+    status_page = (executed / "status.md").read_text()
+    assert "| 01_ok |" in status_page and "| 02_fails |" in status_page and "x: 3" in status_page
+
+
+@pytest.mark.slow
+def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
+    """Every real stage notebook runs through papermill on a tiny random model and real MMLU-Pro rows."""
+    from .conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "mmlu_pro").is_dir():
+        pytest.skip("needs the local MMLU-Pro copy")
+    monkeypatch.setenv("MOE_MMLU_PRO_DIR", str(SHARED_DATA / "mmlu_pro"))
+    artifacts = tmp_path / "artifacts"
+    status = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)},
+                          executed=tmp_path / "executed")
+    assert [s["reused"] for s in status["stages"]] == [False] * len(status["stages"])
+    store = RoutingStore.open(artifacts / "01_capture" / "store")
+    assert store.n_samples == 4 and set(store.tokens.label) == {"math", "law"}
+    assert (tmp_path / "executed" / "01_capture.ipynb").is_file()
+    again = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)},
+                         executed=tmp_path / "executed")
+    assert all(s["reused"] for s in again["stages"])
