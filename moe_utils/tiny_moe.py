@@ -3,8 +3,8 @@
 The study must run on any CPU in minutes on a model whose routing was *learned* (a random router
 has no collaboration patterns to find). This module trains one: a native transformers
 ``OlmoeForCausalLM`` (softmax top-k routing, no shared experts) with a byte-level BPE tokenizer
-trained here with the ``tokenizers`` library, and the architecture's own load-balancing auxiliary
-loss so that no expert dies. The result loads with plain ``AutoModelForCausalLM.from_pretrained``
+trained here with the ``tokenizers`` library, and a per-layer load-balancing auxiliary loss so
+that no expert dies (:func:`balance_loss`). The result loads with plain ``AutoModelForCausalLM.from_pretrained``
 and goes through exactly the same capture, pruning and evaluation code as a Hub checkpoint.
 
 Command line (seeded and reproducible; see the model card page of the book)::
@@ -50,7 +50,7 @@ class TrainConfig:
     num_heads: int = 6
     num_experts: int = 16
     top_k: int = 2
-    router_aux_loss_coef: float = 0.02  # OLMoE's load-balancing loss, a little stronger than its 0.01
+    balance_coef: float = 0.03  # weight of the per-layer load-balancing loss (see balance_loss)
     seq_len: int = 128
     batch_size: int = 32
     steps: int = 1600
@@ -95,7 +95,6 @@ def build_model(cfg: TrainConfig, tokenizer):
         num_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
         norm_topk_prob=False,
-        router_aux_loss_coef=cfg.router_aux_loss_coef,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
@@ -112,6 +111,25 @@ def parameter_counts(model) -> dict:
     expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     active = total - expert + expert * cfg.num_experts_per_tok // cfg.num_experts
     return {"total": total, "routed_experts": expert, "active_per_token": active}
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, computed per MoE layer and averaged over layers.
+
+    For each layer, ``E * sum_i f_i * P_i`` with ``f_i`` the share of routed slots sent to expert
+    ``i`` and ``P_i`` its mean routing probability; 1 when routing is uniform. transformers' own
+    OLMoE loss pools the tokens of all layers before balancing, so expert ``i`` of one layer can
+    die as long as expert ``i`` of another layer makes up for it; balancing each layer prevents that.
+    """
+    losses = []
+    for logits in router_logits:  # (tokens, E) per layer
+        probs = torch.softmax(logits.float(), dim=-1)
+        n_experts = probs.shape[-1]
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        slot_share = torch.zeros(n_experts, device=probs.device).scatter_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device)) / chosen.numel()
+        losses.append(n_experts * (slot_share * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -131,7 +149,6 @@ def train(cfg: TrainConfig, *, data_dir: str | None, out: Path, command: str) ->
     ids = np.asarray(tokenizer(train_text)["input_ids"], dtype=np.int64)
     log.info("train corpus: %d tokens", len(ids))
     model = build_model(cfg, tokenizer)
-    model.config.output_router_logits = True  # adds the load-balancing loss to the LM loss
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -148,17 +165,18 @@ def train(cfg: TrainConfig, *, data_dir: str | None, out: Path, command: str) ->
         batch = torch.from_numpy(np.stack([ids[r : r + cfg.seq_len] for r in rows]))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        outputs = model(input_ids=batch, labels=batch)
-        outputs.loss.backward()
+        outputs = model(input_ids=batch, output_router_logits=True)
+        lm_loss = torch.nn.functional.cross_entropy(
+            outputs.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        aux_loss = balance_loss(outputs.router_logits, cfg.top_k)
+        (lm_loss + cfg.balance_coef * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            lm_loss = outputs.loss.item() - cfg.router_aux_loss_coef * outputs.aux_loss.item()
-            curve.append({"step": step, "lm_loss": lm_loss, "aux_loss": outputs.aux_loss.item()})
-            bar.set_postfix(lm_loss=f"{lm_loss:.3f}", aux=f"{outputs.aux_loss.item():.3f}")
+            curve.append({"step": step, "lm_loss": lm_loss.item(), "aux_loss": aux_loss.item()})
+            bar.set_postfix(lm_loss=f"{lm_loss.item():.3f}", balance=f"{aux_loss.item():.3f}")
     train_seconds = time.perf_counter() - start
-    model.config.output_router_logits = False
     model.eval()
     test_text = load_wikitext("test", data_dir)
     quality = word_perplexity(model, tokenizer, test_text, context=cfg.seq_len)
