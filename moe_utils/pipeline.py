@@ -228,8 +228,11 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
         record = {"stage": stage.name, "parameters": stage_params}
         skip = only is not None and stage.name not in only
         cached = state.get(stage.name, {})
-        if skip or (not force and cached.get("fingerprint") == fingerprint and output.is_file()):
-            log.info("%s: %s", stage.name, "skipped" if skip else "unchanged, reusing its last run")
+        if skip:
+            log.info("%s: skipped (not in --only)", stage.name)
+            record.update(cached, reused=False, skipped=True)
+        elif not force and cached.get("fingerprint") == fingerprint and output.is_file():
+            log.info("%s: unchanged, reusing its last run", stage.name)
             record.update(cached, reused=True)
         else:
             log.info("%s: running", stage.name)
@@ -260,8 +263,8 @@ def write_status_page(status: dict, path: Path) -> None:
         "| stage | run time (s) | finished | reused from an earlier run |", "|---|---|---|---|",
     ]
     for stage in status["stages"]:
-        lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('finished', '')} | "
-                     f"{'yes' if stage.get('reused') else 'no'} |")
+        reused = "skipped" if stage.get("skipped") else "yes" if stage.get("reused") else "no"
+        lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('finished', '')} | {reused} |")
     lines += ["", "## Parameters", ""]
     for stage in status["stages"]:
         lines += [f"**{stage['stage']}**", "", "```yaml", yaml.safe_dump(stage["parameters"], sort_keys=False).strip(),

@@ -39,8 +39,8 @@ def test_every_profile_is_valid(stages):
 
 
 def test_every_stage_shares_the_artifacts_dir(stages):
-    assert [s.name for s in stages][:5] == ["01_capture", "02_hsdl", "03_annotation", "04_pruning",
-                                             "05_mmlu_pro_results"]
+    assert [s.name for s in stages] == ["00_model_card", "01_capture", "02_hsdl", "03_annotation", "04_pruning",
+                                        "05_mmlu_pro_results"]
     assert all("artifacts_dir" in s.defaults for s in stages)
 
 
@@ -103,12 +103,13 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
         pytest.skip("needs the local MMLU-Pro copy")
     monkeypatch.setenv("MOE_MMLU_PRO_DIR", str(SHARED_DATA / "mmlu_pro"))
     artifacts = tmp_path / "artifacts"
-    status = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)},
+    study = [s.name for s in discover_stages() if s.name != "00_model_card"]  # the card is the embedded model's
+    status = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)}, only=study,
                           executed=tmp_path / "executed")
-    assert [s["reused"] for s in status["stages"]] == [False] * len(status["stages"])
+    assert status["stages"][0]["skipped"] and not any(s["reused"] for s in status["stages"])
     store = RoutingStore.open(artifacts / "01_capture" / "store")
     assert store.n_samples == 4 and set(store.tokens.label) == {"math", "law"}
     assert (tmp_path / "executed" / "01_capture.ipynb").is_file()
-    again = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)},
+    again = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)}, only=study,
                          executed=tmp_path / "executed")
-    assert all(s["reused"] for s in again["stages"])
+    assert all(s["reused"] for s in again["stages"][1:])
