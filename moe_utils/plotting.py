@@ -19,6 +19,14 @@ def use_style() -> None:
     plt.style.use(STYLE)
 
 
+def glue_figure(name: str, fig: Figure) -> None:
+    """Glue ``fig`` for a ``{glue:figure}`` directive and close it, so the cell does not show it twice."""
+    from myst_nb import glue
+
+    glue(name, fig, display=False)
+    plt.close(fig)
+
+
 def expert_usage(usage: np.ndarray, *, title: str = "Share of routed slots per expert") -> Figure:
     """Heatmap of an (n_layers, E) usage matrix (each row sums to 1), with the uniform share marked."""
     n_layers, n_experts = usage.shape
@@ -67,6 +75,17 @@ def coactivation_heatmap(co: np.ndarray, n_experts: int, *, lift: bool = True,
     return fig
 
 
+def training_curves(curve: pd.DataFrame) -> Figure:
+    """Language-model loss and load-balancing loss against step (columns step, lm_loss, aux_loss)."""
+    fig, (ax_lm, ax_aux) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_lm.plot(curve.step, curve.lm_loss)
+    ax_lm.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Language-model loss")
+    ax_aux.plot(curve.step, curve.aux_loss, color="C1")
+    ax_aux.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax_aux.set(xlabel="step", ylabel="auxiliary loss", title="Load-balancing loss (1 = balanced)")
+    return fig
+
+
 def routing_weight_histogram(weights: np.ndarray, *, title: str = "Routing weights of selected experts") -> Figure:
     """Distribution of the top-k routing weights, one line per rank (1st, 2nd ... choice)."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -88,4 +107,132 @@ def label_usage_profiles(profiles: pd.DataFrame) -> Figure:
     ax.set_xlabel("expert row of X (layer-major)")
     ax.set_title("Expert-selection frequency per label")
     fig.colorbar(image, ax=ax, label="% of tokens selecting the expert")
+    return fig
+
+
+# ------------------------------------------------------------------------------ HSDL (stage 2)
+def hsdl_loss_curves(history: dict, *, title: str = "HSDL loss terms during training") -> Figure:
+    """One panel per level: the named loss terms (``level<k>.<term>`` of ``HSDL.loss_history_``) per step."""
+    levels = sorted({int(name.split(".")[0][5:]) for name in history if name.startswith("level")})
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.6 * len(levels) + 0.6, 3.2), squeeze=False, sharex=True)
+    steps = history.get("step") or list(range(1, len(history["total"]) + 1))
+    for ax, level in zip(axes[0], levels):
+        for term, label in (("sparse", "sparse (row L-inf)"), ("hier", "hier (usage-weighted L1)"),
+                            ("rec", "rec (usage-weighted L1 error)")):
+            values = np.asarray(history[f"level{level}.{term}"], dtype=float)
+            ax.plot(steps, np.where(values > 0, values, np.nan), label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("optimisation step")
+        ax.set_title(f"level {level}")
+    axes[0][0].set_ylabel("term value (unweighted)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def atom_size_distribution(tables: pd.DataFrame, *, title: str = "How big are the atoms?") -> Figure:
+    """Experts per atom and layers spanned per atom, one bar group per level (live atoms only)."""
+    live = tables[tables["alive"]]
+    levels = sorted(live["level"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, column, label in ((axes[0], "n_experts", "experts per atom"), (axes[1], "n_layers", "MoE layers spanned")):
+        top = int(live[column].max()) if len(live) else 1
+        bins = np.arange(0, top + 2)
+        width = 0.8 / max(1, len(levels))
+        for i, level in enumerate(levels):
+            counts = np.bincount(live.loc[live["level"] == level, column], minlength=top + 1)
+            ax.bar(bins[:-1] + (i - (len(levels) - 1) / 2) * width, counts / max(1, counts.sum()), width=width,
+                   label=f"level {level} ({counts.sum()} atoms)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("share of live atoms")
+        ax.set_xticks(bins[:-1][:: max(1, len(bins) // 12)])
+    axes[1].legend()
+    fig.suptitle(title)
+    return fig
+
+
+def atom_maps(dictionary: np.ndarray, layout: tuple[int, int], atoms, *, titles=None, ncols: int = 4,
+              title: str = "Atoms as layer x expert maps") -> Figure:
+    """Selected atoms (columns of ``dictionary``) drawn as (n_layers, n_experts) heatmaps in [0, 1]."""
+    n_layers, n_experts = layout
+    atoms = list(atoms)
+    nrows = max(1, -(-len(atoms) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 0.6 + (0.9 + 0.16 * n_layers) * nrows),
+                             squeeze=False)
+    image = None
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(atoms):
+            ax.axis("off")
+            continue
+        grid = np.asarray(dictionary[:, atoms[i]]).reshape(n_layers, n_experts)
+        image = ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(titles[i] if titles is not None else f"atom {atoms[i]}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks(range(0, n_layers, max(1, n_layers // 4)))
+        ax.tick_params(labelsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("layer", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="dictionary entry")
+    fig.suptitle(title)
+    return fig
+
+
+def hierarchy_tree(edges: list[pd.DataFrame], usages: list[np.ndarray], *, max_parents: int = 12,
+                   title: str = "Which finer atoms make up each atom") -> Figure:
+    """Levels as rows of nodes (top: level 1), the ``max_parents`` most used level-1 atoms and their
+    descendants; edge width and opacity follow each child's share of its parent (``patterns.hierarchy``)."""
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 1.5 * (len(edges) + 1)))
+    current = list(np.argsort(-usages[0])[:max_parents])
+    positions = {(1, a): (i, 0.0) for i, a in enumerate(current)}
+    for depth, frame in enumerate(edges, start=1):
+        frame = frame[frame["parent"].isin(current)]
+        children = []
+        for child, group in frame.groupby("child"):
+            xs = [positions[(depth, p)][0] for p in group["parent"]]
+            children.append((float(np.mean(xs)), child))
+        children.sort()
+        span = max(1, len(current) - 1)
+        for i, (_, child) in enumerate(children):
+            x = i * span / max(1, len(children) - 1) if len(children) > 1 else span / 2
+            positions[(depth + 1, child)] = (x, -float(depth))
+        for row in frame.itertuples():
+            (x0, y0), (x1, y1) = positions[(depth, row.parent)], positions[(depth + 1, row.child)]
+            ax.plot([x0, x1], [y0, y1], color="tab:blue", alpha=0.2 + 0.8 * row.share, lw=0.5 + 2.5 * row.share)
+        current = [c for _, c in children]
+    for (level, atom), (x, y) in positions.items():
+        size = usages[level - 1][atom] if level - 1 < len(usages) else 0.0
+        ax.scatter([x], [y], s=40 + 1500 * size, color="tab:orange", zorder=3, edgecolor="k", lw=0.5)
+        ax.annotate(str(atom), (x, y), ha="center", va="center", fontsize=6, zorder=4)
+    ax.set_yticks([-d for d in range(len(edges) + 1)], [f"level {d + 1}" for d in range(len(edges) + 1)])
+    ax.set_xticks([])
+    ax.spines[["left", "bottom"]].set_visible(False)
+    ax.set_title(title)
+    return fig
+
+
+def coverage_curves(observed: pd.DataFrame, chance: pd.DataFrame | None = None, *,
+                    reference: tuple[float, float] | None = (10.0, 0.6),
+                    title: str = "Atoms among the most frequent co-selected expert sets") -> Figure:
+    """The paper's Fig 6: coverage against top k%, per order (pairs, triplets), with random atoms
+    of the same sizes dashed and the paper's reported point (60% of atoms in the top 10%) marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    names = {2: "pairs", 3: "triplets"}
+    for i, (order, group) in enumerate(observed.groupby("order")):
+        color = f"C{i}"
+        ax.plot(group["top_percent"], group["coverage"] * 100, marker="o", color=color,
+                label=f"HSDL atoms, {names.get(order, f'{order}-sets')}")
+        if chance is not None:
+            base = chance[chance["order"] == order]
+            ax.plot(base["top_percent"], base["coverage"] * 100, ls="--", color=color,
+                    label=f"random atoms, {names.get(order, f'{order}-sets')}")
+    if reference is not None:
+        ax.scatter([reference[0]], [reference[1] * 100], marker="*", s=120, color="k", zorder=3,
+                   label="paper (Phi-3.5-MoE)")
+    ax.set_xscale("log")
+    ax.set_xlabel("top k% most frequent co-selected sets (exhaustive counting)")
+    ax.set_ylabel("% of atoms covered")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
     return fig

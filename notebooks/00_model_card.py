@@ -37,7 +37,6 @@ artifacts_dir = "artifacts/tiny"
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
@@ -101,14 +100,7 @@ display(Markdown(
 pd.Series(record["config"], name="setting").to_frame()
 
 # %%
-curve = pd.DataFrame(record["loss_curve"])
-fig, (ax_lm, ax_aux) = plt.subplots(1, 2, figsize=(9, 3.4))
-ax_lm.plot(curve.step, curve.lm_loss)
-ax_lm.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Language-model loss")
-ax_aux.plot(curve.step, curve.aux_loss, color="C1")
-ax_aux.axhline(1.0, color="grey", lw=0.8, ls="--")
-ax_aux.set(xlabel="step", ylabel="auxiliary loss", title="Load-balancing loss (1 = perfectly balanced)")
-glue("fig_loss_curve", fig, display=False)
+plotting.glue_figure("fig_loss_curve", plotting.training_curves(pd.DataFrame(record["loss_curve"])))
 
 # %% [markdown]
 # ```{glue:figure} fig_loss_curve
@@ -169,7 +161,7 @@ glue("valid_tokens", valid_store.n_tokens, display=False)
 glue("min_share_pct", float(usage.min() * 100), display=False)
 glue("max_share_pct", float(usage.max() * 100), display=False)
 assert usage.min() >= 0.005, "an expert receives less than 0.5% of its layer's slots"
-glue("fig_card_usage", plotting.expert_usage(usage, title="Expert usage on WikiText-2 valid"), display=False)
+plotting.glue_figure("fig_card_usage", plotting.expert_usage(usage, title="Expert usage on WikiText-2 valid"))
 
 # %% [markdown]
 # ```{glue:figure} fig_card_usage

@@ -116,7 +116,7 @@ store.tokens.head(12)
 usage = xm.expert_usage(store)
 glue("min_usage_pct", float(usage.min() * 100), display=False)
 glue("max_usage_pct", float(usage.max() * 100), display=False)
-glue("fig_usage", plotting.expert_usage(usage), display=False)
+plotting.glue_figure("fig_usage", plotting.expert_usage(usage))
 
 # %% [markdown]
 # ```{glue:figure} fig_usage
@@ -128,7 +128,7 @@ glue("fig_usage", plotting.expert_usage(usage), display=False)
 # ```
 
 # %%
-glue("fig_weights", plotting.routing_weight_histogram(np.asarray(store.topk_weights)), display=False)
+plotting.glue_figure("fig_weights", plotting.routing_weight_histogram(np.asarray(store.topk_weights)))
 
 # %% [markdown]
 # ```{glue:figure} fig_weights
@@ -147,7 +147,7 @@ glue("fig_weights", plotting.routing_weight_histogram(np.asarray(store.topk_weig
 co = xm.coactivation(store)
 np.testing.assert_allclose(np.diag(co).reshape(store.n_layers, -1).sum(axis=1), store.top_k, rtol=1e-6)
 pairs = xm.top_cross_layer_pairs(store, co, n=10)
-glue("fig_coactivation", plotting.coactivation_heatmap(co, store.n_experts), display=False)
+plotting.glue_figure("fig_coactivation", plotting.coactivation_heatmap(co, store.n_experts))
 glue("top_pair", f"{pairs.expert_a[0]} with {pairs.expert_b[0]}", display=False)
 glue("top_pair_p", float(pairs.p_together[0]), display=False)
 glue("top_pair_lift", float(pairs.lift[0]), display=False)
@@ -175,7 +175,7 @@ pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "l
 
 # %%
 profiles = xm.label_profiles(store)
-glue("fig_profiles", plotting.label_usage_profiles(profiles), display=False)
+plotting.glue_figure("fig_profiles", plotting.label_usage_profiles(profiles))
 
 # %% [markdown]
 # ```{glue:figure} fig_profiles
