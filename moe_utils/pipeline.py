@@ -40,6 +40,7 @@ NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "book" / "executed"
 PROFILES = ROOT / "params"
 DEFAULT_PROFILE = PROFILES / "tiny.yaml"
+BENCH_RESULTS = ROOT / "bench" / "results"
 STATE_FILE = "pipeline_state.json"
 #: Environment variables that change what a stage reads, so they are part of its fingerprint.
 DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "HF_HUB_OFFLINE")
@@ -251,6 +252,30 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
     return status
 
 
+def capture_benchmark_section(path: Path) -> list[str]:
+    """Markdown lines summarising ``bench/capture.py``'s JSON, if it has been run and committed."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    lines = ["", "## Benchmark: capture overhead", "",
+             f"From `{result['command']}` on {result['created'][:10]} ({result['machine']['cpu_count']} CPUs, "
+             f"torch {result['machine']['torch']}): the same {result['inputs']['n_texts']} MMLU-Pro prompts, "
+             "bare forward pass versus `capture_routing`, medians of interleaved repeats. Targets: ratio "
+             "<= 1.10, at most 2 bytes per (token, layer, k) index slot.", "",
+             "The second ratio counts only the time capture spends outside the model's forward calls, "
+             "which is steadier on a shared machine.", "",
+             "| model | tokens | bare tok/s | capture tok/s | time ratio | ratio from own time | index bytes/slot "
+             "| targets met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in result["models"]:
+        lines.append(
+            f"| `{model['model']}` | {model['n_tokens']} | {model['tokens_per_s']['bare']:.0f} | "
+            f"{model['tokens_per_s']['capture']:.0f} | {model['overhead']['ratio']:.3f} | "
+            f"{model['overhead']['ratio_from_own_time']:.3f} | "
+            f"{model['store']['index_bytes_per_slot']:.0f} | {'yes' if model['meets_targets'] else 'no'} |")
+    return lines
+
+
 def write_status_page(status: dict, path: Path) -> None:
     """The book's status page: each stage's run time and parameters, versions, commit, machine."""
     lines = [
@@ -271,6 +296,7 @@ def write_status_page(status: dict, path: Path) -> None:
                   "```", ""]
     lines += ["## Package versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in status["versions"].items()]
+    lines += capture_benchmark_section(BENCH_RESULTS / "capture.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 

@@ -124,14 +124,18 @@ def _capture_batch(model, tokenizer, texts, sample_ids, *, max_length, record_pr
           use_cache=False, **kwargs)
     outputs = recorder.pop()
     batch, length = mask.shape
-    flat_mask = mask.reshape(-1)
-    indices = torch.stack([o.indices.reshape(batch * length, -1).cpu()[flat_mask] for o in outputs], dim=1)
-    weights = torch.stack([o.weights.reshape(batch * length, -1).float().cpu()[flat_mask] for o in outputs], dim=1)
-    chunk = {"topk_indices": indices.numpy(), "topk_weights": weights.numpy()}
+    dev = outputs[0].indices.device  # layers may sit on several devices (device_map="auto")
+    keep = mask.reshape(-1).nonzero().squeeze(1).to(dev)  # real tokens, in (batch, position) order
+
+    def gather(per_layer: list[torch.Tensor]) -> torch.Tensor:  # -> (n_real, n_layers, ...)
+        stacked = torch.stack([t.reshape(batch * length, -1).to(dev) for t in per_layer], dim=1)
+        return stacked.index_select(0, keep).cpu()
+
+    chunk = {"topk_indices": gather([o.indices for o in outputs]).numpy(),
+             "topk_weights": gather([o.weights.float() for o in outputs]).numpy()}
     if record_probs:
-        probs = [routing_probabilities(o, recorder.layers[i].architecture.scoring).reshape(batch * length, -1)
-                 for i, o in enumerate(outputs)]
-        chunk["probs"] = torch.stack([p.cpu()[flat_mask] for p in probs], dim=1).numpy().astype(np.float16)
+        probs = [routing_probabilities(o, recorder.layers[i].architecture.scoring) for i, o in enumerate(outputs)]
+        chunk["probs"] = gather(probs).numpy().astype(np.float16)
     positions = torch.arange(length).expand(batch, length)
     if tokenizer.padding_side == "left":
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -235,7 +239,8 @@ def capture_routing(
         arrays["probs"] = np.concatenate([c["probs"] for c in chunks])
     token_ids = np.concatenate([c["token_id"] for c in chunks])
     sample_col = np.concatenate([c["sample_id"] for c in chunks])
-    vocab = {int(t): tokenizer.decode([int(t)]) for t in np.unique(token_ids)}
+    unique_ids = np.unique(token_ids)
+    vocab = dict(zip(unique_ids.tolist(), tokenizer.batch_decode([[int(t)] for t in unique_ids])))
     tokens = pd.DataFrame({
         "sample_id": sample_col.astype(np.int64),
         "position": np.concatenate([c["position"] for c in chunks]).astype(np.int32),
