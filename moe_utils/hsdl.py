@@ -64,7 +64,8 @@ class _Columns:
             self.kind, self.data = "sparse", X
         else:
             self.kind, self.data = "dense", np.asarray(X)
-            if not np.issubdtype(self.data.dtype, np.number) or np.issubdtype(self.data.dtype, np.complexfloating):
+            dtype = self.data.dtype
+            if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
                 raise ValueError(f"{name} must hold real numbers, got dtype {self.data.dtype}")
         shape = tuple(self.data.shape)
         if len(shape) != 2:
@@ -245,8 +246,8 @@ class HSDL(BaseEstimator):
                                  f"got {level!r} in {list(levels)}")
             sizes.append(int(level) if isinstance(level, numbers.Integral) else max(1, round(float(level) * n_e)))
         if sizes[0] > n_s:
-            raise ValueError(f"levels {list(levels)} do not fit: level 1 asks for {sizes[0]} atoms but X has only "
-                             f"{n_s} columns (N_s); use fewer atoms or more columns")
+            raise ValueError(f"levels {list(levels)} do not fit: level 1 asks for {sizes[0]} atoms but X has "
+                             f"only {n_s} columns (N_s); use fewer atoms or more columns")
         return sizes
 
     def _check_rows(self, columns: _Columns, fitted: bool) -> None:
@@ -254,9 +255,9 @@ class HSDL(BaseEstimator):
         if self.layout is not None:
             n_layers, n_experts = self.layout
             if n_e != n_layers * n_experts:
-                raise ValueError(f"X has shape {(columns.n_rows, columns.n_cols)} but layout {tuple(self.layout)} "
-                                 f"means N_e = {n_layers * n_experts} rows: X must be experts x columns "
-                                 "(did you pass X.T?)")
+                raise ValueError(f"X has shape {(columns.n_rows, columns.n_cols)} but layout "
+                                 f"{tuple(self.layout)} means N_e = {n_layers * n_experts} rows: X must be "
+                                 "experts x columns (did you pass X.T?)")
         if fitted and n_e != self.n_features_in_:
             raise ValueError(f"X has {n_e} rows but the model was fitted on N_e = {self.n_features_in_} "
                              f"(X must be experts x columns; got shape {(columns.n_rows, columns.n_cols)})")
@@ -316,7 +317,8 @@ class HSDL(BaseEstimator):
                         d.clamp_(0.0, 1.0)  # dictionary entries in [0, 1]
                     for r in params["R"]:
                         r.clamp_(min=0.0)  # deeper codes non-negative
-                    total = sum(t["sparse"] + self.lambda_hier * t["hier"] + self.lambda_rec * t["rec"] for t in terms)
+                    total = sum(t["sparse"] + self.lambda_hier * t["hier"] + self.lambda_rec * t["rec"]
+                                for t in terms)
                     sums += torch.stack([total] + [t[n] for t in terms for n in TERMS]).double()
                     usage += r1.sum(0)
                 since_log += 1
@@ -331,7 +333,8 @@ class HSDL(BaseEstimator):
                     sums.zero_()
                     since_log = 0
                     if self.verbose:
-                        log.info("step %d/%d %s", step, n_steps, " ".join(f"{n}={v:.4g}" for n, v in zip(names, means)))
+                        log.info("step %d/%d %s", step, n_steps,
+                                 " ".join(f"{n}={v:.4g}" for n, v in zip(names, means)))
                     if step > max(smooth, warmup):  # early stopping once the objective is the paper's
                         best, stale = (means[0], 0) if means[0] < best * (1 - self.tol) else (best, stale + 1)
                         if self.tol > 0 and stale >= self.max_no_improvement:
@@ -451,7 +454,8 @@ class HSDL(BaseEstimator):
         err = ref = 0.0
         with torch.no_grad():
             for start in range(0, columns.n_cols, self.batch_size):
-                xb = columns.batch(slice(start, min(start + self.batch_size, columns.n_cols)), device) / self.x_scale_
+                block = slice(start, min(start + self.batch_size, columns.n_cols))
+                xb = columns.batch(block, device) / self.x_scale_
                 resid = xb - torch.relu(xb @ w.T + b) @ d.T
                 p = 1 if norm == "l1" else 2
                 err += float(resid.abs().pow(p).sum())

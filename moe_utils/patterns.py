@@ -44,7 +44,8 @@ def atom_usage(model, level: int = 1) -> np.ndarray:
     return usage / total if total > 0 else usage
 
 
-def atom_table(model, level: int = 1, threshold: float = 0.5, layout: tuple[int, int] | None = None) -> pd.DataFrame:
+def atom_table(model, level: int = 1, threshold: float = 0.5,
+               layout: tuple[int, int] | None = None) -> pd.DataFrame:
     """One row per atom of ``level`` (1-based): its experts, layers, size, usage and whether it crosses layers.
 
     ``layout = (n_layers, n_experts)`` defaults to the model's ``layout``.
@@ -75,7 +76,8 @@ def hierarchy(model, level: int = 1, min_share: float = 0.1) -> pd.DataFrame:
     edges below ``min_share`` are left out.
     """
     if not 1 <= level < len(model.dictionaries_):
-        raise ValueError(f"there is no level {level + 1} below level {level} (levels: {len(model.dictionaries_)})")
+        raise ValueError(f"there is no level {level + 1} below level {level} "
+                         f"(levels: {len(model.dictionaries_)})")
     r = np.asarray(model.codes_[level])  # (p_{k+1}, p_k)
     totals = r.sum(axis=0)
     rows = []

@@ -67,13 +67,15 @@ store = RoutingStore.open(store_dir)
 X = expert_matrix(store, granularity=granularity, value=value)
 layout = (store.n_layers, store.n_experts)
 model_name = store.manifest["model"]["name"]
-assert X.shape == (store.n_layers * store.n_experts, store.n_tokens if granularity == "token" else store.n_samples)
+n_columns = store.n_tokens if granularity == "token" else store.n_samples
+assert X.shape == (store.n_layers * store.n_experts, n_columns)
 glue("n_rows", X.shape[0], display=False)
 glue("n_cols", X.shape[1], display=False)
 glue("nnz_per_col", float(X.nnz / X.shape[1]), display=False)
 display(Markdown(
     f"**X:** {X.shape[0]} experts ({store.n_layers} MoE layers x {store.n_experts}) x {X.shape[1]} "
-    f"{granularity} columns of `{value}` values from `{model_name}`, {X.nnz / X.shape[1]:.1f} non-zeros per column."
+    f"{granularity} columns of `{value}` values from `{model_name}`, "
+    f"{X.nnz / X.shape[1]:.1f} non-zeros per column."
 ))
 if model_name.startswith("random:"):
     display(Markdown("**The routing comes from a randomly initialised model: the patterns below are "
@@ -86,8 +88,9 @@ if model_name.startswith("random:"):
 # the same parameters fit a small or a large model.
 
 # %%
-model = HSDL(levels=hsdl_levels, lambda_hier=hsdl_lambda_hier, lambda_rec=hsdl_lambda_rec, n_steps=hsdl_steps,
-             batch_size=hsdl_batch_size, layout=layout, device=device or "auto", random_state=hsdl_seed).fit(X)
+model = HSDL(levels=hsdl_levels, lambda_hier=hsdl_lambda_hier, lambda_rec=hsdl_lambda_rec,
+             n_steps=hsdl_steps, batch_size=hsdl_batch_size, layout=layout, device=device or "auto",
+             random_state=hsdl_seed).fit(X)
 history = model.loss_history_
 rel_error = model.score(X)
 codes = model.codes_[0]
@@ -100,7 +103,7 @@ glue("fit_seconds", float(model.fit_seconds_), display=False)
 glue("n_steps", int(model.n_steps_), display=False)
 glue("rel_error", float(rel_error), display=False)
 glue("nnz_per_code", nnz_per_code, display=False)
-glue("fig_loss", plotting.hsdl_loss_curves(history), display=False)
+plotting.glue_figure("fig_loss", plotting.hsdl_loss_curves(history))
 model
 
 # %% [markdown]
@@ -134,7 +137,7 @@ level1 = live[live["level"] == 1]
 glue("n_live_1", int(len(level1)), display=False)
 glue("cross_share_1", float(level1["cross_layer"].mean() * 100) if len(level1) else 0.0, display=False)
 glue("mean_experts_1", float(level1["n_experts"].mean()) if len(level1) else 0.0, display=False)
-glue("fig_sizes", plotting.atom_size_distribution(tables), display=False)
+plotting.glue_figure("fig_sizes", plotting.atom_size_distribution(tables))
 summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_layer": "{:.0%}"})
 
 # %% [markdown]
@@ -158,8 +161,9 @@ groups = level1[level1["n_experts"] >= 2]
 top = (groups if len(groups) else level1).sort_values("usage", ascending=False).head(8)
 titles = [f"atom {a}: {u:.1%} of use" for a, u in zip(top["atom"], top["usage"])]
 glue("n_groups_1", int(len(groups)), display=False)
-glue("fig_atoms", plotting.atom_maps(model.dictionaries_[0], layout, top["atom"].tolist(), titles=titles,
-                                     title="The most used level-1 atoms of two or more experts"), display=False)
+plotting.glue_figure("fig_atoms", plotting.atom_maps(
+    model.dictionaries_[0], layout, top["atom"].tolist(), titles=titles,
+    title="The most used level-1 atoms of two or more experts"))
 top[["atom", "usage", "n_layers", "experts"]].style.format({"usage": "{:.1%}"}).hide(axis="index")
 
 # %% [markdown]
@@ -185,10 +189,10 @@ glue("children_per_atom", float(edges[0].groupby("parent").size().mean()) if edg
      display=False)
 if n_levels > 1:
     assert hier_errors[0] < 0.5, f"level 2 does not reconstruct level 1 (relative L1 error {hier_errors[0]:.2f})"
-    glue("fig_tree", plotting.hierarchy_tree(edges, usages), display=False)
+    plotting.glue_figure("fig_tree", plotting.hierarchy_tree(edges, usages))
 else:
-    glue("fig_tree", plotting.atom_maps(model.dictionaries_[0], layout, [], title="(one level: no hierarchy)"),
-         display=False)
+    plotting.glue_figure("fig_tree", plotting.atom_maps(model.dictionaries_[0], layout, [],
+                                                        title="(one level: no hierarchy)"))
 
 # %% [markdown]
 # Level 2 reproduces the level-1 dictionary with a relative L1 error of
@@ -228,7 +232,7 @@ chance10 = chance[chance["top_percent"] == 10].set_index("order")["coverage"]
 glue("cover_pairs_10", float(at10.get(2, np.nan) * 100), display=False)
 glue("cover_triplets_10", float(at10.get(3, np.nan) * 100), display=False)
 glue("chance_pairs_10", float(chance10.get(2, np.nan) * 100), display=False)
-glue("fig_coverage", plotting.coverage_curves(observed, chance), display=False)
+plotting.glue_figure("fig_coverage", plotting.coverage_curves(observed, chance))
 observed.pivot(index="top_percent", columns="order", values="coverage").rename(
     columns={2: "pairs", 3: "triplets"}).style.format("{:.0%}")
 
@@ -275,4 +279,4 @@ sorted(p.name for p in out_dir.iterdir())
 #   cross-layer collaboration the paper describes.
 # - Against exhaustive counting, {glue:text}`cover_pairs_10:.0f`% of the atoms fall in the top
 #   10% of co-selected pairs (chance: {glue:text}`chance_pairs_10:.0f`%).
-# - The model is saved in `{glue:text}`artifact_dir`` for annotation (stage 3) and pruning (stage 4).
+# - The model is saved in {glue:text}`artifact_dir` for annotation (stage 3) and pruning (stage 4).

@@ -18,7 +18,8 @@ LAYOUT = (4, 8)  # 4 MoE layers x 8 experts: N_e = 32
 FAST = dict(n_steps=1000, batch_size=256)
 
 
-def planted(n_atoms: int = 12, n_cols: int = 2000, noise: float = 0.02, seed: int = 0, column_seed: int | None = None):
+def planted(n_atoms: int = 12, n_cols: int = 2000, noise: float = 0.02, seed: int = 0,
+            column_seed: int | None = None):
     """X = D R + sparse positive noise, with D binary cross-layer groups (one expert in each of 2-3
     layers) and R sparse (1-2 atoms per column, values in [0.5, 1.5]). D depends on ``seed`` only;
     ``column_seed`` draws other columns from the same dictionary."""
