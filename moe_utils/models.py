@@ -5,9 +5,9 @@ router that picks the top-k experts of each token. transformers 5 gives most MoE
 same shape: a sparse block (``mlp`` or ``block_sparse_moe``) holding a router module (``gate`` or
 ``router``) whose forward returns ``(router_logits, top_k_weights, top_k_index)``, and fused
 experts. What still differs between architectures (attribute names, how routing scores are formed)
-lives in one table, :data:`REGISTRY`, of :class:`MoEArchitecture` adapters. Models with another
-layout (older or remote-code checkpoints such as DeepSeek-MoE-16B, whose experts are a
-``ModuleList`` and whose gate returns ``(topk_idx, topk_weight, aux_loss)``) are supported by
+lives in one table, :data:`REGISTRY`, of :class:`MoEArchitecture` adapters. Remote-code layouts
+have adapters too: DeepSeek-MoE-16B (model type ``deepseek``), whose experts are a ``ModuleList``
+and whose gate returns ``(topk_idx, topk_weight, aux_loss)``. Any other layout is supported by
 registering an adapter with :func:`register_architecture`.
 """
 
@@ -108,13 +108,11 @@ REGISTRY: dict[str, MoEArchitecture] = {}
 def register_architecture(architecture: MoEArchitecture, *, overwrite: bool = False) -> MoEArchitecture:
     """Add an adapter to the registry, for every model type it names; returns it.
 
-    Example, for a remote-code model whose ``mlp.gate`` returns ``(topk_idx, topk_weight, aux)``
-    and whose ``mlp.experts`` is a ``ModuleList``::
+    Example, for a remote-code model of type ``my_moe`` whose ``mlp.gate`` returns
+    ``(topk_idx, topk_weight, aux)`` and whose ``mlp.experts`` is a ``ModuleList`` (the layout of
+    DeepSeek-MoE, whose adapter below reads its gate with :func:`read_index_weight_aux`)::
 
-        register_architecture(MoEArchitecture(
-            model_types=("deepseek",),
-            read_router_output=lambda out: RouterOutput(indices=out[0], weights=out[1], logits=None),
-        ))
+        register_architecture(MoEArchitecture(model_types=("my_moe",), read_router_output=read_index_weight_aux))
     """
     for model_type in architecture.model_types:
         if model_type in REGISTRY and not overwrite:
@@ -135,6 +133,26 @@ register_architecture(MoEArchitecture(
     model_types=("granitemoe", "granitemoeshared", "granitemoehybrid"),
     block_attrs=("block_sparse_moe",), router_attr="router",
 ))
+
+
+def read_index_weight_aux(output: Any) -> RouterOutput:
+    """Router output of the remote-code DeepSeek-MoE gate: ``(topk_idx, topk_weight, aux_loss)``.
+
+    That gate takes its top-k with ``sorted=False``; the choices are re-ordered here by decreasing
+    weight, so that slot 0 is the strongest choice as with every native router. It returns no
+    logits, so full probabilities cannot be recorded (``record_probs`` must be False).
+    """
+    indices, weights = output[0], output[1]
+    weights, order = weights.sort(dim=-1, descending=True)
+    return RouterOutput(indices=indices.gather(-1, order), weights=weights, logits=None)
+
+
+# DeepSeek-MoE-16B (deepseek-ai/deepseek-moe-16b-base/-chat, remote code, model_type "deepseek"): each
+# MoE layer's ``mlp`` is a DeepseekMoE holding ``gate`` (MoEGate, with ``top_k`` and ``n_routed_experts``),
+# ``experts`` (a ModuleList of routed experts) and ``shared_experts`` (always on, so outside X as the
+# paper's section 2 says). The first ``first_k_dense_replace`` layers have a dense ``mlp`` without a
+# gate and are skipped by :func:`moe_layers`.
+register_architecture(MoEArchitecture(model_types=("deepseek",), read_router_output=read_index_weight_aux))
 
 
 def architecture_of(model: nn.Module) -> MoEArchitecture:

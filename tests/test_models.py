@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from moe_utils.models import REGISTRY, MoEArchitecture, RouterOutput, load_model, moe_layers, register_architecture
+from moe_utils.models import (
+    REGISTRY, MoEArchitecture, load_model, moe_layers, read_index_weight_aux, register_architecture,
+)
 from moe_utils.routing import capture_routing
 from moe_utils.tiny_configs import random_model
 
@@ -67,32 +70,49 @@ def test_unknown_random_architecture():
         load_model("random:not_a_model")
 
 
-# --- A custom MoE of the older layout: ModuleList experts, gate returning (topk_idx, topk_weight, aux) ---
+# --- DeepSeek-MoE-16B's remote-code layout (model type "deepseek"), read by the registry's own adapter ---
+# The checkpoint's modeling code cannot be fetched here (no Hub), so these modules rebuild its layout:
+# a dense first layer (first_k_dense_replace), then DeepseekMoE blocks whose MoEGate returns
+# (topk_idx, topk_weight, aux_loss) with an unsorted top-k, a ModuleList of routed experts, and
+# always-on shared experts. The config carries the checkpoint's own field names.
 
-class ToyGate(nn.Module):
-    def __init__(self, hidden: int, n_experts: int, top_k: int):
+def deepseek_config(**overrides):
+    """A config with deepseek-moe-16b-base's field names, tiny by default."""
+    fields = dict(model_type="deepseek", hidden_size=16, num_hidden_layers=3, first_k_dense_replace=1,
+                  moe_layer_freq=1, n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2,
+                  norm_topk_prob=False, scoring_func="softmax", vocab_size=260)
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+class DeepseekGate(nn.Module):
+    def __init__(self, config):
         super().__init__()
-        self.top_k = top_k
-        self.weight = nn.Parameter(torch.randn(n_experts, hidden))
+        self.top_k, self.n_routed_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.weight = nn.Parameter(torch.randn(config.n_routed_experts, config.hidden_size))
         self.last_selection = None
 
-    def forward(self, hidden_states):  # (B, T, H)
+    def forward(self, hidden_states):  # (B, T, H) -> (N, k) indices, (N, k) weights, aux loss
         scores = torch.softmax(hidden_states.reshape(-1, hidden_states.shape[-1]) @ self.weight.T, dim=-1)
-        topk_weight, topk_idx = torch.topk(scores, self.top_k, dim=-1)
-        self.last_selection = topk_idx
-        return topk_idx, topk_weight, torch.zeros(())
+        topk_weight, topk_idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        # sorted=False leaves the order to the kernel (not by weight on GPUs): stand for that with the weakest first
+        topk_weight, topk_idx = topk_weight.flip(-1), topk_idx.flip(-1)
+        self.last_selection = (topk_idx, topk_weight)
+        return topk_idx, topk_weight, None
 
 
-class ToyMoE(nn.Module):
-    def __init__(self, hidden: int, n_experts: int, top_k: int):
+class DeepseekMoEBlock(nn.Module):
+    def __init__(self, config):
         super().__init__()
-        self.gate = ToyGate(hidden, n_experts, top_k)
-        self.experts = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_experts))
+        hidden = config.hidden_size
+        self.gate = DeepseekGate(config)
+        self.experts = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(config.n_routed_experts))
+        self.shared_experts = nn.Linear(hidden, hidden)
 
     def forward(self, h):
         idx, weight, _ = self.gate(h)
         flat = h.reshape(-1, h.shape[-1])
-        out = torch.zeros_like(flat)
+        out = self.shared_experts(flat)
         for slot in range(idx.shape[1]):
             for e, expert in enumerate(self.experts):
                 rows = idx[:, slot] == e
@@ -100,51 +120,46 @@ class ToyMoE(nn.Module):
         return h + out.reshape(h.shape)
 
 
-class ToyLayer(nn.Module):
-    def __init__(self, hidden, n_experts, top_k):
+class DeepseekLayer(nn.Module):
+    def __init__(self, config, layer_index):
         super().__init__()
-        self.mlp = ToyMoE(hidden, n_experts, top_k)
+        moe = layer_index >= config.first_k_dense_replace and layer_index % config.moe_layer_freq == 0
+        self.mlp = DeepseekMoEBlock(config) if moe else nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, h):
         return self.mlp(h)
 
 
-class ToyMoEForCausalLM(nn.Module):
-    def __init__(self, vocab=260, hidden=16, n_layers=2, n_experts=6, top_k=2):
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, config):
         super().__init__()
-        self.config = SimpleNamespace(model_type="toy_remote_moe", num_hidden_layers=n_layers)
-        self.embed = nn.Embedding(vocab, hidden)
-        self.model = SimpleNamespace(layers=nn.ModuleList(ToyLayer(hidden, n_experts, top_k) for _ in range(n_layers)))
-        self.layers = self.model.layers  # registered as a submodule
-        self.head = nn.Linear(hidden, vocab)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(DeepseekLayer(config, i) for i in range(config.num_hidden_layers))
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         h = self.embed(input_ids)
-        for layer in self.layers:
+        for layer in self.model.layers:
             h = layer(h)
         return SimpleNamespace(logits=self.head(h))
 
 
-@pytest.fixture
-def toy_adapter():
-    arch = register_architecture(MoEArchitecture(
-        model_types=("toy_remote_moe",),
-        read_router_output=lambda out: RouterOutput(indices=out[0], weights=out[1], logits=None),
-    ))
-    yield arch
-    REGISTRY.pop("toy_remote_moe")
+def test_deepseek_layout_is_read_by_the_registered_adapter():
+    model = DeepseekForCausalLM(deepseek_config(num_hidden_layers=4, n_routed_experts=64, num_experts_per_tok=6))
+    layers = moe_layers(model)
+    assert REGISTRY["deepseek"] is layers[0].architecture
+    assert [layer.layer_index for layer in layers] == [1, 2, 3]  # the dense first layer is skipped
+    assert {(layer.num_experts, layer.top_k) for layer in layers} == {(64, 6)}
+    assert all(layer.experts is model.model.layers[layer.layer_index].mlp.experts for layer in layers)
 
 
-def test_unregistered_custom_moe_is_refused():
-    with pytest.raises(NotImplementedError, match="toy_remote_moe"):
-        moe_layers(ToyMoEForCausalLM())
-
-
-def test_custom_adapter_captures_the_gates_own_selection(toy_adapter, tmp_path):
+def test_deepseek_capture_records_the_gates_own_selection_sorted_by_weight(tmp_path):
     from moe_utils.tiny_configs import byte_tokenizer
 
     torch.manual_seed(0)
-    model, tok = ToyMoEForCausalLM().eval(), byte_tokenizer()
+    model, tok = DeepseekForCausalLM(deepseek_config()).eval(), byte_tokenizer()
     layers = moe_layers(model)
     assert [(layer.num_experts, layer.top_k) for layer in layers] == [(6, 2), (6, 2)]
     texts = ["abc", "a longer text"]
@@ -152,7 +167,23 @@ def test_custom_adapter_captures_the_gates_own_selection(toy_adapter, tmp_path):
     enc = tok(texts, return_tensors="pt", padding=True)
     mask = enc["attention_mask"].bool().reshape(-1)
     for layer in layers:
-        own = layer.router.last_selection[mask].numpy()
-        assert (store.topk_indices[:, layer.index, :] == own).all()
+        own_idx, own_weight = (t[mask].numpy() for t in layer.router.last_selection)
+        got_idx, got_weight = store.topk_indices[:, layer.index, :], store.topk_weights[:, layer.index, :]
+        assert (np.sort(got_idx, axis=1) == np.sort(own_idx, axis=1)).all()  # same experts per token
+        assert (np.diff(got_weight, axis=1) <= 0).all()  # strongest choice first
+        for token in range(len(own_idx)):  # each expert keeps its own weight
+            own = dict(zip(own_idx[token], own_weight[token]))
+            assert np.allclose([own[e] for e in got_idx[token]], got_weight[token])
     with pytest.raises(ValueError, match="record_probs"):
         capture_routing(model, tok, texts, out_dir=tmp_path / "p", record_probs=True, progress=False)
+
+
+def test_a_custom_adapter_for_an_unknown_type():
+    model = DeepseekForCausalLM(deepseek_config(model_type="my_remote_moe"))
+    with pytest.raises(NotImplementedError, match="my_remote_moe"):
+        moe_layers(model)
+    register_architecture(MoEArchitecture(model_types=("my_remote_moe",), read_router_output=read_index_weight_aux))
+    try:
+        assert len(moe_layers(model)) == 2
+    finally:
+        REGISTRY.pop("my_remote_moe")
