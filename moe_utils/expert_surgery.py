@@ -4,8 +4,8 @@ Expert pruning (the paper's section 4, CAEP, and every baseline of :mod:`moe_uti
 ends in a *keep-mask*: a boolean vector over the N_e routed experts in the layer-major order of the
 expert matrix X (row ``layer * E + expert``, layers counted over MoE layers only, in the order of
 :func:`moe_utils.models.moe_layers`). Per-layer lists of kept expert indices are accepted too. The
-paper does not say how the router treats pruned experts; here (section 6 of the project's notes)
-they are never selected, and each token's top-k is chosen again among the remaining experts with
+paper does not say how the router treats pruned experts (section 4 leaves it open); here they are
+never selected, and each token's top-k is chosen again among the remaining experts with
 the architecture's own routing rule: softmax then top-k, renormalised or not (OLMoE, Qwen-MoE,
 Mixtral, DeepSeek-V2), top-k on the logits then a softmax over the k (granite, gpt-oss), sigmoid
 scores with a correction bias and group-limited top-k (DeepSeek-V3), sparsemixer (Phi-MoE).
@@ -21,7 +21,8 @@ Two ways to apply a mask, which give the same logits:
   the masked routing. Everything is restored on exit, also after an exception.
 * :func:`remove_experts`: slices the fused expert tensors (and gpt-oss's expert biases), the router
   rows and per-expert buffers (``e_score_correction_bias``), updates the modules' expert counts and
-  the config. The model really shrinks. With the same count in every layer it saves with
+  the config (a ``ModuleList`` of experts, as in the remote-code DeepSeek-MoE-16B, keeps the kept
+  modules). The model really shrinks. With the same count in every layer it saves with
   ``save_pretrained`` and reloads with plain ``from_pretrained``; with counts that differ by layer
   (global pruning such as CAEP) :func:`save_pruned` / :func:`load_pruned` store and rebuild the
   per-layer counts, and plain ``from_pretrained`` on such a checkpoint fails with an error that
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_utils.models import MoELayer, architecture_of, moe_layers, read_logits_weights_indices
+from moe_utils.models import MoELayer, moe_layers, read_index_weight_aux, read_logits_weights_indices
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +64,25 @@ PER_LAYER_KEY = "moe_experts_per_layer"
 MODEL_TYPE_KEY = "moe_pruned_model_type"
 PER_LAYER_MARKER = "{} with per-layer expert counts: load it with moe_utils.expert_surgery.load_pruned"
 
-Keep = "np.ndarray | torch.Tensor | Sequence[bool] | Sequence[Sequence[int]]"
-
-
 class PruningError(ValueError):
     """A keep-mask that cannot be applied to this model (the message says why and what to do)."""
 
 
 # ------------------------------------------------------------------------------ keep-masks
-def _check_supported(layers: list[MoELayer]) -> None:
-    for layer in layers:
-        if layer.architecture.read_router_output is not read_logits_weights_indices:
-            raise NotImplementedError(
-                f"expert surgery needs routers that return (router_logits, top_k_weights, top_k_index), "
-                f"the transformers 5 convention; the adapter of model types {layer.architecture.model_types} "
-                "reads another output format"
-            )
-        if isinstance(layer.experts, nn.ModuleList):
-            raise NotImplementedError(
-                "expert surgery needs fused expert tensors (transformers 5 layout); this model keeps its "
-                "experts in an nn.ModuleList"
-            )
+#: Where a router's output tuple holds the top-k indices and the full logits (None: not returned),
+#: by the adapter's reader: the transformers 5 convention, and the remote-code DeepSeek-MoE gate's.
+OUTPUT_LAYOUTS = {read_logits_weights_indices: (2, 0), read_index_weight_aux: (0, None)}
+
+
+def _output_layout(layer: MoELayer) -> tuple[int, int | None]:
+    reader = layer.architecture.read_router_output
+    if reader not in OUTPUT_LAYOUTS:
+        raise NotImplementedError(
+            f"expert surgery does not know where the router of model types {layer.architecture.model_types} "
+            "puts its top-k indices; add its reader to moe_utils.expert_surgery.OUTPUT_LAYOUTS as "
+            "(index position, logits position or None)"
+        )
+    return OUTPUT_LAYOUTS[reader]
 
 
 def _group_rule(layer: MoELayer) -> tuple[int, int, int] | None:
@@ -149,7 +148,8 @@ def normalize_keep(model: nn.Module, keep: Any) -> list[np.ndarray]:
             no expert or fewer than top-k, or a count that breaks a group-limited router's groups.
     """
     layers = moe_layers(model)
-    _check_supported(layers)
+    for layer in layers:
+        _output_layout(layer)
     n_experts = max(layer.num_experts for layer in layers)
     flat = _as_array(keep)
     if flat is not None:
@@ -218,15 +218,19 @@ def _pruned_router(layer: MoELayer, index: torch.Tensor) -> nn.Module:
     return router
 
 
-def _masked_forward(pruned: nn.Module, index: torch.Tensor, n_experts: int):
+def _masked_forward(pruned: nn.Module, index: torch.Tensor, n_experts: int, layout: tuple[int, int | None]):
     """The forward that replaces a router's while masked: route with ``pruned``, map back to ``index``."""
+    index_at, logits_at = layout
 
     def forward(*args, **kwargs):
-        logits, weights, indices, *rest = pruned.forward(*args, **kwargs)
-        idx = index.to(indices.device)
-        full = logits.new_full((*logits.shape[:-1], n_experts), float("-inf"))
-        full[..., idx] = logits
-        return (full, weights, idx[indices], *rest)
+        output = list(pruned.forward(*args, **kwargs))
+        idx = index.to(output[index_at].device)
+        output[index_at] = idx[output[index_at]]
+        if logits_at is not None:
+            logits = output[logits_at]
+            output[logits_at] = logits.new_full((*logits.shape[:-1], n_experts), float("-inf"))
+            output[logits_at][..., idx] = logits
+        return tuple(output)
 
     return forward
 
@@ -263,7 +267,8 @@ def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
             index = torch.as_tensor(indices, device=layer.router.weight.device)
             router = layer.router
             patched.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
-            router.forward = _masked_forward(_pruned_router(layer, index), index, layer.num_experts)
+            router.forward = _masked_forward(_pruned_router(layer, index), index, layer.num_experts,
+                                             _output_layout(layer))
         yield kept
     finally:
         for router, had_own, previous in reversed(patched):
@@ -298,7 +303,11 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
             continue
         index = torch.as_tensor(indices, device=layer.router.weight.device)
         _slice_module(layer.router, index, layer.num_experts, COUNT_ATTRS)
-        _slice_module(layer.experts, index, layer.num_experts, COUNT_ATTRS)
+        if isinstance(layer.experts, nn.ModuleList):  # one module per expert (remote-code DeepSeek-MoE)
+            layer.experts = nn.ModuleList(layer.experts[i] for i in indices.tolist())
+            setattr(layer.block, layer.architecture.experts_attr, layer.experts)
+        else:
+            _slice_module(layer.experts, index, layer.num_experts, COUNT_ATTRS)
         for attr in COUNT_ATTRS:
             if getattr(layer.block, attr, None) == layer.num_experts:
                 setattr(layer.block, attr, len(indices))

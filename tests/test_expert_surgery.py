@@ -227,3 +227,25 @@ def test_group_routing_counts_are_checked(random_models, layer_keep, message):
     with pytest.raises(PruningError, match=message) as err:
         remove_experts(copy.deepcopy(model), [layer_keep, [0, 1, 2, 3]])
     assert "[4, 6, 8]" in str(err.value)  # the counts that work
+
+
+def test_remote_code_deepseek_moe_layout(tmp_path):
+    """DeepSeek-MoE-16B's layout (the paper's pruning model): a gate returning (idx, weight, aux), no
+    logits, and a ModuleList of experts (rebuilt in tests/test_models.py: its code needs the Hub)."""
+    from moe_utils.tiny_configs import byte_tokenizer
+    from tests.test_models import DeepseekForCausalLM, deepseek_config
+
+    torch.manual_seed(0)
+    model, tok = DeepseekForCausalLM(deepseek_config()).eval(), byte_tokenizer()
+    keep = [[0, 2, 5], [1, 2, 3, 4]]
+    before = logits(model, tok)
+    with masked_experts(model, keep), record_routing(model) as recorder:
+        masked = logits(model, tok)
+        selected = [out.indices.numpy() for out in recorder.pop()]
+    assert all(np.isin(s, k).all() for s, k in zip(selected, keep))
+    assert torch.equal(logits(model, tok), before)
+    removed = remove_experts(copy.deepcopy(model), keep)
+    assert [len(layer.experts) for layer in moe_layers(removed)] == [3, 4]
+    assert experts_per_layer(removed) == [3, 4]
+    assert removed.config.moe_experts_per_layer == [3, 4]
+    assert (logits(removed, tok) - masked).abs().max() <= TOL
