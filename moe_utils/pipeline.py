@@ -3,7 +3,9 @@
 ``python -m moe_utils.pipeline`` (what ``make book`` calls):
 
 1. reads a YAML profile from ``params/`` (default ``params/tiny.yaml``: the embedded model) and
-   ``--set key=value`` overrides; precedence is notebook defaults < profile < command line;
+   ``--set key=value`` overrides; precedence is notebook defaults < profile < command line; the
+   profile's ``about:`` block (the model's architecture, hardware and time it needs, the paper's
+   setting) is checked and shown on the status page, never passed to the notebooks;
 2. validates every key against the parameters cells of the notebooks in ``notebooks/``: a key no
    notebook declares, or a value of the wrong type, is an error, before anything runs;
 3. executes the notebooks in order with papermill into ``book/executed/``; a stage whose inputs
@@ -44,6 +46,20 @@ BENCH_RESULTS = ROOT / "bench" / "results"
 STATE_FILE = "pipeline_state.json"
 #: Environment variables that change what a stage reads, so they are part of its fingerprint.
 DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "HF_HUB_OFFLINE")
+#: The top-level key of a profile that describes it; everything else in a profile is a parameter.
+ABOUT = "about"
+#: Fields of the ``about`` block and their types; those in ABOUT_REQUIRED must be there.
+ABOUT_FIELDS: dict[str, type] = {
+    "summary": str,      # one sentence: which model, which question
+    "model_type": str,   # ``config.model_type``: the registry adapter that reads it (moe_utils.models)
+    "hardware": str,     # what it needs to run: GPU memory, RAM
+    "time": str,         # how long, saying whether that is an estimate or measured
+    "parameters": dict,  # {total_b, active_b}: billions of parameters, all and used per token
+    "config": dict,      # the checkpoint's config.json fields that fix its shape (tests build it from them)
+    "paper": str,        # the paper's setting this profile follows, where one applies
+    "notes": str,        # anything else a user must know (remote code, missing features)
+}
+ABOUT_REQUIRED = ("summary", "model_type", "hardware", "time")
 
 
 class PipelineError(RuntimeError):
@@ -128,7 +144,37 @@ def load_profile(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a profile is a mapping of parameter names to values")
-    return data
+    return {key: value for key, value in data.items() if key != ABOUT}
+
+
+def validate_about(about: Any, source: str = "profile") -> dict[str, Any]:
+    """Check a profile's ``about`` block: required fields present, every field known and of its type."""
+    if not isinstance(about, dict):
+        raise PipelineError(f"{source}: 'about' must be a mapping with the fields {', '.join(ABOUT_FIELDS)}")
+    problems = [f"missing about.{name}" for name in ABOUT_REQUIRED if name not in about]
+    for name, value in about.items():
+        if name not in ABOUT_FIELDS:
+            problems.append(f"unknown field about.{name} (known: {', '.join(ABOUT_FIELDS)})")
+        elif not isinstance(value, ABOUT_FIELDS[name]):
+            problems.append(f"about.{name} must be {ABOUT_FIELDS[name].__name__}, got {type(value).__name__}")
+    if isinstance(about.get("time"), str) and not any(w in about["time"].lower() for w in ("estimate", "measured")):
+        problems.append("about.time must say whether it is an estimate or measured")
+    parameters = about.get("parameters")
+    if isinstance(parameters, dict) and not all(
+            isinstance(parameters.get(k), (int, float)) and not isinstance(parameters.get(k), bool) and parameters[k] > 0
+            for k in ("total_b", "active_b")):
+        problems.append("about.parameters needs positive numbers total_b and active_b (billions)")
+    if problems:
+        raise PipelineError(f"{source}: invalid about block:\n  " + "\n  ".join(problems))
+    return about
+
+
+def load_about(path: Path) -> dict[str, Any] | None:
+    """The profile's validated ``about`` block, or None if it has none."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or ABOUT not in data:
+        return None
+    return validate_about(data[ABOUT], str(path))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -213,11 +259,12 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
     stages = discover_stages(notebooks)
     params = {**load_profile(profile), **(overrides or {})}
     validate(params, stages)
+    about = load_about(profile)
     state_path = executed / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     source, previous = _source_digest(), ""
     status = {"profile": str(Path(profile).resolve().relative_to(ROOT)) if Path(profile).resolve().is_relative_to(ROOT)
-              else str(profile), "overrides": overrides or {}, "stages": [], "commit": _git_commit(),
+              else str(profile), "overrides": overrides or {}, "about": about, "stages": [], "commit": _git_commit(),
               "versions": package_versions(("torch", "transformers", "lm_eval", "numpy", "scikit-learn",
                                             "papermill", "jupyter-book", "moe-collab-study")),
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -276,6 +323,20 @@ def capture_benchmark_section(path: Path) -> list[str]:
     return lines
 
 
+def about_section(about: dict | None) -> list[str]:
+    """Markdown lines showing the profile's ``about`` block (nothing if it has none)."""
+    if not about:
+        return []
+    lines = ["", "## The profile", "", about["summary"], "", f"- **Architecture:** `{about['model_type']}`"]
+    if "parameters" in about:
+        lines.append(f"- **Parameters:** {about['parameters']['total_b']:g}B in all, "
+                     f"{about['parameters']['active_b']:g}B used per token")
+    lines += [f"- **Hardware:** {about['hardware']}", f"- **Time:** {about['time']}"]
+    lines += [f"- **{label}:** {about[key]}" for key, label in (("paper", "The paper's setting"), ("notes", "Notes"))
+              if key in about]
+    return lines
+
+
 def write_status_page(status: dict, path: Path) -> None:
     """The book's status page: each stage's run time and parameters, versions, commit, machine."""
     lines = [
@@ -284,7 +345,9 @@ def write_status_page(status: dict, path: Path) -> None:
         f"- **Profile:** `{status['profile']}`" + (f", overrides `{status['overrides']}`" if status["overrides"] else ""),
         f"- **Commit:** `{status['commit'] or 'unknown'}`",
         f"- **Machine:** {status['machine']['platform']}, Python {status['machine']['python']}, "
-        f"{status['machine']['cpus']} CPUs", "",
+        f"{status['machine']['cpus']} CPUs",
+        *about_section(status.get("about")), "",
+        "## Stages", "",
         "| stage | run time (s) | finished | reused from an earlier run |", "|---|---|---|---|",
     ]
     for stage in status["stages"]:
