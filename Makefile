@@ -31,6 +31,8 @@ $(VENV)/.installed: pyproject.toml
 book: setup
 	$(PY) -m moe_utils.pipeline --profile $(PROFILE)
 
+# The browser test of the built book (tests/test_book_html.py) skips without _build/html: `make book` first
+# (CI sets MOE_REQUIRE_BOOK=1 to make that a failure). It installs Debian's chromium when missing.
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
