@@ -236,3 +236,91 @@ def coverage_curves(observed: pd.DataFrame, chance: pd.DataFrame | None = None, 
     ax.legend(fontsize=8)
     ax.set_title(title)
     return fig
+
+
+# ------------------------------------------------------------------------ annotation (stage 3)
+def _annotated_heatmap(ax, values: pd.DataFrame, *, cmap: str, vmin: float, vmax: float, fmt: str = "{:.2f}"):
+    image = ax.imshow(values.to_numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(values.shape[1]), values.columns, rotation=35, ha="right")
+    ax.set_yticks(range(values.shape[0]), values.index)
+    for (i, j), v in np.ndenumerate(values.to_numpy()):
+        r, g, b, _ = image.cmap(image.norm(v))
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark cells
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="w" if dark else "k")
+    return image
+
+
+def domain_similarity(profiles: pd.DataFrame, similarity: pd.DataFrame, centered: pd.DataFrame | None = None, *,
+                      n_experts: int | None = None, title: str = "How similarly do domains use experts?") -> Figure:
+    """The paper's Fig 7: each domain's expert-selection frequency distribution (rows of ``profiles``,
+    experts of all layers in layer-major order) and the cosine similarity of these distributions;
+    with ``centered``, the similarity after removing the mean profile as a third panel."""
+    panels = 3 if centered is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels + 1.5, 4.2),
+                             gridspec_kw={"width_ratios": [1.6] + [1] * (panels - 1)})
+    ax = axes[0]
+    for i, (name, row) in enumerate(profiles.iterrows()):
+        ax.plot(np.arange(row.size), row.to_numpy() * 100, lw=0.9, color=f"C{i}", label=name)
+    if n_experts:
+        for edge in range(n_experts, profiles.shape[1], n_experts):
+            ax.axvline(edge - 0.5, color="grey", lw=0.4)
+    ax.set_xlabel("expert (layer-major order)")
+    ax.set_ylabel("% of the domain's expert selections")
+    ax.set_title("Expert-selection frequency per domain")
+    ax.legend(fontsize=8)
+    low = float(np.floor(similarity.to_numpy().min() * 20) / 20)
+    image = _annotated_heatmap(axes[1], similarity, cmap="viridis", vmin=min(low, 0.95), vmax=1.0)
+    axes[1].set_title("Cosine similarity")
+    fig.colorbar(image, ax=axes[1], shrink=0.75)
+    if centered is not None:
+        image = _annotated_heatmap(axes[2], centered, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+        axes[2].set_title("Cosine after removing the mean profile")
+        fig.colorbar(image, ax=axes[2], shrink=0.75)
+    fig.suptitle(title)
+    return fig
+
+
+def enrichment_heatmap(enrichment: pd.DataFrame, atoms, *, labels: dict | None = None, alpha: float = 0.01,
+                       title: str = "Which domains each atom prefers") -> Figure:
+    """Atoms (rows, in the given order) x categories: log2 lift of the category among the atom's tokens
+    (``annotation.enrichment``), with a dot where the corrected q-value is below ``alpha``."""
+    atoms = list(atoms)
+    table = enrichment[enrichment["atom"].isin(atoms)]
+    lift = table.pivot(index="atom", columns="category", values="lift").reindex(atoms)
+    q = table.pivot(index="atom", columns="category", values="q").reindex(atoms)
+    with np.errstate(divide="ignore"):
+        values = np.log2(lift.to_numpy(dtype=float))
+    values = np.clip(np.nan_to_num(values, nan=0.0, neginf=-3.0), -3, 3)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * lift.shape[1] + (3.2 if labels else 0), 1.0 + 0.24 * len(atoms)))
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
+    rows, cols = np.nonzero(q.to_numpy(dtype=float) < alpha)
+    ax.scatter(cols, rows, s=9, color="k")
+    names = [f"{a}: {labels.get(a, '')[:42]}" if labels else str(a) for a in atoms]
+    ax.set_yticks(range(len(atoms)), names, fontsize=7)
+    ax.set_xticks(range(lift.shape[1]), lift.columns, rotation=35, ha="right")
+    ax.set_ylabel("atom")
+    fig.colorbar(image, ax=ax, label="log2 lift (clipped to ±3)", shrink=0.6)
+    ax.set_title(f"{title}\n(dots: q < {alpha:g})")
+    return fig
+
+
+def token_class_heatmap(classes: pd.DataFrame, base: pd.Series, atoms, *, labels: dict | None = None,
+                        title: str = "Token classes each atom explains") -> Figure:
+    """Atoms x token classes: log2 of each class's share among the atom's tokens over its share among
+    all tokens (``annotation.class_profile``); blank where the atom explains no token of the class;
+    classes no token has are left out."""
+    atoms = list(atoms)
+    columns = [c for c in classes.columns if base.get(c, 0) > 0]
+    shares = classes.loc[atoms, columns].to_numpy(dtype=float)
+    with np.errstate(divide="ignore"):
+        values = np.clip(np.log2(shares / base[columns].to_numpy(dtype=float)), -3, 3)
+    values[shares == 0] = np.nan  # the atom explains no token of the class: left blank
+    fig, ax = plt.subplots(figsize=(2.2 + 0.55 * len(columns) + (3.2 if labels else 0), 1.0 + 0.24 * len(atoms)))
+    cmap = plt.get_cmap("PuOr").with_extremes(bad="white")
+    image = ax.imshow(values, cmap=cmap, vmin=-3, vmax=3, aspect="auto")
+    names = [f"{a}: {labels.get(a, '')[:42]}" if labels else str(a) for a in atoms]
+    ax.set_yticks(range(len(atoms)), names, fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, rotation=40, ha="right")
+    fig.colorbar(image, ax=ax, label="log2 lift over the base rate (clipped to ±3)", shrink=0.6)
+    ax.set_title(title)
+    return fig
