@@ -211,7 +211,7 @@ class HSDL(BaseEstimator):
     """
 
     def __init__(self, levels=(1.0, 2.0), *, lambda_hier: float = 500.0, lambda_rec: float = 1000.0,
-                 n_steps: int = 2000, batch_size: int = 512, learning_rate: float = 1e-2, lr_halvings: int = 3,
+                 n_steps: int = 600, batch_size: int = 512, learning_rate: float = 1e-2, lr_halvings: int = 3,
                  warmup: float = 0.1, smoothing: float = 1.0, smooth_fraction: float = 0.5,
                  resample_every: float = 0.05, tol: float = 1e-4, max_no_improvement: int = 10,
                  layout: tuple[int, int] | None = None, device: str = "auto", random_state=None,
