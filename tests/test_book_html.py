@@ -114,17 +114,19 @@ class DevTools:
     def __init__(self, executable: str, profile_dir: Path):
         import websocket  # the `websocket-client` package (test extra)
 
-        self.process = subprocess.Popen(
-            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--hide-scrollbars", "--remote-debugging-port=0",
-             f"--user-data-dir={profile_dir}", "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = profile_dir / "chromium.log"  # a file, not a pipe: nobody reads Chromium's chatter while it runs
+        with log.open("w") as stderr:
+            self.process = subprocess.Popen(
+                [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--no-default-browser-check", "--hide-scrollbars", "--remote-debugging-port=0",
+                 f"--user-data-dir={profile_dir}", "--window-size=1280,900", "about:blank"],
+                stdout=subprocess.DEVNULL, stderr=stderr)
         port_file = profile_dir / "DevToolsActivePort"
         deadline = time.monotonic() + PAGE_TIMEOUT_S
         while not (port_file.is_file() and port_file.read_text().strip()):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
-                raise RuntimeError(f"{executable} did not start its DevTools server: {self.process.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{executable} did not start its DevTools server: {log.read_text()[-2000:]}")
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
