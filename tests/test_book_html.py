@@ -37,7 +37,7 @@ SCREENSHOT_MAX_HEIGHT = 8000
 ANNOTATION_PAGE = "book/executed/03_annotation.html"
 TOKEN_RENDER_CLASS = "moe-token-render"
 #: Whether the annotation page must show a coloured-token rendering (True once stage 3 renders one).
-TOKEN_RENDER_REQUIRED = False
+TOKEN_RENDER_REQUIRED = True
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 #: JavaScript errors of the toolchain itself, not of this book, tolerated by exact message:
 #: - sphinx-thebe 0.3.1 under Sphinx 7.4 writes its inline config (``const THEBE_JS_URL = ...``) twice
