@@ -329,8 +329,11 @@ def about_section(about: dict | None) -> list[str]:
         return []
     lines = ["", "## The profile", "", about["summary"], "", f"- **Architecture:** `{about['model_type']}`"]
     if "parameters" in about:
-        lines.append(f"- **Parameters:** {about['parameters']['total_b']:g}B in all, "
-                     f"{about['parameters']['active_b']:g}B used per token")
+        def count(billions: float) -> str:
+            return f"{billions:g}B" if billions >= 1 else f"{billions * 1000:.3g}M"
+
+        lines.append(f"- **Parameters:** {count(about['parameters']['total_b'])} in all, "
+                     f"{count(about['parameters']['active_b'])} used per token")
     lines += [f"- **Hardware:** {about['hardware']}", f"- **Time:** {about['time']}"]
     lines += [f"- **{label}:** {about[key]}" for key, label in (("paper", "The paper's setting"), ("notes", "Notes"))
               if key in about]

@@ -123,7 +123,7 @@ def test_about_is_shown_on_the_status_page_and_never_reaches_a_notebook(tmp_path
     status = pipeline.run(profile, notebooks=notebooks, executed=tmp_path / "executed")
     assert status["about"] == about and status["stages"][0]["parameters"] == {"x": 2}
     page = (tmp_path / "executed" / "status.md").read_text()
-    for text in ("## The profile", "A test model <b>.", "`olmoe`", "1.5B in all, 0.25B used per token",
+    for text in ("## The profile", "A test model <b>.", "`olmoe`", "1.5B in all, 250M used per token",
                  "**Hardware:** a CPU", "**Time:** estimate: 1 s", "**The paper's setting:** none"):
         assert text in page
     profile.write_text(yaml.safe_dump({"x": 2, "about": {**about, "time": "fast"}}))
