@@ -11,6 +11,7 @@ SHARED_DATA := $(abspath ../shared/data)
 ifneq ($(wildcard $(SHARED_DATA)/mmlu_pro),)
 export MOE_MMLU_PRO_DIR ?= $(SHARED_DATA)/mmlu_pro
 export MOE_WIKITEXT_DIR ?= $(SHARED_DATA)/wikitext-2
+export MOE_MMLU_DIR ?= $(SHARED_DATA)/mmlu
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 endif

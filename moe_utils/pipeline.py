@@ -45,7 +45,7 @@ DEFAULT_PROFILE = PROFILES / "tiny.yaml"
 BENCH_RESULTS = ROOT / "bench" / "results"
 STATE_FILE = "pipeline_state.json"
 #: Environment variables that change what a stage reads, so they are part of its fingerprint.
-DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "HF_HUB_OFFLINE")
+DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_MMLU_DIR", "HF_HUB_OFFLINE")
 #: The top-level key of a profile that describes it; everything else in a profile is a parameter.
 ABOUT = "about"
 #: Fields of the ``about`` block and their types; those in ABOUT_REQUIRED must be there.
