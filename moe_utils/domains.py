@@ -73,13 +73,13 @@ def check_alignment(hsdl, store: RoutingStore) -> str:
     return granularity
 
 
-def domain_factors(hsdl, store: RoutingStore, domain: str, *, refit: bool = False, X=None):
+def domain_factors(hsdl, store: RoutingStore, domain: str, *, level: int = 1, refit: bool = False, X=None):
     """(D, R) for CAEP fitted on one domain (the paper's Fig 9 setting).
 
-    By default D is the level-1 dictionary D_1 fitted on all domains and R its codes on the
-    domain's columns only (:func:`moe_utils.pruning.hsdl_factors`), so ``e = D_1 @ R_sum`` weighs
-    every collaboration pattern by how much *this* domain uses it. With ``refit``, a fresh HSDL
-    with the same parameters is fitted on the domain's columns of ``X`` alone (slower; D changes too).
+    By default D is the dictionary D_level fitted on all domains and R its codes on the domain's
+    columns only (:func:`moe_utils.pruning.hsdl_factors`), so ``e = D @ R_sum`` weighs every
+    collaboration pattern by how much *this* domain uses it. With ``refit``, a fresh HSDL with the
+    same parameters is fitted on the domain's columns of ``X`` alone (slower; D changes too).
     """
     from sklearn.base import clone
 
@@ -88,16 +88,16 @@ def domain_factors(hsdl, store: RoutingStore, domain: str, *, refit: bool = Fals
     granularity = check_alignment(hsdl, store)
     columns = label_columns(store, domain, granularity)
     if not refit:
-        return hsdl_factors(hsdl, columns=columns)
+        return hsdl_factors(hsdl, level=level, columns=columns)
     if X is None:
         raise ValueError("refit=True needs X, the expert matrix the HSDL model was fitted on")
     own = clone(hsdl).fit(X[:, np.flatnonzero(columns)])
-    return hsdl_factors(own)
+    return hsdl_factors(own, level=level)
 
 
 def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: float, methods: Sequence[str],
                  min_per_layer: int, threshold_ratio: float, calibration: Mapping[str, Sequence[str]] | None = None,
-                 model=None, tokenizer=None, refit: bool = False, X=None, seeds: Sequence[int] = (0,),
+                 model=None, tokenizer=None, level: int = 1, refit: bool = False, X=None, seeds: Sequence[int] = (0,),
                  calibrate_kwargs: Mapping[str, Any] | None = None) -> dict[tuple[str, str], Any]:
     """Every method's keep-mask fitted on each domain alone: ``{(method, domain): PruningMask}``.
 
@@ -121,7 +121,8 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
                 raise ValueError(f"no calibration texts for domain {domain!r}")
             stats_ = calibrate(model, tokenizer, texts, keep_hidden=4096 if "output" in methods else 0,
                                progress=False, **dict(calibrate_kwargs or {}))
-        dictionary = domain_factors(hsdl, store, domain, refit=refit, X=X) if {"caep", "caep_layer"} & set(methods) else None
+        dictionary = (domain_factors(hsdl, store, domain, level=level, refit=refit, X=X)
+                      if {"caep", "caep_layer"} & set(methods) else None)
         for mask in pruning_masks([ratio], layer_sizes=layer_sizes, min_per_layer=min_per_layer, methods=methods,
                                   stats=stats_, dictionary=dictionary, threshold_ratio=threshold_ratio, seeds=seeds,
                                   model=model, progress=False):
@@ -203,6 +204,47 @@ def chance_accuracy(question_ids, data_dir: str | os.PathLike | None = None) -> 
     questions = load_mmlu_pro("test", data_dir).set_index("question_id")
     options = questions.loc[list(question_ids), "options"].map(len)
     return float((1.0 / options).mean())
+
+
+def code_digest(*modules) -> str:
+    """sha256 of the source files of ``modules``: part of a cache key, so that a change to the code
+    that computes a cached result invalidates it."""
+    import inspect
+
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(inspect.getfile(module)).read_bytes())
+    return digest.hexdigest()
+
+
+def cached_masks(cache_dir: str | os.PathLike, key: Mapping[str, Any],
+                 compute: Callable[[], dict[tuple[str, str], Any]]) -> tuple[dict[tuple[str, str], Any], bool]:
+    """``compute()`` (e.g. :func:`domain_masks`) once per ``key`` (a JSON-able mapping of everything
+    the masks depend on); ``masks-<sha256 of key>.npz`` holds the keep-masks and ``.json`` the
+    methods, domains, notes and the npz's checksum, written atomically, the JSON last.
+    Returns ``({(method, domain): PruningMask}, from_cache)``."""
+    from moe_utils.pruning import PruningMask
+
+    cache_dir = Path(cache_dir)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    meta_path, array_path = cache_dir / f"masks-{digest}.json", cache_dir / f"masks-{digest}.npz"
+    if meta_path.is_file() and array_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        data = array_path.read_bytes()
+        if meta.get("sha256") == hashlib.sha256(data).hexdigest():
+            keeps = np.load(io.BytesIO(data))["keep"]
+            return {(e["method"], e["domain"]): PruningMask(e["method"], e["ratio"], keep, seed=e["seed"], note=e["note"])
+                    for e, keep in zip(meta["masks"], keeps)}, True
+        log.warning("mask cache %s does not match its checksum: recomputing", array_path)
+    masks = compute()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, keep=np.array([m.keep for m in masks.values()], dtype=bool))
+    meta_path.unlink(missing_ok=True)
+    atomic_write_bytes(array_path, buffer.getvalue())
+    atomic_write_json(meta_path, {"key": dict(key), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                                  "masks": [{"method": m, "domain": d, "ratio": k.ratio, "seed": k.seed, "note": k.note}
+                                            for (m, d), k in masks.items()]})
+    return masks, False
 
 
 def captured_questions(store: RoutingStore, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -322,19 +364,21 @@ def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: 
     """:func:`evaluate_documents` of ``model`` with the experts outside ``keep`` masked
     (:func:`moe_utils.expert_surgery.masked_experts`; ``keep=None``: the unpruned model), cached by
     :func:`cached_evaluation` under :func:`moe_utils.pruning.evaluation_key` of the mask, the
-    tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir) and
-    the model (``model_id``, default :func:`model_identity`)."""
-    from moe_utils.expert_surgery import masked_experts
+    tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
+    model (``model_id``, default :func:`model_identity`) and the source of the evaluation and
+    masking code (:func:`code_digest`)."""
+    from moe_utils import evaluation, expert_surgery
     from moe_utils.pruning import evaluation_key
 
     n_e = sum(layer.num_experts for layer in moe_layers(model))
     mask = np.ones(n_e, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
-    run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True}
+    run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True,
+                "code": code_digest(evaluation, expert_surgery)}
     model_id = dict(model_id) if model_id is not None else model_identity(model)
     key = evaluation_key(mask, run_spec, settings, model_id)
 
     def run():
-        with masked_experts(model, mask) if not mask.all() else contextlib.nullcontext():
+        with expert_surgery.masked_experts(model, mask) if not mask.all() else contextlib.nullcontext():
             return evaluate_documents(model, tokenizer, tasks, limit=limit, **settings)
 
     return cached_evaluation(cache_dir, key, {"run": run_spec, "settings": settings, "model": model_id,
@@ -353,14 +397,29 @@ def _arrays(docs: pd.DataFrame, category: str, metric: str) -> tuple[np.ndarray,
     return part["question_id"].to_numpy(), part["loglikelihood"].to_numpy(float), part[counts].to_numpy(float)
 
 
-def _metric(metric: str, values: tuple[np.ndarray, ...], idx: np.ndarray | None = None) -> float:
+def _paired(reference: pd.DataFrame, other: pd.DataFrame, category: str, metric: str, who: str):
+    """Per-question arrays of ``metric`` on ``category`` for two models, checked to be the same questions."""
+    qid, *ref = _arrays(reference, category, metric)
+    qid_other, *values = _arrays(other, category, metric)
+    if not np.array_equal(qid, qid_other):
+        raise ValueError(f"{who} was evaluated on other {category} questions than the unpruned model: use the same "
+                         "limit and data for both")
+    return tuple(ref), tuple(values)
+
+
+def _metric(metric: str, values: tuple[np.ndarray, ...], idx: np.ndarray | None = None):
+    """``metric`` of the questions ``idx`` (all if None); a 2-D ``idx`` gives one value per row."""
     if metric not in LOWER_IS_BETTER:
         raise ValueError(f"metric must be one of {sorted(LOWER_IS_BETTER)}, got {metric!r}")
     take = (lambda a: a) if idx is None else (lambda a: a[idx])
     if metric == "acc":
-        return float(take(values[0]).mean())
+        return take(values[0]).mean(axis=-1)
     ppl = stats.pooled_perplexity(take(values[0]), take(values[1]))
-    return float(np.log2(ppl)) if metric == "bits_per_byte" else ppl
+    return np.log2(ppl) if metric == "bits_per_byte" else ppl
+
+
+def _change(metric: str, new, orig, idx=None):
+    return stats.relative_change(_metric(metric, new, idx), _metric(metric, orig, idx))
 
 
 def category_scores(docs: pd.DataFrame, metric: str, categories: Sequence[str], *, confidence: float = 0.95,
@@ -370,12 +429,12 @@ def category_scores(docs: pd.DataFrame, metric: str, categories: Sequence[str], 
     rows = []
     for category in categories:
         qid, *values = _arrays(docs, category, metric)
-        value = _metric(metric, tuple(values))
+        value = float(_metric(metric, tuple(values)))
         if metric == "acc":
             low, high = stats.wilson_interval(values[0].sum(), len(qid), confidence)
         else:
-            ci = stats.bootstrap_interval(lambda idx: _metric(metric, tuple(values), idx[0]), len(qid),
-                                          n_boot=n_boot, confidence=confidence, random_state=random_state)
+            ci = stats.bootstrap_interval(lambda idx: _metric(metric, tuple(values), idx[0]), len(qid), n_boot=n_boot,
+                                          confidence=confidence, random_state=random_state, vectorized=True)
             low, high = ci.low, ci.high
         rows.append({"category": category, "value": value, "low": float(low), "high": float(high), "n": len(qid)})
     return pd.DataFrame(rows)
@@ -392,21 +451,13 @@ def relative_change_table(original: pd.DataFrame, pruned: Mapping[str, pd.DataFr
     """
     rows = []
     for category in categories:
-        qid, *orig = _arrays(original, category, metric)
         for target, docs in pruned.items():
-            qid_p, *new = _arrays(docs, category, metric)
-            if not np.array_equal(qid, qid_p):
-                raise ValueError(f"the pruned model for {target!r} was evaluated on other {category} questions than "
-                                 "the original: use the same limit and data for both")
-
-            def change(idx, new=new):
-                return stats.relative_change(_metric(metric, tuple(new), idx[0]), _metric(metric, tuple(orig), idx[0]))
-
-            ci = stats.bootstrap_interval(change, len(qid), n_boot=n_boot, confidence=confidence,
-                                          random_state=random_state)
-            rows.append({"target": target, "evaluated": category, "original": _metric(metric, tuple(orig)),
-                         "pruned": _metric(metric, tuple(new)), "change": ci.estimate, "low": ci.low,
-                         "high": ci.high, "n": len(qid)})
+            orig, new = _paired(original, docs, category, metric, f"the model pruned for {target!r}")
+            ci = stats.bootstrap_interval(lambda idx: _change(metric, new, orig, idx[0]), len(orig[0]), n_boot=n_boot,
+                                          confidence=confidence, random_state=random_state, vectorized=True)
+            rows.append({"target": target, "evaluated": category, "original": float(_metric(metric, orig)),
+                         "pruned": float(_metric(metric, new)), "change": ci.estimate, "low": ci.low,
+                         "high": ci.high, "n": len(orig[0])})
     return pd.DataFrame(rows)
 
 
@@ -427,20 +478,66 @@ def diagonal_summary(original: pd.DataFrame, pruned: Mapping[str, pd.DataFrame],
     if sorted(pruned) != sorted(order):
         raise ValueError(f"the diagonal needs one pruned model per domain: got {sorted(pruned)}, domains {order}")
     lower = LOWER_IS_BETTER[metric]
-    orig = [_arrays(original, c, metric)[1:] for c in order]
-    new = [[_arrays(pruned[t], c, metric)[1:] for c in order] for t in order]
+    pairs = [[_paired(original, pruned[t], c, metric, f"the model pruned for {t!r}") for c in order] for t in order]
 
-    def matrix(idx):
-        return np.array([[stats.relative_change(_metric(metric, new[i][j], idx[j]), _metric(metric, orig[j], idx[j]))
-                          for j in range(len(order))] for i in range(len(order))])
+    def matrices(idx):  # (..., k, k): rows = pruned for, columns = evaluated
+        return np.stack([np.stack([_change(metric, new, orig, idx[j]) for j, (orig, new) in enumerate(row)], axis=-1)
+                         for row in pairs], axis=-2)
 
-    sizes = [len(o[0]) for o in orig]
-    full = matrix([np.arange(s) for s in sizes])
-    test = stats.diagonal_permutation_test(full, lower_is_better=lower)
+    sizes = [len(orig[0]) for orig, _ in pairs[0]]
+    test = stats.diagonal_permutation_test(matrices([np.arange(s) for s in sizes]), lower_is_better=lower)
+
     def advantage(idx):  # NaN (dropped) for a draw where some original score is 0
-        m = matrix(idx)
-        return stats.diagonal_advantage(m, lower_is_better=lower) if np.isfinite(m).all() else np.nan
+        m = matrices(idx)
+        finite = np.isfinite(m).all(axis=(-2, -1))
+        return np.where(finite, stats.diagonal_advantage(np.nan_to_num(m), lower_is_better=lower), np.nan)
 
     interval = stats.bootstrap_interval(advantage, sizes, n_boot=n_boot, confidence=confidence,
-                                        random_state=random_state)
+                                        random_state=random_state, vectorized=True)
     return test, interval
+
+
+def versus_general(original: pd.DataFrame, pruned: Mapping[str, pd.DataFrame], general: pd.DataFrame, metric: str,
+                   order: Sequence[str], *, confidence: float = 0.95, n_boot: int = 1000,
+                   random_state=0) -> pd.DataFrame:
+    """Does fitting the pruning on a domain beat fitting it on all domains, for that domain?
+
+    For each domain d: the relative change of ``metric`` on d under the pruning fitted on d
+    (``pruned[d]``) and under the one fitted on all domains (``general``), and their difference,
+    signed so that positive means the domain-specific pruning is better, with a paired bootstrap
+    interval over d's questions. Columns: ``domain, specific, general, gain, low, high, n``.
+    """
+    sign = -1.0 if LOWER_IS_BETTER[metric] else 1.0
+    rows = []
+    for domain in order:
+        orig, own = _paired(original, pruned[domain], domain, metric, f"the model pruned for {domain!r}")
+        _, gen = _paired(original, general, domain, metric, "the generally pruned model")
+        ci = stats.bootstrap_interval(
+            lambda idx: sign * (_change(metric, own, orig, idx[0]) - _change(metric, gen, orig, idx[0])),
+            len(orig[0]), n_boot=n_boot, confidence=confidence, random_state=random_state, vectorized=True)
+        rows.append({"domain": domain, "specific": float(_change(metric, own, orig)),
+                     "general": float(_change(metric, gen, orig)), "gain": ci.estimate, "low": ci.low,
+                     "high": ci.high, "n": len(orig[0])})
+    return pd.DataFrame(rows)
+
+
+def breaking_order(breakdown: pd.DataFrame) -> pd.DataFrame:
+    """Damage per ratio (rows) and category (columns) from :func:`category_breakdown`: the relative
+    change signed so that positive is worse (perplexity up, accuracy down), averaged over methods;
+    the largest entry of a row is the category that breaks first at that ratio."""
+    sign = breakdown["metric"].map(lambda m: 1.0 if LOWER_IS_BETTER.get(m, m in PPL_METRICS) else -1.0)
+    damage = breakdown.assign(damage=breakdown["change"] * sign)
+    return damage.groupby(["ratio", "category"])["damage"].mean().unstack().sort_index()
+
+
+def caep_versus_best_baseline(results: pd.DataFrame, ratio: float, *,
+                              task_prefix: str | None = None) -> dict[str, Any] | None:
+    """Stage 4's CAEP against its best calibration baseline at ``ratio`` (scores of
+    :func:`rank_methods`: mean relative change, larger is better): ``{"caep", "baseline",
+    "baseline_score", "n_tasks"}``, or None when stage 4 lacks CAEP or every baseline there."""
+    ranking = rank_methods(results, ratio, task_prefix=task_prefix).set_index("method")
+    baselines = ranking[ranking.index.isin(BASELINES)]
+    if "caep" not in ranking.index or baselines.empty:
+        return None
+    return {"caep": float(ranking.loc["caep", "score"]), "baseline": str(baselines.index[0]),
+            "baseline_score": float(baselines["score"].iloc[0]), "n_tasks": int(ranking.loc["caep", "n_tasks"])}

@@ -24,6 +24,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,8 @@ def wilson_interval(successes, n, confidence: float = 0.95) -> tuple[np.ndarray,
         p = k / n
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    low, high = np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0, 1))  # exact ends: rounding must not exclude 0 or 1
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0, 1))
     return np.where(n > 0, low, np.nan), np.where(n > 0, high, np.nan)
 
 
@@ -68,8 +70,9 @@ class Interval:
         return f"{self.estimate:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
-def bootstrap_interval(statistic: Callable[[list[np.ndarray]], float], sizes: Sequence[int] | int, *,
-                       n_boot: int = 1000, confidence: float = 0.95, random_state=None) -> Interval:
+def bootstrap_interval(statistic: Callable[[list[np.ndarray]], Any], sizes: Sequence[int] | int, *,
+                       n_boot: int = 1000, confidence: float = 0.95, random_state=None,
+                       vectorized: bool = False) -> Interval:
     """Percentile bootstrap interval of ``statistic`` over documents resampled within groups.
 
     Args:
@@ -82,6 +85,8 @@ def bootstrap_interval(statistic: Callable[[list[np.ndarray]], float], sizes: Se
         n_boot: bootstrap replicates.
         confidence: coverage of the two-sided percentile interval.
         random_state: seed or ``numpy.random.Generator``.
+        vectorized: ``statistic`` takes index arrays of shape (replicates, group size), one row per
+            replicate, and returns one value per row; all replicates are then drawn at once.
     """
     _check_confidence(confidence)
     sizes = [int(sizes)] if np.isscalar(sizes) else [int(s) for s in sizes]
@@ -90,9 +95,13 @@ def bootstrap_interval(statistic: Callable[[list[np.ndarray]], float], sizes: Se
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     rng = np.random.default_rng(random_state)
-    estimate = float(statistic([np.arange(s) for s in sizes]))
-    replicates = np.array([statistic([rng.integers(0, s, size=s) for s in sizes]) for _ in range(n_boot)],
-                          dtype=float)
+    if vectorized:
+        estimate = float(np.asarray(statistic([np.arange(s)[None, :] for s in sizes])).reshape(-1)[0])
+        replicates = np.asarray(statistic([rng.integers(0, s, size=(n_boot, s)) for s in sizes]), dtype=float)
+    else:
+        estimate = float(statistic([np.arange(s) for s in sizes]))
+        replicates = np.array([statistic([rng.integers(0, s, size=s) for s in sizes]) for _ in range(n_boot)],
+                              dtype=float)
     replicates = replicates[np.isfinite(replicates)]
     if replicates.size == 0:
         return Interval(estimate, math.nan, math.nan, confidence)
@@ -101,17 +110,19 @@ def bootstrap_interval(statistic: Callable[[list[np.ndarray]], float], sizes: Se
     return Interval(estimate, float(low), float(high), confidence)
 
 
-def pooled_perplexity(loglikelihoods, counts) -> float:
+def pooled_perplexity(loglikelihoods, counts):
     """``exp(-sum(loglikelihood) / sum(count))``: the perplexity of a set of documents per unit
-    counted (bytes: lm-eval's ``byte_perplexity``; words: ``word_perplexity``)."""
+    counted (bytes: lm-eval's ``byte_perplexity``; words: ``word_perplexity``). Sums run over the
+    last axis: a 2-D input gives one perplexity per row (e.g. per bootstrap replicate)."""
     ll = np.asarray(loglikelihoods, dtype=float)
     c = np.asarray(counts, dtype=float)
     if ll.shape != c.shape:
         raise ValueError(f"loglikelihoods {ll.shape} and counts {c.shape} must have the same shape")
-    total = c.sum()
-    if total <= 0:
+    total = c.sum(axis=-1)
+    if np.any(total <= 0):
         raise ValueError("the documents count no units (sum of counts <= 0): no perplexity")
-    return float(np.exp(-ll.sum() / total))
+    out = np.exp(-ll.sum(axis=-1) / total)
+    return float(out) if out.ndim == 0 else out
 
 
 def relative_change(new, old):
@@ -153,13 +164,17 @@ class DiagonalTest:
     lower_is_better: bool
 
 
-def diagonal_advantage(matrix, *, lower_is_better: bool) -> float:
+def diagonal_advantage(matrix, *, lower_is_better: bool):
     """Mean diagonal minus the mean over all permutations (trace / k - total / k^2), positive when
-    the diagonal is better; 0 for any matrix of additive row + column effects."""
-    m = _square(matrix)
-    k = m.shape[0]
-    value = np.trace(m) / k - m.sum() / k**2
-    return float(-value if lower_is_better else value)
+    the diagonal is better; 0 for any matrix of additive row + column effects. A stack of matrices
+    (..., k, k) gives one value per matrix."""
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"expected square (domains x domains) matrices, got shape {m.shape}")
+    k = m.shape[-1]
+    value = np.trace(m, axis1=-2, axis2=-1) / k - m.sum(axis=(-2, -1)) / k**2
+    value = -value if lower_is_better else value
+    return float(value) if np.ndim(value) == 0 else value
 
 
 def diagonal_permutation_test(matrix, *, lower_is_better: bool, n_permutations: int | None = None,

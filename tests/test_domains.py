@@ -324,3 +324,51 @@ def test_diagonal_summary_finds_a_planted_diagonal():
     assert test.p_value > 0.5 and interval.high < 0
     with pytest.raises(ValueError, match="one pruned model per domain"):
         domains.diagonal_summary(original, {"math": pruned["math"]}, "byte_perplexity", cats)
+
+
+def test_versus_general_by_hand():
+    ln2 = np.log(2)
+    original = _docs({"math": [-10 * ln2] * 3, "law": [-10 * ln2] * 3})  # byte ppl 2 everywhere
+    specific = {"math": _docs({"math": [-11 * ln2] * 3, "law": [-15 * ln2] * 3}),   # math: 2 -> 2^1.1
+                "law": _docs({"math": [-15 * ln2] * 3, "law": [-12 * ln2] * 3})}    # law: 2 -> 2^1.2
+    general = _docs({"math": [-12 * ln2] * 3, "law": [-11 * ln2] * 3})              # 2^1.2 and 2^1.1
+    out = domains.versus_general(original, specific, general, "byte_perplexity", ["math", "law"], n_boot=20).set_index("domain")
+    assert out.loc["math", "specific"] == pytest.approx(2 ** 0.1 - 1)
+    assert out.loc["math", "gain"] == pytest.approx(2 ** 0.2 - 2 ** 0.1)  # specific is better on math
+    assert out.loc["law", "gain"] == pytest.approx(2 ** 0.1 - 2 ** 0.2)   # and worse on law
+    assert out.loc["law", "low"] == pytest.approx(out.loc["law", "gain"]) and out.loc["law", "n"] == 3
+
+
+def test_breaking_order_and_caep_versus_baselines():
+    results = _stage4_results()
+    order = domains.breaking_order(domains.category_breakdown(results))
+    assert list(order.index) == [0.25, 0.5] and set(order.columns) == {"math", "law"}
+    # law's rows carry an extra +5% for every method: it breaks first at both ratios
+    assert (order.idxmax(axis=1) == "law").all()
+    assert order.loc[0.5, "math"] == pytest.approx(np.mean([0.3, 0.1, 0.0, -0.5]))
+    versus = domains.caep_versus_best_baseline(results, 0.5, task_prefix="mmlu_pro_ppl")
+    assert versus["baseline"] == "reap" and versus["caep"] == pytest.approx(-0.025)
+    assert versus["baseline_score"] == pytest.approx(-0.125) and versus["n_tasks"] == 2
+    assert domains.caep_versus_best_baseline(results, 0.75) is None
+
+
+def test_cached_masks_round_trip(tmp_path):
+    from moe_utils.pruning import PruningMask
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {("caep", "math"): PruningMask("caep", 0.5, np.array([1, 0, 1, 0], bool), note="guard: nothing"),
+                ("reap", "law"): PruningMask("reap", 0.5, np.array([0, 1, 1, 0], bool))}
+
+    first, hit = domains.cached_masks(tmp_path, {"ratio": 0.5}, compute)
+    again, hit2 = domains.cached_masks(tmp_path, {"ratio": 0.5}, compute)
+    assert (hit, hit2, len(calls)) == (False, True, 1)
+    assert list(again) == list(first) and again[("caep", "math")].note == "guard: nothing"
+    np.testing.assert_array_equal(again[("reap", "law")].keep, first[("reap", "law")].keep)
+    domains.cached_masks(tmp_path, {"ratio": 0.25}, compute)
+    assert len(calls) == 2
+    import moe_utils.stats as module
+
+    assert domains.code_digest(module) != domains.code_digest(domains)

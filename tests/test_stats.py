@@ -31,6 +31,8 @@ def test_wilson_closed_form_and_vectorised():
     low, high = stats.wilson_interval(np.array([5, 0]), np.array([10, 0]))
     assert low[0] == pytest.approx(0.5 - half) and high[0] == pytest.approx(0.5 + half)
     assert np.isnan(low[1]) and np.isnan(high[1])
+    low, high = stats.wilson_interval(np.array([0, 7]), np.array([7, 7]))
+    assert low[0] == 0.0 and high[1] == 1.0  # exactly: an interval must contain the observed proportion
     with pytest.raises(ValueError, match="successes"):
         stats.wilson_interval(11, 10)
     with pytest.raises(ValueError, match="confidence"):
@@ -169,3 +171,21 @@ def test_seed_spread():
     assert np.isnan(out.loc["caep", "std"])
     with pytest.raises(ValueError, match="not in the frame"):
         stats.seed_spread(frame, "acc", "method")
+
+
+def test_vectorized_bootstrap_and_batched_helpers():
+    rng = np.random.default_rng(5)
+    ll, counts = -rng.uniform(10, 300, size=60), rng.integers(5, 120, size=60).astype(float)
+    loop = stats.bootstrap_interval(lambda idx: stats.pooled_perplexity(ll[idx[0]], counts[idx[0]]), 60,
+                                    n_boot=3000, random_state=0)
+    vec = stats.bootstrap_interval(lambda idx: stats.pooled_perplexity(ll[idx[0]], counts[idx[0]]), 60,
+                                   n_boot=3000, random_state=0, vectorized=True)
+    assert vec.estimate == pytest.approx(stats.pooled_perplexity(ll, counts)) == loop.estimate
+    width = loop.high - loop.low
+    assert vec.low == pytest.approx(loop.low, abs=0.1 * width) and vec.high == pytest.approx(loop.high, abs=0.1 * width)
+    batch = stats.pooled_perplexity(np.stack([ll, ll * 2]), np.stack([counts, counts]))
+    assert batch.shape == (2,) and batch[1] == pytest.approx(stats.pooled_perplexity(ll, counts) ** 2)
+    mats = rng.normal(size=(4, 3, 3))
+    stacked = stats.diagonal_advantage(mats, lower_is_better=True)
+    assert stacked.shape == (4,)
+    assert stacked[2] == pytest.approx(stats.diagonal_advantage(mats[2], lower_is_better=True))
