@@ -324,3 +324,122 @@ def token_class_heatmap(classes: pd.DataFrame, base: pd.Series, atoms, *, labels
     fig.colorbar(image, ax=ax, label="log2 lift over the base rate (clipped to ±3)", shrink=0.6)
     ax.set_title(title)
     return fig
+
+
+# ---------------------------------------------------------------- MMLU-Pro results (stage 5)
+def _cell_text(ax, image, values: np.ndarray, fmt: str) -> None:
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            r, g, b, _ = image.cmap(image.norm(v))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="w" if dark else "k")
+
+
+def domain_change_heatmaps(matrices: dict, *, label: str, lower_is_better: bool, subtitles: dict | None = None,
+                           title: str = "Pruned for one domain, evaluated on every domain") -> Figure:
+    """The paper's Fig 9: one heatmap per pruning method of the relative change (in %) of a metric,
+    rows = the domain the pruning was fitted on, columns = the domain evaluated; red is worse
+    (perplexity up or accuracy down) on one colour scale shared by the panels, the diagonal boxed."""
+    names = list(matrices)
+    values = {n: matrices[n].to_numpy(dtype=float) * 100 for n in names}
+    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    k = max(m.shape[0] for m in matrices.values())
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + (1.0 + 0.75 * k) * len(names), 1.6 + 0.7 * k),
+                             squeeze=False)
+    cmap = "RdBu_r" if lower_is_better else "RdBu"
+    for ax, name in zip(axes[0], names):
+        frame = matrices[name]
+        image = ax.imshow(values[name], cmap=cmap, vmin=-bound, vmax=bound)
+        _cell_text(ax, image, values[name], "{:+.1f}")
+        for i in range(min(frame.shape)):
+            ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=1.6, color="k"))
+        ax.set_xticks(range(frame.shape[1]), frame.columns, rotation=35, ha="right")
+        ax.set_yticks(range(frame.shape[0]), frame.index)
+        ax.set_xlabel("evaluated on")
+        ax.set_ylabel("pruned for")
+        ax.set_title(name + (f"\n{subtitles[name]}" if subtitles and name in subtitles else ""), fontsize=9)
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label=f"{label}: change from unpruned (%)")
+    fig.suptitle(title)
+    return fig
+
+
+def domain_mask_overlap(jaccard: pd.DataFrame, kept: pd.DataFrame, *,
+                        title: str = "Do domains keep different experts?") -> Figure:
+    """Left: Jaccard similarity of the experts pruned for each pair of domains (1 = the same experts);
+    right: experts kept per MoE layer for each domain (rows: domains, columns: layers)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.8 + 0.55 * len(jaccard)),
+                             gridspec_kw={"width_ratios": [1, max(1.0, kept.shape[1] / len(jaccard))]})
+    image = axes[0].imshow(jaccard.to_numpy(), cmap="viridis", vmin=0, vmax=1)
+    _cell_text(axes[0], image, jaccard.to_numpy(), "{:.2f}")
+    axes[0].set_xticks(range(len(jaccard)), jaccard.columns, rotation=35, ha="right")
+    axes[0].set_yticks(range(len(jaccard)), jaccard.index)
+    axes[0].set_title("Jaccard similarity of the pruned experts")
+    fig.colorbar(image, ax=axes[0], shrink=0.8)
+    image = axes[1].imshow(kept.to_numpy(), cmap="magma", aspect="auto", vmin=0)
+    _cell_text(axes[1], image, kept.to_numpy().astype(float), "{:.0f}")
+    axes[1].set_xticks(range(kept.shape[1]), kept.columns)
+    axes[1].set_yticks(range(len(kept)), kept.index)
+    axes[1].set_xlabel("MoE layer")
+    axes[1].set_title("Experts kept per layer")
+    fig.suptitle(title)
+    return fig
+
+
+def accuracy_intervals(scores: pd.DataFrame, *, chance: float | None = None,
+                       title: str = "Multiple-choice accuracy per category") -> Figure:
+    """Accuracies (``value``) with their intervals (``low``, ``high``) per ``category`` (x) and
+    ``model`` (one marker colour each); the dashed line is uniform guessing."""
+    models = list(dict.fromkeys(scores["model"]))
+    categories = list(dict.fromkeys(scores["category"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(categories) + 2), 3.8))
+    width = 0.8 / max(1, len(models))
+    for m, name in enumerate(models):
+        part = scores[scores["model"] == name].set_index("category").reindex(categories)
+        x = np.arange(len(categories)) - 0.4 + width * (m + 0.5)
+        ax.errorbar(x, part["value"] * 100, yerr=[(part["value"] - part["low"]) * 100, (part["high"] - part["value"]) * 100],
+                    fmt="o", ms=4, capsize=2, color=f"C{m}", label=name)
+    if chance is not None:
+        ax.axhline(chance * 100, ls="--", color="grey", lw=1, label="chance")
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, ncols=2)
+    ax.set_title(title)
+    return fig
+
+
+def category_breakdown_curves(breakdown: pd.DataFrame, *, label: str, ncols: int = 4,
+                              title: str = "Which categories break first?") -> Figure:
+    """Stage 4's pruning, per method (panel): relative change (%) of ``label`` per MMLU-Pro category
+    (line) against the share of experts pruned; the band spans the seeds of random masks."""
+    methods = list(dict.fromkeys(breakdown["method"]))
+    categories = list(dict.fromkeys(breakdown["category"]))
+    if not methods:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.text(0.5, 0.5, "no pruning results to show", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    ncols = min(ncols, len(methods))
+    nrows = int(np.ceil(len(methods) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, method in zip(axes.ravel(), methods):
+        part = breakdown[breakdown["method"] == method]
+        for c, category in enumerate(categories):
+            rows = part[part["category"] == category].sort_values("ratio")
+            ax.plot(rows["ratio"] * 100, rows["change"] * 100, marker="o", ms=3, color=f"C{c}", label=category)
+            if (rows["n_seeds"] > 1).any():
+                ax.fill_between(rows["ratio"] * 100, rows["change_min"] * 100, rows["change_max"] * 100,
+                                color=f"C{c}", alpha=0.15, lw=0)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(method, fontsize=9)
+    for ax in axes.ravel()[len(methods):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("experts pruned (%)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{label} change (%)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
