@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import platform
 import pstats
 import random
 import statistics
@@ -49,6 +48,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench._common import finish_machine_info, machine_info  # noqa: E402
 from moe_utils.data import MMLU_PRO_ENV, PAPER_CATEGORIES, load_prompts  # noqa: E402
 from moe_utils.models import load_model, model_summary  # noqa: E402
 from moe_utils.routing import _forward_kwargs, capture_routing  # noqa: E402
@@ -389,28 +389,6 @@ def bench_model(name: str, texts, labels, args) -> dict:
     return result
 
 
-def machine_info() -> dict:
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = list(os.getloadavg())
-    return info
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/capture.py",
@@ -518,8 +496,7 @@ def main(argv=None) -> int:
     for name in args.models:
         torch.manual_seed(args.seed)
         results.append(bench_model(name, texts, labels, args))
-    if hasattr(os, "getloadavg"):
-        machine["loadavg_at_end"] = list(os.getloadavg())
+    finish_machine_info(machine)
 
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
     report = {

@@ -38,8 +38,6 @@ import argparse
 import datetime as _dt
 import json
 import logging
-import os
-import platform
 import sys
 import time
 import warnings
@@ -53,6 +51,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 
+from bench._common import finish_machine_info, machine_info  # noqa: E402
 from moe_utils.hsdl import HSDL  # noqa: E402
 from moe_utils.store import atomic_write_json, package_versions  # noqa: E402
 
@@ -289,7 +288,7 @@ def main(argv=None) -> int:
         args.hsdl_short_steps, args.sklearn_max_iter, args.mbdl_epochs = 100, 50, 1
         args.synthetic_max_iter, args.synthetic_mbdl_epochs = 50, 1
     out = args.out or (DEFAULT_OUT.with_name("hsdl-quick.json") if args.quick else DEFAULT_OUT)
-    load0 = os.getloadavg()
+    machine = machine_info()
     cases, skipped = [], []
     if "store" in args.cases:
         path = args.store or (QUICK_STORE if args.quick else DEFAULT_STORE)
@@ -312,9 +311,7 @@ def main(argv=None) -> int:
                               mbdl_epochs=args.synthetic_mbdl_epochs, planted=(prototypes, popularity)))
     report = {
         "schema": SCHEMA, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "load_average_start": load0, "load_average_end": os.getloadavg(),
+        "machine": {**finish_machine_info(machine),
                     "versions": package_versions(("torch", "numpy", "scipy", "scikit-learn"))},
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "target": "at equal or better L1 reconstruction and sparsity, no slower than scikit-learn's fastest; "

@@ -64,6 +64,7 @@ PER_LAYER_KEY = "moe_experts_per_layer"
 MODEL_TYPE_KEY = "moe_pruned_model_type"
 PER_LAYER_MARKER = "{} with per-layer expert counts: load it with moe_utils.expert_surgery.load_pruned"
 
+
 class PruningError(ValueError):
     """A keep-mask that cannot be applied to this model (the message says why and what to do)."""
 
@@ -264,7 +265,7 @@ def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
             if len(indices) == layer.num_experts:
                 continue  # nothing pruned in this layer: its router stays as it is
             _warn_regrouped(layer, indices)
-            index = torch.as_tensor(indices, device=layer.router.weight.device)
+            index = torch.as_tensor(indices, device=next(layer.router.parameters()).device)
             router = layer.router
             patched.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
             router.forward = _masked_forward(_pruned_router(layer, index), index, layer.num_experts,
@@ -301,7 +302,7 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
     for layer, indices in zip(layers, kept):
         if len(indices) == layer.num_experts:
             continue
-        index = torch.as_tensor(indices, device=layer.router.weight.device)
+        index = torch.as_tensor(indices, device=next(layer.router.parameters()).device)
         _slice_module(layer.router, index, layer.num_experts, COUNT_ATTRS)
         if isinstance(layer.experts, nn.ModuleList):  # one module per expert (remote-code DeepSeek-MoE)
             layer.experts = nn.ModuleList(layer.experts[i] for i in indices.tolist())

@@ -323,6 +323,37 @@ def capture_benchmark_section(path: Path) -> list[str]:
     return lines
 
 
+def pruning_benchmark_section(path: Path) -> list[str]:
+    """Markdown lines summarising ``bench/pruning.py``'s JSON, if it has been run and committed."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    lines = ["", "## Benchmark: expert removal", "",
+             f"From `{result['command']}` on {result['created'][:10]} ({result['machine']['cpu_count']} CPUs, "
+             f"torch {result['machine']['torch']}): models with experts removed by "
+             "`moe_utils.expert_surgery.remove_experts` against the original, in the same run. Ratios are "
+             "pruned / original: parameters, `save_pretrained` bytes on disk, resident memory of a fresh "
+             "process after loading and at its peak while running one batch, and tokens/s of a full forward "
+             f"pass (medians of {result['parameters']['repeats']} interleaved rounds; per second of process CPU "
+             "time when one thread runs on a CPU, which leaves out other jobs' time on a shared machine). "
+             "Targets: parameters fall by exactly the removed experts' weights, tokens/s no lower than the "
+             f"original's (within {result['parameters']['speed_tolerance']:.0%} for timing noise), removed "
+             "model equal to the masked one.", "",
+             "| model | experts removed | parameters | exact | checkpoint | memory loaded | memory peak "
+             "| tokens/s | speed ratio | targets met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in result["models"]:
+        lines.append(f"| `{model['model']}` ({model['original']['n_params']:,} parameters) | none | 1 | | 1 | 1 | "
+                     f"1 | {model['original']['tokens_per_s_on_basis']:.0f} | 1 | |")
+        for row in model["pruned"]:
+            lines.append(
+                f"| | {row['label']} | {row['param_ratio']:.3f} | {'yes' if row['params_exact'] else 'no'} | "
+                f"{row['checkpoint_ratio']:.3f} | {row['loaded_memory_ratio']:.3f} | "
+                f"{row['peak_memory_ratio']:.3f} | {row['tokens_per_s_on_basis']:.0f} | {row['speed_ratio']:.3f} | "
+                f"{'yes' if row['meets_targets'] else 'no'} |")
+    return lines
+
+
 def about_section(about: dict | None) -> list[str]:
     """Markdown lines showing the profile's ``about`` block (nothing if it has none)."""
     if not about:
@@ -363,6 +394,7 @@ def write_status_page(status: dict, path: Path) -> None:
     lines += ["## Package versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in status["versions"].items()]
     lines += capture_benchmark_section(BENCH_RESULTS / "capture.json")
+    lines += pruning_benchmark_section(BENCH_RESULTS / "pruning.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 

@@ -249,3 +249,13 @@ def test_remote_code_deepseek_moe_layout(tmp_path):
     assert experts_per_layer(removed) == [3, 4]
     assert removed.config.moe_experts_per_layer == [3, 4]
     assert (logits(removed, tok) - masked).abs().max() <= TOL
+
+
+def test_regrouping_of_group_routed_layers_is_announced(random_models, caplog):
+    model, _ = random_models["deepseek_v3"]
+    with caplog.at_level("WARNING", logger="moe_utils.expert_surgery"), masked_experts(model, even_keep(model)):
+        pass
+    assert not caplog.records  # two kept per original group: the groups stay
+    with caplog.at_level("WARNING", logger="moe_utils.expert_surgery"), masked_experts(model, uneven_keep(model)):
+        pass
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["MoE layer 1"]
