@@ -479,6 +479,10 @@ def diagonal_summary(original: pd.DataFrame, pruned: Mapping[str, pd.DataFrame],
         raise ValueError(f"the diagonal needs one pruned model per domain: got {sorted(pruned)}, domains {order}")
     lower = LOWER_IS_BETTER[metric]
     pairs = [[_paired(original, pruned[t], c, metric, f"the model pruned for {t!r}") for c in order] for t in order]
+    zero = [c for c, (orig, _) in zip(order, pairs[0]) if _metric(metric, orig) == 0]
+    if zero:
+        raise ValueError(f"the unpruned model's {metric} is 0 on {zero}: no relative change exists; evaluate more "
+                         "questions, or use a perplexity (domain_metric = 'byte_perplexity')")
 
     def matrices(idx):  # (..., k, k): rows = pruned for, columns = evaluated
         return np.stack([np.stack([_change(metric, new, orig, idx[j]) for j, (orig, new) in enumerate(row)], axis=-1)

@@ -372,3 +372,30 @@ def test_cached_masks_round_trip(tmp_path):
     import moe_utils.stats as module
 
     assert domains.code_digest(module) != domains.code_digest(domains)
+
+
+def _mc_docs(correct_by_category: dict[str, list[int]]) -> pd.DataFrame:
+    rows = [{"kind": "mc", "category": c, "doc_id": i, "question_id": 1000 * k + i, "loglikelihood": np.nan,
+             "n_bytes": np.nan, "n_words": np.nan, "correct": float(v)}
+            for k, (c, values) in enumerate(correct_by_category.items()) for i, v in enumerate(values)]
+    return pd.DataFrame(rows, columns=list(domains.DOC_COLUMNS))
+
+
+def test_accuracy_matrix_and_its_diagonal():
+    rng = np.random.default_rng(1)
+    cats = ["math", "law", "physics"]
+    truth = {c: (rng.random(60) < 0.6).astype(int) for c in cats}
+    original = _mc_docs({c: list(v) for c, v in truth.items()})
+    # pruning for `target` keeps its own answers, loses a third of the correct answers elsewhere
+    pruned = {t: _mc_docs({c: [v if (c == t or i % 3) else 0 for i, v in enumerate(truth[c])] for c in cats})
+              for t in cats}
+    table = domains.relative_change_table(original, pruned, "acc", cats, n_boot=100)
+    own = table[table["target"] == table["evaluated"]]
+    assert np.allclose(own["change"], 0) and (table.loc[table["target"] != table["evaluated"], "change"] < 0).all()
+    test, interval = domains.diagonal_summary(original, pruned, "acc", cats, n_boot=100)
+    assert test.p_value == pytest.approx(1 / 6) and test.n_best_columns == 3 and interval.low > 0
+    scores = domains.category_scores(original, "acc", ["law"])
+    assert scores["value"].item() == pytest.approx(truth["law"].mean()) and scores["n"].item() == 60
+    hopeless = _mc_docs({c: [0] * 5 for c in cats})
+    with pytest.raises(ValueError, match="accuracy|acc is 0"):
+        domains.diagonal_summary(hopeless, {t: hopeless for t in cats}, "acc", cats)
