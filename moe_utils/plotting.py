@@ -326,6 +326,65 @@ def token_class_heatmap(classes: pd.DataFrame, base: pd.Series, atoms, *, labels
     return fig
 
 
+# --------------------------------------------------------------------------- pruning (stage 4)
+def pruning_curves(summary: pd.DataFrame, *, tasks=None, ncols: int = 4,
+                   title: str = "Score against the share of experts pruned") -> Figure:
+    """The paper's Fig 8: one panel per task, its primary metric against the pruning ratio, one line
+    per method from the unpruned score at 0%; methods with several seeds (random) as their mean
+    with a band of ± one standard deviation. ``summary`` is :func:`moe_utils.pruning.score_summary`."""
+    tasks = list(dict.fromkeys(summary["task"])) if tasks is None else list(tasks)
+    methods = [m for m in dict.fromkeys(summary["method"]) if m != "unpruned"]
+    nrows = max(1, -(-len(tasks) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 0.8 + 2.6 * nrows), squeeze=False)
+    for ax, task in zip(axes.ravel(), tasks):
+        rows = summary[summary["task"] == task]
+        base = rows[rows["method"] == "unpruned"]
+        for i, method in enumerate(methods):
+            part = pd.concat([base, rows[rows["method"] == method]]).sort_values("ratio")
+            x, y, s = part["ratio"].to_numpy() * 100, part["mean"].to_numpy(), part["std"].to_numpy()
+            style = dict(color="grey", ls="--") if method == "random" else dict(color=f"C{i}")
+            ax.plot(x, y, marker="o", ms=3, lw=1.2, label=method, **style)
+            if (part["n_seeds"] > 1).any():
+                ax.fill_between(x, y - s, y + s, color=style["color"], alpha=0.2, lw=0)
+        metric = rows["metric"].iloc[0]
+        better = "higher" if metric.startswith("acc") else "lower"
+        ax.set_title(f"{task}\n{metric} ({better} is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if "perplexity" in metric:
+            ax.set_yscale("log")
+    for ax in axes.ravel()[len(tasks):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("% of routed experts pruned", fontsize=8)
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 8), fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def pruning_mask_maps(masks, layout: tuple[int, int], *, ncols: int = 5,
+                      title: str = "Which experts each method keeps") -> Figure:
+    """Keep-masks (``moe_utils.pruning.PruningMask``) as (layer x expert) maps: dark = kept."""
+    n_layers, n_experts = layout
+    masks = list(masks)
+    nrows = max(1, -(-len(masks) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 0.6 + (0.8 + 0.16 * n_layers) * nrows),
+                             squeeze=False)
+    for ax, mask in zip(axes.ravel(), masks):
+        ax.imshow(mask.keep.reshape(n_layers, n_experts), aspect="auto", cmap="Greys", vmin=0, vmax=1.3,
+                  interpolation="nearest")
+        ax.set_title(f"{mask.label}: {mask.pruned_share:.0%} pruned", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks(range(0, n_layers, max(1, n_layers // 4)))
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(masks):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("layer", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 # ---------------------------------------------------------------- MMLU-Pro results (stage 5)
 def _cell_text(ax, image, values: np.ndarray, fmt: str) -> None:
     for (i, j), v in np.ndenumerate(values):

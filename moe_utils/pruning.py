@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 METHODS = ("caep", "caep_layer", "frequency", "router_weight", "ean", "reap", "output", "random")
 #: Per-expert statistics of a calibration pass (see :class:`ExpertStats`).
 SCORES = ("frequency", "router_weight", "ean", "reap")
+_SUMS = ("counts", "weight_sum", "norm_sum", "weighted_norm_sum")
 #: Environment variable naming a local MMLU directory (``test/<subject>_test.csv`` ...).
 MMLU_ENV = "MOE_MMLU_DIR"
 FORMAT = "moe-pruning/1"
@@ -445,22 +446,50 @@ class ExpertStats:
         return frame
 
 
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_path(cache_dir: str | os.PathLike | None, name: str) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir) / name
+
+
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 2048,
-              keep_hidden: int = 0, progress: bool = True) -> ExpertStats:
+              keep_hidden: int = 0, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ExpertStats:
     """One pass of ``model`` over ``texts``, collecting :class:`ExpertStats` for every routed expert.
 
     A forward pre-hook on each layer's experts module reads exactly what the MoE block hands its
     experts: the block's input hidden states and the router's chosen indices and weights. For the
     real (non-padding) tokens, every (token, chosen expert) pair's output f_e(x) is computed with
     :func:`expert_outputs`. ``keep_hidden`` > 0 also keeps the first that many real tokens' block
-    inputs per layer, for :func:`output_removal_order`. Hooks are always removed.
+    inputs per layer, for :func:`output_removal_order`. Hooks are always removed. With
+    ``cache_dir``, the result is stored there under a digest of the model (:func:`model_identity`),
+    the texts and the settings, and read back instead of recomputed.
     """
     if not texts:
         raise ValueError("no calibration texts")
+    key = _digest({"model": model_identity(model), "texts": _digest(list(texts)), "batch_size": batch_size,
+                   "max_length": max_length, "keep_hidden": keep_hidden})
+    path = _cache_path(cache_dir, f"calibration-{key}.npz")
+    if path is not None and path.is_file():
+        with np.load(path) as cached:
+            return ExpertStats(int(cached["n_tokens"]), *(cached[name] for name in _SUMS),
+                               hidden=[torch.from_numpy(cached[f"hidden_{i}"]) for i in range(len(cached["counts"]))])
+    stats = _calibration_pass(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                              keep_hidden=keep_hidden, progress=progress)
+    if path is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, n_tokens=stats.n_tokens, **{name: getattr(stats, name) for name in _SUMS},
+                 **{f"hidden_{i}": h.float().numpy() for i, h in enumerate(stats.hidden)})
+        atomic_write_bytes(path, buffer.getvalue())
+    return stats
+
+
+def _calibration_pass(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int,
+                      keep_hidden: int, progress: bool) -> ExpertStats:
     layers = moe_layers(model)
     n_experts = max(layer.num_experts for layer in layers)
-    sums = {name: torch.zeros(len(layers), n_experts, dtype=torch.float64)
-            for name in ("counts", "weight_sum", "norm_sum", "weighted_norm_sum")}
+    sums = {name: torch.zeros(len(layers), n_experts, dtype=torch.float64) for name in _SUMS}
     hidden: list[list[torch.Tensor]] = [[] for _ in layers]
     kept = [0] * len(layers)
     real: dict[str, torch.Tensor] = {}
@@ -514,7 +543,7 @@ def _block_output(block: nn.Module, states: torch.Tensor) -> torch.Tensor:
 
 
 def output_removal_order(model: nn.Module, hidden: Sequence[torch.Tensor], n_remove: Sequence[int], *,
-                         progress: bool = True) -> list[list[int]]:
+                         cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[list[int]]:
     """Per MoE layer, the order in which a greedy search removes ``n_remove[layer]`` experts.
 
     The NAEE / GEM family of output-based pruning: at each step, remove the remaining expert whose
@@ -522,13 +551,27 @@ def output_removal_order(model: nn.Module, hidden: Sequence[torch.Tensor], n_rem
     block's inputs, see :func:`calibrate`), measured as ||y' - y||^2 / ||y||^2 against the
     unpruned output y. The pruned block re-routes every token among the remaining experts with
     :func:`moe_utils.expert_surgery.masked_experts` (the architecture's own routing rule); ties go
-    to the lowest index. The orders are nested, so one search serves every ratio.
+    to the lowest index. The orders are nested, so one search serves every ratio. With
+    ``cache_dir``, the orders are stored under a digest of the model, the tokens and the counts.
     """
-    from moe_utils.expert_surgery import PruningError, masked_experts
-
     layers = moe_layers(model)
     if len(hidden) != len(layers) or len(n_remove) != len(layers):
         raise ValueError(f"need calibration tokens and a count for each of the {len(layers)} MoE layers")
+    key = _digest({"model": model_identity(model), "n_remove": [int(n) for n in n_remove],
+                   "hidden": [hashlib.sha256(h.float().numpy().tobytes()).hexdigest() for h in hidden]})
+    path = _cache_path(cache_dir, f"output-{key}.json")
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())["orders"]
+    orders = _greedy_search(model, layers, hidden, n_remove, progress=progress)
+    if path is not None:
+        atomic_write_json(path, {"orders": orders, "n_remove": [int(n) for n in n_remove]})
+    return orders
+
+
+def _greedy_search(model: nn.Module, layers: list[MoELayer], hidden: Sequence[torch.Tensor], n_remove: Sequence[int],
+                   *, progress: bool) -> list[list[int]]:
+    from moe_utils.expert_surgery import PruningError, masked_experts
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     orders: list[list[int]] = []
@@ -592,7 +635,7 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
                   methods: Sequence[str] = METHODS, stats: ExpertStats | None = None,
                   dictionary: tuple[Any, Any] | None = None, threshold_ratio: float = 0.9,
                   seeds: Sequence[int] = (0, 1, 2), model: nn.Module | None = None,
-                  progress: bool = True) -> list[PruningMask]:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[PruningMask]:
     """Every method's keep-mask at every ratio, in the order of ``methods`` then ``ratios`` then seeds.
 
     Args:
@@ -603,6 +646,7 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
             ``router_weight``, ``ean``, ``reap`` need ``stats``; ``output`` needs ``stats`` with kept
             hidden states and the ``model``; ``random`` uses ``seeds``.
         threshold_ratio: CAEP's k1.
+        cache_dir: where :func:`output_removal_order` caches its search.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -627,7 +671,7 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
     orders = None
     if "output" in methods:
         n_remove = [size - min(int(quotas[r][i]) for r in ratios) for i, size in enumerate(sizes)]
-        orders = output_removal_order(model, stats.hidden, n_remove, progress=progress)
+        orders = output_removal_order(model, stats.hidden, n_remove, cache_dir=cache_dir, progress=progress)
     bounds = _layer_bounds(sizes, sum(sizes))
     masks: list[PruningMask] = []
     for method in methods:
@@ -698,20 +742,46 @@ def hsdl_factors(hsdl, *, level: int = 1, columns: np.ndarray | None = None) -> 
 
 
 # ------------------------------------------------------------------------------ evaluation
+#: The paper's zero-shot lm-evaluation-harness tasks (its Table 1 and Fig 8), plus MMLU-Pro.
+PAPER_TASKS = ("arc_challenge", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande",
+               "mmlu_pro_mc")
+#: What the small models are evaluated on: per-category MMLU-Pro perplexity and multiple choice, WikiText-2.
+SMALL_MODEL_TASKS = ("mmlu_pro_ppl", "mmlu_pro_mc", "wikitext2_ppl")
+
+
+def resolve_evaluation(model_name: str, tasks: Sequence[str] | None = None, limit: int | float | None = None,
+                       task_limits: Mapping[str, int | float | None] | None = None) -> dict:
+    """What each pruned model is evaluated on, with unset fields filled in.
+
+    The embedded and random models: :data:`SMALL_MODEL_TASKS` (their accuracy is near chance,
+    perplexity still moves) with small samples, 5 questions per MMLU-Pro category and task and one
+    WikiText-2 article (two evaluate() calls per model), so that the stage runs in minutes on a CPU. Real
+    checkpoints: the paper's :data:`PAPER_TASKS`, every document.
+    """
+    small = model_name == EMBEDDED or model_name.startswith(RANDOM_PREFIX)
+    if tasks is None:
+        tasks = SMALL_MODEL_TASKS if small else PAPER_TASKS
+    if limit is None and small:
+        limit = 5
+    if task_limits is None:
+        task_limits = {"wikitext2_ppl": 1} if small else {}
+    return {"tasks": list(tasks), "limit": limit, "task_limits": dict(task_limits)}
+
+
 def evaluation_runs(tasks: Sequence[str], categories: Sequence[str], limit: int | float | None = None,
                     task_limits: Mapping[str, int | float | None] | None = None) -> list[dict]:
     """The evaluate() calls for each mask: one per distinct limit, ``{"tasks": [...], "limit": n}``.
 
     The MMLU-Pro groups ``mmlu_pro_ppl`` and ``mmlu_pro_mc`` become one task per category (so
     every table column is one category); other names are kept. ``task_limits`` (by task or group
-    name) overrides ``limit``.
+    name) overrides ``limit``; limits of tasks not asked for are ignored.
     """
     from moe_utils.evaluation import MC_GROUP, PPL_GROUP, category_slug
 
     task_limits = dict(task_limits or {})
-    unknown = [name for name in task_limits if name not in tasks]
-    if unknown:
-        raise ValueError(f"task_limits names {unknown}, which are not among the tasks {list(tasks)}")
+    unused = [name for name in task_limits if name not in tasks]
+    if unused:
+        log.info("task_limits for %s ignored: not among the tasks %s", unused, list(tasks))
     runs: dict[Any, list[str]] = {}
     for name in tasks:
         expanded = ([f"{name}_{category_slug(c)}" for c in categories] if name in (MC_GROUP, PPL_GROUP) else [name])
@@ -732,7 +802,8 @@ def primary_metric(task: str, metrics: Iterable[str]) -> str:
     return metrics[0]
 
 
-def _model_identity(model: nn.Module) -> dict:
+def model_identity(model: nn.Module) -> dict:
+    """What identifies a model's evaluations: name, revision, the routers' weights, the parameter count."""
     return {"name": str(getattr(model, "name_or_path", "")), "revision": getattr(model.config, "_commit_hash", None),
             "routers": router_fingerprint(model), "n_parameters": sum(p.numel() for p in model.parameters())}
 
@@ -766,13 +837,13 @@ def evaluate_masks(model: nn.Module, tokenizer, masks: Sequence[PruningMask], ru
     from moe_utils.evaluation import evaluate
     from moe_utils.expert_surgery import masked_experts
 
-    model_id = _model_identity(model)
+    model_id = model_identity(model)
     cache = Path(cache_dir) if cache_dir is not None else None
     frames = []
     jobs = [(mask, dict(run)) for mask in masks for run in runs]
     for mask, run in tqdm(jobs, desc="evaluating masks", disable=not progress):
         key = evaluation_key(mask.keep, run, settings, model_id)
-        path = cache / f"{key}.json" if cache is not None else None
+        path = cache / f"eval-{key}.json" if cache is not None else None
         if path is not None and path.is_file():
             entry = json.loads(path.read_text())
             table, seconds, cached = pd.DataFrame(entry["rows"]), entry["seconds"], True

@@ -222,6 +222,29 @@ def test_calibration_runs_on_every_architecture(random_models, arch):
     assert (stats.score("ean")[~routed.ravel()] == 0).all()
 
 
+def test_calibration_and_output_search_are_cached(olmoe, olmoe_stats, tmp_path):
+    model, tok = olmoe
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        first = pruning.calibrate(model, tok, TEXTS, batch_size=3, max_length=64, keep_hidden=64,
+                                  cache_dir=tmp_path, progress=False)
+        n_calls = len(calls)
+        again = pruning.calibrate(model, tok, TEXTS, batch_size=3, max_length=64, keep_hidden=64,
+                                  cache_dir=tmp_path, progress=False)
+        assert len(calls) == n_calls > 0  # read back, not recomputed
+        pruning.calibrate(model, tok, TEXTS, batch_size=3, max_length=32, cache_dir=tmp_path, progress=False)
+        assert len(calls) > n_calls  # other settings: computed
+    finally:
+        hook.remove()
+    for name in ("counts", "weight_sum", "norm_sum", "weighted_norm_sum"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(olmoe_stats, name))
+    assert all(torch.equal(a, b) for a, b in zip(again.hidden, first.hidden))
+    orders = pruning.output_removal_order(model, again.hidden, [1, 1, 1], cache_dir=tmp_path, progress=False)
+    assert pruning.output_removal_order(model, again.hidden, [1, 1, 1], cache_dir=tmp_path, progress=False) == orders
+    assert len(list(tmp_path.glob("output-*.json"))) == 1
+
+
 # ------------------------------------------------------------------------ output-based
 def test_output_search_first_choice_matches_physical_removal(olmoe, olmoe_stats):
     """The first expert the greedy search removes changes the block output least, measured on
@@ -293,8 +316,11 @@ def test_evaluation_runs_group_by_limit():
     assert runs == [{"tasks": ["mmlu_pro_ppl_math", "mmlu_pro_ppl_computer_science", "mmlu_pro_mc_math",
                                "mmlu_pro_mc_computer_science"], "limit": 4},
                     {"tasks": ["wikitext2_ppl"], "limit": 1}]
-    with pytest.raises(ValueError, match="not among the tasks"):
-        pruning.evaluation_runs(["wikitext2_ppl"], [], 4, {"arc_easy": 1})
+    assert pruning.evaluation_runs(["wikitext2_ppl"], [], 4, {"arc_easy": 1}) == [{"tasks": ["wikitext2_ppl"],
+                                                                                    "limit": 4}]
+    assert pruning.resolve_evaluation("embedded")["task_limits"] == {"wikitext2_ppl": 1}
+    real = pruning.resolve_evaluation("allenai/OLMoE-1B-7B-0924")
+    assert real["tasks"] == list(pruning.PAPER_TASKS) and real["limit"] is None
 
 
 def test_evaluate_masks_caches_by_mask_and_settings(olmoe, tmp_path, monkeypatch):
