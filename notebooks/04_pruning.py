@@ -101,10 +101,6 @@ top_k = max(layer.top_k for layer in layers)
 guard = top_k if min_per_layer is None else min_per_layer
 assert store.manifest["model"]["name"] == model, "stage 1 captured another model: re-run it"
 assert hsdl.dictionaries_[0].shape[0] == sum(layer_sizes) == store.n_layers * store.n_experts
-glue("model_name", model, display=False)
-glue("n_experts_total", sum(layer_sizes), display=False)
-glue("n_layers", len(layers), display=False)
-glue("top_k", top_k, display=False)
 glue("guard", guard, display=False)
 display(Markdown(
     f"**Model:** `{model}` ({lm.config.model_type}, {len(layers)} MoE layers of {layer_sizes[0]} routed experts, "
@@ -259,8 +255,6 @@ glue("n_evaluations", len(masks) + 1, display=False)
 glue("n_cached", int(results.drop_duplicates(["method", "ratio", "seed", "task"])["cached"].mean() * 100),
      display=False)
 glue("eval_seconds", eval_seconds, display=False)
-glue("eval_fresh_seconds", float(results.drop_duplicates(["method", "ratio", "seed", "seconds"])
-                                 .query("not cached")["seconds"].sum()), display=False)
 pd.DataFrame({"documents per task": sizes}).rename_axis("task")
 
 # %% [markdown]
@@ -299,7 +293,9 @@ ranks.style.format("{:.1f}")
 # ```
 #
 # The table ranks the methods at each ratio by their mean rank over the tasks (1 = best on every
-# task).
+# task). Where the calibration set is the stage-1 prompts, CAEP's dictionary and every baseline's
+# scores come from MMLU-Pro questions: MMLU-Pro perplexity measures the pruned models on the kind
+# of text the methods were fitted on, WikiText-2 (the embedded model's training text) away from it.
 
 # %%
 headline = "wikitext2_ppl" if "wikitext2_ppl" in set(summary["task"]) else table_tasks[0]
