@@ -572,15 +572,14 @@ def _greedy_search(model: nn.Module, layers: list[MoELayer], hidden: Sequence[to
                    *, progress: bool) -> list[list[int]]:
     from moe_utils.expert_surgery import PruningError, masked_experts
 
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     orders: list[list[int]] = []
     steps = tqdm(total=int(sum(n_remove)), desc="output-based search", disable=not progress)
     with torch.no_grad():
         for layer, states, count in zip(layers, hidden, n_remove):
             if len(states) == 0:
                 raise ValueError(f"no calibration tokens for MoE layer {layer.index}: calibrate with keep_hidden > 0")
-            states = states.to(device=device, dtype=dtype)
+            weight = next(layer.block.parameters())  # the block's own device (device_map="auto" spreads layers)
+            states = states.to(device=weight.device, dtype=weight.dtype)
             reference = _block_output(layer.block, states)
             scale = float(reference.pow(2).sum()) or 1.0
             keep = [np.arange(other.num_experts) for other in layers]

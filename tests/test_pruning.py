@@ -54,6 +54,7 @@ def test_caep_hand_computed_loop():
     # m = [F T T T] (3 > 2): drop atom 0 -> e = 0 2 2 4, still 3; drop atom 1 -> e = 0 0 0 4
     np.testing.assert_array_equal(result.keep, [False, False, False, True])
     assert result.atoms_removed.tolist() == [0, 1] and result.reached and result.guard is None
+    np.testing.assert_array_equal(pruning.caep_mask(D, R, 0.75, 0.5), result.keep)
 
 
 def test_caep_ties_go_to_the_lowest_index():
