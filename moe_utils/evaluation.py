@@ -63,6 +63,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pandas as pd
 import yaml
@@ -206,19 +207,30 @@ def _returning(dataset, **_ignored):
     return dataset
 
 
+@functools.lru_cache(maxsize=4)
+def _load_split(split: str, data_dir: str | None, env_dir: str | None) -> pd.DataFrame:
+    """One cleaned MMLU-Pro split per (split, location): a pruning study evaluates dozens of
+    models on the same questions. ``env_dir`` is ``$MOE_MMLU_PRO_DIR``, part of the key only."""
+    return load_mmlu_pro(split, data_dir)
+
+
 class _MmluPro:
-    """Loads each MMLU-Pro split once per :func:`build_tasks` call and hands out categories."""
+    """Hands out the MMLU-Pro questions of one category, from splits loaded once per process."""
 
     def __init__(self, data_dir: str | os.PathLike | None):
         self.data_dir = data_dir
 
-    @functools.cached_property
-    def test(self) -> pd.DataFrame:
-        return load_mmlu_pro("test", self.data_dir)
+    def _split(self, split: str) -> pd.DataFrame:
+        data_dir = None if self.data_dir is None else str(self.data_dir)
+        return _load_split(split, data_dir, os.environ.get(MMLU_PRO_ENV))
 
-    @functools.cached_property
+    @property
+    def test(self) -> pd.DataFrame:
+        return self._split("test")
+
+    @property
     def validation(self) -> pd.DataFrame:
-        return load_mmlu_pro("validation", self.data_dir)
+        return self._split("validation")
 
     def rows(self, split: str, category: str) -> pd.DataFrame:
         df = getattr(self, split)
@@ -407,13 +419,20 @@ def evaluate(
              list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,
              lm.max_length, batch_size)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
-            bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=False,
-        )
+        # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
+        # costs ~0.5 s per call and is not part of the table returned here.
+        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report):
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
+                bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=False,
+            )
     finally:
         model.train(was_training)
     return results_table(results)
+
+
+def _skip_environment_report(storage: dict) -> None:
+    storage["pretty_env_info"] = "not collected by moe_utils.evaluation.evaluate"
 
 
 def results_table(results: Mapping[str, Any]) -> pd.DataFrame:
