@@ -8,7 +8,7 @@ diagonal. This module provides the pieces:
 * CAEP fitted on one domain (:func:`domain_factors`): the dictionary D_1 stays the one fitted on
   all domains, the codes are those of the domain's columns of X only, so ``e = D_1 @ R_sum``
   weighs each collaboration pattern by how much *this* domain uses it (optionally, HSDL refitted
-  on the domain alone); the calibration baselines of :mod:`moe_utils.pruning` calibrated on the
+  on the domain alone); the calibration baselines of :mod:`moe_utils.calibration` calibrated on the
   domain's texts only; all of them as keep-masks (:func:`domain_masks`); which baseline stage 4
   found strongest (:func:`strongest_baseline`);
 * evaluation that keeps every question's score (:func:`evaluate_documents`: the lm-evaluation-
@@ -35,8 +35,9 @@ import numpy as np
 import pandas as pd
 
 from moe_utils import stats
-from moe_utils.evaluation import MC_GROUP, PPL_GROUP, build_tasks, resolve_category, results_table
+from moe_utils.evaluation import MC_GROUP, PPL_GROUP, resolve_category, results_table, run_harness
 from moe_utils.models import moe_layers
+from moe_utils.routing import model_identity
 from moe_utils.store import RoutingStore, atomic_write_bytes, atomic_write_json, package_versions
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,11 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
 
     CAEP uses :func:`domain_factors`; the calibration baselines (:data:`BASELINES`) a calibration
     pass of ``model`` over ``calibration[domain]``, that domain's texts only
-    (:func:`moe_utils.pruning.calibrate`); masks come from :func:`moe_utils.pruning.pruning_masks`
+    (:func:`moe_utils.calibration.calibrate`); masks come from :func:`moe_utils.pruning.pruning_masks`
     with the same guard (``min_per_layer``) and threshold as stage 4.
     """
-    from moe_utils.pruning import calibrate, pruning_masks
+    from moe_utils.calibration import calibrate
+    from moe_utils.pruning import pruning_masks
 
     layer_sizes = [store.n_experts] * store.n_layers
     needs_stats = [m for m in methods if m in BASELINES]
@@ -297,36 +299,16 @@ def evaluate_documents(model, tokenizer, tasks: Sequence[str], *, limit: int | N
                        data_dir: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the lm-evaluation-harness on per-category MMLU-Pro tasks and keep every document's score.
 
-    The same tasks and harness as :func:`moe_utils.evaluation.evaluate` (built by its
-    :func:`~moe_utils.evaluation.build_tasks`), but with the harness's per-sample log, which the
+    The same tasks and harness call as :func:`moe_utils.evaluation.evaluate`
+    (:func:`~moe_utils.evaluation.run_harness`), but with the harness's per-sample log, which the
     paired bootstrap intervals of this stage need. Returns ``(table, documents)``: the tidy
     ``task, metric, value, stderr, n`` table of ``evaluate`` and :func:`document_table`.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     for name in tasks:
         _task_kind(name)
-    specs = build_tasks(list(tasks), data_dir=data_dir)
-    was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
-                                          bootstrap_iters=0, task_manager=TaskManager(include_defaults=False),
-                                          log_samples=True)
-    finally:
-        model.train(was_training)
+    results = run_harness(model, tokenizer, list(tasks), limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                          max_length=max_length, data_dir=data_dir, log_samples=True, bootstrap_iters=0)
     return results_table(results), document_table(results)
-
-
-def model_identity(model) -> dict:
-    """What identifies a model's evaluations in the cache: name, revision, the routers' weights
-    (:func:`moe_utils.routing.router_fingerprint`) and the parameter count."""
-    from moe_utils.routing import router_fingerprint
-
-    return {"name": str(getattr(model, "name_or_path", "")), "revision": getattr(model.config, "_commit_hash", None),
-            "routers": router_fingerprint(model), "n_parameters": sum(p.numel() for p in model.parameters())}
 
 
 def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[str, Any],
@@ -365,8 +347,8 @@ def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: 
     (:func:`moe_utils.expert_surgery.masked_experts`; ``keep=None``: the unpruned model), cached by
     :func:`cached_evaluation` under :func:`moe_utils.pruning.evaluation_key` of the mask, the
     tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
-    model (``model_id``, default :func:`model_identity`) and the source of the evaluation and
-    masking code (:func:`code_digest`)."""
+    model (``model_id``, default :func:`moe_utils.routing.model_identity`) and the source of the
+    evaluation and masking code (:func:`code_digest`)."""
     from moe_utils import evaluation, expert_surgery
     from moe_utils.pruning import evaluation_key
 

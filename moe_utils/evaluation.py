@@ -359,6 +359,59 @@ def build_tasks(
 
 
 # -------------------------------------------------------------------------------- evaluate
+def run_harness(
+    model,
+    tokenizer,
+    tasks: Sequence[str] | str,
+    *,
+    limit: int | float | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    categories: Iterable[str] | None = None,
+    wikitext_dir: str | os.PathLike | None = None,
+    bootstrap_iters: int = 100,
+    log_samples: bool = False,
+) -> dict:
+    """Run lm-evaluation-harness on an in-memory causal LM; return the raw ``simple_evaluate`` result.
+
+    The arguments are those of :func:`evaluate`; ``log_samples`` keeps the harness's per-document
+    log (``result["samples"]``). The harness's environment report is skipped, the stock task index
+    is built only when a stock task is asked for, and the model's train mode is restored afterwards.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories)
+    # Indexing the stock tasks takes ~10 s: only done when a stock task is asked for.
+    stock = [s for s in specs if isinstance(s, str)]
+    task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
+    if stock:
+        known = set(task_manager.all_tasks)
+        unknown = [s for s in stock if s not in known and not Path(s).is_file()]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: neither defined here "
+                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}) "
+                             "nor lm-eval stock tasks")
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%d)",
+             list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,
+             lm.max_length, batch_size)
+    try:
+        # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
+        # costs ~0.5 s per call and is not part of what this module returns.
+        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report):
+            return lm_eval.simple_evaluate(
+                model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
+                bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=log_samples,
+            )
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -398,37 +451,10 @@ def evaluate(
         ``mmlu_pro_mc`` group) and metric; ``metric`` is the harness's metric name, followed by
         ``,<filter>`` for a filter other than ``none``.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories)
-    # Indexing the stock tasks takes ~10 s: only done when a stock task is asked for.
-    stock = [s for s in specs if isinstance(s, str)]
-    task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
-    if stock:
-        known = set(task_manager.all_tasks)
-        unknown = [s for s in stock if s not in known and not Path(s).is_file()]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}: neither defined here "
-                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}) "
-                             "nor lm-eval stock tasks")
-    was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%d)",
-             list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,
-             lm.max_length, batch_size)
-    try:
-        # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
-        # costs ~0.5 s per call and is not part of the table returned here.
-        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report):
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
-                bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=False,
-            )
-    finally:
-        model.train(was_training)
-    return results_table(results)
+    return results_table(run_harness(
+        model, tokenizer, tasks, limit=limit, data_dir=data_dir, batch_size=batch_size, max_length=max_length,
+        num_fewshot=num_fewshot, categories=categories, wikitext_dir=wikitext_dir, bootstrap_iters=bootstrap_iters,
+    ))
 
 
 def _skip_environment_report(storage: dict) -> None:

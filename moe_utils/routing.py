@@ -96,6 +96,13 @@ def router_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def model_identity(model: torch.nn.Module) -> dict:
+    """What identifies a model's calibrations and evaluations in a cache: name, revision, the
+    routers' weights (:func:`router_fingerprint`) and the parameter count."""
+    return {"name": str(getattr(model, "name_or_path", "")), "revision": getattr(model.config, "_commit_hash", None),
+            "routers": router_fingerprint(model), "n_parameters": sum(p.numel() for p in model.parameters())}
+
+
 def _texts_fingerprint(texts: Sequence[str], labels: Sequence[str] | None) -> str:
     payload = json.dumps([list(texts), None if labels is None else list(labels)]).encode()
     return hashlib.sha256(payload).hexdigest()

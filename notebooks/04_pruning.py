@@ -71,10 +71,11 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import plotting, pruning
+from moe_utils import caep, calibration, plotting, pruning
 from moe_utils.data import load_prompts
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model, moe_layers
+from moe_utils.routing import model_identity
 from moe_utils.store import RoutingStore
 
 plotting.use_style()
@@ -84,7 +85,7 @@ hsdl_dir = Path(artifacts_dir) / "02_hsdl"
 out_dir = Path(artifacts_dir) / "04_pruning"
 cache_dir = out_dir / "cache"  # calibration, output-based search and evaluations, keyed by their inputs
 evaluation = pruning.resolve_evaluation(model, eval_tasks, eval_limit, eval_task_limits)
-calibration = pruning.resolve_calibration(model, calibration_data, calibration_samples, calibration_tokens)
+calibration_spec = calibration.resolve_calibration(model, calibration_data, calibration_samples, calibration_tokens)
 ratios = [float(r) for r in prune_ratios]
 middle = ratios[len(ratios) // 2]
 
@@ -125,33 +126,34 @@ elif model == "embedded":
 # ||f_e(x)|| over the tokens routed to it) and REAP (mean routing weight x ||f_e(x)|| over them).
 
 # %%
-if calibration["source"] == "capture":
+if calibration_spec["source"] == "capture":
     prompts, _, _ = load_prompts(categories, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
-    calibration_set = pruning.calibration_texts(tokenizer, "capture", n_samples=calibration["n_samples"],
-                                                prompts=prompts, seed=seed)
+    calibration_set = calibration.calibration_texts(tokenizer, "capture", n_samples=calibration_spec["n_samples"],
+                                                    prompts=prompts, seed=seed)
     calibration_length = max_length
 else:
-    calibration_set = pruning.calibration_texts(tokenizer, calibration["source"], n_samples=calibration["n_samples"],
-                                                n_tokens=calibration["n_tokens"], seed=seed, data_dir=calibration_dir)
-    calibration_length = calibration["n_tokens"]
+    calibration_set = calibration.calibration_texts(
+        tokenizer, calibration_spec["source"], n_samples=calibration_spec["n_samples"],
+        n_tokens=calibration_spec["n_tokens"], seed=seed, data_dir=calibration_dir)
+    calibration_length = calibration_spec["n_tokens"]
 t0 = time.perf_counter()
-stats = pruning.calibrate(lm, tokenizer, calibration_set, batch_size=batch_size, max_length=calibration_length,
-                          keep_hidden=output_tokens if "output" in pruning_methods else 0, cache_dir=cache_dir)
+stats = calibration.calibrate(lm, tokenizer, calibration_set, batch_size=batch_size, max_length=calibration_length,
+                              keep_hidden=output_tokens if "output" in pruning_methods else 0, cache_dir=cache_dir)
 calibration_seconds = time.perf_counter() - t0
 np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.n_tokens * np.array([layer.top_k for layer in layers]))
-if calibration["source"] == "capture" and len(calibration_set) == store.n_samples:
+if calibration_spec["source"] == "capture" and len(calibration_set) == store.n_samples:
     # the same texts as stage 1: the pass must see exactly the routing the store recorded
     captured = np.stack([np.bincount(np.asarray(store.topk_indices[:, j]).ravel(), minlength=store.n_experts)
                          for j in range(store.n_layers)])
     np.testing.assert_array_equal(stats.counts, captured)
 glue("calib_source", {"capture": "the stage-1 prompts (the texts CAEP's dictionary was fitted on)",
-                      "mmlu": "MMLU test questions", "wikitext": "WikiText-2 train"}[calibration["source"]],
+                      "mmlu": "MMLU test questions", "wikitext": "WikiText-2 train"}[calibration_spec["source"]],
      display=False)
 glue("calib_texts", len(calibration_set), display=False)
 glue("calib_tokens", stats.n_tokens, display=False)
 glue("calib_seconds", calibration_seconds, display=False)
-scores = pd.DataFrame({"caep contribution": pruning.contribution_scores(*pruning.hsdl_factors(hsdl, level=caep_level)),
-                       **{name: stats.score(name) for name in pruning.SCORES}})
+scores = pd.DataFrame({"caep contribution": caep.contribution_scores(*pruning.hsdl_factors(hsdl, level=caep_level)),
+                       **{name: stats.score(name) for name in calibration.SCORES}})
 scores.corr(method="spearman").style.format("{:.2f}")
 
 # %% [markdown]
@@ -177,13 +179,13 @@ D, R = pruning.hsdl_factors(hsdl, level=caep_level)
 glue("k1", caep_threshold_ratio, display=False)
 steps = []
 for ratio in ratios:
-    result = pruning.caep(D, R, caep_threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=guard)
-    assert (pruning.kept_per_layer(result.keep, layer_sizes) >= guard).all()
+    result = caep.caep(D, R, caep_threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=guard)
+    assert (caep.kept_per_layer(result.keep, layer_sizes) >= guard).all()
     steps.append({"ratio": f"{ratio:.0%}", "target kept": int(np.floor(result.target)),
                   "kept by Algorithm 1": int(result.algorithm_keep.sum()),
                   "atoms removed": f"{len(result.atoms_removed)} of {D.shape[1]}",
-                  "per layer, Algorithm 1": " ".join(map(str, pruning.kept_per_layer(result.algorithm_keep, layer_sizes))),
-                  "per layer, guarded": " ".join(map(str, pruning.kept_per_layer(result.keep, layer_sizes))),
+                  "per layer, Algorithm 1": " ".join(map(str, caep.kept_per_layer(result.algorithm_keep, layer_sizes))),
+                  "per layer, guarded": " ".join(map(str, caep.kept_per_layer(result.keep, layer_sizes))),
                   "guard": "no change" if not result.guard.changed else
                   f"restored {len(result.guard.restored)}, dropped {len(result.guard.dropped)}"})
 steps = pd.DataFrame(steps)
@@ -209,10 +211,10 @@ masks = pruning.pruning_masks(ratios, layer_sizes=layer_sizes, min_per_layer=gua
                               seeds=random_seeds, model=lm, cache_dir=cache_dir)
 mask_seconds = time.perf_counter() - t0
 for mask in masks:
-    kept = pruning.kept_per_layer(mask.keep, layer_sizes)
+    kept = caep.kept_per_layer(mask.keep, layer_sizes)
     assert (kept >= guard).all(), f"{mask.label} at {mask.ratio}: a layer keeps fewer than {guard} experts"
     if mask.method != "caep":
-        assert kept.tolist() == pruning.layer_quota(layer_sizes, mask.ratio, guard).tolist()
+        assert kept.tolist() == caep.layer_quota(layer_sizes, mask.ratio, guard).tolist()
 glue("n_seeds", len(random_seeds), display=False)
 glue("output_tokens", int(min(output_tokens, stats.n_tokens)), display=False)
 glue("mask_seconds", mask_seconds, display=False)
@@ -328,12 +330,12 @@ glue("n_methods", len(best), display=False)
 inputs = {name: hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
           for name, path in (("store", store_dir), ("hsdl", hsdl_dir))}
 pruning.save_pruning(out_dir, [pruning.unpruned_mask(sum(layer_sizes)), *masks], results, stats=stats, extra={
-    "model": pruning.model_identity(lm) | {"layer_sizes": layer_sizes, "top_k": top_k},
+    "model": model_identity(lm) | {"layer_sizes": layer_sizes, "top_k": top_k},
     "inputs": {"store": str(store_dir), "store_manifest_sha256": inputs["store"], "hsdl": str(hsdl_dir),
                "hsdl_manifest_sha256": inputs["hsdl"]},
     "parameters": {"prune_ratios": ratios, "methods": pruning_methods, "random_seeds": random_seeds,
                    "caep_threshold_ratio": caep_threshold_ratio, "caep_level": caep_level, "min_per_layer": guard,
-                   "calibration": calibration | {"n_texts": len(calibration_set), "n_tokens_seen": stats.n_tokens},
+                   "calibration": calibration_spec | {"n_texts": len(calibration_set), "n_tokens_seen": stats.n_tokens},
                    "output_tokens": output_tokens, "eval_runs": runs, "eval_num_fewshot": eval_num_fewshot},
 })
 reloaded, _, manifest = pruning.load_pruning(out_dir)

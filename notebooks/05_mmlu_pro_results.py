@@ -66,13 +66,14 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import domains, plotting, pruning, stats
+from moe_utils import caep, calibration, domains, plotting, pruning, stats
 from moe_utils.data import load_prompts
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, category_slug, resolve_category
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model
-from moe_utils.pruning import PruningMask, caep, hsdl_factors, kept_per_layer, load_pruning, mask_overlap
+from moe_utils.pruning import PruningMask, hsdl_factors, load_pruning, mask_overlap
+from moe_utils.routing import model_identity
 from moe_utils.store import RoutingStore, atomic_write_bytes, atomic_write_json
 
 plotting.use_style()
@@ -150,27 +151,28 @@ else:
 texts, labels, _ = load_prompts(domain_names, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
 per_sample = store.tokens.groupby("sample_id")["label"].first().tolist()
 assert per_sample == list(labels), "the stage-1 store holds other questions than this profile's: re-run stage 1"
-calibration = {d: [t for t, label in zip(texts, labels) if label == d] for d in domain_names}
+domain_calibration = {d: [t for t, label in zip(texts, labels) if label == d] for d in domain_names}
 X = expert_matrix(store, granularity, hsdl.manifest_["x_spec"]["value"]) if domain_refit_hsdl else None
 calibrate_kwargs = {"batch_size": batch_size, "max_length": max_length}
-mask_key = {"store": store.manifest["fingerprint"], "hsdl": hsdl.manifest_["files"], "model": domains.model_identity(lm),
+mask_key = {"store": store.manifest["fingerprint"], "hsdl": hsdl.manifest_["files"], "model": model_identity(lm),
             "domains": domain_names, "ratio": domain_prune_ratio, "threshold": caep_threshold_ratio, "level": caep_level,
             "methods": ["caep", baseline], "min_per_layer": guard, "refit": domain_refit_hsdl,
-            "calibration": calibration, "calibrate": calibrate_kwargs, "code": domains.code_digest(domains, pruning)}
+            "calibration": domain_calibration, "calibrate": calibrate_kwargs,
+            "code": domains.code_digest(domains, pruning, caep, calibration)}
 masks, masks_cached = domains.cached_masks(out_dir / "masks", mask_key, lambda: domains.domain_masks(
     hsdl, store, domain_names, ratio=domain_prune_ratio, methods=["caep", baseline], min_per_layer=guard,
-    threshold_ratio=caep_threshold_ratio, calibration=calibration, model=lm, tokenizer=tokenizer, level=caep_level,
+    threshold_ratio=caep_threshold_ratio, calibration=domain_calibration, model=lm, tokenizer=tokenizer, level=caep_level,
     refit=domain_refit_hsdl, X=X, calibrate_kwargs=calibrate_kwargs))
-general = caep(*hsdl_factors(hsdl, level=caep_level), caep_threshold_ratio, domain_prune_ratio,
-               layer_sizes=layer_sizes, min_per_layer=guard)
+general = caep.caep(*hsdl_factors(hsdl, level=caep_level), caep_threshold_ratio, domain_prune_ratio,
+                    layer_sizes=layer_sizes, min_per_layer=guard)
 masks[("caep", "all domains")] = PruningMask("caep", domain_prune_ratio, general.keep, note=general.note)
 for mask in masks.values():
-    assert kept_per_layer(mask.keep, layer_sizes).min() >= guard
+    assert caep.kept_per_layer(mask.keep, layer_sizes).min() >= guard
 overview = pd.DataFrame([{"method": m, "fitted on": d, "experts kept": int(k.keep.sum()), "note": k.note}
                          for (m, d), k in masks.items()])
 caep_masks = [PruningMask(d, domain_prune_ratio, masks[("caep", d)].keep) for d in domain_names]
 jaccard = mask_overlap(caep_masks)
-kept = pd.DataFrame([kept_per_layer(m.keep, layer_sizes) for m in caep_masks], index=domain_names)
+kept = pd.DataFrame([caep.kept_per_layer(m.keep, layer_sizes) for m in caep_masks], index=domain_names)
 off_diagonal = jaccard.to_numpy()[~np.eye(len(domain_names), dtype=bool)]
 baseline_jaccard = mask_overlap([PruningMask(d, domain_prune_ratio, masks[(baseline, d)].keep) for d in domain_names])
 glue("baseline", baseline, display=False)

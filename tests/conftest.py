@@ -44,3 +44,12 @@ def random_models():
 @pytest.fixture(scope="session")
 def olmoe(random_models):
     return random_models["olmoe"]
+
+
+@pytest.fixture(scope="module")
+def olmoe_stats(olmoe):
+    """Calibration statistics of the tiny OLMoE on TEXTS, keeping 64 block inputs per layer."""
+    from moe_utils.calibration import calibrate
+
+    model, tok = olmoe
+    return calibrate(model, tok, TEXTS, batch_size=3, max_length=64, keep_hidden=64, progress=False)

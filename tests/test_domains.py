@@ -93,7 +93,7 @@ def test_domain_caep_keeps_each_domains_planted_experts(planted_store):
 
 
 def test_domain_frequency_baseline_is_calibrated_on_the_domain_only(small_model, tmp_path):
-    from moe_utils.pruning import layerwise_mask
+    from moe_utils.caep import layerwise_mask
     from moe_utils.routing import capture_routing
 
     from .conftest import TEXTS

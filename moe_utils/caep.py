@@ -1,0 +1,265 @@
+"""Contribution-aware expert pruning (CAEP): the paper's section 4, Algorithm 1, and per-layer masks.
+
+Every function here works on *keep-masks*: boolean vectors over the N_e routed experts in the
+layer-major order of the expert matrix X (row ``layer * E + expert``), True = keep.
+:func:`caep` / :func:`caep_mask` run Algorithm 1 of Tang et al. (2025) globally over all N_e
+experts from the HSDL dictionary D and codes R (:func:`contribution_scores`: e = D @ R_sum), with
+a guard (:func:`guard_min_per_layer`, not in the paper) that no MoE layer keeps fewer than
+``min_per_layer`` experts; :func:`layerwise_mask` prunes any per-expert score with one ratio in
+every layer (:func:`layer_quota`), which is CAEP's per-layer mode and how the calibration
+baselines of :mod:`moe_utils.calibration` become masks; :func:`random_mask` is the random baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+
+# ------------------------------------------------------------------------------------ layout
+def _layer_bounds(layer_sizes: Sequence[int], n_e: int) -> np.ndarray:
+    sizes = np.asarray(layer_sizes, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.size == 0 or (sizes <= 0).any():
+        raise ValueError(f"layer_sizes must be a non-empty list of positive expert counts, got {layer_sizes!r}")
+    if sizes.sum() != n_e:
+        raise ValueError(f"layer_sizes {list(sizes)} sum to {sizes.sum()}, but there are {n_e} experts")
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def _check_min(layer_sizes: Sequence[int], min_per_layer: int) -> None:
+    if min_per_layer < 0 or min_per_layer > min(layer_sizes):
+        raise ValueError(f"min_per_layer={min_per_layer} must be between 0 and the smallest layer's "
+                         f"expert count ({min(layer_sizes)})")
+
+
+def kept_per_layer(keep: np.ndarray, layer_sizes: Sequence[int]) -> np.ndarray:
+    """Number of kept experts in each MoE layer."""
+    bounds = _layer_bounds(layer_sizes, len(keep))
+    return np.add.reduceat(np.asarray(keep, dtype=np.int64), bounds[:-1])
+
+
+def _name(row: int, bounds: np.ndarray) -> str:
+    layer = int(np.searchsorted(bounds, row, side="right") - 1)
+    return f"L{layer}E{row - bounds[layer]}"
+
+
+# -------------------------------------------------------------------------------------- CAEP
+def _usage(R) -> np.ndarray:
+    """R_sum: each atom's codes summed over the columns (length N_p); R may be scipy sparse."""
+    R = R if sp.issparse(R) else np.asarray(R, dtype=np.float64)
+    if R.ndim != 2:
+        raise ValueError(f"R must be 2-D (atoms x columns), got shape {R.shape}")
+    r_sum = np.asarray(R.sum(axis=1), dtype=np.float64).ravel()
+    if (sp.issparse(R) and R.nnz and R.data.min() < 0) or (not sp.issparse(R) and np.min(R, initial=0) < 0):
+        raise ValueError("R has negative codes; CAEP expects HSDL's non-negative codes")
+    return r_sum
+
+
+def contribution_scores(D, R) -> np.ndarray:
+    """Each expert's contribution e = D @ R_sum (Algorithm 1, steps 1-2): its weight in every atom
+    times that atom's usage. D (N_e, N_p) >= 0, R (N_p, N_s) >= 0 (dense or scipy sparse)."""
+    D = np.asarray(D, dtype=np.float64)
+    r_sum = _usage(R)
+    if D.ndim != 2 or D.shape[1] != r_sum.shape[0]:
+        raise ValueError(f"D must be (N_e, N_p) with N_p = {r_sum.shape[0]} rows of R, got shape {D.shape}")
+    if D.size and D.min() < 0:
+        raise ValueError("D has negative entries; CAEP expects HSDL's dictionary in [0, 1]")
+    return D @ r_sum
+
+
+@dataclass(frozen=True)
+class GuardNote:
+    """What the per-layer guard changed: layers short of ``min_per_layer``, experts it restored
+    (highest score first) and experts it dropped elsewhere to keep the number kept (lowest first)."""
+
+    min_per_layer: int
+    short_layers: dict[int, int]  # layer -> experts it kept before the guard
+    restored: list[str]
+    dropped: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.restored)
+
+    def __str__(self) -> str:
+        if not self.changed:
+            return f"guard: every layer kept at least {self.min_per_layer} experts; nothing changed"
+        short = ", ".join(f"layer {layer} kept {n}" for layer, n in self.short_layers.items())
+        text = (f"guard (at least {self.min_per_layer} experts per layer): {short}; restored "
+                f"{', '.join(self.restored)}")
+        if len(self.dropped) == len(self.restored):
+            return text + f"; dropped {', '.join(self.dropped)} elsewhere to keep the same number of experts"
+        extra = len(self.restored) - len(self.dropped)
+        return text + (f"; dropped {', '.join(self.dropped) or 'none'} elsewhere: {extra} more experts kept "
+                       "than requested, as every other layer was at its minimum")
+
+
+def guard_min_per_layer(keep, scores, layer_sizes: Sequence[int], min_per_layer: int) -> tuple[np.ndarray, GuardNote]:
+    """Make every layer keep at least ``min_per_layer`` experts without changing the total.
+
+    A layer short of the minimum gets back its highest-scoring pruned experts; as many kept experts
+    are then dropped from layers above the minimum, lowest score first (ties: lowest row first).
+    The total grows only if no layer has room. Returns the new mask and a :class:`GuardNote`.
+    """
+    keep = np.array(keep, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    bounds = _layer_bounds(layer_sizes, len(keep))
+    _check_min(layer_sizes, min_per_layer)
+    counts = kept_per_layer(keep, layer_sizes)
+    short = {int(layer): int(n) for layer, n in enumerate(counts) if n < min_per_layer}
+    restored: list[int] = []
+    for layer in short:
+        rows = np.arange(bounds[layer], bounds[layer + 1])
+        candidates = rows[~keep[rows]]
+        best_first = candidates[np.lexsort((candidates, -scores[candidates]))]
+        restored.extend(best_first[: min_per_layer - counts[layer]].tolist())
+    keep[restored] = True
+    counts = kept_per_layer(keep, layer_sizes)
+    dropped: list[int] = []
+    kept_rows = np.flatnonzero(keep)
+    for row in kept_rows[np.lexsort((kept_rows, scores[kept_rows]))]:
+        if len(dropped) == len(restored):
+            break
+        layer = int(np.searchsorted(bounds, row, side="right") - 1)
+        if counts[layer] > min_per_layer:
+            keep[row] = False
+            counts[layer] -= 1
+            dropped.append(int(row))
+    note = GuardNote(min_per_layer, short, [_name(r, bounds) for r in restored], [_name(r, bounds) for r in dropped])
+    return keep, note
+
+
+@dataclass(frozen=True)
+class CAEPResult:
+    """Outcome of :func:`caep`.
+
+    Attributes:
+        keep: (N_e,) keep-mask after the guard (``algorithm_keep`` before it).
+        contribution: e = D @ R_sum with every atom, (N_e,).
+        threshold: f, the ceil(threshold_ratio * N_e)-th largest contribution.
+        atoms_removed: atoms dropped by the loop, in order (least used first).
+        target: (1 - prune_ratio) * N_e, the most experts the loop may leave.
+        reached: whether the loop ended at or below the target (False: atoms ran out first).
+        guard: what the per-layer guard changed, or None without ``layer_sizes``.
+    """
+
+    keep: np.ndarray
+    algorithm_keep: np.ndarray
+    contribution: np.ndarray
+    threshold: float
+    atoms_removed: np.ndarray
+    target: float
+    reached: bool
+    guard: GuardNote | None
+
+    @property
+    def note(self) -> str:
+        n = len(self.keep)
+        text = (f"Algorithm 1 kept {int(self.algorithm_keep.sum())} of {n} experts (target <= {self.target:g}) "
+                f"after removing {len(self.atoms_removed)} atoms")
+        if not self.reached:
+            text += "; the atoms ran out before the target was reached"
+        return text + (f"; {self.guard}" if self.guard is not None else "")
+
+
+def _check_ratio(name: str, value: float, *, low_open: bool = True) -> None:
+    if not (isinstance(value, (int, float)) and (0 < value < 1 if low_open else 0 <= value < 1)):
+        raise ValueError(f"{name} must be in ({'0' if low_open else '[0'}, 1), got {value!r}")
+
+
+def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Sequence[int] | None = None,
+         min_per_layer: int = 0) -> CAEPResult:
+    """Contribution-aware expert pruning, the paper's Algorithm 1 (section 4), global over N_e experts.
+
+    1. R_sum = R summed over its columns (each atom's usage); e = D @ R_sum.
+    2. f = the value at 1-based rank ceil(threshold_ratio * N_e) of e in descending order; m = e >= f.
+    3. While m has more than (1 - prune_ratio) * N_e ones and atoms remain: remove the least used
+       remaining atom (smallest R_sum, lowest index on ties), recompute e over the remaining atoms,
+       m = e >= f.
+
+    f stays fixed. Because D and R are non-negative, e only falls as atoms go, so the number kept
+    never rises: the loop's stopping point is found by bisection over the removal order, which
+    gives exactly the loop's result. With ``layer_sizes``, :func:`guard_min_per_layer` then makes
+    every layer keep at least ``min_per_layer`` experts (for a model: its top-k), scoring experts by
+    their full contribution e; the result's ``note`` says what it changed.
+
+    Args:
+        D: (N_e, N_p) dictionary, entries >= 0 (HSDL's ``dictionaries_[0]``).
+        R: (N_p, N_s) codes >= 0, dense or scipy sparse (HSDL's ``codes_[0]``).
+        threshold_ratio: k1 in (0, 1). Only values above 1 - prune_ratio let the loop act; at or
+            below it the mask is simply the ceil(k1 N_e) experts of largest contribution.
+        prune_ratio: k2 in (0, 1), the share of experts to drop.
+    """
+    _check_ratio("threshold_ratio", threshold_ratio)
+    _check_ratio("prune_ratio", prune_ratio)
+    D = np.asarray(D, dtype=np.float64)
+    e = contribution_scores(D, R)
+    r_sum = _usage(R)
+    n_e = len(e)
+    rank = math.ceil(threshold_ratio * n_e)
+    f = float(np.sort(e)[::-1][rank - 1])
+    target = (1 - prune_ratio) * n_e
+    order = np.argsort(r_sum, kind="stable")  # least used first; stable = lowest index on ties
+
+    def mask_after(t: int) -> np.ndarray:  # m once the t least used atoms are gone
+        weights = r_sum.copy()
+        weights[order[:t]] = 0.0
+        return D @ weights >= f
+
+    lo, hi = 0, len(order)  # the loop stops at the first t with |m_t| <= target, else at t = N_p
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mask_after(mid).sum() <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    algorithm_keep = mask_after(lo)
+    keep, guard = algorithm_keep, None
+    if layer_sizes is not None:
+        keep, guard = guard_min_per_layer(algorithm_keep, e, layer_sizes, min_per_layer)
+    return CAEPResult(keep=keep, algorithm_keep=algorithm_keep, contribution=e, threshold=f,
+                      atoms_removed=order[:lo], target=target, reached=bool(algorithm_keep.sum() <= target),
+                      guard=guard)
+
+
+def caep_mask(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Sequence[int] | None = None,
+              min_per_layer: int = 0) -> np.ndarray:
+    """The keep-mask of :func:`caep` (boolean, length N_e); use :func:`caep` for the guard's note."""
+    return caep(D, R, threshold_ratio, prune_ratio, layer_sizes=layer_sizes, min_per_layer=min_per_layer).keep
+
+
+# --------------------------------------------------------------------------- per-layer masks
+def layer_quota(layer_sizes: Sequence[int], prune_ratio: float, min_per_layer: int = 0) -> np.ndarray:
+    """Experts each layer keeps when pruning ``prune_ratio`` of every layer: E - round(ratio * E)
+    (halves round up), but never fewer than ``min_per_layer``."""
+    _check_ratio("prune_ratio", prune_ratio, low_open=False)
+    _check_min(layer_sizes, min_per_layer)
+    sizes = np.asarray(layer_sizes, dtype=np.int64)
+    return np.maximum(sizes - np.floor(prune_ratio * sizes + 0.5).astype(np.int64), min_per_layer)
+
+
+def layerwise_mask(scores, layer_sizes: Sequence[int], prune_ratio: float, *, min_per_layer: int = 0) -> np.ndarray:
+    """Per layer, drop the experts of lowest score, the same ratio in every layer (:func:`layer_quota`).
+
+    Ties are dropped lowest index first. This is how frequency, routing-weight, EAN and REAP
+    scores are turned into masks, and CAEP's per-layer mode (with :func:`contribution_scores`).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    bounds = _layer_bounds(layer_sizes, len(scores))
+    keep = np.zeros(len(scores), dtype=bool)
+    for layer, n_keep in enumerate(layer_quota(layer_sizes, prune_ratio, min_per_layer)):
+        rows = np.arange(bounds[layer], bounds[layer + 1])
+        best_first = rows[np.lexsort((-rows, -scores[rows]))]
+        keep[best_first[:n_keep]] = True
+    return keep
+
+
+def random_mask(layer_sizes: Sequence[int], prune_ratio: float, seed: int, *, min_per_layer: int = 0) -> np.ndarray:
+    """Per layer, a uniformly random choice of the experts to drop (same count as :func:`layerwise_mask`)."""
+    scores = np.random.default_rng(seed).random(int(np.sum(layer_sizes)))
+    return layerwise_mask(scores, layer_sizes, prune_ratio, min_per_layer=min_per_layer)
+
