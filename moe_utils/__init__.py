@@ -1,9 +1,21 @@
 """moe_utils: the library behind the study of expert collaboration in Mixture-of-Experts LLMs.
 
-Modules, one concept each: ``models`` (loading and the MoE architecture registry), ``routing``
-(capture), ``store`` (the routing store on disk), ``expert_matrix`` (the paper's X and
-co-activation), ``data`` (MMLU-Pro), ``wikitext`` and ``tiny_moe`` (the embedded model),
-``evaluation`` (lm-evaluation-harness), ``plotting`` and ``pipeline`` (papermill + Jupyter Book).
+Modules, one concept each, in the order of the study:
+
+- loading: ``models`` (load_model and the MoE architecture registry), ``tiny_configs`` (tiny
+  models of every supported architecture), ``tiny_moe`` (the embedded model);
+- data: ``data`` (MMLU-Pro), ``wikitext``;
+- stage 1: ``routing`` (capture), ``store`` (the routing store on disk), ``expert_matrix`` (the
+  paper's X and co-activation);
+- stage 2: ``hsdl`` (the estimator, paper section 3), ``patterns`` (atoms, hierarchy, coverage);
+- stage 3: ``annotation`` (attribution, enrichment, labels), ``token_text`` (token classes and the
+  coloured-token rendering);
+- stage 4: ``caep`` (paper section 4, Algorithm 1), ``calibration`` (baseline scores from one
+  calibration pass), ``pruning`` (every method's masks, their evaluation and artifacts),
+  ``expert_surgery`` (masking and physically removing experts), ``evaluation``
+  (lm-evaluation-harness);
+- stage 5: ``domains`` (domain-specific pruning), ``stats`` (intervals and permutation tests);
+- the book: ``plotting``, ``pipeline`` (papermill + Jupyter Book).
 """
 
 from moe_utils.models import (
