@@ -242,7 +242,22 @@ def execute_stage(stage: Stage, params: dict, output: Path) -> float:
             f"stage {stage.name} ({stage.path}) failed in {_failed_cell(output)}: "
             f"{err.ename}: {err.evalue}\nThe executed notebook with the traceback is {output}"
         ) from None
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    _show_only_injected_parameters(output)
+    return seconds
+
+
+def _show_only_injected_parameters(path: Path) -> None:
+    """The book shows the parameters this run used (papermill's injected cell), not also the
+    notebook's defaults: the defaults cell is tagged ``remove-cell`` for myst-nb."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+    atomic_write_bytes(path, nbformat.writes(notebook).encode())
 
 
 def _git_commit() -> str | None:

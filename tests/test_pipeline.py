@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from moe_utils import pipeline
@@ -109,7 +110,10 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     assert status["stages"][0]["skipped"] and not any(s["reused"] for s in status["stages"])
     store = RoutingStore.open(artifacts / "01_capture" / "store")
     assert store.n_samples == 4 and set(store.tokens.label) == {"math", "law"}
-    assert (tmp_path / "executed" / "01_capture.ipynb").is_file()
+    executed = nbformat.read(tmp_path / "executed" / "01_capture.ipynb", as_version=4)
+    tags = [cell.metadata.get("tags", []) for cell in executed.cells]
+    assert ["parameters", "remove-cell"] in tags  # the defaults are hidden in the book ...
+    assert ["injected-parameters"] in tags  # ... and the values this run used are shown
     again = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)}, only=study,
                          executed=tmp_path / "executed")
     assert all(s["reused"] for s in again["stages"][1:])
