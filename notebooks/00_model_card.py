@@ -33,7 +33,7 @@
 wikitext_dir = None
 artifacts_dir = "artifacts/tiny"
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 

@@ -39,7 +39,7 @@ max_length = 512
 record_probs = True
 artifacts_dir = "artifacts/tiny"
 
-# %%
+# %% tags=["hide-input"]
 from pathlib import Path
 
 import numpy as np

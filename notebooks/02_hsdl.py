@@ -41,7 +41,7 @@ hsdl_seed = 0
 device = None
 atom_threshold = 0.5
 
-# %%
+# %% tags=["hide-input"]
 import hashlib
 import json
 from pathlib import Path

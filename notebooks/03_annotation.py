@@ -36,7 +36,7 @@ annotation_correction = "bh"
 annotation_rows = 20
 render_max_tokens = 160
 
-# %%
+# %% tags=["hide-input"]
 from pathlib import Path
 
 import numpy as np

@@ -61,7 +61,7 @@ eval_task_limits = None
 eval_num_fewshot = 0
 eval_batch_size = 8
 
-# %%
+# %% tags=["hide-input"]
 import hashlib
 import time
 from pathlib import Path

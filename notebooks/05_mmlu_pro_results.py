@@ -56,7 +56,7 @@ domain_mc_limit = 20
 n_bootstrap = 1000
 confidence = 0.95
 
-# %%
+# %% tags=["hide-input"]
 import math
 import time
 from pathlib import Path
