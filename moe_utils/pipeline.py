@@ -402,7 +402,10 @@ def write_status_page(status: dict, path: Path) -> None:
     for stage in status["stages"]:
         reused = "skipped" if stage.get("skipped") else "yes" if stage.get("reused") else "no"
         lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('finished', '')} | {reused} |")
-    lines += ["", "## Parameters", ""]
+    lines += ["", "A stage that runs again still reads the caches it keeps under `artifacts_dir` (the pruning "
+              "stages' calibration, masks and evaluations, keyed by everything they depend on), so its run "
+              "time here can be far below that of a first run from a clean checkout.",
+              "", "## Parameters", ""]
     for stage in status["stages"]:
         lines += [f"**{stage['stage']}**", "", "```yaml", yaml.safe_dump(stage["parameters"], sort_keys=False).strip(),
                   "```", ""]
