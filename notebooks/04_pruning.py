@@ -305,6 +305,9 @@ at_middle = summary[(summary["task"] == headline) & ((summary["ratio"] == middle
 value = at_middle.set_index("method")["mean"]
 glue("headline_task", headline, display=False)
 glue("headline_metric", at_middle["metric"].iloc[0], display=False)
+task_names = {"wikitext2_ppl": "WikiText-2", "mmlu_pro_ppl": "MMLU-Pro", "mmlu_pro_mc": "MMLU-Pro"}
+glue("headline_label", f"{task_names.get(headline, headline)} {at_middle['metric'].iloc[0].replace('_', ' ')}",
+     display=False)
 glue("middle_pct", f"{middle:.0%}", display=False)
 for name in ("unpruned", "caep", "frequency", "random"):
     glue(f"headline_{name}", float(value.get(name, np.nan)), display=False)
@@ -351,7 +354,7 @@ sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
 #   layer), its per-layer variant, six baselines and random masks were computed at every ratio
 #   from one calibration pass of {glue:text}`calib_tokens` tokens.
 # - {glue:text}`n_evaluations` pruned and unpruned models were evaluated; at
-#   {glue:text}`middle_pct` pruned, {glue:text}`headline_task` reads {glue:text}`headline_caep:.4g`
+#   {glue:text}`middle_pct` pruned, the {glue:text}`headline_label` is {glue:text}`headline_caep:.4g`
 #   for CAEP against {glue:text}`headline_frequency:.4g` for frequency and
 #   {glue:text}`headline_random:.4g` for random ({glue:text}`headline_unpruned:.4g` unpruned).
 # - The stage took {glue:text}`stage_seconds:.0f` s; masks and results are in
