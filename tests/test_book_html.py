@@ -1,5 +1,6 @@
 """The built book, opened in a real browser: every page loads without JavaScript errors, every image
-is there and not empty, the coloured-token annotation renders, and screenshots are saved.
+is there and not empty, formulas are typeset, the coloured-token annotation renders, and screenshots
+are saved.
 
 Runs against ``_build/html`` (``make book`` writes it; this test never builds it). Headless Chromium
 (Debian's ``chromium`` package, installed here when missing) is driven through the DevTools protocol
@@ -33,6 +34,8 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 #: Pages photographed for the CI artifact: the introduction and one stage page.
 SCREENSHOT_PAGES = {"book/intro.html": "intro.png", "book/executed/01_capture.html": "01_capture.png"}
 SCREENSHOT_MAX_HEIGHT = 8000
+#: The page that states the paper's equations.
+METHOD_PAGE = "book/method.html"
 #: The annotation page and the class of its coloured-token rendering (moe_utils.token_text.CSS_CLASS).
 ANNOTATION_PAGE = "book/executed/03_annotation.html"
 TOKEN_RENDER_CLASS = "moe-token-render"
@@ -191,14 +194,21 @@ class DevTools:
             self.process.kill()
 
 
-# What the page reports once loaded: images (after waiting for every one to load or fail) and the
-# coloured-token renderings with their size, token colours and any script inside them.
+# What the page reports once loaded: images (after waiting for every one to load or fail), the
+# coloured-token renderings with their size, token colours and any script inside them, and the
+# formulas (Sphinx's .math elements) with how many MathJax typeset (after its start-up finished).
 PAGE_REPORT_JS = """(async () => {
   const images = Array.from(document.images);
   images.forEach(img => { img.loading = 'eager'; });
   await Promise.all(images.map(img => img.complete ? null : new Promise(done => {
     img.addEventListener('load', done); img.addEventListener('error', done); })));
+  const formulas = Array.from(document.querySelectorAll('.math'));
+  if (formulas.length && window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await Promise.race([MathJax.startup.promise, new Promise(done => setTimeout(done, 10000))]);
+  }
   return {
+    formulas: formulas.length,
+    typeset: formulas.filter(el => el.querySelector('mjx-container') !== null).length,
     redirects: document.querySelector('meta[http-equiv="refresh" i]') !== null,
     url: location.href,
     title: document.title,
@@ -332,7 +342,16 @@ def test_screenshots_are_saved(visits):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, f"{name} looks empty ({len(png)} bytes)"
 
 
+def test_formulas_are_typeset_offline(visits):
+    """MathJax is served by the book itself (sphinx-mathjax-offline), so every formula renders on a
+    machine without internet; the method page, which states the paper's equations, must have some."""
+    assert visits[METHOD_PAGE]["report"]["formulas"] > 0, f"{METHOD_PAGE} shows no formula"
+    untypeset = {page: f"{v['report']['typeset']} of {v['report']['formulas']}" for page, v in visits.items()
+                 if v["report"]["typeset"] < v["report"]["formulas"]}
+    assert not untypeset, f"formulas MathJax did not typeset: {untypeset}"
+
+
 def test_offline_external_resources_are_only_known_cdns(visits):
-    """On an offline machine only third-party CDNs may fail (MathJax); the book's own files never."""
+    """On an offline machine only third-party CDNs may fail; the book's own files never."""
     hosts = {urlparse(url).hostname for v in visits.values() for url in v["external_failures"]}
     assert hosts <= {"cdn.jsdelivr.net", "cdnjs.cloudflare.com", "unpkg.com"}, hosts
