@@ -8,6 +8,11 @@ a guard (:func:`guard_min_per_layer`, not in the paper) that no MoE layer keeps 
 ``min_per_layer`` experts; :func:`layerwise_mask` prunes any per-expert score with one ratio in
 every layer (:func:`layer_quota`), which is CAEP's per-layer mode and how the calibration
 baselines of :mod:`moe_utils.calibration` become masks; :func:`random_mask` is the random baseline.
+
+Group-limited routers (DeepSeek-V3 family) allow only some keep counts per layer
+(:func:`moe_utils.expert_surgery.allowed_counts`). Every builder here takes them as ``allowed``
+and rounds a layer's count up to the next allowed one (:func:`round_up_to_allowed`): such a model
+keeps a few more experts than the ratio asks, and the notes say so.
 """
 
 from __future__ import annotations
@@ -34,6 +39,24 @@ def _check_min(layer_sizes: Sequence[int], min_per_layer: int) -> None:
     if min_per_layer < 0 or min_per_layer > min(layer_sizes):
         raise ValueError(f"min_per_layer={min_per_layer} must be between 0 and the smallest layer's "
                          f"expert count ({min(layer_sizes)})")
+
+
+def _next_allowed(count: int, allowed: Sequence[int] | None, layer: int) -> int:
+    """The smallest allowed count >= ``count`` (``count`` itself where any count is allowed)."""
+    if allowed is None:
+        return int(count)
+    above = [int(c) for c in allowed if c >= count]
+    if not above:
+        raise ValueError(f"layer {layer} keeps {count} experts, above every count its router allows ({list(allowed)})")
+    return min(above)
+
+
+def _check_allowed(layer_sizes: Sequence[int], allowed: Sequence[Sequence[int] | None] | None) -> list:
+    if allowed is None:
+        return [None] * len(layer_sizes)
+    if len(allowed) != len(layer_sizes):
+        raise ValueError(f"allowed has {len(allowed)} entries, but there are {len(layer_sizes)} MoE layers")
+    return list(allowed)
 
 
 def kept_per_layer(keep: np.ndarray, layer_sizes: Sequence[int]) -> np.ndarray:
@@ -133,6 +156,29 @@ def guard_min_per_layer(keep, scores, layer_sizes: Sequence[int], min_per_layer:
     return keep, note
 
 
+def round_up_to_allowed(keep, scores, layer_sizes: Sequence[int],
+                        allowed: Sequence[Sequence[int] | None] | None) -> tuple[np.ndarray, list[str]]:
+    """Make every layer's kept count one its router allows, by restoring the layer's highest-scoring
+    pruned experts (ties: lowest row first) up to the next allowed count.
+
+    ``allowed``: per layer, the allowed counts or None (any count); see
+    :func:`moe_utils.expert_surgery.allowed_counts`. Returns the new mask and the restored experts
+    (``L<layer>E<expert>``), empty when nothing changed.
+    """
+    keep = np.array(keep, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    bounds = _layer_bounds(layer_sizes, len(keep))
+    restored: list[int] = []
+    for layer, (count, rule) in enumerate(zip(kept_per_layer(keep, layer_sizes), _check_allowed(layer_sizes, allowed))):
+        missing = _next_allowed(int(count), rule, layer) - int(count)
+        if missing:
+            rows = np.arange(bounds[layer], bounds[layer + 1])
+            candidates = rows[~keep[rows]]
+            restored.extend(candidates[np.lexsort((candidates, -scores[candidates]))][:missing].tolist())
+    keep[restored] = True
+    return keep, [_name(r, bounds) for r in restored]
+
+
 @dataclass(frozen=True)
 class CAEPResult:
     """Outcome of :func:`caep`.
@@ -145,6 +191,7 @@ class CAEPResult:
         target: (1 - prune_ratio) * N_e, the most experts the loop may leave.
         reached: whether the loop ended at or below the target (False: atoms ran out first).
         guard: what the per-layer guard changed, or None without ``layer_sizes``.
+        rounded: experts restored so that each layer keeps a count its router allows (``allowed``).
     """
 
     keep: np.ndarray
@@ -155,6 +202,7 @@ class CAEPResult:
     target: float
     reached: bool
     guard: GuardNote | None
+    rounded: tuple[str, ...] = ()
 
     @property
     def note(self) -> str:
@@ -163,7 +211,11 @@ class CAEPResult:
                 f"after removing {len(self.atoms_removed)} atoms")
         if not self.reached:
             text += "; the atoms ran out before the target was reached"
-        return text + (f"; {self.guard}" if self.guard is not None else "")
+        text += f"; {self.guard}" if self.guard is not None else ""
+        if self.rounded:
+            text += (f"; restored {', '.join(self.rounded)} so that every layer keeps a count its "
+                     "group-limited router allows")
+        return text
 
 
 def _check_ratio(name: str, value: float, *, low_open: bool = True) -> None:
@@ -172,7 +224,7 @@ def _check_ratio(name: str, value: float, *, low_open: bool = True) -> None:
 
 
 def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Sequence[int] | None = None,
-         min_per_layer: int = 0) -> CAEPResult:
+         min_per_layer: int = 0, allowed: Sequence[Sequence[int] | None] | None = None) -> CAEPResult:
     """Contribution-aware expert pruning, the paper's Algorithm 1 (section 4), global over N_e experts.
 
     1. R_sum = R summed over its columns (each atom's usage); e = D @ R_sum.
@@ -185,7 +237,8 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Seque
     never rises: the loop's stopping point is found by bisection over the removal order, which
     gives exactly the loop's result. With ``layer_sizes``, :func:`guard_min_per_layer` then makes
     every layer keep at least ``min_per_layer`` experts (for a model: its top-k), scoring experts by
-    their full contribution e; the result's ``note`` says what it changed.
+    their full contribution e, and :func:`round_up_to_allowed` applies ``allowed`` (a
+    group-limited router's keep counts); the result's ``note`` says what they changed.
 
     Args:
         D: (N_e, N_p) dictionary, entries >= 0 (HSDL's ``dictionaries_[0]``).
@@ -218,31 +271,40 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Seque
         else:
             lo = mid + 1
     algorithm_keep = mask_after(lo)
-    keep, guard = algorithm_keep, None
+    keep, guard, rounded = algorithm_keep, None, []
     if layer_sizes is not None:
         keep, guard = guard_min_per_layer(algorithm_keep, e, layer_sizes, min_per_layer)
+        keep, rounded = round_up_to_allowed(keep, e, layer_sizes, allowed)
+    elif allowed is not None:
+        raise ValueError("allowed needs layer_sizes")
     return CAEPResult(keep=keep, algorithm_keep=algorithm_keep, contribution=e, threshold=f,
                       atoms_removed=order[:lo], target=target, reached=bool(algorithm_keep.sum() <= target),
-                      guard=guard)
+                      guard=guard, rounded=tuple(rounded))
 
 
 def caep_mask(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Sequence[int] | None = None,
-              min_per_layer: int = 0) -> np.ndarray:
+              min_per_layer: int = 0, allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
     """The keep-mask of :func:`caep` (boolean, length N_e); use :func:`caep` for the guard's note."""
-    return caep(D, R, threshold_ratio, prune_ratio, layer_sizes=layer_sizes, min_per_layer=min_per_layer).keep
+    return caep(D, R, threshold_ratio, prune_ratio, layer_sizes=layer_sizes, min_per_layer=min_per_layer,
+                allowed=allowed).keep
 
 
 # --------------------------------------------------------------------------- per-layer masks
-def layer_quota(layer_sizes: Sequence[int], prune_ratio: float, min_per_layer: int = 0) -> np.ndarray:
+def layer_quota(layer_sizes: Sequence[int], prune_ratio: float, min_per_layer: int = 0,
+                allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
     """Experts each layer keeps when pruning ``prune_ratio`` of every layer: E - round(ratio * E)
-    (halves round up), but never fewer than ``min_per_layer``."""
+    (halves round up), but never fewer than ``min_per_layer``, and rounded up to a count in
+    ``allowed`` (per layer, or None: any count)."""
     _check_ratio("prune_ratio", prune_ratio, low_open=False)
     _check_min(layer_sizes, min_per_layer)
     sizes = np.asarray(layer_sizes, dtype=np.int64)
-    return np.maximum(sizes - np.floor(prune_ratio * sizes + 0.5).astype(np.int64), min_per_layer)
+    quota = np.maximum(sizes - np.floor(prune_ratio * sizes + 0.5).astype(np.int64), min_per_layer)
+    return np.array([_next_allowed(int(q), rule, layer)
+                     for layer, (q, rule) in enumerate(zip(quota, _check_allowed(layer_sizes, allowed)))], dtype=np.int64)
 
 
-def layerwise_mask(scores, layer_sizes: Sequence[int], prune_ratio: float, *, min_per_layer: int = 0) -> np.ndarray:
+def layerwise_mask(scores, layer_sizes: Sequence[int], prune_ratio: float, *, min_per_layer: int = 0,
+                   allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
     """Per layer, drop the experts of lowest score, the same ratio in every layer (:func:`layer_quota`).
 
     Ties are dropped lowest index first. This is how frequency, routing-weight, EAN and REAP
@@ -251,15 +313,16 @@ def layerwise_mask(scores, layer_sizes: Sequence[int], prune_ratio: float, *, mi
     scores = np.asarray(scores, dtype=np.float64)
     bounds = _layer_bounds(layer_sizes, len(scores))
     keep = np.zeros(len(scores), dtype=bool)
-    for layer, n_keep in enumerate(layer_quota(layer_sizes, prune_ratio, min_per_layer)):
+    for layer, n_keep in enumerate(layer_quota(layer_sizes, prune_ratio, min_per_layer, allowed)):
         rows = np.arange(bounds[layer], bounds[layer + 1])
         best_first = rows[np.lexsort((-rows, -scores[rows]))]
         keep[best_first[:n_keep]] = True
     return keep
 
 
-def random_mask(layer_sizes: Sequence[int], prune_ratio: float, seed: int, *, min_per_layer: int = 0) -> np.ndarray:
+def random_mask(layer_sizes: Sequence[int], prune_ratio: float, seed: int, *, min_per_layer: int = 0,
+                allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
     """Per layer, a uniformly random choice of the experts to drop (same count as :func:`layerwise_mask`)."""
     scores = np.random.default_rng(seed).random(int(np.sum(layer_sizes)))
-    return layerwise_mask(scores, layer_sizes, prune_ratio, min_per_layer=min_per_layer)
+    return layerwise_mask(scores, layer_sizes, prune_ratio, min_per_layer=min_per_layer, allowed=allowed)
 

@@ -99,13 +99,15 @@ def domain_factors(hsdl, store: RoutingStore, domain: str, *, level: int = 1, re
 def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: float, methods: Sequence[str],
                  min_per_layer: int, threshold_ratio: float, calibration: Mapping[str, Sequence[str]] | None = None,
                  model=None, tokenizer=None, level: int = 1, refit: bool = False, X=None, seeds: Sequence[int] = (0,),
-                 calibrate_kwargs: Mapping[str, Any] | None = None) -> dict[tuple[str, str], Any]:
+                 calibrate_kwargs: Mapping[str, Any] | None = None,
+                 allowed: Sequence[Sequence[int] | None] | None = None) -> dict[tuple[str, str], Any]:
     """Every method's keep-mask fitted on each domain alone: ``{(method, domain): PruningMask}``.
 
     CAEP uses :func:`domain_factors`; the calibration baselines (:data:`BASELINES`) a calibration
     pass of ``model`` over ``calibration[domain]``, that domain's texts only
     (:func:`moe_utils.calibration.calibrate`); masks come from :func:`moe_utils.pruning.pruning_masks`
-    with the same guard (``min_per_layer``) and threshold as stage 4.
+    with the same guard (``min_per_layer``), threshold and allowed keep counts (``allowed``, for
+    group-limited routers) as stage 4.
     """
     from moe_utils.calibration import calibrate
     from moe_utils.pruning import pruning_masks
@@ -127,7 +129,7 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
                       if {"caep", "caep_layer"} & set(methods) else None)
         for mask in pruning_masks([ratio], layer_sizes=layer_sizes, min_per_layer=min_per_layer, methods=methods,
                                   stats=stats_, dictionary=dictionary, threshold_ratio=threshold_ratio, seeds=seeds,
-                                  model=model, progress=False):
+                                  model=model, progress=False, allowed=allowed):
             out[(mask.method, domain)] = mask
     return out
 

@@ -97,6 +97,24 @@ def _group_rule(layer: MoELayer) -> tuple[int, int, int] | None:
     return n_group, int(router.topk_group), min_per_group
 
 
+def _group_counts(layer: MoELayer) -> list[int] | None:
+    """The keep counts a group-limited router allows (see the module docstring), else None."""
+    rule = _group_rule(layer)
+    if rule is None:
+        return None
+    n_group, topk_group, min_per_group = rule
+    return [c for c in range(n_group, layer.num_experts + 1, n_group)
+            if c // n_group >= min_per_group and topk_group * (c // n_group) >= layer.top_k]
+
+
+def allowed_counts(model: nn.Module) -> list[list[int] | None]:
+    """Per MoE layer, the numbers of experts a pruned layer may keep, or None where any count from
+    top-k up is allowed. Only group-limited routers (DeepSeek-V3 family) restrict it; pass the
+    result to the mask builders of :mod:`moe_utils.caep` and :func:`moe_utils.pruning.pruning_masks`
+    as ``allowed``."""
+    return [_group_counts(layer) for layer in moe_layers(model)]
+
+
 def _check_layer(layer: MoELayer, kept: np.ndarray) -> None:
     count, where = len(kept), f"MoE layer {layer.index} (decoder layer {layer.layer_index})"
     if count == 0:
@@ -106,22 +124,20 @@ def _check_layer(layer: MoELayer, kept: np.ndarray) -> None:
         raise PruningError(f"{where} would keep {count} expert(s), fewer than the {layer.top_k} its router "
                            f"sends every token to; keep at least top-k = {layer.top_k} experts per layer "
                            "(pruning's min_per_layer guards this)")
-    rule = _group_rule(layer)
-    if rule is None or count == layer.num_experts:
+    valid = _group_counts(layer)
+    if valid is None or count == layer.num_experts or count in valid:
         return
-    n_group, topk_group, min_per_group = rule
+    n_group, topk_group, min_per_group = _group_rule(layer)
     per_group = count // n_group
-    if count % n_group or per_group < min_per_group or topk_group * per_group < layer.top_k:
-        valid = [c for c in range(n_group, layer.num_experts + 1, n_group)
-                 if c // n_group >= min_per_group and topk_group * (c // n_group) >= layer.top_k]
-        raise PruningError(
-            f"{where} routes within {n_group} groups (top {topk_group} groups, then top-{layer.top_k}); it "
-            f"would keep {count} experts, which "
-            + (f"is not divisible by n_group = {n_group}" if count % n_group else
-               f"leaves {per_group} per group (at least {min_per_group} needed, and {topk_group} group(s) "
-               f"must hold top-k = {layer.top_k})")
-            + f". Keep one of these counts in that layer: {valid}"
-        )
+    raise PruningError(
+        f"{where} routes within {n_group} groups (top {topk_group} groups, then top-{layer.top_k}); it "
+        f"would keep {count} experts, which "
+        + (f"is not divisible by n_group = {n_group}" if count % n_group else
+           f"leaves {per_group} per group (at least {min_per_group} needed, and {topk_group} group(s) "
+           f"must hold top-k = {layer.top_k})")
+        + f". Keep one of these counts in that layer: {valid} (pass allowed_counts(model) to the mask "
+        "builders to round up to one)"
+    )
 
 
 def _as_array(keep: Any) -> np.ndarray | None:

@@ -70,11 +70,27 @@ def unpruned_mask(n_e: int) -> PruningMask:
     return PruningMask("unpruned", 0.0, np.ones(n_e, dtype=bool))
 
 
+def unsupported_methods(methods: Sequence[str], allowed: Sequence[Sequence[int] | None] | None) -> dict[str, str]:
+    """``{method: why}`` for the methods of ``methods`` that cannot prune a model whose layers allow
+    only the keep counts ``allowed`` (:func:`moe_utils.expert_surgery.allowed_counts`).
+
+    Only the output-based search is affected: it removes one expert at a time, so every count
+    between a layer's size and its quota must be routable, which a group-limited router with
+    ``n_group`` > 1 forbids (its counts must stay divisible by ``n_group``)."""
+    gaps = [layer for layer, rule in enumerate(allowed or []) if rule is not None
+            and sorted(rule) != list(range(min(rule), max(rule) + 1))]
+    if "output" in methods and gaps:
+        return {"output": f"removes one expert at a time, which the group-limited routers of MoE layers "
+                          f"{gaps} do not allow (their kept counts must stay divisible by the number of groups)"}
+    return {}
+
+
 def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_per_layer: int,
                   methods: Sequence[str] = METHODS, stats: ExpertStats | None = None,
                   dictionary: tuple[Any, Any] | None = None, threshold_ratio: float = 0.9,
                   seeds: Sequence[int] = (0, 1, 2), model: nn.Module | None = None,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[PruningMask]:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                  allowed: Sequence[Sequence[int] | None] | None = None) -> list[PruningMask]:
     """Every method's keep-mask at every ratio, in the order of ``methods`` then ``ratios`` then seeds.
 
     Args:
@@ -86,6 +102,9 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
             hidden states and the ``model``; ``random`` uses ``seeds``.
         threshold_ratio: CAEP's k1.
         cache_dir: where :func:`output_removal_order` caches its search.
+        allowed: per layer, the keep counts its router allows (None: any), from
+            :func:`moe_utils.expert_surgery.allowed_counts`; every mask rounds up to them, and
+            :func:`unsupported_methods` are refused.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -94,18 +113,24 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
              "output": ("stats and model", stats if model is not None else None),
              **{s: ("stats", stats) for s in SCORES}}
     missing = [f"{m} needs {needs[m][0]}" for m in methods if m in needs and needs[m][1] is None]
+    missing += [f"{m} {why}" for m, why in unsupported_methods(methods, allowed).items()]
     if missing:
         raise ValueError("; ".join(missing))
     for ratio in ratios:
         _check_ratio("prune ratio", ratio)
     sizes = list(layer_sizes)
-    quotas = {r: layer_quota(sizes, r, min_per_layer) for r in ratios}
+    quotas = {r: layer_quota(sizes, r, min_per_layer, allowed) for r in ratios}
+    guarded = {r: layer_quota(sizes, r, min_per_layer) for r in ratios}
     wanted = {r: np.asarray(sizes) - np.floor(r * np.asarray(sizes) + 0.5).astype(int) for r in ratios}
 
     def quota_note(ratio: float) -> str:
-        if np.array_equal(quotas[ratio], wanted[ratio]):
-            return ""
-        return f"guard: each layer keeps at least {min_per_layer} experts (instead of {wanted[ratio].min()})"
+        notes = []
+        if not np.array_equal(guarded[ratio], wanted[ratio]):
+            notes.append(f"guard: each layer keeps at least {min_per_layer} experts (instead of {wanted[ratio].min()})")
+        if not np.array_equal(quotas[ratio], guarded[ratio]):
+            notes.append(f"group-limited routing: layers keep {sorted(set(quotas[ratio].tolist()))} experts "
+                         f"(instead of {sorted(set(guarded[ratio].tolist()))}), a count the router allows")
+        return "; ".join(notes)
 
     orders = None
     if "output" in methods:
@@ -116,10 +141,12 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
     for method in methods:
         for ratio in ratios:
             if method == "caep":
-                result = caep(*dictionary, threshold_ratio, ratio, layer_sizes=sizes, min_per_layer=min_per_layer)
+                result = caep(*dictionary, threshold_ratio, ratio, layer_sizes=sizes, min_per_layer=min_per_layer,
+                              allowed=allowed)
                 masks.append(PruningMask(method, ratio, result.keep, note=result.note))
             elif method == "random":
-                masks.extend(PruningMask(method, ratio, random_mask(sizes, ratio, seed, min_per_layer=min_per_layer),
+                masks.extend(PruningMask(method, ratio, random_mask(sizes, ratio, seed, min_per_layer=min_per_layer,
+                                                                    allowed=allowed),
                                          seed=seed, note=quota_note(ratio)) for seed in seeds)
             elif method == "output":
                 keep = np.ones(sum(sizes), dtype=bool)
@@ -128,7 +155,8 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
                 masks.append(PruningMask(method, ratio, keep, note=quota_note(ratio)))
             else:
                 scores = contribution_scores(*dictionary) if method == "caep_layer" else stats.score(method)
-                masks.append(PruningMask(method, ratio, layerwise_mask(scores, sizes, ratio, min_per_layer=min_per_layer),
+                masks.append(PruningMask(method, ratio, layerwise_mask(scores, sizes, ratio, min_per_layer=min_per_layer,
+                                                                       allowed=allowed),
                                          note=quota_note(ratio)))
     return masks
 

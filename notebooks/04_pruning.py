@@ -73,6 +73,7 @@ from myst_nb import glue
 
 from moe_utils import caep, calibration, plotting, pruning
 from moe_utils.data import load_prompts
+from moe_utils.expert_surgery import allowed_counts
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import model_identity
@@ -100,6 +101,9 @@ layers = moe_layers(lm)
 layer_sizes = [layer.num_experts for layer in layers]
 top_k = max(layer.top_k for layer in layers)
 guard = top_k if min_per_layer is None else min_per_layer
+allowed = allowed_counts(lm)  # group-limited routers (DeepSeek-V3 family) allow only some keep counts
+skipped = pruning.unsupported_methods(pruning_methods, allowed)
+methods = [m for m in pruning_methods if m not in skipped]
 assert store.manifest["model"]["name"] == model, "stage 1 captured another model: re-run it"
 assert hsdl.dictionaries_[0].shape[0] == sum(layer_sizes) == store.n_layers * store.n_experts
 glue("guard", guard, display=False)
@@ -115,6 +119,8 @@ elif model == "embedded":
     display(Markdown("The embedded model is a 7M-parameter MoE trained on WikiText-2: its multiple-choice accuracy "
                      "sits at chance, so its perplexities are what pruning visibly changes. The numbers illustrate "
                      "the methods; they are not the paper's DeepSeek-MoE-16B results."))
+for method, why in skipped.items():
+    display(Markdown(f"**Skipped for this model:** `{method}` {why}."))
 
 # %% [markdown]
 # ## 2. One calibration pass
@@ -138,7 +144,7 @@ else:
     calibration_length = calibration_spec["n_tokens"]
 t0 = time.perf_counter()
 stats = calibration.calibrate(lm, tokenizer, calibration_set, batch_size=batch_size, max_length=calibration_length,
-                              keep_hidden=output_tokens if "output" in pruning_methods else 0, cache_dir=cache_dir)
+                              keep_hidden=output_tokens if "output" in methods else 0, cache_dir=cache_dir)
 calibration_seconds = time.perf_counter() - t0
 np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.n_tokens * np.array([layer.top_k for layer in layers]))
 if calibration_spec["source"] == "capture" and len(calibration_set) == store.n_samples:
@@ -179,7 +185,8 @@ D, R = pruning.hsdl_factors(hsdl, level=caep_level)
 glue("k1", caep_threshold_ratio, display=False)
 steps = []
 for ratio in ratios:
-    result = caep.caep(D, R, caep_threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=guard)
+    result = caep.caep(D, R, caep_threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=guard,
+                       allowed=allowed)
     assert (caep.kept_per_layer(result.keep, layer_sizes) >= guard).all()
     steps.append({"ratio": f"{ratio:.0%}", "target kept": int(np.floor(result.target)),
                   "kept by Algorithm 1": int(result.algorithm_keep.sum()),
@@ -187,8 +194,11 @@ for ratio in ratios:
                   "per layer, Algorithm 1": " ".join(map(str, caep.kept_per_layer(result.algorithm_keep, layer_sizes))),
                   "per layer, guarded": " ".join(map(str, caep.kept_per_layer(result.keep, layer_sizes))),
                   "guard": "no change" if not result.guard.changed else
-                  f"restored {len(result.guard.restored)}, dropped {len(result.guard.dropped)}"})
+                  f"restored {len(result.guard.restored)}, dropped {len(result.guard.dropped)}",
+                  "restored for the router's groups": len(result.rounded)})
 steps = pd.DataFrame(steps)
+if not any(allowed):  # only group-limited routers restrict the counts
+    steps = steps.drop(columns="restored for the router's groups")
 glue("caep_guard_changes", int((steps["guard"] != "no change").sum()), display=False)
 steps.style.hide(axis="index")
 
@@ -206,7 +216,7 @@ steps.style.hide(axis="index")
 
 # %%
 t0 = time.perf_counter()
-masks = pruning.pruning_masks(ratios, layer_sizes=layer_sizes, min_per_layer=guard, methods=pruning_methods,
+masks = pruning.pruning_masks(ratios, layer_sizes=layer_sizes, min_per_layer=guard, methods=methods, allowed=allowed,
                               stats=stats, dictionary=(D, R), threshold_ratio=caep_threshold_ratio,
                               seeds=random_seeds, model=lm, cache_dir=cache_dir)
 mask_seconds = time.perf_counter() - t0
@@ -214,7 +224,7 @@ for mask in masks:
     kept = caep.kept_per_layer(mask.keep, layer_sizes)
     assert (kept >= guard).all(), f"{mask.label} at {mask.ratio}: a layer keeps fewer than {guard} experts"
     if mask.method != "caep":
-        assert kept.tolist() == caep.layer_quota(layer_sizes, mask.ratio, guard).tolist()
+        assert kept.tolist() == caep.layer_quota(layer_sizes, mask.ratio, guard, allowed).tolist()
 glue("n_seeds", len(random_seeds), display=False)
 glue("output_tokens", int(min(output_tokens, stats.n_tokens)), display=False)
 glue("mask_seconds", mask_seconds, display=False)
@@ -336,7 +346,7 @@ pruning.save_pruning(out_dir, [pruning.unpruned_mask(sum(layer_sizes)), *masks],
     "model": model_identity(lm) | {"layer_sizes": layer_sizes, "top_k": top_k},
     "inputs": {"store": str(store_dir), "store_manifest_sha256": inputs["store"], "hsdl": str(hsdl_dir),
                "hsdl_manifest_sha256": inputs["hsdl"]},
-    "parameters": {"prune_ratios": ratios, "methods": pruning_methods, "random_seeds": random_seeds,
+    "parameters": {"prune_ratios": ratios, "methods": methods, "skipped_methods": skipped, "random_seeds": random_seeds,
                    "caep_threshold_ratio": caep_threshold_ratio, "caep_level": caep_level, "min_per_layer": guard,
                    "calibration": calibration_spec | {"n_texts": len(calibration_set), "n_tokens_seen": stats.n_tokens},
                    "output_tokens": output_tokens, "eval_runs": runs, "eval_num_fewshot": eval_num_fewshot},

@@ -70,6 +70,7 @@ from moe_utils import caep, calibration, domains, plotting, pruning, stats
 from moe_utils.data import load_prompts
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, category_slug, resolve_category
 from moe_utils.expert_matrix import expert_matrix
+from moe_utils.expert_surgery import allowed_counts
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model
 from moe_utils.pruning import PruningMask, hsdl_factors, load_pruning, mask_overlap
@@ -102,6 +103,7 @@ assert store.manifest["model"]["name"] == model, "stage 1 captured another model
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 layer_sizes = [store.n_experts] * store.n_layers
 guard = store.top_k if min_per_layer is None else min_per_layer
+allowed = allowed_counts(lm)  # group-limited routers (DeepSeek-V3 family) allow only some keep counts
 try:
     _, stage4, stage4_manifest = load_pruning(pruning_dir)
 except FileNotFoundError:
@@ -162,9 +164,9 @@ mask_key = {"store": store.manifest["fingerprint"], "hsdl": hsdl.manifest_["file
 masks, masks_cached = domains.cached_masks(out_dir / "masks", mask_key, lambda: domains.domain_masks(
     hsdl, store, domain_names, ratio=domain_prune_ratio, methods=["caep", baseline], min_per_layer=guard,
     threshold_ratio=caep_threshold_ratio, calibration=domain_calibration, model=lm, tokenizer=tokenizer, level=caep_level,
-    refit=domain_refit_hsdl, X=X, calibrate_kwargs=calibrate_kwargs))
+    refit=domain_refit_hsdl, X=X, calibrate_kwargs=calibrate_kwargs, allowed=allowed))
 general = caep.caep(*hsdl_factors(hsdl, level=caep_level), caep_threshold_ratio, domain_prune_ratio,
-                    layer_sizes=layer_sizes, min_per_layer=guard)
+                    layer_sizes=layer_sizes, min_per_layer=guard, allowed=allowed)
 masks[("caep", "all domains")] = PruningMask("caep", domain_prune_ratio, general.keep, note=general.note)
 for mask in masks.values():
     assert caep.kept_per_layer(mask.keep, layer_sizes).min() >= guard

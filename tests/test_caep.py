@@ -128,3 +128,33 @@ def test_layerwise_mask_quota_ties_and_guard():
     a, b = (caep.random_mask([8, 8], 0.5, seed) for seed in (0, 1))
     assert caep.kept_per_layer(a, [8, 8]).tolist() == [4, 4] and not np.array_equal(a, b)
     np.testing.assert_array_equal(a, caep.random_mask([8, 8], 0.5, 0))
+
+
+# ------------------------------------------------------- group-limited routers (allowed counts)
+def test_round_up_to_allowed_restores_each_layers_best_pruned_experts():
+    # layer 0 keeps 1 (allowed: 2 or 4) -> its best pruned expert returns; layer 1 keeps 2, allowed
+    keep, restored = caep.round_up_to_allowed([True, False, False, False, True, True, False, False],
+                                              [9, 1, 5, 5, 0, 0, 7, 7], [4, 4], [[2, 4], None])
+    np.testing.assert_array_equal(keep, [True, False, True, False, True, True, False, False])
+    assert restored == ["L0E2"]  # the tie 5, 5 goes to the lowest row
+    unchanged, none = caep.round_up_to_allowed([True, True, False, False], [1, 1, 1, 1], [4], [[2, 4]])
+    assert none == [] and unchanged.tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="2 entries"):
+        caep.round_up_to_allowed([True] * 4, [1] * 4, [4], [[2, 4], None])
+
+
+def test_quotas_and_caep_keep_only_allowed_counts():
+    allowed = [[2, 4, 6], [2, 4, 6]]
+    assert caep.layer_quota([6, 6], 0.5).tolist() == [3, 3]
+    assert caep.layer_quota([6, 6], 0.5, allowed=allowed).tolist() == [4, 4]  # rounded up, never down
+    assert caep.kept_per_layer(caep.random_mask([6, 6], 0.5, 0, allowed=allowed), [6, 6]).tolist() == [4, 4]
+    rng = np.random.default_rng(3)
+    D, R = rng.random((12, 5)), rng.random((5, 40))
+    for ratio in (0.25, 0.5, 0.75):
+        result = caep.caep(D, R, 0.9, ratio, layer_sizes=[6, 6], min_per_layer=2, allowed=allowed)
+        plain = caep.caep(D, R, 0.9, ratio, layer_sizes=[6, 6], min_per_layer=2)
+        counts = caep.kept_per_layer(result.keep, [6, 6])
+        assert all(c in (2, 4, 6) for c in counts)
+        assert (result.keep >= plain.keep).all()  # only restores
+        assert len(result.rounded) == int(result.keep.sum() - plain.keep.sum())
+        assert ("group-limited router" in result.note) == bool(result.rounded)

@@ -259,3 +259,22 @@ def test_regrouping_of_group_routed_layers_is_announced(random_models, caplog):
     with caplog.at_level("WARNING", logger="moe_utils.expert_surgery"), masked_experts(model, uneven_keep(model)):
         pass
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["MoE layer 1"]
+
+
+def test_allowed_counts_are_exactly_what_masking_accepts(random_models):
+    """allowed_counts lists the counts masked_experts accepts, for a group-limited router and not."""
+    from moe_utils.expert_surgery import allowed_counts
+
+    model, _ = random_models["deepseek_v3"]
+    allowed = allowed_counts(model)
+    assert allowed == [[4, 6, 8]] * len(moe_layers(model))
+    n_experts = moe_layers(model)[0].num_experts
+    for count in range(2, n_experts + 1):
+        keep = [list(range(count)), list(range(n_experts))]
+        if count in allowed[0]:
+            with masked_experts(model, keep):
+                pass
+        else:
+            with pytest.raises(PruningError), masked_experts(model, keep):
+                pass
+    assert allowed_counts(random_models["olmoe"][0]) == [None] * len(moe_layers(random_models["olmoe"][0]))

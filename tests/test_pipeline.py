@@ -117,3 +117,22 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     again = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts)}, only=study,
                          executed=tmp_path / "executed")
     assert all(s["reused"] for s in again["stages"][1:])
+
+
+@pytest.mark.slow
+def test_another_architecture_is_one_parameter_away(tmp_path, monkeypatch):
+    """The same profile with ``model`` changed to a group-limited DeepSeek-V3 router (shared experts,
+    sigmoid scores, 2 routing groups): every stage runs, and stage 4 says which method it skipped."""
+    from .conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "mmlu_pro").is_dir():
+        pytest.skip("needs the local MMLU-Pro copy")
+    monkeypatch.setenv("MOE_MMLU_PRO_DIR", str(SHARED_DATA / "mmlu_pro"))
+    artifacts = tmp_path / "artifacts"
+    study = [s.name for s in discover_stages() if s.name != "00_model_card"]
+    status = pipeline.run(pipeline.PROFILES / "smoke.yaml", {"artifacts_dir": str(artifacts), "model": "random:deepseek_v3"},
+                          only=study, executed=tmp_path / "executed")
+    assert [s["stage"] for s in status["stages"] if not s.get("skipped")] == study
+    manifest = json.loads((artifacts / "04_pruning" / "manifest.json").read_text())
+    assert list(manifest["parameters"]["skipped_methods"]) == ["output"]
+    assert (artifacts / "05_mmlu_pro_results").is_dir()

@@ -42,6 +42,37 @@ def test_pruning_masks_for_every_method(olmoe, olmoe_stats):
     assert overlap.iloc[0, 0] == 1.0 and 0 <= overlap.iloc[0, 1] <= 1
 
 
+def test_group_limited_router_gets_only_masks_it_can_route(random_models):
+    """DeepSeek-V3's tiny router (8 experts in 2 groups, top-2) accepts 4, 6 or 8 experts per layer:
+    every method's mask rounds up to those counts and masks the model; the one-at-a-time output
+    search is refused with the reason."""
+    from moe_utils.calibration import calibrate
+    from moe_utils.expert_surgery import allowed_counts, masked_experts
+    from moe_utils.models import moe_layers
+
+    model, tok = random_models["deepseek_v3"]
+    sizes = [layer.num_experts for layer in moe_layers(model)]
+    allowed = allowed_counts(model)
+    skipped = pruning.unsupported_methods(pruning.METHODS, allowed)
+    assert list(skipped) == ["output"] and "group-limited" in skipped["output"]
+    assert pruning.unsupported_methods(pruning.METHODS, [None] * len(sizes)) == {}
+    stats = calibrate(model, tok, TEXTS, batch_size=3, max_length=64, progress=False)
+    rng = np.random.default_rng(0)
+    dictionary = (rng.random((sum(sizes), 5)), rng.random((5, 30)))
+    with pytest.raises(ValueError, match="output removes one expert at a time"):
+        pruning.pruning_masks([0.5], layer_sizes=sizes, min_per_layer=2, stats=stats, dictionary=dictionary,
+                              model=model, allowed=allowed, progress=False)
+    methods = [m for m in pruning.METHODS if m not in skipped]
+    masks = pruning.pruning_masks([0.25, 0.5, 0.75], layer_sizes=sizes, min_per_layer=2, methods=methods,
+                                  stats=stats, dictionary=dictionary, model=model, allowed=allowed, progress=False)
+    for mask in masks:
+        assert all(c in rule for c, rule in zip(caep.kept_per_layer(mask.keep, sizes), allowed)), mask.label
+        with masked_experts(model, mask.keep):  # raises PruningError for a count the router cannot route
+            pass
+    at_75 = next(m for m in masks if m.method == "frequency" and m.ratio == 0.75)
+    assert "group-limited routing" in at_75.note  # 2 wanted per layer, 4 kept
+
+
 # ----------------------------------------------------------------------- domain restriction
 def test_label_columns_and_hsdl_factors(olmoe, tmp_path):
     model, tok = olmoe
