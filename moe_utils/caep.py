@@ -47,7 +47,8 @@ def _next_allowed(count: int, allowed: Sequence[int] | None, layer: int) -> int:
         return int(count)
     above = [int(c) for c in allowed if c >= count]
     if not above:
-        raise ValueError(f"layer {layer} keeps {count} experts, above every count its router allows ({list(allowed)})")
+        raise ValueError(f"layer {layer} keeps {count} experts, above every count its router allows "
+                         f"({list(allowed)})")
     return min(above)
 
 
@@ -121,6 +122,13 @@ class GuardNote:
                        "than requested, as every other layer was at its minimum")
 
 
+def _best_pruned(keep: np.ndarray, scores: np.ndarray, bounds: np.ndarray, layer: int, n: int) -> list[int]:
+    """The ``n`` highest-scoring pruned rows of ``layer`` (ties: lowest row first), to restore."""
+    rows = np.arange(bounds[layer], bounds[layer + 1])
+    candidates = rows[~keep[rows]]
+    return candidates[np.lexsort((candidates, -scores[candidates]))][:n].tolist()
+
+
 def guard_min_per_layer(keep, scores, layer_sizes: Sequence[int], min_per_layer: int) -> tuple[np.ndarray, GuardNote]:
     """Make every layer keep at least ``min_per_layer`` experts without changing the total.
 
@@ -136,10 +144,7 @@ def guard_min_per_layer(keep, scores, layer_sizes: Sequence[int], min_per_layer:
     short = {int(layer): int(n) for layer, n in enumerate(counts) if n < min_per_layer}
     restored: list[int] = []
     for layer in short:
-        rows = np.arange(bounds[layer], bounds[layer + 1])
-        candidates = rows[~keep[rows]]
-        best_first = candidates[np.lexsort((candidates, -scores[candidates]))]
-        restored.extend(best_first[: min_per_layer - counts[layer]].tolist())
+        restored.extend(_best_pruned(keep, scores, bounds, layer, min_per_layer - counts[layer]))
     keep[restored] = True
     counts = kept_per_layer(keep, layer_sizes)
     dropped: list[int] = []
@@ -169,12 +174,9 @@ def round_up_to_allowed(keep, scores, layer_sizes: Sequence[int],
     scores = np.asarray(scores, dtype=np.float64)
     bounds = _layer_bounds(layer_sizes, len(keep))
     restored: list[int] = []
-    for layer, (count, rule) in enumerate(zip(kept_per_layer(keep, layer_sizes), _check_allowed(layer_sizes, allowed))):
-        missing = _next_allowed(int(count), rule, layer) - int(count)
-        if missing:
-            rows = np.arange(bounds[layer], bounds[layer + 1])
-            candidates = rows[~keep[rows]]
-            restored.extend(candidates[np.lexsort((candidates, -scores[candidates]))][:missing].tolist())
+    counts = kept_per_layer(keep, layer_sizes)
+    for layer, (count, rule) in enumerate(zip(counts.tolist(), _check_allowed(layer_sizes, allowed))):
+        restored.extend(_best_pruned(keep, scores, bounds, layer, _next_allowed(count, rule, layer) - count))
     keep[restored] = True
     return keep, [_name(r, bounds) for r in restored]
 
@@ -299,8 +301,9 @@ def layer_quota(layer_sizes: Sequence[int], prune_ratio: float, min_per_layer: i
     _check_min(layer_sizes, min_per_layer)
     sizes = np.asarray(layer_sizes, dtype=np.int64)
     quota = np.maximum(sizes - np.floor(prune_ratio * sizes + 0.5).astype(np.int64), min_per_layer)
-    return np.array([_next_allowed(int(q), rule, layer)
-                     for layer, (q, rule) in enumerate(zip(quota, _check_allowed(layer_sizes, allowed)))], dtype=np.int64)
+    rules = _check_allowed(layer_sizes, allowed)
+    return np.array([_next_allowed(int(q), rule, layer) for layer, (q, rule) in enumerate(zip(quota, rules))],
+                    dtype=np.int64)
 
 
 def layerwise_mask(scores, layer_sizes: Sequence[int], prune_ratio: float, *, min_per_layer: int = 0,

@@ -315,9 +315,8 @@ at_middle = summary[(summary["task"] == headline) & ((summary["ratio"] == middle
 value = at_middle.set_index("method")["mean"]
 glue("headline_task", headline, display=False)
 glue("headline_metric", at_middle["metric"].iloc[0], display=False)
-task_names = {"wikitext2_ppl": "WikiText-2", "mmlu_pro_ppl": "MMLU-Pro", "mmlu_pro_mc": "MMLU-Pro"}
-glue("headline_label", f"{task_names.get(headline, headline)} {at_middle['metric'].iloc[0].replace('_', ' ')}",
-     display=False)
+headline_name = "WikiText-2" if headline == "wikitext2_ppl" else headline
+glue("headline_label", f"{headline_name} {at_middle['metric'].iloc[0].replace('_', ' ')}", display=False)
 glue("middle_pct", f"{middle:.0%}", display=False)
 for name in ("unpruned", "caep", "frequency", "random"):
     glue(f"headline_{name}", float(value.get(name, np.nan)), display=False)
