@@ -49,7 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_utils.models import MoELayer, moe_layers, read_index_weight_aux, read_logits_weights_indices
+from transformers import PretrainedConfig
+
+from moe_utils.discovery import router_output_layout
+from moe_utils.models import PROBED, MoELayer, moe_layers
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +73,6 @@ class PruningError(ValueError):
 
 
 # ------------------------------------------------------------------------------ keep-masks
-#: Where a router's output tuple holds the top-k indices and the full logits (None: not returned),
-#: by the adapter's reader: the transformers 5 convention, and the remote-code DeepSeek-MoE gate's.
-OUTPUT_LAYOUTS = {read_logits_weights_indices: (2, 0), read_index_weight_aux: (0, None)}
-
-
-def _output_layout(layer: MoELayer) -> tuple[int, int | None]:
-    reader = layer.architecture.read_router_output
-    if reader not in OUTPUT_LAYOUTS:
-        raise NotImplementedError(
-            f"expert surgery does not know where the router of model types {layer.architecture.model_types} "
-            "puts its top-k indices; add its reader to moe_utils.expert_surgery.OUTPUT_LAYOUTS as "
-            "(index position, logits position or None)"
-        )
-    return OUTPUT_LAYOUTS[reader]
-
-
 def _group_rule(layer: MoELayer) -> tuple[int, int, int] | None:
     """``(n_group, topk_group, min_per_group)`` for a group-limited router, else None."""
     router = layer.router
@@ -165,8 +152,6 @@ def normalize_keep(model: nn.Module, keep: Any) -> list[np.ndarray]:
             no expert or fewer than top-k, or a count that breaks a group-limited router's groups.
     """
     layers = moe_layers(model)
-    for layer in layers:
-        _output_layout(layer)
     n_experts = max(layer.num_experts for layer in layers)
     flat = _as_array(keep)
     if flat is not None:
@@ -207,46 +192,75 @@ def normalize_keep(model: nn.Module, keep: Any) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ slicing
-def _slice_module(module: nn.Module, index: torch.Tensor, n_experts: int, attrs: Sequence[str]) -> None:
-    """Keep rows ``index`` of every parameter and buffer of ``module`` (not of its children) whose
-    leading dimension is ``n_experts``, and set its count attributes among ``attrs`` to ``len(index)``."""
+def _slice_tensor(tensor: torch.Tensor, index: torch.Tensor, n_experts: int) -> torch.Tensor | None:
+    """``tensor`` restricted to the experts ``index``: along its first dimension when that has
+    ``n_experts`` entries, along its last when only leading singleton dimensions precede it
+    (ERNIE's ``moe_statics`` bias is ``(1, E)``); None for a tensor that is not per expert."""
+    if tensor.dim() and tensor.shape[0] == n_experts:
+        return tensor.index_select(0, index.to(tensor.device))
+    if tensor.dim() > 1 and tensor.shape[-1] == n_experts and all(d == 1 for d in tensor.shape[:-1]):
+        return tensor.index_select(-1, index.to(tensor.device))
+    return None
+
+
+def _slice_module(module: nn.Module, index: torch.Tensor, n_experts: int, *, recurse: bool) -> int:
+    """Keep the experts ``index`` in every per-expert parameter and buffer of ``module`` (and of its
+    children when ``recurse``), and set its expert-count attributes to ``len(index)``; returns how
+    many tensors were sliced. A module holding a ``config`` gets a copy with the new count."""
     sliced = 0
-    for name, param in list(module.named_parameters(recurse=False)):
-        if param.dim() and param.shape[0] == n_experts:
-            new = param.detach().index_select(0, index.to(param.device)).clone()
-            setattr(module, name, nn.Parameter(new, requires_grad=param.requires_grad))
-            sliced += 1
-    for name, buffer in list(module.named_buffers(recurse=False)):
-        if buffer is not None and buffer.dim() and buffer.shape[0] == n_experts:
-            module._buffers[name] = buffer.index_select(0, index.to(buffer.device)).clone()
-            sliced += 1
-    if not sliced and any(True for _ in module.parameters(recurse=False)):
-        raise NotImplementedError(f"{type(module).__name__} holds no tensor with {n_experts} rows to slice")
-    for attr in attrs:
-        if getattr(module, attr, None) == n_experts:
-            setattr(module, attr, len(index))
+    module.__dict__.pop(PROBED, None)  # what discovery learnt from calling it no longer holds
+    for owner in (module.modules() if recurse else [module]):
+        for name, param in list(owner.named_parameters(recurse=False)):
+            new = _slice_tensor(param.detach(), index, n_experts)
+            if new is not None:
+                setattr(owner, name, nn.Parameter(new.clone(), requires_grad=param.requires_grad))
+                sliced += 1
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            new = None if buffer is None else _slice_tensor(buffer, index, n_experts)
+            if new is not None:
+                owner._buffers[name] = new.clone()
+                sliced += 1
+        for attr in COUNT_ATTRS:
+            if getattr(owner, attr, None) == n_experts:
+                setattr(owner, attr, len(index))
+        if recurse and isinstance(getattr(owner, "config", None), PretrainedConfig):
+            owner.config = copy.copy(owner.config)
+            _set_config_count(owner.config, len(index))
+    return sliced
 
 
 def _pruned_router(layer: MoELayer, index: torch.Tensor) -> nn.Module:
     """A copy of ``layer.router`` that routes among the experts ``index`` only (new local indices)."""
     router = copy.deepcopy(layer.router)
     router.__dict__.pop("forward", None)  # an instance-level forward (e.g. from accelerate) stays behind
-    _slice_module(router, index, layer.num_experts, COUNT_ATTRS)
+    if not _slice_module(router, index, layer.num_experts, recurse=True):
+        raise NotImplementedError(f"{type(router).__name__} holds no tensor with {layer.num_experts} expert rows "
+                                  "to slice: register an adapter for this router")
     return router
 
 
-def _masked_forward(pruned: nn.Module, index: torch.Tensor, n_experts: int, layout: tuple[int, int | None]):
-    """The forward that replaces a router's while masked: route with ``pruned``, map back to ``index``."""
-    index_at, logits_at = layout
+def _masked_forward(pruned: nn.Module, index: torch.Tensor, n_experts: int, model_type: str):
+    """The forward that replaces a router's while masked: route with ``pruned`` (per-expert inputs the
+    block passes, such as a correction bias, sliced alike), then map the choice back to ``index``."""
 
-    def forward(*args, **kwargs):
-        output = list(pruned.forward(*args, **kwargs))
-        idx = index.to(output[index_at].device)
-        output[index_at] = idx[output[index_at]]
-        if logits_at is not None:
-            logits = output[logits_at]
-            output[logits_at] = logits.new_full((*logits.shape[:-1], n_experts), float("-inf"))
-            output[logits_at][..., idx] = logits
+    def restrict(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[-1] == n_experts:
+            return value.index_select(-1, index.to(value.device))
+        return value
+
+    def forward(hidden, *args, **kwargs):
+        output = pruned.forward(hidden, *map(restrict, args), **{k: restrict(v) for k, v in kwargs.items()})
+        layout = router_output_layout(output)
+        if layout is None:
+            raise PruningError(f"model type {model_type!r}: the router's output carries no top-k indices, so "
+                               "pruned experts cannot be masked; register an adapter for this layout")
+        output = list(output)
+        idx = index.to(output[layout.index_at].device)
+        output[layout.index_at] = idx[output[layout.index_at]]
+        if layout.logits_at is not None:
+            logits = output[layout.logits_at]
+            output[layout.logits_at] = logits.new_full((*logits.shape[:-1], n_experts), float("-inf"))
+            output[layout.logits_at][..., idx] = logits
         return tuple(output)
 
     return forward
@@ -285,7 +299,7 @@ def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
             router = layer.router
             patched.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
             router.forward = _masked_forward(_pruned_router(layer, index), index, layer.num_experts,
-                                             _output_layout(layer))
+                                             str(getattr(model.config, "model_type", "")))
         yield kept
     finally:
         for router, had_own, previous in reversed(patched):
@@ -319,15 +333,15 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
         if len(indices) == layer.num_experts:
             continue
         index = torch.as_tensor(indices, device=next(layer.router.parameters()).device)
-        _slice_module(layer.router, index, layer.num_experts, COUNT_ATTRS)
+        _slice_module(layer.router, index, layer.num_experts, recurse=True)
+        _slice_module(layer.block, index, layer.num_experts, recurse=False)  # per-expert biases the block holds
         if isinstance(layer.experts, nn.ModuleList):  # one module per expert (remote-code DeepSeek-MoE)
             layer.experts = nn.ModuleList(layer.experts[i] for i in indices.tolist())
             setattr(layer.block, layer.architecture.experts_attr, layer.experts)
         else:
-            _slice_module(layer.experts, index, layer.num_experts, COUNT_ATTRS)
-        for attr in COUNT_ATTRS:
-            if getattr(layer.block, attr, None) == layer.num_experts:
-                setattr(layer.block, attr, len(indices))
+            if not _slice_module(layer.experts, index, layer.num_experts, recurse=False):
+                raise NotImplementedError(f"{type(layer.experts).__name__} holds no tensor with "
+                                          f"{layer.num_experts} expert rows to slice")
     counts = [len(indices) for indices in kept]
     if len(set(counts)) == 1:
         _set_config_count(model.config, counts[0])
@@ -433,7 +447,13 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | None = None, device: s
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
         remove_experts(model, [np.arange(count) for count in counts])
-        load_model(model, str(path / WEIGHTS), strict=True)
+        model.tie_weights()
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+        loaded = {p.data_ptr() for name, p in model.state_dict().items() if name not in missing}
+        untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+        if unexpected or untied:  # a tied tensor (embeddings = LM head) is stored once, under one name
+            raise PruningError(f"{path / WEIGHTS} does not match the model: missing {untied}, unexpected "
+                               f"{unexpected}; save it again with save_pruned")
     if device is not None:
         model = model.to(device)
     return model.eval()

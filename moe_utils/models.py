@@ -1,14 +1,13 @@
-"""Loading MoE language models, and the registry that says where their routers and experts are.
+"""Loading MoE language models, and finding their routers and experts.
 
 The paper's first step (section 1, "expert activation collection") needs, for every MoE layer, the
-router that picks the top-k experts of each token. transformers 5 gives most MoE causal LMs the
-same shape: a sparse block (``mlp`` or ``block_sparse_moe``) holding a router module (``gate`` or
-``router``) whose forward returns ``(router_logits, top_k_weights, top_k_index)``, and fused
-experts. What still differs between architectures (attribute names, how routing scores are formed)
-lives in one table, :data:`REGISTRY`, of :class:`MoEArchitecture` adapters. Remote-code layouts
-have adapters too: DeepSeek-MoE-16B (model type ``deepseek``), whose experts are a ``ModuleList``
-and whose gate returns ``(topk_idx, topk_weight, aux_loss)``. Any other layout is supported by
-registering an adapter with :func:`register_architecture`.
+router that picks the top-k experts of each token. transformers 5 gives its MoE causal LMs one
+convention (a sparse block holding a router whose forward returns the top-k indices and weights,
+and the experts), which :mod:`moe_utils.discovery` recognises from the modules themselves, for any
+model type, registered or not. :data:`REGISTRY` keeps only what discovery cannot know, and
+overrides it: remote-code layouts such as DeepSeek-MoE-16B (model type ``deepseek``), whose gate
+returns ``(topk_idx, topk_weight, aux_loss)`` unsorted. Another such layout is added with
+:func:`register_architecture`.
 """
 
 from __future__ import annotations
@@ -22,6 +21,11 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from moe_utils.discovery import (
+    TOP_K_FIELDS, DiscoveryError, OutputLayout, config_value, count_experts, find_blocks, is_hash_router,
+    probe_router, router_output_layout, router_scoring,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -34,10 +38,15 @@ class RouterOutput:
     logits: torch.Tensor | None
 
 
-def read_logits_weights_indices(output: Any) -> RouterOutput:
-    """Router output of the transformers 5 convention: ``(router_logits, top_k_weights, top_k_index)``."""
-    logits, weights, indices = output[:3]
-    return RouterOutput(indices=indices, weights=weights, logits=logits)
+def read_router_tuple(output: Any) -> RouterOutput:
+    """Router output of the transformers 5 convention, wherever its tuple puts the top-k indices,
+    weights and logits (:func:`moe_utils.discovery.router_output_layout`)."""
+    layout = router_output_layout(output)
+    if layout is None:
+        raise DiscoveryError("this router's output carries no top-k indices (an integer (N, k) tensor with "
+                             "float weights of the same shape); register an adapter with a read_router_output")
+    logits = None if layout.logits_at is None else output[layout.logits_at]
+    return RouterOutput(indices=output[layout.index_at], weights=output[layout.weights_at], logits=logits)
 
 
 def _count_experts(router: nn.Module, experts: nn.Module, config: Any) -> int:
@@ -75,6 +84,8 @@ class MoEArchitecture:
         count_experts: ``(router, experts, config) -> E`` routed experts per layer.
         count_top_k: ``(router, config) -> k``.
         layers_path: dotted path from the ``*ForCausalLM`` model to its list of decoder layers.
+        found_by: ``"registry"`` for a registered adapter, ``"discovery"`` for one that
+            :func:`moe_layers` derived from the model's modules.
     """
 
     model_types: tuple[str, ...]
@@ -82,10 +93,11 @@ class MoEArchitecture:
     router_attr: str = "gate"
     experts_attr: str = "experts"
     scoring: Literal["softmax", "sigmoid"] = "softmax"
-    read_router_output: Callable[[Any], RouterOutput] = read_logits_weights_indices
+    read_router_output: Callable[[Any], RouterOutput] = read_router_tuple
     count_experts: Callable[[nn.Module, nn.Module, Any], int] = _count_experts
     count_top_k: Callable[[nn.Module, Any], int] = _count_top_k
     layers_path: str = "model.layers"
+    found_by: Literal["registry", "discovery"] = "registry"
 
 
 @dataclass
@@ -122,19 +134,6 @@ def register_architecture(architecture: MoEArchitecture, *, overwrite: bool = Fa
     return architecture
 
 
-# The transformers 5 native MoE causal LMs (fused experts, router returning logits, weights, indices).
-register_architecture(MoEArchitecture(model_types=(
-    "olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "mixtral", "minimax",
-    "deepseek_v2", "ernie4_5_moe", "hunyuan_v1_moe",
-)))
-register_architecture(MoEArchitecture(model_types=("deepseek_v3", "glm4_moe", "dots1"), scoring="sigmoid"))
-register_architecture(MoEArchitecture(model_types=("phimoe", "gpt_oss", "jamba"), router_attr="router"))
-register_architecture(MoEArchitecture(
-    model_types=("granitemoe", "granitemoeshared", "granitemoehybrid"),
-    block_attrs=("block_sparse_moe",), router_attr="router",
-))
-
-
 def read_index_weight_aux(output: Any) -> RouterOutput:
     """Router output of the remote-code DeepSeek-MoE gate: ``(topk_idx, topk_weight, aux_loss)``.
 
@@ -155,22 +154,11 @@ def read_index_weight_aux(output: Any) -> RouterOutput:
 register_architecture(MoEArchitecture(model_types=("deepseek",), read_router_output=read_index_weight_aux))
 
 
-def architecture_of(model: nn.Module) -> MoEArchitecture:
-    """The registered adapter for ``model.config.model_type``, or a clear error saying how to add one."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in REGISTRY:
-        raise NotImplementedError(
-            f"model type {model_type!r} is not in the MoE registry (known: {', '.join(sorted(REGISTRY))}). "
-            "If it is an MoE model, describe where its router and experts are with "
-            "moe_utils.register_architecture(MoEArchitecture(model_types=(...,), block_attrs=..., "
-            "router_attr=..., read_router_output=...)); see the 'Reproducing' page of the book."
-        )
-    return REGISTRY[model_type]
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The MoE layers of ``model`` in depth order; dense layers (e.g. DeepSeek's first) are skipped."""
-    arch = architecture_of(model)
+def _registered_layers(model: nn.Module, arch: MoEArchitecture) -> list[MoELayer]:
     try:
         decoder_layers = operator.attrgetter(arch.layers_path)(model)
     except AttributeError as err:
@@ -185,14 +173,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         if router is None or experts is None:
             continue
         found.append(MoELayer(
-            index=len(found),
-            layer_index=layer_index,
+            index=len(found), layer_index=layer_index,
             num_experts=arch.count_experts(router, experts, model.config),
             top_k=arch.count_top_k(router, model.config),
-            block=block,
-            router=router,
-            experts=experts,
-            architecture=arch,
+            block=block, router=router, experts=experts, architecture=arch,
         ))
     if not found:
         raise NotImplementedError(
@@ -201,6 +185,120 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
             f"{arch.experts_attr!r}. A dense model has no experts to study; for another MoE layout, "
             "register an adapter with moe_utils.register_architecture."
         )
+    return found
+
+
+@dataclass(frozen=True)
+class RouterProbe:
+    """What one call of a router showed: its output layout, its top-k, and how many slots its logits score."""
+
+    layout: OutputLayout
+    top_k: int
+    n_scored: int | None
+
+
+#: Attribute set on a router once its output has been probed (a :class:`RouterProbe`).
+PROBED = "_moe_router_probe"
+
+
+def _probe(block: nn.Module, router: nn.Module, hidden_size: int | None, model_type: str) -> RouterProbe | None:
+    """The router's output layout and true top-k, probed once on zero input and kept on the router."""
+    if PROBED in router.__dict__:
+        return router.__dict__[PROBED]
+    output = probe_router(block, router, hidden_size) if hidden_size else None
+    if output is None:
+        return None
+    layout = router_output_layout(output)
+    if layout is None:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else [
+            tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output]
+        raise DiscoveryError(
+            f"model type {model_type!r}: its router {type(router).__name__} returns {shape}, with no top-k "
+            "expert indices (an integer (tokens, k) tensor beside float weights of the same shape): the "
+            "experts are chosen elsewhere, so the routing cannot be read from the router. Register an adapter "
+            "whose read_router_output derives the choice (moe_utils.register_architecture)."
+        )
+    n_scored = None if layout.logits_at is None else int(output[layout.logits_at].shape[-1])
+    router.__dict__[PROBED] = RouterProbe(layout, int(output[layout.index_at].shape[-1]), n_scored)
+    return router.__dict__[PROBED]
+
+
+def _discovered_layers(model: nn.Module) -> list[MoELayer]:
+    model_type = _model_type(model)
+    config = getattr(model, "config", None)
+    blocks = find_blocks(model)
+    if not blocks:
+        raise DiscoveryError(
+            f"no MoE block found in {type(model).__name__} (model type {model_type!r}): no module holds both "
+            "an experts module (named 'experts' or of a class ending in 'Experts') and a router (named 'gate' "
+            "or 'router', or a class named *Router/*Gate/*Gating). A dense model has no experts to study; for "
+            "another MoE layout, register an adapter with moe_utils.register_architecture."
+        )
+    hidden_size = config_value(config, ("hidden_size", "d_model"))
+    found: list[MoELayer] = []
+    hashed: list[int] = []
+    for found_block in blocks:
+        router = getattr(found_block.block, found_block.router_attr)
+        experts = getattr(found_block.block, found_block.experts_attr)
+        if is_hash_router(router):  # e.g. DeepSeek-V4's hash layers: a fixed token -> expert table
+            hashed.append(found_block.layer_index)
+            continue
+        n_experts = count_experts(experts)
+        if n_experts is None:
+            raise DiscoveryError(f"model type {model_type!r}: cannot tell how many experts "
+                                 f"{type(experts).__name__} holds (no ModuleList, 3-D fused weights or count)")
+        probed = _probe(found_block.block, router, hidden_size, model_type) if not found else found[0].router.__dict__.get(PROBED)
+        if not found and probed is not None and probed.n_scored not in (None, n_experts):
+            raise DiscoveryError(
+                f"model type {model_type!r}: its router scores {probed.n_scored} slots but its experts module "
+                f"holds {n_experts} experts (zero-computation or other non-expert slots): the expert matrix X "
+                "and pruning need one slot per expert. Register an adapter for this layout.")
+        top_k = probed.top_k if probed is not None else (
+            getattr(router, "top_k", None) if isinstance(getattr(router, "top_k", None), int)
+            else config_value(config, TOP_K_FIELDS))
+        if top_k is None:
+            raise DiscoveryError(f"model type {model_type!r}: cannot tell the router's top-k; set "
+                                 "config.num_experts_per_tok or router.top_k")
+        architecture = MoEArchitecture(
+            model_types=(model_type,), block_attrs=(found_block.name.rsplit(".", 1)[-1],),
+            router_attr=found_block.router_attr, experts_attr=found_block.experts_attr,
+            scoring=router_scoring(router, config), read_router_output=read_router_tuple, found_by="discovery",
+        )
+        found.append(MoELayer(index=len(found), layer_index=found_block.layer_index, num_experts=n_experts,
+                              top_k=top_k, block=found_block.block, router=router, experts=experts,
+                              architecture=architecture))
+    if not found:
+        raise DiscoveryError(
+            f"model type {model_type!r}: every MoE block routes by a hash of the token (layers {hashed}), a fixed "
+            "table with no learned choice, so there is no collaboration to study")
+    if not getattr(model, "_moe_discovery_logged", False):
+        first = found[0]
+        log.info("MoE layers of %s (%s), found by discovery: %d blocks like %s, router %r (%s), experts %r (%s), "
+                 "E=%d, k=%d, scoring %s%s", type(model).__name__, model_type, len(found), blocks[0].name,
+                 first.architecture.router_attr, type(first.router).__name__, first.architecture.experts_attr,
+                 type(first.experts).__name__, first.num_experts, first.top_k, first.architecture.scoring,
+                 f"; hash-routed layers {hashed} left out" if hashed else "")
+        model.__dict__["_moe_discovery_logged"] = True
+    return found
+
+
+def architecture_of(model: nn.Module) -> MoEArchitecture:
+    """How ``model``'s MoE layers are read: its registered adapter, else the one discovery derives."""
+    model_type = _model_type(model)
+    if model_type in REGISTRY:
+        return REGISTRY[model_type]
+    return moe_layers(model)[0].architecture
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of ``model`` in depth order; dense layers (e.g. DeepSeek's first) are skipped.
+
+    A registered adapter (:data:`REGISTRY`) is used when the model type has one; otherwise the
+    layers are discovered from the modules (:mod:`moe_utils.discovery`), and one log line says what
+    was found. A model whose routing cannot be read raises :class:`DiscoveryError` with the reason.
+    """
+    model_type = _model_type(model)
+    found = _registered_layers(model, REGISTRY[model_type]) if model_type in REGISTRY else _discovered_layers(model)
     sizes = {(layer.num_experts, layer.top_k) for layer in found}
     if len(sizes) > 1:
         log.warning("MoE layers differ in (experts, top-k): %s; X uses the largest count per layer", sizes)
@@ -282,5 +380,5 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.name_or_path = str(name_or_path)
-    moe_layers(model)  # fail now, with the registry's message, if this is not a known MoE layout
+    moe_layers(model)  # fail now, with the reason, if this model's routing cannot be read
     return model, tokenizer

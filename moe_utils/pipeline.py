@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import html
 import json
 import logging
 import os
@@ -369,6 +370,44 @@ def pruning_benchmark_section(path: Path) -> list[str]:
     return lines
 
 
+def _cell(text: str) -> str:
+    """Model or library text made safe for a Markdown table cell: HTML-escaped, pipes and newlines removed."""
+    return html.escape(" ".join(str(text).split())).replace("|", "\\|")
+
+
+def conformance_section(path: Path) -> list[str]:
+    """Markdown lines showing the conformance table of ``python -m moe_utils.conformance``."""
+    if not path.is_file():
+        return []
+    from moe_utils.conformance import CHECKS
+
+    result = json.loads(path.read_text())
+    total = result["summary"]
+    lines = ["", "## Conformance: every MoE causal LM of transformers", "",
+             f"From `python -m moe_utils.conformance` with transformers {result['transformers']}, re-checked by "
+             "`tests/test_conformance.py` on every `make test`: each MoE causal-LM type that transformers ships "
+             "(its causal-LM auto mapping, filtered to modeling code that defines an experts class), built tiny "
+             "from its own config class with random weights. Each check is against an independent truth: the "
+             "experts the block actually ran for every real token of a padded batch (capture); no pruned "
+             "expert ever reaching the experts module (masking); masked against physically removed logits, "
+             "max |diff| <= 1e-5 (removal), and after `save_pruned` / `load_pruned` (reload); per-expert "
+             "outputs recombined with the routing weights against the experts module's own output "
+             f"(calibration). **{total['n_passing']} of {total['n_buildable']} buildable types pass every "
+             f"check** ({total['share_passing']:.0%}); {total['n_types'] - total['n_buildable']} types cannot be "
+             "built tiny from their default config. Random routers carry no learned collaboration: this "
+             "table says the code reads and prunes these models exactly, not what their experts do.", "",
+             "| model type | status | found by | E | k | scoring | " + " | ".join(CHECKS) + " | reason |",
+             "|" + "---|" * (7 + len(CHECKS))]
+    for row in result["rows"]:
+        checks = [("pass" if row.get(c) == "pass" else "not run" if row.get(c) == "not run" else "fail")
+                  if c in row else "" for c in CHECKS]
+        failures = "; ".join(f"{c}: {row[c]}" for c in CHECKS if str(row.get(c, "")).startswith("fail"))
+        lines.append("| " + " | ".join(_cell(v) for v in (
+            f"`{row['model_type']}`", row["status"], row.get("found_by", ""), row.get("n_experts", ""),
+            row.get("top_k", ""), row.get("scoring", ""), *checks, row.get("reason", failures))) + " |")
+    return lines
+
+
 def about_section(about: dict | None) -> list[str]:
     """Markdown lines showing the profile's ``about`` block (nothing if it has none)."""
     if not about:
@@ -413,6 +452,7 @@ def write_status_page(status: dict, path: Path) -> None:
     lines += [f"| {name} | {version} |" for name, version in status["versions"].items()]
     lines += capture_benchmark_section(BENCH_RESULTS / "capture.json")
     lines += pruning_benchmark_section(BENCH_RESULTS / "pruning.json")
+    lines += conformance_section(BENCH_RESULTS / "conformance.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 

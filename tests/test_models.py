@@ -52,21 +52,21 @@ def test_dense_model_gets_clear_error():
         moe_layers(dense)
 
 
-def test_registered_type_without_moe_blocks_gets_clear_error():
+def test_model_without_moe_blocks_gets_clear_error():
     model, _ = random_model("olmoe")
     for layer in model.model.layers:
-        del layer.mlp.gate  # an unknown layout under a known model type
-    with pytest.raises(NotImplementedError, match="no MoE layer found.*register an adapter"):
+        del layer.mlp.gate  # experts without a router: nothing discovery can read
+    with pytest.raises(NotImplementedError, match="no MoE block found.*'olmoe'.*register an adapter"):
         moe_layers(model)
 
 
 def test_register_twice_is_refused():
     with pytest.raises(ValueError, match="already registered"):
-        register_architecture(MoEArchitecture(model_types=("olmoe",)))
+        register_architecture(MoEArchitecture(model_types=("deepseek",)))
 
 
 def test_unknown_random_architecture():
-    with pytest.raises(ValueError, match="no tiny config"):
+    with pytest.raises(ValueError, match="no transformers config for model type 'not_a_model'"):
         load_model("random:not_a_model")
 
 
@@ -178,12 +178,15 @@ def test_deepseek_capture_records_the_gates_own_selection_sorted_by_weight(tmp_p
         capture_routing(model, tok, texts, out_dir=tmp_path / "p", record_probs=True, progress=False)
 
 
-def test_a_custom_adapter_for_an_unknown_type():
+def test_an_unregistered_remote_layout_is_discovered_and_a_registered_adapter_overrides_it():
     model = DeepseekForCausalLM(deepseek_config(model_type="my_remote_moe"))
-    with pytest.raises(NotImplementedError, match="my_remote_moe"):
-        moe_layers(model)
+    discovered = moe_layers(model)  # gate returns (topk_idx, topk_weight, aux): indices found by type and shape
+    assert [layer.architecture.found_by for layer in discovered] == ["discovery"] * 2
+    output = discovered[0].router(torch.randn(5, model.config.hidden_size))
+    read = discovered[0].architecture.read_router_output(output)
+    assert read.indices is output[0] and read.weights is output[1] and read.logits is None
     register_architecture(MoEArchitecture(model_types=("my_remote_moe",), read_router_output=read_index_weight_aux))
     try:
-        assert len(moe_layers(model)) == 2
+        assert [layer.architecture.found_by for layer in moe_layers(model)] == ["registry"] * 2
     finally:
         REGISTRY.pop("my_remote_moe")
