@@ -273,6 +273,10 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
         force: bool = False, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED) -> dict:
     """Validate, then execute the stages (reusing unchanged ones); returns the run's status record."""
     stages = discover_stages(notebooks)
+    unknown = sorted(set(only or ()) - {stage.name for stage in stages})
+    if unknown:
+        raise PipelineError(f"--only names no stage {unknown}; the stages are "
+                            f"{', '.join(stage.name for stage in stages)}")
     params = {**load_profile(profile), **(overrides or {})}
     validate(params, stages)
     about = load_about(profile)

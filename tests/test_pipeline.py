@@ -64,6 +64,12 @@ def test_overrides_are_yaml(stages):
         pipeline.parse_overrides(["oops"])
 
 
+def test_a_mistyped_stage_in_only_is_an_error_before_anything_runs(tmp_path):
+    with pytest.raises(pipeline.PipelineError, match=r"--only names no stage \['01_captur'\].*01_capture"):
+        pipeline.run(only=["01_captur"], executed=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_parameters_cell_must_hold_literals(tmp_path):
     good = _notebook(tmp_path / "01_a.py", "x = 1\nname = 'a'\nitems = [1, 2]\nmissing = None", "print(x)")
     assert notebook_parameters(good) == {"x": 1, "name": "a", "items": [1, 2], "missing": None}
