@@ -14,6 +14,7 @@ The pass and the search are cached on disk under digests of their inputs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -137,14 +138,28 @@ def _check_fused(layer: MoELayer) -> None:
             "fused experts module of a transformers 5 MoE, called as experts(hidden, top_k_index, top_k_weights)")
 
 
+def dense_dispatch(layer: MoELayer) -> bool:
+    """True for experts called with the hidden states alone, every expert on its own slice of an
+    ``(E * n, H)`` input (Llama 4, which scales each expert's input by its routing score)."""
+    return len(inspect.signature(layer.experts.forward).parameters) == 1
+
+
 def expert_outputs(layer: MoELayer, hidden: torch.Tensor, experts_index: torch.Tensor) -> torch.Tensor:
     """f_e(x): the output of expert ``experts_index[i]`` on ``hidden[i]``, unweighted, (n, H).
 
     Runs the layer's own fused experts module with a one-hot routing of weight 1
     (``experts(hidden, index[:, None], ones)``), so the architecture's own expert weights,
-    activation and biases are used. Calls ``forward`` directly: hooks on the module do not fire.
+    activation and biases are used; experts with dense dispatch get ``hidden[i]`` in the slice of
+    expert ``experts_index[i]`` and zeros elsewhere. Calls ``forward`` directly: hooks on the module
+    do not fire.
     """
     _check_fused(layer)
+    if dense_dispatch(layer):
+        rows = torch.arange(len(hidden), device=hidden.device)
+        routed = hidden.new_zeros(layer.num_experts, len(hidden), hidden.shape[-1])
+        routed[experts_index, rows] = hidden
+        out = layer.experts.forward(routed.reshape(-1, hidden.shape[-1])).reshape(routed.shape)
+        return out[experts_index, rows]
     ones = torch.ones(len(experts_index), 1, dtype=hidden.dtype, device=hidden.device)
     return layer.experts.forward(hidden, experts_index.reshape(-1, 1), ones)
 

@@ -102,9 +102,22 @@ class ExpertCalls:
             handle.remove()
 
     def indices(self) -> list[np.ndarray]:
-        """Per MoE layer, the (tokens, k) expert indices of the last call, rows sorted."""
-        return [np.sort(self.calls[layer.index][-1][1].reshape(-1, layer.top_k).cpu().numpy(), axis=1)
-                for layer in self.layers]
+        """Per MoE layer, the (tokens, k) expert indices of the last call, rows sorted. Experts called
+        with the hidden states alone (dense dispatch: Llama 4 runs every expert on its input scaled by
+        its score) ran for a token exactly where that token's input rows are not zero."""
+        chosen = []
+        for layer in self.layers:
+            call = self.calls[layer.index][-1]
+            if isinstance(call[1], torch.Tensor) and not call[1].is_floating_point():
+                chosen.append(np.sort(call[1].reshape(-1, layer.top_k).cpu().numpy(), axis=1))
+                continue
+            routed = call[0].reshape(layer.num_experts, -1, call[0].shape[-1])  # (E, tokens, H)
+            active = (routed != 0).any(dim=-1).T.cpu().numpy()  # (tokens, E)
+            if not (active.sum(axis=1) == layer.top_k).all():
+                raise AssertionError(f"MoE layer {layer.index}: a token's input is non-zero for a number of "
+                                     "experts other than top-k")
+            chosen.append(np.sort(np.nonzero(active)[1].reshape(-1, layer.top_k), axis=1))
+        return chosen
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
@@ -185,18 +198,31 @@ def _check_removal(model, tokenizer, keeps, workdir: Path, *, reload: bool) -> t
 
 
 def _check_calibration(model, tokenizer, layers) -> str:
-    from moe_utils.calibration import expert_outputs
+    """Per-expert outputs recombined against the experts module's own output in the block: weighted
+    by the routing weights, or, for dense dispatch (Llama 4), each run on its score-scaled input."""
+    from moe_utils.calibration import dense_dispatch, expert_outputs
 
     enc = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
     with ExpertCalls(layers) as calls, torch.no_grad():
         model(**enc, use_cache=False)
-        for layer in layers:
-            hidden, index, weights, output = calls.calls[layer.index][-1]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            index, weights = index.reshape(len(hidden), -1), weights.reshape(len(hidden), -1)
-            recombined = sum(weights[:, j, None].to(hidden.dtype) * expert_outputs(layer, hidden, index[:, j])
-                             for j in range(index.shape[1]))
-            output = output.reshape(recombined.shape)
+        chosen = calls.indices()
+        for layer, index in zip(layers, chosen):
+            call = calls.calls[layer.index][-1]
+            if dense_dispatch(layer):
+                routed, output = call[0], call[-1]
+                routed = routed.reshape(layer.num_experts, -1, routed.shape[-1])
+                rows = torch.arange(routed.shape[1])
+                index = torch.as_tensor(index)
+                recombined = sum(expert_outputs(layer, routed[index[:, j], rows], index[:, j])
+                                 for j in range(index.shape[1]))
+                output = output.reshape(routed.shape).sum(dim=0)
+            else:
+                hidden, index, weights, output = call
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                index, weights = index.reshape(len(hidden), -1), weights.reshape(len(hidden), -1)
+                recombined = sum(weights[:, j, None].to(hidden.dtype) * expert_outputs(layer, hidden, index[:, j])
+                                 for j in range(index.shape[1]))
+                output = output.reshape(recombined.shape)
             scale = float(output.abs().max()) or 1.0
             diff = float((recombined - output).abs().max())
             if not diff <= 1e-4 * scale + 1e-6:

@@ -51,7 +51,7 @@ from torch import nn
 
 from transformers import PretrainedConfig
 
-from moe_utils.discovery import router_output_layout
+from moe_utils.discovery import find_blocks, router_output_layout
 from moe_utils.models import PROBED, MoELayer, moe_layers
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_
 CONFIG_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 #: Config key under which :func:`save_pruned` records per-layer expert counts.
 PER_LAYER_KEY = "moe_experts_per_layer"
+#: Config key of a per-layer checkpoint: the expert count its model class is built with before each MoE
+#: layer is cut to its own count (the largest kept count, or the original one where blocks outside X,
+#: such as hash-routed ones, keep every expert).
+BUILT_KEY = "moe_experts_built"
 #: Config key of a per-layer checkpoint that keeps its real ``model_type``; ``model_type`` itself holds
 #: a marker that no transformers class claims, so plain ``from_pretrained`` fails on it, loudly.
 MODEL_TYPE_KEY = "moe_pruned_model_type"
@@ -192,10 +196,14 @@ def normalize_keep(model: nn.Module, keep: Any) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ slicing
-def _slice_tensor(tensor: torch.Tensor, index: torch.Tensor, n_experts: int) -> torch.Tensor | None:
+def _slice_tensor(tensor: torch.Tensor, index: torch.Tensor, n_experts: int, shared: int = 0) -> torch.Tensor | None:
     """``tensor`` restricted to the experts ``index``: along its first dimension when that has
-    ``n_experts`` entries, along its last when only leading singleton dimensions precede it
-    (ERNIE's ``moe_statics`` bias is ``(1, E)``); None for a tensor that is not per expert."""
+    ``n_experts`` entries (or ``n_experts + shared``: a router that also scores its ``shared`` always-on
+    experts in trailing rows, which are kept), along its last when only leading singleton dimensions
+    precede it (ERNIE's ``moe_statics`` bias is ``(1, E)``); None for a tensor that is not per expert."""
+    if tensor.dim() and shared and tensor.shape[0] == n_experts + shared:
+        rows = torch.cat([index, torch.arange(n_experts, n_experts + shared, device=index.device)])
+        return tensor.index_select(0, rows.to(tensor.device))
     if tensor.dim() and tensor.shape[0] == n_experts:
         return tensor.index_select(0, index.to(tensor.device))
     if tensor.dim() > 1 and tensor.shape[-1] == n_experts and all(d == 1 for d in tensor.shape[:-1]):
@@ -209,20 +217,24 @@ def _slice_module(module: nn.Module, index: torch.Tensor, n_experts: int, *, rec
     many tensors were sliced. A module holding a ``config`` gets a copy with the new count."""
     sliced = 0
     module.__dict__.pop(PROBED, None)  # what discovery learnt from calling it no longer holds
+    shared = getattr(module, "n_shared_experts", 0) if recurse else 0
+    shared = shared if isinstance(shared, int) else 0
     for owner in (module.modules() if recurse else [module]):
         for name, param in list(owner.named_parameters(recurse=False)):
-            new = _slice_tensor(param.detach(), index, n_experts)
+            new = _slice_tensor(param.detach(), index, n_experts, shared)
             if new is not None:
                 setattr(owner, name, nn.Parameter(new.clone(), requires_grad=param.requires_grad))
                 sliced += 1
         for name, buffer in list(owner.named_buffers(recurse=False)):
-            new = None if buffer is None else _slice_tensor(buffer, index, n_experts)
+            new = None if buffer is None else _slice_tensor(buffer, index, n_experts, shared)
             if new is not None:
                 owner._buffers[name] = new.clone()
                 sliced += 1
         for attr in COUNT_ATTRS:
             if getattr(owner, attr, None) == n_experts:
                 setattr(owner, attr, len(index))
+        if shared and getattr(owner, "n_total_experts", None) == n_experts + shared:
+            owner.n_total_experts = len(index) + shared
         if recurse and isinstance(getattr(owner, "config", None), PretrainedConfig):
             owner.config = copy.copy(owner.config)
             _set_config_count(owner.config, len(index))
@@ -239,28 +251,38 @@ def _pruned_router(layer: MoELayer, index: torch.Tensor) -> nn.Module:
     return router
 
 
-def _masked_forward(pruned: nn.Module, index: torch.Tensor, n_experts: int, model_type: str):
+def _masked_forward(pruned: nn.Module, index: torch.Tensor, layer: MoELayer, model_type: str):
     """The forward that replaces a router's while masked: route with ``pruned`` (per-expert inputs the
-    block passes, such as a correction bias, sliced alike), then map the choice back to ``index``."""
+    block passes, such as a correction bias, sliced alike), then map the choice back to ``index``:
+    the top-k indices, and the logits (``-inf`` for pruned experts); or, for a router with
+    ``dense_outputs`` (Llama 4), every per-expert output, with its value for pruned experts."""
+    n_experts = layer.num_experts
 
     def restrict(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[-1] == n_experts:
             return value.index_select(-1, index.to(value.device))
         return value
 
+    def expand(tensor: torch.Tensor, fill: float) -> torch.Tensor:
+        full = tensor.new_full((*tensor.shape[:-1], n_experts), fill)
+        full[..., index.to(tensor.device)] = tensor
+        return full
+
     def forward(hidden, *args, **kwargs):
         output = pruned.forward(hidden, *map(restrict, args), **{k: restrict(v) for k, v in kwargs.items()})
+        if layer.architecture.dense_outputs:
+            output = list(output)
+            for position, fill in layer.architecture.dense_outputs:
+                output[position] = expand(output[position], fill)
+            return tuple(output)
         layout = router_output_layout(output)
         if layout is None:
             raise PruningError(f"model type {model_type!r}: the router's output carries no top-k indices, so "
                                "pruned experts cannot be masked; register an adapter for this layout")
         output = list(output)
-        idx = index.to(output[layout.index_at].device)
-        output[layout.index_at] = idx[output[layout.index_at]]
+        output[layout.index_at] = index.to(output[layout.index_at].device)[output[layout.index_at]]
         if layout.logits_at is not None:
-            logits = output[layout.logits_at]
-            output[layout.logits_at] = logits.new_full((*logits.shape[:-1], n_experts), float("-inf"))
-            output[layout.logits_at][..., idx] = logits
+            output[layout.logits_at] = expand(output[layout.logits_at], float("-inf"))
         return tuple(output)
 
     return forward
@@ -298,7 +320,7 @@ def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
             index = torch.as_tensor(indices, device=next(layer.router.parameters()).device)
             router = layer.router
             patched.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
-            router.forward = _masked_forward(_pruned_router(layer, index), index, layer.num_experts,
+            router.forward = _masked_forward(_pruned_router(layer, index), index, layer,
                                              str(getattr(model.config, "model_type", "")))
         yield kept
     finally:
@@ -311,9 +333,17 @@ def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
 
 # ------------------------------------------------------------------------------ removal
 def _set_config_count(config: Any, count: Any) -> None:
-    for name in CONFIG_COUNT_FIELDS:
-        if isinstance(getattr(config, name, None), int) or name in getattr(config, "attribute_map", {}):
-            setattr(config, name, count)
+    """Set the routed-expert count of ``config`` and of its text part (composite models, e.g. gemma4)."""
+    for owner in (config, getattr(config, "text_config", None)):
+        for name in CONFIG_COUNT_FIELDS:
+            if owner is not None and (isinstance(getattr(owner, name, None), int)
+                                      or name in getattr(owner, "attribute_map", {})):
+                setattr(owner, name, count)
+
+
+def _raw_count_owners(raw: dict) -> list[dict]:
+    """A saved ``config.json`` and its ``text_config`` section: where expert counts are written."""
+    return [raw, *([raw["text_config"]] if isinstance(raw.get("text_config"), dict) else [])]
 
 
 def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
@@ -343,7 +373,11 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
                 raise NotImplementedError(f"{type(layer.experts).__name__} holds no tensor with "
                                           f"{layer.num_experts} expert rows to slice")
     counts = [len(indices) for indices in kept]
-    if len(set(counts)) == 1:
+    unrouted = len(find_blocks(model)) > len(layers)  # blocks outside X (hash-routed) keep every expert
+    if unrouted:
+        setattr(model.config, PER_LAYER_KEY, counts)
+        new_count = None
+    elif len(set(counts)) == 1:
         _set_config_count(model.config, counts[0])
         if hasattr(model.config, PER_LAYER_KEY):
             delattr(model.config, PER_LAYER_KEY)
@@ -394,16 +428,19 @@ def save_pruned(model: nn.Module, path: str | Path, *, tokenizer: Any = None, ov
     counts = experts_per_layer(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        if len(set(counts)) == 1:
+        if len(set(counts)) == 1 and not hasattr(model.config, PER_LAYER_KEY):
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.config.save_pretrained(tmp)
             raw = json.loads((tmp / "config.json").read_text())
             raw[MODEL_TYPE_KEY] = raw["model_type"]
+            raw[BUILT_KEY] = next(owner[name] for owner in _raw_count_owners(raw) for name in CONFIG_COUNT_FIELDS
+                                  if isinstance(owner.get(name), int))
             raw["model_type"] = PER_LAYER_MARKER.format(raw["model_type"])
-            for name in CONFIG_COUNT_FIELDS:  # also stops a model class's own from_pretrained
-                if name in raw:
-                    raw[name] = raw["model_type"]
+            for owner in _raw_count_owners(raw):  # also stops a model class's own from_pretrained
+                for name in CONFIG_COUNT_FIELDS:
+                    if name in owner:
+                        owner[name] = raw["model_type"]
             raw[PER_LAYER_KEY] = counts
             atomic_write_json(tmp / "config.json", raw)
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", PER_LAYER_KEY: json.dumps(counts)})
@@ -421,7 +458,8 @@ def save_pruned(model: nn.Module, path: str | Path, *, tokenizer: Any = None, ov
 def load_pruned(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """Load a checkpoint written by :func:`save_pruned` (or ``save_pretrained``); returns the model in eval mode.
 
-    Per-layer counts are rebuilt by making the model at the largest count without initialising it,
+    Per-layer counts are rebuilt by making the model at its recorded build count (``moe_experts_built``)
+    without initialising it,
     removing the surplus experts of each layer, then loading every tensor strictly from
     ``model.safetensors`` (a missing or unexpected tensor is an error).
     """
@@ -431,7 +469,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | None = None, device: s
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = PretrainedConfig._dict_from_json_file(path / "config.json")  # decodes the Infinity transformers writes
     if PER_LAYER_KEY not in raw:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     else:
@@ -442,7 +480,9 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | None = None, device: s
             raise PruningError(f"{path}: config.json says {counts} experts per layer, {WEIGHTS} says {stored}; "
                                "the checkpoint is inconsistent, save it again with save_pruned")
         raw["model_type"] = raw.pop(MODEL_TYPE_KEY)
-        raw.update({name: max(counts) for name in CONFIG_COUNT_FIELDS if name in raw})
+        for owner in _raw_count_owners(raw):
+            owner.update({name: raw.get(BUILT_KEY, max(counts)) for name in CONFIG_COUNT_FIELDS if name in owner})
+        raw.pop(BUILT_KEY, None)
         config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))

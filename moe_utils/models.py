@@ -86,6 +86,9 @@ class MoEArchitecture:
         layers_path: dotted path from the ``*ForCausalLM`` model to its list of decoder layers.
         found_by: ``"registry"`` for a registered adapter, ``"discovery"`` for one that
             :func:`moe_layers` derived from the model's modules.
+        dense_outputs: for a router that returns per-expert ``(N, E)`` tensors instead of top-k
+            indices (Llama 4), ``(position in its output, value a pruned expert gets there)``;
+            masking expands the pruned router's outputs back to E columns with these values.
     """
 
     model_types: tuple[str, ...]
@@ -98,6 +101,7 @@ class MoEArchitecture:
     count_top_k: Callable[[nn.Module, Any], int] = _count_top_k
     layers_path: str = "model.layers"
     found_by: Literal["registry", "discovery"] = "registry"
+    dense_outputs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -152,6 +156,25 @@ def read_index_weight_aux(output: Any) -> RouterOutput:
 # paper's section 2 says). The first ``first_k_dense_replace`` layers have a dense ``mlp`` without a
 # gate and are skipped by :func:`moe_layers`.
 register_architecture(MoEArchitecture(model_types=("deepseek",), read_router_output=read_index_weight_aux))
+
+
+def read_scores_logits(output: Any) -> RouterOutput:
+    """Router output of Llama 4: ``(scores, logits)``, both ``(N, E)``; ``scores`` is the sigmoid of the
+    chosen experts' logits and exactly 0 elsewhere (the sigmoid of ``-inf``), so the choice is the
+    non-zero scores, in order of decreasing score."""
+    scores, logits = output[0], output[1]
+    k = int((scores != 0).sum(dim=-1).max()) if scores.numel() else 0
+    weights, indices = scores.topk(k, dim=-1)
+    return RouterOutput(indices=indices, weights=weights, logits=logits)
+
+
+# Llama 4 (model types llama4_text and llama4): each MoE layer's ``feed_forward`` holds ``router`` (an
+# nn.Linear returning (scores, logits), no indices) and ``experts``, which run every expert on its input
+# scaled by its score (dense dispatch), beside an always-on ``shared_expert``; dense layers are skipped.
+register_architecture(MoEArchitecture(
+    model_types=("llama4_text", "llama4"), block_attrs=("feed_forward",), router_attr="router", scoring="sigmoid",
+    read_router_output=read_scores_logits, dense_outputs=((0, 0.0), (1, float("-inf"))),
+))
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -245,8 +268,12 @@ def _discovered_layers(model: nn.Module) -> list[MoELayer]:
             continue
         n_experts = count_experts(experts)
         if n_experts is None:
-            raise DiscoveryError(f"model type {model_type!r}: cannot tell how many experts "
-                                 f"{type(experts).__name__} holds (no ModuleList, 3-D fused weights or count)")
+            leading = sorted({p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3})
+            raise DiscoveryError(
+                f"model type {model_type!r}: cannot tell how many experts {type(experts).__name__} holds: "
+                + (f"its fused weights disagree on it ({leading}: zero-computation or other non-expert slots)"
+                   if len(leading) > 1 else "no ModuleList, 3-D fused weights or count attribute")
+                + "; register an adapter for this layout")
         probed = _probe(found_block.block, router, hidden_size, model_type) if not found else found[0].router.__dict__.get(PROBED)
         if not found and probed is not None and probed.n_scored not in (None, n_experts):
             raise DiscoveryError(

@@ -55,7 +55,8 @@ ABOUT_FIELDS: dict[str, type] = {
     "model_type": str,   # ``config.model_type``: the registry adapter that reads it (moe_utils.models)
     "hardware": str,     # what it needs to run: GPU memory, RAM
     "time": str,         # how long, saying whether that is an estimate or measured
-    "parameters": dict,  # {total_b, active_b}: billions of parameters, all and used per token
+    "parameters": dict,  # {total_b, active_b}: billions of parameters, all and used per token; optional
+    #                      active_counts_input_embedding: false where the model card leaves it out
     "config": dict,      # the checkpoint's config.json fields that fix its shape (tests build it from them)
     "paper": str,        # the paper's setting this profile follows, where one applies
     "notes": str,        # anything else a user must know (remote code, missing features)

@@ -107,6 +107,8 @@ def _shrunk_value(name: str, value: Any) -> Any:
         return min(TINY_TOP_K, value)  # some architectures allow top-1 only
     if re.search(r"(intermediate|ffn_hidden|ffn)_(size|dim)$|^moe_ffn_hidden_size$", name):
         return 32
+    if name.endswith("vocab_size") or name.startswith("vocab_size"):
+        return _SHRUNK["vocab_size"]
     if name in ("n_group", "num_expert_group") and value > 1:
         return 2
     if name == "topk_group" and value > 1:
@@ -137,7 +139,8 @@ def shrink_config(config: Any) -> Any:
     Sizes are set by field name (hidden 64, intermediate 32, 8 experts, top-2, ...); per-layer
     lists (``layer_types``, ``mlp_layer_types``, ...) keep one layer of each distinct kind, so a
     hybrid model stays hybrid and an MoE model keeps its MoE layers; MoE switches are turned on.
-    Nested configs (``text_config``) are shrunk the same way. Returns ``config``.
+    Nested configs (``text_config``) are shrunk the same way. Returns the shrunk config (a new
+    object only where per-layer overrides must be rebuilt, e.g. gemma4's ``per_layer_config``).
     """
     from transformers import PretrainedConfig
 
@@ -148,7 +151,7 @@ def shrink_config(config: Any) -> Any:
         except Exception:  # noqa: BLE001 - per-layer attributes (gemma4) refuse a global read
             continue
         if isinstance(current, PretrainedConfig):
-            shrink_config(current)
+            setattr(config, name, shrink_config(current))
         elif name in MOE_SWITCHES and current is False:
             setattr(config, name, True)
         elif isinstance(current, int) and not isinstance(current, bool):
@@ -176,6 +179,15 @@ def shrink_config(config: Any) -> Any:
             if isinstance(indices, list) and all(isinstance(i, int) for i in indices):
                 setattr(config, name, [j for j, i in enumerate(positions) if i in indices])
         config.num_hidden_layers = len(positions)
+        overrides = config.to_dict().get("per_layer_config")  # {"05": {...}}: per-layer fields (gemma4)
+        if isinstance(overrides, dict) and overrides:
+            fields = config.to_dict()
+            fields["per_layer_config"] = {
+                str(j): {key: _shrunk_value(key, value) if isinstance(value, int) else value
+                         for key, value in overrides[name].items()}
+                for j, i in enumerate(positions) for name in overrides if int(name) == i}
+            fields.pop("model_type", None)
+            config = type(config)(**fields)  # the per-layer view is built at init only
     return config
 
 

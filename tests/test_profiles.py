@@ -170,6 +170,8 @@ def test_declared_architecture_matches_its_layer_expert_and_parameter_counts(pat
         idle = sum(sum(p.numel() for p in layer.experts.parameters()) * (1 - layer.top_k / layer.num_experts)
                    for layer in moe_layers(model))
         active = total - idle
+        if about["parameters"].get("active_counts_input_embedding") is False:  # as some model cards count
+            active -= model.get_input_embeddings().weight.numel()
     layers = moe_layers(model)
     assert len(layers) == config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
     assert {(layer.num_experts, layer.top_k) for layer in layers} == {(n_experts, config["num_experts_per_tok"])}
