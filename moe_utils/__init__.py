@@ -4,7 +4,8 @@ Modules, one concept each, in the order of the study:
 
 - loading: ``models`` (load_model and the registry of layouts discovery cannot know),
   ``discovery`` (the MoE blocks of any transformers 5 model, from its modules), ``conformance``
-  (every MoE causal LM of transformers, checked), ``tiny_configs`` (any config shrunk to a tiny
+  (every MoE causal LM of transformers, checked), ``deepseek_moe`` (the paper's DeepSeek-MoE-16B
+  without its remote code), ``tiny_configs`` (any config shrunk to a tiny
   model), ``tiny_moe`` (the embedded model);
 - data: ``data`` (MMLU-Pro), ``wikitext``;
 - stage 1: ``routing`` (capture), ``store`` (the routing store on disk), ``expert_matrix`` (the

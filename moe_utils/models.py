@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from moe_utils.deepseek_moe import REMOTE_MODEL_TYPE, load_deepseek_moe  # also registers the port
 from moe_utils.discovery import (
     TOP_K_FIELDS, DiscoveryError, OutputLayout, config_value, count_experts, find_blocks, is_hash_router,
     probe_router, router_output_layout, router_scoring,
@@ -352,6 +353,29 @@ EMBEDDED = "embedded"
 RANDOM_PREFIX = "random:"
 
 
+def _checkpoint_model_type(name: str, revision: str | None) -> str | None:
+    """``model_type`` in a checkpoint's ``config.json`` (local directory or Hub), read as plain JSON, so
+    that a type transformers does not know (DeepSeek-MoE's ``deepseek``) is still recognised."""
+    import json
+
+    local = Path(name) / "config.json"
+    if not local.is_file():
+        from huggingface_hub import hf_hub_download
+
+        local = Path(hf_hub_download(name, "config.json", revision=revision))
+    return json.loads(local.read_text()).get("model_type")
+
+
+def _local_checkpoint(name: str, revision: str | None) -> str:
+    """A directory holding the checkpoint: ``name`` itself, or its Hub snapshot (config, safetensors,
+    tokenizer; the remote modeling code is not fetched)."""
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -369,7 +393,9 @@ def load_model(
     Weights load through safetensors only. ``device_map="auto"`` spreads a large model over the
     devices of one machine (accelerate); otherwise the model goes to ``device`` (default: CUDA if
     available, else CPU). ``dtype`` defaults to float32 on CPU and bfloat16 on GPU. Remote code
-    runs only if ``trust_remote_code=True`` is passed.
+    runs only if ``trust_remote_code=True`` is passed; without it, a DeepSeek-MoE checkpoint (model
+    type ``deepseek``, e.g. the paper's ``deepseek-ai/deepseek-moe-16b-base``) loads into the port of
+    :mod:`moe_utils.deepseek_moe` (``device_map`` is not supported there: the model goes to ``device``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -396,10 +422,17 @@ def load_model(
                     "`python -m moe_utils.tiny_moe train --data-dir <wikitext-2 dir>`"
                 )
             name = str(EMBEDDED_DIR)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-            revision=revision, use_safetensors=True,
-        )
+        if not trust_remote_code and _checkpoint_model_type(name, revision) == REMOTE_MODEL_TYPE:
+            if device_map is not None:
+                raise ValueError("the DeepSeek-MoE port loads onto one device: pass device=... instead of "
+                                 "device_map, or trust_remote_code=True for the checkpoint's own code")
+            name = _local_checkpoint(name, revision)  # DeepSeek-MoE: the port in moe_utils, no remote code
+            model = load_deepseek_moe(name, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                revision=revision, use_safetensors=True,
+            )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     if device_map is None:
         model = model.to(device)

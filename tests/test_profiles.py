@@ -20,7 +20,11 @@ from moe_utils.conformance import moe_model_types
 from moe_utils.models import REGISTRY, moe_layers
 from moe_utils.pipeline import PipelineError, load_about, load_profile, validate, validate_about
 
-from .test_models import DeepseekForCausalLM, deepseek_config
+from moe_utils.deepseek_moe import REMOTE_MODEL_TYPE, DeepseekMoeForCausalLM, port_config
+
+#: DeepSeek-MoE's shape fields at tiny width (the routing fields come from the profile).
+TINY_DEEPSEEK = dict(vocab_size=300, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1)
 
 PROFILES = sorted(pipeline.PROFILES.glob("*.yaml"))
 #: Config fields that hold the routed-expert count or the top-k, under each architecture's own name.
@@ -91,10 +95,12 @@ def test_about_block_is_complete_and_names_a_supported_architecture(path):
         assert {"parameters", "config"} <= set(about)
         from transformers import CONFIG_MAPPING
 
-        # Remote code is asked for exactly when transformers has no class of its own for the architecture.
-        assert params.get("trust_remote_code", False) == (about["model_type"] not in CONFIG_MAPPING)
-        if about["model_type"] not in CONFIG_MAPPING:
-            assert "record_probs" in params and params["record_probs"] is False  # the gate returns no logits
+        # Remote code is asked for exactly when neither transformers nor this project (the DeepSeek-MoE
+        # port) has a class for the architecture; without it, the gate returns no logits to record.
+        native = about["model_type"] in CONFIG_MAPPING or about["model_type"] == REMOTE_MODEL_TYPE
+        assert params.get("trust_remote_code", False) == (not native)
+        if not native:
+            assert "record_probs" in params and params["record_probs"] is False
 
 
 @pytest.mark.parametrize("about, message", [
@@ -139,39 +145,25 @@ def _declared(path: Path) -> tuple[dict, dict]:
     return about, dict(about["config"])
 
 
-def _deepseek_parameter_count(c: dict) -> tuple[float, float]:
-    """DeepSeek-MoE's parameters from its config, counted by hand: (all, used per token)."""
-    h, layers, n_dense = c["hidden_size"], c["num_hidden_layers"], c["first_k_dense_replace"]
-    head_dim = h // c["num_attention_heads"]
-    attention = 2 * h * h + 2 * h * head_dim * c["num_key_value_heads"]  # q, o and k, v
-    expert = 3 * h * c["moe_intermediate_size"]  # gate, up, down projections
-    moe_layer = (c["n_routed_experts"] + c["n_shared_experts"]) * expert + c["n_routed_experts"] * h
-    total = (2 * c["vocab_size"] * h + layers * (attention + 2 * h) + h
-             + n_dense * 3 * h * c["intermediate_size"] + (layers - n_dense) * moe_layer)
-    idle = (layers - n_dense) * (c["n_routed_experts"] - c["num_experts_per_tok"]) * expert
-    return total, total - idle
-
-
 @pytest.mark.parametrize("path", DECLARED, ids=lambda p: p.stem)
 def test_declared_architecture_matches_its_layer_expert_and_parameter_counts(path):
     """Full size on the meta device: the registry finds every MoE layer, and the parameters are as declared."""
     about, config = _declared(path)
     n_experts = next(config[f] for f in ROUTING_FIELDS[:3] if f in config)
-    if about["model_type"] == "deepseek":  # remote code: its layout as rebuilt in tests/test_models.py
+    if about["model_type"] == REMOTE_MODEL_TYPE:  # DeepSeek-MoE: its port, from the checkpoint's own fields
         with torch.device("meta"):
-            model = DeepseekForCausalLM(deepseek_config(**config))
-        total, active = _deepseek_parameter_count(config)
+            model = DeepseekMoeForCausalLM(port_config(config))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(about["model_type"], **config))
-        total = sum(p.numel() for p in model.parameters())
-        idle = sum(sum(p.numel() for p in layer.experts.parameters()) * (1 - layer.top_k / layer.num_experts)
-                   for layer in moe_layers(model))
-        active = total - idle
-        if about["parameters"].get("active_counts_input_embedding") is False:  # as some model cards count
-            active -= model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum(sum(p.numel() for p in layer.experts.parameters()) * (1 - layer.top_k / layer.num_experts)
+               for layer in moe_layers(model))
+    active = total - idle
+    if about["parameters"].get("active_counts_input_embedding") is False:  # as some model cards count
+        active -= model.get_input_embeddings().weight.numel()
     layers = moe_layers(model)
     assert len(layers) == config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
     assert {(layer.num_experts, layer.top_k) for layer in layers} == {(n_experts, config["num_experts_per_tok"])}
@@ -189,8 +181,8 @@ def test_tiny_model_of_the_declared_architecture_captures_routing(path, tmp_path
     about, config = _declared(path)
     routing = {k: v for k, v in config.items() if k in ROUTING_FIELDS}
     torch.manual_seed(0)
-    if about["model_type"] == "deepseek":
-        model = DeepseekForCausalLM(deepseek_config(**routing))
+    if about["model_type"] == REMOTE_MODEL_TYPE:  # the port at tiny width, from the checkpoint's field names
+        model = DeepseekMoeForCausalLM(port_config({**TINY_DEEPSEEK, **routing}))
     else:
         from transformers import AutoModelForCausalLM
 
