@@ -18,7 +18,10 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -106,6 +109,17 @@ def model_identity(model: torch.nn.Module) -> dict:
 def _texts_fingerprint(texts: Sequence[str], labels: Sequence[str] | None) -> str:
     payload = json.dumps([list(texts), None if labels is None else list(labels)]).encode()
     return hashlib.sha256(payload).hexdigest()
+
+
+def _chunk_is_readable(path: Path) -> bool:
+    """True when a partial-capture chunk opens and every array in it reads back whole."""
+    try:
+        with np.load(path) as chunk:
+            for name in chunk.files:
+                chunk[name]
+        return True
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def _shard_positions(n: int, shard: tuple[int, int] | None) -> np.ndarray:
@@ -201,10 +215,16 @@ def capture_routing(
         "record_probs": record_probs,
     }
     if (out_dir / MANIFEST).is_file():
-        existing = json.loads((out_dir / MANIFEST).read_text())
-        if existing.get("fingerprint") == fingerprint:
-            log.info("reusing the finished capture in %s", out_dir)
-            return RoutingStore.open(out_dir)
+        try:
+            existing = RoutingStore.open(out_dir)
+        except StoreError as err:  # damaged: nothing in it can be trusted, so capture again
+            log.warning("replacing the damaged store in %s (%s)", out_dir, err)
+            shutil.rmtree(out_dir)
+        else:
+            if existing.manifest.get("fingerprint") == fingerprint:
+                log.info("reusing the finished capture in %s", out_dir)
+                return existing
+    if (out_dir / MANIFEST).is_file():
         if not overwrite:
             raise StoreError(
                 f"{out_dir} holds a capture of other inputs or another model; choose another out_dir "
@@ -222,6 +242,11 @@ def capture_routing(
     device = next(model.parameters()).device
     kwargs = _forward_kwargs(model)
     batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    for b in range(len(batches)):  # a chunk cut short (a killed writer, a full disk) is captured again
+        chunk_path = partial / f"chunk-{b:06d}.npz"
+        if chunk_path.is_file() and not _chunk_is_readable(chunk_path):
+            log.warning("capturing batch %d again: %s is damaged", b, chunk_path)
+            chunk_path.unlink()
     done = sum((partial / f"chunk-{b:06d}.npz").is_file() for b in range(len(batches)))
     if done:
         log.info("resuming capture in %s: %d of %d batches already done", out_dir, done, len(batches))
@@ -234,9 +259,10 @@ def capture_routing(
                 model, tokenizer, [texts[i] for i in sample_ids], sample_ids, max_length=max_length,
                 record_probs=record_probs, recorder=recorder, device=device, kwargs=kwargs,
             )
-            tmp = chunk_path.with_name(f".{chunk_path.stem}.tmp.npz")
-            np.savez(tmp, **chunk)
-            tmp.replace(chunk_path)
+            fd, tmp = tempfile.mkstemp(dir=partial, prefix=f".{chunk_path.stem}.", suffix=".npz")  # per process
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **chunk)
+            os.replace(tmp, chunk_path)
 
     chunks = [np.load(partial / f"chunk-{b:06d}.npz") for b in range(len(batches))]
     arrays = {"topk_indices": np.concatenate([c["topk_indices"] for c in chunks]).astype(

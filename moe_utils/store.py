@@ -100,6 +100,35 @@ def index_dtype(n_experts: int) -> np.dtype:
     raise ValueError(f"{n_experts} experts per layer is more than a 2-byte index can hold")
 
 
+#: What a store manifest must hold: key -> type, and the keys each ``model`` entry needs.
+MANIFEST_SCHEMA = {"format_version": int, "files": dict, "model": dict, "fingerprint": dict}
+MODEL_KEYS = ("n_layers", "n_experts", "top_k")
+
+
+def read_manifest(path: Path) -> dict:
+    """A store's manifest, checked against :data:`MANIFEST_SCHEMA` (its files must list the index and
+    weight arrays and the token table, each with a checksum); a :class:`StoreError` naming the file
+    otherwise."""
+    where = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(where.read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{where} is not valid JSON ({err}); re-run the capture") from err
+    problems = [] if isinstance(manifest, dict) else [f"it holds a {type(manifest).__name__}, not an object"]
+    if not problems:
+        problems += [f"{key!r} must be {kind.__name__}" for key, kind in MANIFEST_SCHEMA.items()
+                     if not isinstance(manifest.get(key), kind)]
+    if not problems:
+        needed = {"topk_indices.npy", "topk_weights.npy", TOKENS}
+        problems += [f"files must list {name} with its sha256" for name in sorted(needed)
+                     if not isinstance(manifest["files"].get(name), str)]
+        problems += [f"model.{key} must be a positive integer" for key in MODEL_KEYS
+                     if not (isinstance(manifest["model"].get(key), int) and manifest["model"][key] > 0)]
+    if problems:
+        raise StoreError(f"{where} is not a valid store manifest: " + "; ".join(problems) + ". Re-run the capture")
+    return manifest
+
+
 def write_store(path: Path, manifest: dict, arrays: dict[str, np.ndarray], tokens: pd.DataFrame) -> None:
     """Write a complete store: arrays and token table first, the checksummed manifest last."""
     path = Path(path)
@@ -181,7 +210,7 @@ class RoutingStore:
 
     @classmethod
     def _open_single(cls, path: Path, *, verify: bool, mmap: bool) -> "RoutingStore":
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_manifest(path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: store format {manifest.get('format_version')} is not {FORMAT_VERSION}")
         for name, expected in manifest["files"].items():
@@ -199,6 +228,14 @@ class RoutingStore:
         tokens = pd.read_parquet(path / TOKENS)
         if len(tokens) != arrays["topk_indices"].shape[0]:
             raise StoreError(f"{path}: token table and arrays disagree on the number of tokens")
+        model = manifest["model"]
+        shape = arrays["topk_indices"].shape
+        if shape[1:] != (model["n_layers"], model["top_k"]) or arrays["topk_weights"].shape != shape:
+            raise StoreError(f"{path}: the manifest says {model['n_layers']} MoE layers and top-{model['top_k']}, "
+                             f"the arrays hold {shape[1:]}; the manifest was edited: re-run the capture")
+        if shape[0] and int(np.asarray(arrays["topk_indices"]).max()) >= model["n_experts"]:
+            raise StoreError(f"{path}: an expert index reaches beyond the manifest's n_experts = "
+                             f"{model['n_experts']}; the manifest was edited: re-run the capture")
         return cls(path, manifest, arrays["topk_indices"], arrays["topk_weights"], arrays.get("probs"), tokens)
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +153,59 @@ def test_corrupted_store_is_refused(olmoe, tmp_path):
     (tmp_path / "s" / "tokens.parquet").unlink()
     with pytest.raises(StoreError, match="missing"):
         RoutingStore.open(tmp_path / "s", verify=False)
+
+
+def test_a_damaged_store_is_repaired_by_capturing_again(olmoe, tmp_path):
+    model, tok = olmoe
+    reference = capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", progress=False)
+    (tmp_path / "s" / "tokens.parquet").unlink()  # same inputs, damaged store: the error said "re-run"
+    repaired = capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", progress=False)
+    assert repaired.manifest["files"] == reference.manifest["files"]
+
+
+def test_a_truncated_chunk_of_an_unfinished_capture_is_captured_again(olmoe, tmp_path, monkeypatch):
+    model, tok = olmoe
+    reference = capture_routing(model, tok, TEXTS, out_dir=tmp_path / "ref", batch_size=2, progress=False)
+    monkeypatch.setattr(routing, "write_store", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", batch_size=2, progress=False)
+    monkeypatch.undo()
+    chunk = tmp_path / "s" / ".partial" / "chunk-000001.npz"
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    resumed = capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", batch_size=2, progress=False)
+    assert resumed.manifest["files"] == reference.manifest["files"]
+
+
+def test_partial_chunks_are_written_under_names_unique_to_each_writer(olmoe, tmp_path, monkeypatch):
+    model, tok = olmoe
+    seen = []
+    real_replace = routing.os.replace
+    monkeypatch.setattr(routing.os, "replace", lambda a, b: (seen.append(Path(a).name), real_replace(a, b))[1])
+    capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", batch_size=2, progress=False)
+    temporary = [name for name in seen if name.startswith(".chunk-")]
+    assert len(temporary) == 4 and len(set(temporary)) == 4
+    assert all(name != ".chunk-000000.tmp.npz" for name in temporary)  # not one fixed name for every process
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(edit(manifest) if callable(edit) else edit)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: json.dumps({**m, "model": {**m["model"], "n_experts": 2}}), "beyond the manifest's n_experts"),
+    (lambda m: json.dumps({**m, "model": {**m["model"], "n_layers": 1}}), "manifest says 1 MoE layers"),
+    (lambda m: json.dumps({**m, "files": {}}), "files must list"),
+    (lambda m: json.dumps([m]), "holds a list, not an object"),
+    ("{not json", "is not valid JSON"),
+])
+def test_an_edited_manifest_is_refused_with_its_path(olmoe, tmp_path, edit, message):
+    model, tok = olmoe
+    capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", progress=False)
+    _edit_manifest(tmp_path / "s", edit)
+    with pytest.raises(StoreError, match=message) as err:
+        RoutingStore.open(tmp_path / "s")
+    assert str(tmp_path / "s") in str(err.value)
 
 
 def test_shards_read_as_one_store(olmoe, tmp_path):
