@@ -46,6 +46,8 @@ from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versi
 log = logging.getLogger(__name__)
 
 FORMAT = "moe-hsdl/1"
+#: The files :meth:`HSDL.save` writes, each with its sha256 in the manifest.
+SAVED_FILES = ("arrays.npz", "codes_1.npz")
 TERMS = ("sparse", "hier", "rec")
 
 
@@ -490,8 +492,10 @@ class HSDL(BaseEstimator):
         arrays.update({f"D{k + 1}": d for k, d in enumerate(self.dictionaries_)})
         arrays.update({f"R{k + 2}": r for k, r in enumerate(self.codes_[1:])})
         files = {}
-        for name, writer in (("arrays.npz", lambda h: np.savez(h, **arrays)),
-                             ("codes_1.npz", lambda h: sp.save_npz(h, self.codes_[0], compressed=True))):
+        writers = {"arrays.npz": lambda h: np.savez(h, **arrays),
+                   "codes_1.npz": lambda h: sp.save_npz(h, self.codes_[0], compressed=True)}
+        for name in SAVED_FILES:
+            writer = writers[name]
             buffer = io.BytesIO()
             writer(buffer)
             atomic_write_bytes(path / name, buffer.getvalue())
@@ -515,10 +519,20 @@ class HSDL(BaseEstimator):
         path = Path(path)
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"no HSDL model at {path}: manifest.json is missing")
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-        for name, digest in manifest["files"].items():
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path / 'manifest.json'} is not valid JSON ({err}); re-fit the model") from err
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise ValueError(f"{path}: format {found!r} is not {FORMAT!r}")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or set(files) != set(SAVED_FILES):
+            raise ValueError(f"{path}: the manifest must list exactly {list(SAVED_FILES)} with their checksums, "
+                             f"it lists {sorted(files) if isinstance(files, dict) else files!r}; re-fit the model")
+        for name, digest in files.items():
+            if not (path / name).is_file():
+                raise ValueError(f"{path}: {name} is listed in the manifest but missing; re-fit the model")
             if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
                 raise ValueError(f"{path}: {name} does not match its checksum in the manifest; re-fit the model")
         params = dict(manifest["params"])

@@ -16,7 +16,11 @@ STYLE = Path(__file__).with_name("plot_style.mplstyle")
 
 
 def use_style() -> None:
+    """The book's look for figures, and HTML escaping of every cell of every pandas table a stage
+    shows (``Styler`` does not escape by default, and table cells hold model and dataset text:
+    token strings, atom labels, question text)."""
     plt.style.use(STYLE)
+    pd.set_option("styler.format.escape", "html")
 
 
 def glue_figure(name: str, fig: Figure) -> None:

@@ -165,7 +165,7 @@ glue("top_pair_lift", float(pairs.lift[0]), display=False)
 # choices would give). The ten strongest:
 
 # %%
-pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "lift": "{:.2f}"})
+pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "lift": "{:.2f}"}, escape="html")
 
 # %% [markdown]
 # ## 5. Do domains use experts differently?

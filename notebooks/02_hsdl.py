@@ -139,7 +139,7 @@ glue("n_live_1", int(len(level1)), display=False)
 glue("cross_share_1", float(level1["cross_layer"].mean() * 100) if len(level1) else 0.0, display=False)
 glue("mean_experts_1", float(level1["n_experts"].mean()) if len(level1) else 0.0, display=False)
 plotting.glue_figure("fig_sizes", plotting.atom_size_distribution(tables))
-summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_layer": "{:.0%}"})
+summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_layer": "{:.0%}"}, escape="html")
 
 # %% [markdown]
 # At level 1, {glue:text}`n_live_1` atoms are in use, with {glue:text}`mean_experts_1:.1f` experts
@@ -165,7 +165,7 @@ glue("n_groups_1", int(len(groups)), display=False)
 plotting.glue_figure("fig_atoms", plotting.atom_maps(
     model.dictionaries_[0], layout, top["atom"].tolist(), titles=titles,
     title="The most used level-1 atoms of two or more experts"))
-top[["atom", "usage", "n_layers", "experts"]].style.format({"usage": "{:.1%}"}).hide(axis="index")
+top[["atom", "usage", "n_layers", "experts"]].style.format({"usage": "{:.1%}"}, escape="html").hide(axis="index")
 
 # %% [markdown]
 # ```{glue:figure} fig_atoms
@@ -235,7 +235,7 @@ glue("cover_triplets_10", float(at10.get(3, np.nan) * 100), display=False)
 glue("chance_pairs_10", float(chance10.get(2, np.nan) * 100), display=False)
 plotting.glue_figure("fig_coverage", plotting.coverage_curves(observed, chance))
 observed.pivot(index="top_percent", columns="order", values="coverage").rename(
-    columns={2: "pairs", 3: "triplets"}).style.format("{:.0%}")
+    columns={2: "pairs", 3: "triplets"}).style.format("{:.0%}", escape="html")
 
 # %% [markdown]
 # {glue:text}`cover_pairs_10:.0f`% of the level-1 atoms have their strongest pair among the top
@@ -295,7 +295,7 @@ if bench_path.is_file():
     display(Markdown(f"Benchmark of {bench['date'][:10]} on {cpus} CPU cores, "
                      f"{bench['machine']['torch_threads']} torch thread(s)."))
     display(pd.DataFrame(rows).style.format({"seconds": "{:.1f}", "L1 error": "{:.3f}",
-                                             "Frobenius error": "{:.3f}", "codes per column": "{:.1f}"})
+                                             "Frobenius error": "{:.3f}", "codes per column": "{:.1f}"}, escape="html")
             .hide(axis="index"))
 else:
     glue("bench_date", "n/a", display=False)

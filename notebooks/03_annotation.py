@@ -94,7 +94,7 @@ elif model_name == "embedded":
                      "learned routing, but of a tiny model. They illustrate the method and are not the "
                      "paper's Phi-3.5-MoE results."))
 tokens["token_class"].value_counts().rename("tokens").to_frame().assign(
-    share=lambda f: f["tokens"] / f["tokens"].sum()).style.format({"share": "{:.1%}"})
+    share=lambda f: f["tokens"] / f["tokens"].sum()).style.format({"share": "{:.1%}"}, escape="html")
 
 # %% [markdown]
 # The table gives the token classes over all captured tokens: the base rates against which each
@@ -120,7 +120,7 @@ levels_table = pd.DataFrame(level_rows).set_index("level")
 glue("best_share_1", float(levels_table.loc[1, "median share of the best atom"] * 100), display=False)
 glue("n_explaining_1", int(levels_table.loc[1, "atoms explaining a token"]), display=False)
 glue("unexplained_1", float(levels_table.loc[1, "tokens no atom explains"] * 100), display=False)
-levels_table.style.format({"median share of the best atom": "{:.0%}", "tokens no atom explains": "{:.1%}"})
+levels_table.style.format({"median share of the best atom": "{:.0%}", "tokens no atom explains": "{:.1%}"}, escape="html")
 
 # %% [markdown]
 # At level 1, {glue:text}`n_explaining_1` atoms are the best explanation of at least one token,
@@ -146,7 +146,7 @@ for level in result.levels[:2]:
     display(Markdown(f"**Level {level.level}**"))
     display(view[["atom", "experts", "n_tokens", "label", "min_q_by_sample"]]
             .rename(columns={"n_tokens": "tokens", "min_q_by_sample": "q (questions)"})
-            .style.hide(axis="index").format({"q (questions)": "{:.1e}"}))
+            .style.hide(axis="index").format({"q (questions)": "{:.1e}"}, escape="html"))
 
 # %%
 top_level1 = (result.level(1).atoms.sort_values(["n_tokens", "atom"], ascending=[False, True])
@@ -188,7 +188,7 @@ if n_levels > 1:
          display=False)
     shown = tree[tree["parent"].isin(top_level1)].sort_values(["parent", "share"], ascending=[True, False])
     display(shown[["parent", "parent_label", "child", "share", "child_label", "taken", "nesting"]]
-            .style.hide(axis="index").format({"share": "{:.2f}", "taken": "{:.0%}", "nesting": "{:.0%}"}, na_rep="-"))
+            .style.hide(axis="index").format({"share": "{:.2f}", "taken": "{:.0%}", "nesting": "{:.0%}"}, na_rep="-", escape="html"))
 else:
     display(Markdown("*The HSDL has one level: there is no hierarchy to read.*"))
     for name in ("n_parents", "copy_share", "split_share", "nesting", "purer_share", "same_class_share"):
@@ -242,7 +242,7 @@ glue("farthest_pair", f"{farthest['a']} and {farthest['b']}", display=False)
 glue("farthest_cos", float(farthest["cosine"]), display=False)
 plotting.glue_figure("fig_domains", plotting.domain_similarity(profiles, similarity, centered,
                                                                n_experts=store.n_experts))
-pairs.style.format({"cosine": "{:.3f}"}).hide(axis="index")
+pairs.style.format({"cosine": "{:.3f}"}, escape="html").hide(axis="index")
 
 # %% [markdown]
 # The closest domains are {glue:text}`closest_pair` (cosine {glue:text}`closest_cos:.3f`), the
@@ -289,7 +289,7 @@ plotting.glue_figure("fig_enrichment", plotting.enrichment_heatmap(
 (level1.enrichment[level1.enrichment["significant"]].sort_values(["q", "atom"]).head(annotation_rows)
  .assign(label=lambda f: f["atom"].map(level1.labels))
  [["atom", "category", "n_atom", "overlap", "expected", "lift", "q", "label"]]
- .style.hide(axis="index").format({"expected": "{:.1f}", "lift": "{:.2f}", "q": "{:.1e}"}))
+ .style.hide(axis="index").format({"expected": "{:.1f}", "lift": "{:.2f}", "q": "{:.1e}"}, escape="html"))
 
 # %% [markdown]
 # Of the {glue:text}`n_tested_1` level-1 atoms that explain at least one token,

@@ -160,7 +160,7 @@ glue("calib_tokens", stats.n_tokens, display=False)
 glue("calib_seconds", calibration_seconds, display=False)
 scores = pd.DataFrame({"caep contribution": caep.contribution_scores(*pruning.hsdl_factors(hsdl, level=caep_level)),
                        **{name: stats.score(name) for name in calibration.SCORES}})
-scores.corr(method="spearman").style.format("{:.2f}")
+scores.corr(method="spearman").style.format("{:.2f}", escape="html")
 
 # %% [markdown]
 # The calibration set is {glue:text}`calib_source`: {glue:text}`calib_texts` texts,
@@ -230,7 +230,7 @@ glue("output_tokens", int(min(output_tokens, stats.n_tokens)), display=False)
 glue("mask_seconds", mask_seconds, display=False)
 shown = [m for m in masks if m.ratio == middle and (m.seed is None or m.seed == random_seeds[0])]
 plotting.glue_figure("fig_masks", plotting.pruning_mask_maps(shown, (len(layers), layer_sizes[0])))
-pruning.mask_overlap(shown).style.format("{:.2f}").background_gradient(cmap="Greens", vmin=0, vmax=1)
+pruning.mask_overlap(shown).style.format("{:.2f}", escape="html").background_gradient(cmap="Greens", vmin=0, vmax=1)
 
 # %% [markdown]
 # ```{glue:figure} fig_masks
@@ -294,7 +294,7 @@ for ratio in ratios:
 # %%
 plotting.glue_figure("fig_curves", plotting.pruning_curves(summary, tasks=table_tasks))
 ranks = pd.DataFrame({f"{ratio:.0%}": pruning.method_ranks(summary, ratio, tasks=table_tasks) for ratio in ratios})
-ranks.style.format("{:.1f}")
+ranks.style.format("{:.1f}", escape="html")
 
 # %% [markdown]
 # ```{glue:figure} fig_curves

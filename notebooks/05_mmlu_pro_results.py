@@ -245,7 +245,7 @@ glue("n_questions_min", int(n_primary.min()), display=False)
 glue("n_questions_max", int(n_primary.max()), display=False)
 glue("eval_seconds", float(log["seconds"].sum()), display=False)
 glue("n_cached", int(log["cached"].sum()), display=False)
-log.style.format({"seconds": "{:.1f}"}).hide(axis="index")
+log.style.format({"seconds": "{:.1f}"}, escape="html").hide(axis="index")
 
 # %% [markdown]
 # {glue:text}`n_eval_models` pruned and unpruned models were scored on
@@ -341,7 +341,7 @@ vs_general = domains.versus_general(original, {d: docs[("caep", d, primary)] for
                                     random_state=seed)
 glue("gain_mean", float(vs_general["gain"].mean() * 100), display=False)
 glue("gain_positive", int((vs_general["low"] > 0).sum()), display=False)
-vs_general.style.format({c: "{:+.1%}" for c in ("specific", "general", "gain", "low", "high")}).hide(axis="index")
+vs_general.style.format({c: "{:+.1%}" for c in ("specific", "general", "gain", "low", "high")}, escape="html").hide(axis="index")
 
 # %% [markdown]
 # Averaged over domains the gain is {glue:text}`gain_mean:+.2f` points of relative
@@ -370,7 +370,7 @@ glue("acc_n", int(len(pooled)), display=False)
 glue("acc_chance", chance * 100, display=False)
 plotting.glue_figure("fig_accuracy", plotting.accuracy_intervals(
     accuracies, chance=chance, title=f"Multiple-choice accuracy, {eval_num_fewshot}-shot ({model})"))
-accuracies.pivot(index="model", columns="category", values="value")[domain_names].style.format("{:.0%}")
+accuracies.pivot(index="model", columns="category", values="value")[domain_names].style.format("{:.0%}", escape="html")
 
 # %% [markdown]
 # Unpruned, the model answers {glue:text}`acc_unpruned:.1f`%

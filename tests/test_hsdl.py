@@ -3,6 +3,8 @@ invariants (hierarchy consistency, decreasing loss, determinism, clear errors fo
 
 from __future__ import annotations
 
+import json
+
 import tracemalloc
 import warnings
 
@@ -198,6 +200,21 @@ def test_save_and_load_round_trip(tmp_path, data, fitted):
     (path / "arrays.npz").write_bytes((path / "arrays.npz").read_bytes() + b"tampered")
     with pytest.raises(ValueError, match="checksum"):
         HSDL.load(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: json.dumps({**m, "files": {}}), "must list exactly"),
+    (lambda m: json.dumps({**m, "files": {"arrays.npz": m["files"]["arrays.npz"]}}), "must list exactly"),
+    (lambda m: json.dumps([m]), "format 'list'"),
+    (lambda m: "{not json", "is not valid JSON"),
+])
+def test_an_edited_manifest_is_refused(tmp_path, fitted, edit, message):
+    path = fitted.save(tmp_path / "model")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(edit(manifest))
+    with pytest.raises(ValueError, match=message) as err:
+        HSDL.load(path)
+    assert str(path) in str(err.value)
 
 
 # ----------------------------------------------------------------------------- bad input
