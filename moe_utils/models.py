@@ -434,6 +434,10 @@ def load_model(
                 revision=revision, use_safetensors=True,
             )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+        if not tokenizer("hello world")["input_ids"]:
+            raise ValueError(f"the tokenizer of {name} encodes 'hello world' to no tokens: the checkpoint has no "
+                             "usable tokenizer files (tokenizer.json, tokenizer.model, vocab files); copy those of "
+                             "the model it was trained from into the directory")
     if device_map is None:
         model = model.to(device)
     if tokenizer.pad_token is None:

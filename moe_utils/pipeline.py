@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -108,8 +109,10 @@ def discover_stages(notebooks: Path = NOTEBOOKS) -> list[Stage]:
 
 
 def _type_ok(value: Any, default: Any) -> bool:
-    if default is None or value is None:
-        return True  # None defaults mean "optional"; None values mean "use the stage's fallback"
+    if default is None:
+        return True  # None defaults mean "optional": any value, or None for the stage's fallback
+    if value is None:
+        return False  # an empty --set (n_per_category=) must not silently mean something else
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -134,8 +137,68 @@ def validate(params: dict[str, Any], stages: list[Stage]) -> None:
             if not _type_ok(value, default):
                 problems.append(f"{key!r} = {value!r} is {type(value).__name__}, but {stage_name} expects "
                                 f"{type(default).__name__} (default {default!r})")
+    problems += [problem for key, value in params.items() if key in declared for problem in _range_problems(key, value)]
     if problems:
         raise PipelineError("invalid parameters:\n  " + "\n  ".join(problems))
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+#: Values each parameter may take, beyond its type: (check, what it must be).
+RANGES: dict[str, tuple[Any, str]] = {
+    "prune_ratios": (lambda v: isinstance(v, list) and v and all(map(_fraction, v)),
+                     "a non-empty list of fractions strictly between 0 and 1"),
+    "domain_prune_ratio": (_fraction, "a fraction strictly between 0 and 1"),
+    "caep_threshold_ratio": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "in (0, 1]"),
+    "annotation_alpha": (_fraction, "a significance level strictly between 0 and 1"),
+    "confidence": (_fraction, "strictly between 0 and 1"),
+    "atom_threshold": (lambda v: isinstance(v, (int, float)) and v >= 0, ">= 0"),
+    "n_per_category": (_positive_int, "a positive integer (a number above a category's size takes all of it)"),
+    "n_bootstrap": (lambda v: isinstance(v, int) and v >= 0, ">= 0"),
+    **{name: (_positive_int, "a positive integer") for name in (
+        "batch_size", "eval_batch_size", "hsdl_batch_size", "hsdl_steps", "max_length", "output_tokens",
+        "annotation_rows", "render_max_tokens", "domain_mc_limit", "domain_ppl_limit")},
+    "random_seeds": (lambda v: isinstance(v, list) and v and all(isinstance(x, int) for x in v),
+                     "a non-empty list of integer seeds"),
+}
+
+
+def _range_problems(key: str, value: Any) -> list[str]:
+    if key in RANGES and value is not None and not RANGES[key][0](value):
+        return [f"{key!r} = {value!r} must be {RANGES[key][1]}"]
+    if key == "model" and isinstance(value, str):
+        return _model_problems(value)
+    return []
+
+
+def _model_problems(name: str) -> list[str]:
+    """A model must be ``embedded``, ``random:<type>``, an existing local directory with a
+    ``config.json``, or a Hub id of the form ``owner/name``: checked before any stage runs."""
+    from moe_utils.models import EMBEDDED, RANDOM_PREFIX
+
+    if name == EMBEDDED:
+        return []
+    if name.startswith(RANDOM_PREFIX):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        from moe_utils.tiny_configs import BENCH_SHAPES
+
+        kind = name[len(RANDOM_PREFIX):]
+        return [] if kind in CONFIG_MAPPING_NAMES or kind in BENCH_SHAPES else [
+            f"model {name!r}: {kind!r} is no transformers model type (see `python -m moe_utils.conformance`)"]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [f"model {name!r}: the directory has no config.json"]
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return [f"model {name!r} is neither an existing directory nor a Hub id of the form 'owner/name'"]
+    return []
 
 
 def load_profile(path: Path) -> dict[str, Any]:
@@ -143,7 +206,10 @@ def load_profile(path: Path) -> dict[str, Any]:
     if not path.is_file():
         known = ", ".join(p.stem for p in sorted(PROFILES.glob("*.yaml")))
         raise PipelineError(f"profile {path} not found (profiles in {PROFILES}: {known})")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a profile is a mapping of parameter names to values")
     return {key: value for key, value in data.items() if key != ABOUT}
@@ -186,7 +252,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise PipelineError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise PipelineError(f"--set {pair!r}: the value is not valid YAML ({err})") from err
     return out
 
 

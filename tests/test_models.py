@@ -65,6 +65,16 @@ def test_register_twice_is_refused():
         register_architecture(MoEArchitecture(model_types=("deepseek",)))
 
 
+def test_a_checkpoint_without_tokenizer_files_is_refused_before_any_work(tmp_path):
+    model, tokenizer = random_model("olmoe")
+    model.save_pretrained(tmp_path / "with")
+    tokenizer.save_pretrained(tmp_path / "with")
+    assert load_model(tmp_path / "with", device="cpu")[1]("hello world")["input_ids"]
+    model.save_pretrained(tmp_path / "without")  # weights and config only
+    with pytest.raises(ValueError, match="encodes 'hello world' to no tokens.*tokenizer files"):
+        load_model(tmp_path / "without", device="cpu")
+
+
 def test_unknown_random_architecture():
     with pytest.raises(ValueError, match="no transformers config for model type 'not_a_model'"):
         load_model("random:not_a_model")

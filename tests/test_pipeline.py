@@ -50,6 +50,11 @@ def test_every_stage_shares_the_artifacts_dir(stages):
     ({"n_per_category": "5"}, "expects int"),
     ({"record_probs": 1}, "expects bool"),
     ({"categories": "math"}, "expects list"),
+    ({"prune_ratios": [1.5]}, "prune_ratios.*fractions strictly between 0 and 1"),
+    ({"batch_size": 0}, "batch_size' = 0 must be a positive integer"),
+    ({"n_per_category": None}, "n_per_category' = None is NoneType"),
+    ({"model": "/no/such/checkpoint"}, "neither an existing directory nor a Hub id"),
+    ({"model": "random:not_a_type"}, "'not_a_type' is no transformers model type"),
 ])
 def test_invalid_profiles_are_errors(stages, params, message):
     with pytest.raises(PipelineError, match=message):
@@ -62,6 +67,21 @@ def test_overrides_are_yaml(stages):
     validate(parsed, stages)
     with pytest.raises(PipelineError, match="key=value"):
         pipeline.parse_overrides(["oops"])
+
+
+def test_bad_values_stop_the_run_before_any_stage(tmp_path):
+    with pytest.raises(PipelineError, match="prune_ratios"):
+        pipeline.run(overrides={"prune_ratios": [1.5]}, executed=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_malformed_yaml_names_its_source(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [embedded\n")
+    with pytest.raises(PipelineError, match=r"bad.yaml is not valid YAML"):
+        pipeline.load_profile(bad)
+    with pytest.raises(PipelineError, match=r"--set 'prune_ratios=\[0.5' : the value is not valid YAML".replace(" :", ":")):
+        pipeline.parse_overrides(["prune_ratios=[0.5"])
 
 
 def test_a_mistyped_stage_in_only_is_an_error_before_anything_runs(tmp_path):
