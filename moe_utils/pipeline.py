@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ast
 import hashlib
 import html
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions
+from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ EXECUTED = ROOT / "book" / "executed"
 PROFILES = ROOT / "params"
 DEFAULT_PROFILE = PROFILES / "tiny.yaml"
 BENCH_RESULTS = ROOT / "bench" / "results"
-STATE_FILE = "pipeline_state.json"
+STATE_FILE = "pipeline_state.json"  # in the run's artifacts_dir: the state lives with what it describes
+LOCK_FILE = ".pipeline.lock"
 #: Environment variables that change what a stage reads, so they are part of its fingerprint.
 DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_MMLU_DIR", "HF_HUB_OFFLINE")
 #: The top-level key of a profile that describes it; everything else in a profile is a parameter.
@@ -350,8 +352,22 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
     params = {**load_profile(profile), **(overrides or {})}
     validate(params, stages)
     about = load_about(profile)
-    state_path = executed / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    artifacts = _artifacts_root(params, stages)
+    with run_lock([executed, *([artifacts] if artifacts else [])]):
+        status = _run_stages(stages, params, profile, overrides, about, only=only, force=force, executed=executed,
+                             state_path=(artifacts or executed) / STATE_FILE, artifacts=artifacts)
+        atomic_write_json(executed / "status.json", status)
+        write_status_page(status, executed / "status.md")
+    return status
+
+
+def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dict | None, about: dict | None, *,
+                only: list[str] | None, force: bool, executed: Path, state_path: Path,
+                artifacts: Path | None) -> dict:
+    """Run or reuse each stage in order. A stage is reused only when its inputs are unchanged and
+    what it produced still verifies: its executed notebook and every file of its artifact folder
+    against the checksums recorded when it finished. A stage that fails is never recorded."""
+    state = _read_state(state_path)
     source, previous = _source_digest(), ""
     status = {"profile": str(Path(profile).resolve().relative_to(ROOT)) if Path(profile).resolve().is_relative_to(ROOT)
               else str(profile), "overrides": overrides or {}, "about": about, "stages": [], "commit": _git_commit(),
@@ -363,30 +379,113 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
         stage_params = {k: v for k, v in {**stage.defaults, **params}.items() if k in stage.defaults}
         fingerprint = stage_fingerprint(stage, stage_params, previous, source)
         output = executed / f"{stage.name}.ipynb"
+        stage_dir = artifacts / stage.name if artifacts else None
         record = {"stage": stage.name, "parameters": stage_params}
-        skip = only is not None and stage.name not in only
         cached = state.get(stage.name, {})
-        if skip:
+        if only is not None and stage.name not in only:
             log.info("%s: skipped (not in --only)", stage.name)
             record.update(cached, reused=False, skipped=True)
-        elif not force and cached.get("fingerprint") == fingerprint and output.is_file():
-            log.info("%s: unchanged, reusing its last run", stage.name)
+        elif not force and (problem := _reuse_problem(cached, fingerprint, output, stage_dir)) is None:
+            log.info("%s: unchanged and verified, reusing its last run", stage.name)
             record.update(cached, reused=True)
         else:
-            log.info("%s: running", stage.name)
+            log.info("%s: running%s", stage.name, "" if force else f" ({problem})")
             state.pop(stage.name, None)
             atomic_write_json(state_path, state)  # a failed run must not leave a stale "done" record
             seconds = execute_stage(stage, stage_params, output)
             record.update(fingerprint=fingerprint, seconds=round(seconds, 1),
                           finished=time.strftime("%Y-%m-%d %H:%M:%S"), reused=False)
-            state[stage.name] = {k: record[k] for k in ("fingerprint", "seconds", "finished")}
+            state[stage.name] = {**{k: record[k] for k in ("fingerprint", "seconds", "finished")},
+                                 "notebook": sha256_file(output), "artifacts": directory_digest(stage_dir)}
             atomic_write_json(state_path, state)
             log.info("%s: done in %.1f s", stage.name, seconds)
         status["stages"].append(record)
-        previous = fingerprint
-    atomic_write_json(executed / "status.json", status)
-    write_status_page(status, executed / "status.md")
+        previous = hashlib.sha256(json.dumps([fingerprint, state.get(stage.name, {}).get("artifacts")],
+                                             sort_keys=True).encode()).hexdigest()
     return status
+
+
+def _artifacts_root(params: dict, stages: list[Stage]) -> Path | None:
+    """The run's ``artifacts_dir`` (absolute), where its state lives; None for stages without one."""
+    value = params.get("artifacts_dir") or next(
+        (s.defaults["artifacts_dir"] for s in stages if s.defaults.get("artifacts_dir")), None)
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+def _read_state(path: Path) -> dict:
+    """The run state, or an empty one (with a warning) when it is missing or unreadable: every stage
+    then runs again, which repairs it."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        state = None
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        log.warning("%s is unreadable: every stage runs again", path)
+        return {}
+    return state
+
+
+def directory_digest(path: Path | None) -> dict[str, str]:
+    """sha256 of every file under ``path`` (relative names; hidden files such as locks and
+    temporary files left out); empty when the folder does not exist."""
+    if path is None or not path.is_dir():
+        return {}
+    return {str(f.relative_to(path)): sha256_file(f) for f in sorted(path.rglob("*"))
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)}
+
+
+def _reuse_problem(cached: dict, fingerprint: str, output: Path, stage_dir: Path | None) -> str | None:
+    """Why a stage's last run cannot be reused, or None when it can."""
+    if not cached:
+        return "no finished run recorded"
+    if cached.get("fingerprint") != fingerprint:
+        return "its inputs changed"
+    if not output.is_file():
+        return f"its executed notebook {output.name} is missing"
+    if cached.get("notebook") != sha256_file(output):
+        return f"{output.name} is not the notebook of its recorded run"
+    recorded, now = cached.get("artifacts") or {}, directory_digest(stage_dir)
+    missing = sorted(set(recorded) - set(now))
+    changed = sorted(name for name in recorded if name in now and now[name] != recorded[name])
+    if missing or changed:
+        return "its artifacts no longer verify: " + ", ".join(
+            [f"{name} missing" for name in missing[:3]] + [f"{name} modified" for name in changed[:3]])
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(folders: list[Path]):
+    """Hold an exclusive lock on each folder (its ``.pipeline.lock``) for one run: a second run on
+    the same artifacts or executed notebooks is refused at once with a clear message."""
+    import fcntl
+
+    handles = []
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / LOCK_FILE, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise PipelineError(f"another pipeline run ({holder}) is using {folder}; wait for it to finish, or "
+                                    "give this run another artifacts_dir (and checkout, for the executed notebooks)")
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            handles.append(handle)
+        yield
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def capture_benchmark_section(path: Path) -> list[str]:

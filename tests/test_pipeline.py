@@ -121,6 +121,54 @@ def test_failed_stage_is_named_with_its_cell_and_not_reused(tmp_path):
     assert "| 01_ok |" in status_page and "| 02_fails |" in status_page and "x: 3" in status_page
 
 
+def _writing_stages(tmp_path):
+    """Two toy stages that write into their artifact folders, and a profile pointing at ``a/``."""
+    notebooks = tmp_path / "nb"
+    notebooks.mkdir()
+    write = ("from pathlib import Path\nout = Path(artifacts_dir) / '{name}'\nout.mkdir(parents=True, exist_ok=True)\n"
+             "(out / 'result.txt').write_text(str(x))")
+    for name in ("01_first", "02_second"):
+        _notebook(notebooks / f"{name}.py", "x = 1\nartifacts_dir = 'unset'", write.format(name=name))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"artifacts_dir: {tmp_path / 'a'}\n")
+    return notebooks, profile, tmp_path / "executed"
+
+
+def test_reuse_verifies_the_artifacts_and_a_rerun_repairs_them(tmp_path):
+    notebooks, profile, executed = _writing_stages(tmp_path)
+    run = lambda **kw: [s["reused"] for s in pipeline.run(profile, notebooks=notebooks, executed=executed, **kw)["stages"]]
+    assert run() == [False, False]
+    assert (tmp_path / "a" / pipeline.STATE_FILE).is_file()  # the state lives with the artifacts
+    assert run() == [True, True]
+    (tmp_path / "a" / "02_second" / "result.txt").unlink()  # an artifact gone: that stage runs again
+    assert run() == [True, False] and (tmp_path / "a" / "02_second" / "result.txt").is_file()
+    (tmp_path / "a" / "01_first" / "result.txt").write_text("tampered")  # modified: that stage runs again;
+    assert run() == [False, True] and (tmp_path / "a" / "01_first" / "result.txt").read_text() == "1"
+    # the next is reused because the repaired artifacts are byte-identical to those it was run on
+    (executed / "02_second.ipynb").write_text((executed / "02_second.ipynb").read_text() + " ")
+    assert run() == [True, False]  # an executed notebook that is not the recorded one is not trusted
+
+
+def test_each_artifacts_dir_keeps_its_own_state(tmp_path):
+    notebooks, profile, executed = _writing_stages(tmp_path)
+    other = {"artifacts_dir": str(tmp_path / "b")}
+    run = lambda over=None: [s["reused"] for s in pipeline.run(profile, over, notebooks=notebooks,
+                                                               executed=executed)["stages"]]
+    assert run() == [False, False] and run(other) == [False, False]
+    assert run(other) == [True, True]
+    assert run() == [False, False]  # a/'s state is kept, but the executed notebooks are now b/'s: not trusted
+
+
+def test_a_second_run_on_the_same_artifacts_is_refused(tmp_path):
+    notebooks, profile, executed = _writing_stages(tmp_path)
+    with pipeline.run_lock([tmp_path / "a"]):
+        with pytest.raises(PipelineError, match=r"another pipeline run \(pid \d+\) is using .*a"):
+            pipeline.run(profile, notebooks=notebooks, executed=executed)
+    assert not (tmp_path / "a" / pipeline.STATE_FILE).exists()  # nothing was recorded
+    assert [s["reused"] for s in pipeline.run(profile, notebooks=notebooks, executed=executed)["stages"]] == \
+        [False, False]
+
+
 @pytest.mark.slow
 def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     """Every real stage notebook runs through papermill on a tiny random model and real MMLU-Pro rows."""
