@@ -101,7 +101,7 @@ def index_dtype(n_experts: int) -> np.dtype:
 
 
 #: What a store manifest must hold: key -> type, and the keys each ``model`` entry needs.
-MANIFEST_SCHEMA = {"format_version": int, "files": dict, "model": dict, "fingerprint": dict}
+MANIFEST_SCHEMA = {"format_version": int, "files": dict, "model": dict}
 MODEL_KEYS = ("n_layers", "n_experts", "top_k")
 
 
