@@ -355,3 +355,31 @@ def test_offline_external_resources_are_only_known_cdns(visits):
     """On an offline machine only third-party CDNs may fail; the book's own files never."""
     hosts = {urlparse(url).hostname for v in visits.values() for url in v["external_failures"]}
     assert hosts <= {"cdn.jsdelivr.net", "cdnjs.cloudflare.com", "unpkg.com"}, hosts
+
+
+def test_a_planted_token_renders_as_text_in_the_browser(tmp_path):
+    """Model text carrying markup, shown the way the stage pages show it (a stage table through pandas'
+    Styler after ``plotting.use_style()``, and the coloured-token rendering), is text in Chromium:
+    no element is created from it and its handler never runs."""
+    import pandas as pd
+
+    from moe_utils import plotting
+    from moe_utils.token_text import render_prompt
+
+    planted = "<img src=x onerror=\"window.__planted=1\">"
+    plotting.use_style()
+    table = (pd.DataFrame({"atom": [3], "label": [planted], "q": [1e-5]})
+             .style.hide(axis="index").format({"q": "{:.1e}"}, escape="html").to_html())
+    tokens = render_prompt(["Q", planted, "!"], [("level 1", [0, 1, -1], {0: "a", 1: planted})])
+    page = tmp_path / "planted.html"
+    page.write_text(f"<!doctype html><html><head><title>planted</title></head><body>{table}{tokens}</body></html>")
+    (tmp_path / "chromium-profile").mkdir()
+    browser = DevTools(chromium_executable(), tmp_path / "chromium-profile")
+    try:
+        browser.open(page.as_uri())
+        found = browser.evaluate("({images: document.images.length, fired: window.__planted === 1, "
+                                 "text: document.body.textContent})")
+    finally:
+        browser.close()
+    assert found["images"] == 0 and not found["fired"]
+    assert found["text"].count(planted) >= 2  # in the table and in the token rendering, as text
