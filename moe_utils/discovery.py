@@ -31,6 +31,7 @@ ROUTER_NAMES = ("gate", "router")
 ROUTER_CLASS = re.compile(r"Router|Gate|Gating")
 #: Config fields holding the top-k, read when the router cannot be probed (e.g. on the meta device).
 TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts", "moe_k")
+#: Config fields that hold the routed-expert count (aliases of each other in many configs).
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -125,6 +126,12 @@ def config_value(config: Any, names: tuple[str, ...]) -> int | None:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
     return None
+
+
+def declared_top_k(router: nn.Module, config: Any) -> int | None:
+    """The top-k a router declares (``router.top_k``), else the config's (:data:`TOP_K_FIELDS`)."""
+    top_k = getattr(router, "top_k", None)
+    return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else config_value(config, TOP_K_FIELDS)
 
 
 def router_output_layout(output: Any) -> OutputLayout | None:

@@ -51,15 +51,13 @@ from torch import nn
 
 from transformers import PretrainedConfig
 
-from moe_utils.discovery import find_blocks, router_output_layout
+from moe_utils.discovery import EXPERT_COUNT_FIELDS, find_blocks, router_output_layout
 from moe_utils.models import PROBED, MoELayer, moe_layers
 
 log = logging.getLogger(__name__)
 
 #: Module attributes that hold a layer's routed-expert count (``out_features``: routers that are an ``nn.Linear``).
 COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "out_features")
-#: Config fields that hold the routed-expert count (aliases of each other in many configs).
-CONFIG_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 #: Config key under which :func:`save_pruned` records per-layer expert counts.
 PER_LAYER_KEY = "moe_experts_per_layer"
 #: Config key of a per-layer checkpoint: the expert count its model class is built with before each MoE
@@ -335,7 +333,7 @@ def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
 def _set_config_count(config: Any, count: Any) -> None:
     """Set the routed-expert count of ``config`` and of its text part (composite models, e.g. gemma4)."""
     for owner in (config, getattr(config, "text_config", None)):
-        for name in CONFIG_COUNT_FIELDS:
+        for name in EXPERT_COUNT_FIELDS:
             if owner is not None and (isinstance(getattr(owner, name, None), int)
                                       or name in getattr(owner, "attribute_map", {})):
                 setattr(owner, name, count)
@@ -434,11 +432,11 @@ def save_pruned(model: nn.Module, path: str | Path, *, tokenizer: Any = None, ov
             model.config.save_pretrained(tmp)
             raw = json.loads((tmp / "config.json").read_text())
             raw[MODEL_TYPE_KEY] = raw["model_type"]
-            raw[BUILT_KEY] = next(owner[name] for owner in _raw_count_owners(raw) for name in CONFIG_COUNT_FIELDS
+            raw[BUILT_KEY] = next(owner[name] for owner in _raw_count_owners(raw) for name in EXPERT_COUNT_FIELDS
                                   if isinstance(owner.get(name), int))
             raw["model_type"] = PER_LAYER_MARKER.format(raw["model_type"])
             for owner in _raw_count_owners(raw):  # also stops a model class's own from_pretrained
-                for name in CONFIG_COUNT_FIELDS:
+                for name in EXPERT_COUNT_FIELDS:
                     if name in owner:
                         owner[name] = raw["model_type"]
             raw[PER_LAYER_KEY] = counts
@@ -481,7 +479,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype | None = None, device: s
                                "the checkpoint is inconsistent, save it again with save_pruned")
         raw["model_type"] = raw.pop(MODEL_TYPE_KEY)
         for owner in _raw_count_owners(raw):
-            owner.update({name: raw.get(BUILT_KEY, max(counts)) for name in CONFIG_COUNT_FIELDS if name in owner})
+            owner.update({name: raw.get(BUILT_KEY, max(counts)) for name in EXPERT_COUNT_FIELDS if name in owner})
         raw.pop(BUILT_KEY, None)
         config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
         with no_init_weights():

@@ -12,6 +12,7 @@ returns ``(topk_idx, topk_weight, aux_loss)`` unsorted. Another such layout is a
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from torch import nn
 
 from moe_utils.deepseek_moe import REMOTE_MODEL_TYPE, load_deepseek_moe  # also registers the port
 from moe_utils.discovery import (
-    TOP_K_FIELDS, DiscoveryError, OutputLayout, config_value, count_experts, find_blocks, is_hash_router,
-    probe_router, router_output_layout, router_scoring,
+    EXPERT_COUNT_FIELDS, DiscoveryError, OutputLayout, config_value, count_experts, declared_top_k, find_blocks,
+    is_hash_router, probe_router, router_output_layout, router_scoring,
 )
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,17 @@ def _count_experts(router: nn.Module, experts: nn.Module, config: Any) -> int:
             return value
     if isinstance(experts, nn.ModuleList):
         return len(experts)
-    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    raise ValueError("cannot tell how many experts this MoE block has; give the adapter a count_experts")
+    value = config_value(config, EXPERT_COUNT_FIELDS)
+    if value is None:
+        raise ValueError("cannot tell how many experts this MoE block has; give the adapter a count_experts")
+    return value
 
 
 def _count_top_k(router: nn.Module, config: Any) -> int:
-    for value in (getattr(router, "top_k", None), getattr(config, "num_experts_per_tok", None)):
-        if isinstance(value, int):
-            return value
-    raise ValueError("cannot tell the router's top-k; set config.num_experts_per_tok or router.top_k")
+    value = declared_top_k(router, config)
+    if value is None:
+        raise ValueError("cannot tell the router's top-k; set config.num_experts_per_tok or router.top_k")
+    return value
 
 
 @dataclass(frozen=True)
@@ -281,9 +282,7 @@ def _discovered_layers(model: nn.Module) -> list[MoELayer]:
                 f"model type {model_type!r}: its router scores {probed.n_scored} slots but its experts module "
                 f"holds {n_experts} experts (zero-computation or other non-expert slots): the expert matrix X "
                 "and pruning need one slot per expert. Register an adapter for this layout.")
-        top_k = probed.top_k if probed is not None else (
-            getattr(router, "top_k", None) if isinstance(getattr(router, "top_k", None), int)
-            else config_value(config, TOP_K_FIELDS))
+        top_k = probed.top_k if probed is not None else declared_top_k(router, config)
         if top_k is None:
             raise DiscoveryError(f"model type {model_type!r}: cannot tell the router's top-k; set "
                                  "config.num_experts_per_tok or router.top_k")
@@ -308,14 +307,6 @@ def _discovered_layers(model: nn.Module) -> list[MoELayer]:
                  f"; hash-routed layers {hashed} left out" if hashed else "")
         model.__dict__["_moe_discovery_logged"] = True
     return found
-
-
-def architecture_of(model: nn.Module) -> MoEArchitecture:
-    """How ``model``'s MoE layers are read: its registered adapter, else the one discovery derives."""
-    model_type = _model_type(model)
-    if model_type in REGISTRY:
-        return REGISTRY[model_type]
-    return moe_layers(model)[0].architecture
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -356,8 +347,6 @@ RANDOM_PREFIX = "random:"
 def _checkpoint_model_type(name: str, revision: str | None) -> str | None:
     """``model_type`` in a checkpoint's ``config.json`` (local directory or Hub), read as plain JSON, so
     that a type transformers does not know (DeepSeek-MoE's ``deepseek``) is still recognised."""
-    import json
-
     local = Path(name) / "config.json"
     if not local.is_file():
         from huggingface_hub import hf_hub_download

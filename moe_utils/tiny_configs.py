@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from moe_utils.discovery import EXPERT_COUNT_FIELDS, TOP_K_FIELDS
+
 #: Small sizes shared by every architecture.
 _BASE = dict(
     vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -72,10 +74,6 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
 
 
-#: Config fields that hold the routed-expert count (aliases of each other in many configs).
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-#: Config fields that hold the router's top-k.
-TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts", "moe_k")
 #: Boolean switches that turn a model's MoE blocks on (off by default in some configs, e.g. gemma4).
 MOE_SWITCHES = ("enable_moe_block", "is_moe", "use_moe")
 #: Per-layer list fields whose values are layer indices rather than one entry per layer.
@@ -133,6 +131,14 @@ def _tiny_layer_positions(per_layer: dict[str, list], n_layers: int) -> list[int
     return sorted(positions)
 
 
+def _is_per_layer(name: str, value: Any, n_layers: int) -> bool:
+    """A config field with one entry per decoder layer: a list, or a pattern string such as
+    ``hybrid_override_pattern`` (one character per layer); lists of layer indices are not."""
+    if isinstance(value, list):
+        return len(value) == n_layers and name not in LAYER_INDEX_LISTS
+    return isinstance(value, str) and name.endswith("pattern") and len(value) == n_layers
+
+
 def shrink_config(config: Any) -> Any:
     """Shrink any transformers config, in place, to a tiny model of the same architecture.
 
@@ -166,10 +172,7 @@ def shrink_config(config: Any) -> Any:
             config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
     n_layers = getattr(config, "num_hidden_layers", None)
     if isinstance(n_layers, int) and n_layers > N_TINY_LAYERS:
-        per_layer = {name: value for name, value in config.to_dict().items()
-                     if isinstance(value, (list, str)) and len(value) == n_layers and name not in LAYER_INDEX_LISTS
-                     and not isinstance(value, str) or (isinstance(value, str) and name.endswith("pattern")
-                                                        and len(value) == n_layers)}
+        per_layer = {name: value for name, value in config.to_dict().items() if _is_per_layer(name, value, n_layers)}
         positions = _tiny_layer_positions(per_layer, n_layers)
         for name, values in per_layer.items():
             kept = [values[i] for i in positions]
