@@ -12,6 +12,7 @@ ifneq ($(wildcard $(SHARED_DATA)/mmlu_pro),)
 export MOE_MMLU_PRO_DIR ?= $(SHARED_DATA)/mmlu_pro
 export MOE_WIKITEXT_DIR ?= $(SHARED_DATA)/wikitext-2
 export MOE_MMLU_DIR ?= $(SHARED_DATA)/mmlu
+export MOE_BLIMP_DIR ?= $(SHARED_DATA)/blimp
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 endif

@@ -29,6 +29,14 @@ Task names this module defines (anything else goes to the harness's stock tasks 
     WikiText-2 test perplexity, one document per article, same metrics, words counted as
     :func:`moe_utils.wikitext.count_words` (see ``tasks/wikitext2_ppl.yaml``).
 
+``blimp`` (group), ``blimp_<paradigm>``
+    BLiMP minimal pairs (:mod:`moe_utils.blimp`): lm-eval's stock ``blimp_<paradigm>`` tasks
+    (``tasks/blimp.yaml``: both sentences scored after the end-of-text token, right when the
+    grammatical one is likelier; metric ``acc``) on data from ``blimp_dir``, else
+    ``$MOE_BLIMP_DIR``, else the Hub's ``nyu-mll/blimp``. The group expands to the 67 paradigm
+    tasks and has no pooled row: BLiMP's score is the macro average over paradigms
+    (:func:`moe_utils.blimp.macro_accuracy` of :func:`sample_table`).
+
 ``<category>`` is a slug of an MMLU-Pro category (spaces become underscores:
 ``computer_science``). The small embedded model's multiple-choice accuracy sits near chance
 (1/10 for most questions), which is why the per-category perplexities exist: they move
@@ -68,6 +76,7 @@ from unittest import mock
 import pandas as pd
 import yaml
 
+from moe_utils import blimp
 from moe_utils.data import LETTERS, MMLU_PRO_ENV, format_prompt, load_mmlu_pro
 from moe_utils.wikitext import WIKITEXT_ENV, count_words, load_wikitext
 
@@ -115,7 +124,7 @@ def task_names(categories: Iterable[str] | None = None) -> list[str]:
     return (
         [MC_GROUP] + [f"{MC_GROUP}_{category_slug(c)}" for c in cats]
         + [PPL_GROUP] + [f"{PPL_GROUP}_{category_slug(c)}" for c in cats]
-        + [WIKITEXT_TASK]
+        + [WIKITEXT_TASK] + [blimp.GROUP] + [blimp.task_name(p) for p in blimp.paradigms()]
     )
 
 
@@ -133,10 +142,15 @@ def _resolve_categories(categories: Iterable[str] | str | None) -> list[str]:
 def _parse(name: str) -> tuple[str, str | None] | None:
     """``(kind, category)`` for a name this module defines, None for a stock harness task.
 
-    kind is ``"mc"`` or ``"ppl"`` (category None for the group) or ``"wikitext"``.
+    kind is ``"mc"`` or ``"ppl"`` (category None for the group), ``"wikitext"`` or ``"blimp"``
+    (the paradigm in place of the category).
     """
     if name == WIKITEXT_TASK:
         return "wikitext", None
+    if name == blimp.GROUP:
+        return "blimp", None
+    if blimp.paradigm_of(name) is not None:
+        return "blimp", blimp.paradigm_of(name)
     for kind, prefix in (("mc", MC_GROUP), ("ppl", PPL_GROUP)):
         if name == prefix:
             return kind, None
@@ -299,12 +313,23 @@ def _wikitext_task(wikitext_dir: str | os.PathLike | None):
     return ConfigurableTask(config=cfg)
 
 
+def _blimp_task(paradigm: str, blimp_dir: str | os.PathLike | None):
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = _template(blimp.GROUP)
+    cfg.update(task=blimp.task_name(paradigm),
+               custom_dataset=functools.partial(_returning, _dataset_dict(
+                   {"train": blimp.load_paradigm(paradigm, blimp_dir)})))
+    return ConfigurableTask(config=cfg)
+
+
 def build_tasks(
     tasks: Sequence[str] | str,
     *,
     data_dir: str | os.PathLike | None = None,
     wikitext_dir: str | os.PathLike | None = None,
     categories: Iterable[str] | None = None,
+    blimp_dir: str | os.PathLike | None = None,
 ) -> list:
     """Turn task names into what ``lm_eval.simple_evaluate(tasks=...)`` takes.
 
@@ -321,6 +346,9 @@ def build_tasks(
     group_cats = _resolve_categories(categories)
     parsed = [(name, _parse(name)) for name in tasks]  # validates every name before any loading
     groups_asked = {p[0] for _, p in parsed if p is not None and p[1] is None and p[0] != "wikitext"}
+    expanded = [(blimp.task_name(p), ("blimp", p)) for p in blimp.paradigms()]
+    parsed = [item for name, spec in parsed
+              for item in (expanded if spec == ("blimp", None) else [(name, spec)])]
     source = _MmluPro(data_dir)
     out: list = []
     seen: set[str] = set()
@@ -335,6 +363,8 @@ def build_tasks(
             kind, category = spec
             if kind == "wikitext":
                 out.append(_wikitext_task(wikitext_dir))
+            elif kind == "blimp":
+                out.append(_blimp_task(category, blimp_dir))
             elif category is not None:
                 if kind in groups_asked and category in group_cats:
                     log.debug("%s is part of the requested group; evaluated once", name)
@@ -373,6 +403,7 @@ def run_harness(
     wikitext_dir: str | os.PathLike | None = None,
     bootstrap_iters: int = 100,
     log_samples: bool = False,
+    blimp_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Run lm-evaluation-harness on an in-memory causal LM; return the raw ``simple_evaluate`` result.
 
@@ -384,7 +415,8 @@ def run_harness(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories)
+    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories,
+                        blimp_dir=blimp_dir)
     # Indexing the stock tasks takes ~10 s: only done when a stock task is asked for.
     stock = [s for s in specs if isinstance(s, str)]
     task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
@@ -393,7 +425,8 @@ def run_harness(
         unknown = [s for s in stock if s not in known and not Path(s).is_file()]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}: neither defined here "
-                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}) "
+                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}, "
+                             f"{blimp.GROUP}[_<paradigm>]) "
                              "nor lm-eval stock tasks")
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
@@ -425,6 +458,7 @@ def evaluate(
     categories: Iterable[str] | None = None,
     wikitext_dir: str | os.PathLike | None = None,
     bootstrap_iters: int = 100,
+    blimp_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Evaluate an in-memory causal LM with lm-evaluation-harness; return a tidy table.
 
@@ -442,6 +476,7 @@ def evaluate(
         categories: restrict the ``mmlu_pro_mc`` / ``mmlu_pro_ppl`` groups to these categories
             (names or slugs, e.g. the paper's five ``moe_utils.data.PAPER_CATEGORIES``).
         wikitext_dir: local WikiText-2 directory (else ``$MOE_WIKITEXT_DIR``, else the Hub).
+        blimp_dir: local BLiMP directory (else ``$MOE_BLIMP_DIR``, else the Hub).
         bootstrap_iters: for the harness's stderr. This module's tasks never bootstrap (the
             accuracy stderr is closed-form, perplexities get none), so it only matters for stock
             tasks with bootstrapped metrics; 0 turns every stderr off.
@@ -454,6 +489,7 @@ def evaluate(
     return results_table(run_harness(
         model, tokenizer, tasks, limit=limit, data_dir=data_dir, batch_size=batch_size, max_length=max_length,
         num_fewshot=num_fewshot, categories=categories, wikitext_dir=wikitext_dir, bootstrap_iters=bootstrap_iters,
+        blimp_dir=blimp_dir,
     ))
 
 
@@ -494,3 +530,33 @@ def _number(x: Any) -> float:
     except (TypeError, ValueError):  # "N/A", None
         return math.nan
     return value
+
+
+#: Columns of :func:`sample_table`.
+SAMPLE_COLUMNS = ("task", "doc_id", "correct", "loglikelihood", "n_words", "n_bytes", "margin")
+
+
+def sample_table(results: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per evaluated document of a ``run_harness(..., log_samples=True)`` result, for the
+    paired statistics of a pruning study (every model sees the same documents).
+
+    Multiple-choice documents (BLiMP pairs, MMLU-Pro questions) get ``correct`` (0/1, the harness's
+    ``acc``) and ``margin``: the log-likelihood of the target choice minus the best other choice
+    (for a BLiMP pair: log P(good) - log P(bad)). Rolling-perplexity documents get their
+    ``loglikelihood`` (nats), ``n_words`` and ``n_bytes`` (the counts the task's metrics divide by).
+    """
+    rows = []
+    for task, samples in results["samples"].items():
+        for s in samples:
+            row = dict.fromkeys(SAMPLE_COLUMNS, math.nan) | {"task": task, "doc_id": int(s["doc_id"])}
+            if "acc" in s:
+                row["correct"] = float(s["acc"])
+                lls = [float(r[0]) for r in s["filtered_resps"]]
+                target = int(s["target"])
+                row["margin"] = lls[target] - max(ll for i, ll in enumerate(lls) if i != target)
+            elif "word_perplexity" in s:
+                row["loglikelihood"], row["n_words"] = s["word_perplexity"]
+                row["n_bytes"] = s["byte_perplexity"][1]
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+    return frame.sort_values(["task", "doc_id"], kind="stable").reset_index(drop=True)

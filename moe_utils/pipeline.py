@@ -49,7 +49,7 @@ BENCH_RESULTS = ROOT / "bench" / "results"
 STATE_FILE = "pipeline_state.json"  # in the run's artifacts_dir: the state lives with what it describes
 LOCK_FILE = ".pipeline.lock"
 #: Environment variables that change what a stage reads, so they are part of its fingerprint.
-DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_MMLU_DIR", "HF_HUB_OFFLINE")
+DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_MMLU_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")
 #: The top-level key of a profile that describes it; everything else in a profile is a parameter.
 ABOUT = "about"
 #: Fields of the ``about`` block and their types; those in ABOUT_REQUIRED must be there.

@@ -275,7 +275,7 @@ def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[s
     the data locations and the model (name, revision, router weights, parameter count)."""
     payload = {"keep": np.packbits(np.asarray(keep, dtype=bool)).tobytes().hex(), "n": len(keep), "run": run,
                "settings": settings, "model": model_id,
-               "env": {k: os.environ.get(k) for k in ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "HF_HUB_OFFLINE")}}
+               "env": {k: os.environ.get(k) for k in ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
