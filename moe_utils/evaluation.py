@@ -175,6 +175,12 @@ def ppl_doc_to_target(doc: Mapping[str, Any]) -> str:
     return str(doc["question"]).strip()
 
 
+def blimp_doc_to_choice(doc: Mapping[str, Any]) -> list[str]:
+    """The two sentences of a BLiMP pair, the grammatical one first (the stock task's
+    ``{{[sentence_good, sentence_bad]}}``, without compiling a Jinja template for every pair)."""
+    return [doc["sentence_good"], doc["sentence_bad"]]
+
+
 def wikitext_process_results(doc: Mapping[str, Any], results: Sequence[Any]) -> dict[str, tuple]:
     """Per-document (log-likelihood, count) pairs; words as :func:`moe_utils.wikitext.count_words`."""
     (loglikelihood,) = results
@@ -313,13 +319,15 @@ def _wikitext_task(wikitext_dir: str | os.PathLike | None):
     return ConfigurableTask(config=cfg)
 
 
-def _blimp_task(paradigm: str, blimp_dir: str | os.PathLike | None):
+def _blimp_task(paradigm: str, blimp_dir: str | os.PathLike | None, limit: int | float | None):
     from lm_eval.api.task import ConfigurableTask
 
+    pairs = blimp.load_paradigm(paradigm, blimp_dir)
+    if isinstance(limit, int):  # the harness evaluates the first `limit` pairs: building the task on
+        pairs = pairs.head(limit)  # those alone gives the same requests, ~10x faster for 67 tasks
     cfg = _template(blimp.GROUP)
-    cfg.update(task=blimp.task_name(paradigm),
-               custom_dataset=functools.partial(_returning, _dataset_dict(
-                   {"train": blimp.load_paradigm(paradigm, blimp_dir)})))
+    cfg.update(task=blimp.task_name(paradigm), doc_to_choice=blimp_doc_to_choice,
+               custom_dataset=functools.partial(_returning, _dataset_dict({"train": pairs})))
     return ConfigurableTask(config=cfg)
 
 
@@ -330,6 +338,7 @@ def build_tasks(
     wikitext_dir: str | os.PathLike | None = None,
     categories: Iterable[str] | None = None,
     blimp_dir: str | os.PathLike | None = None,
+    limit: int | float | None = None,
 ) -> list:
     """Turn task names into what ``lm_eval.simple_evaluate(tasks=...)`` takes.
 
@@ -337,7 +346,8 @@ def build_tasks(
     for ``mmlu_pro_mc``, the category tasks for ``mmlu_pro_ppl``) with their data loaded; other
     names are returned unchanged for the harness's ``TaskManager``. ``categories`` restricts the
     two MMLU-Pro groups (not explicitly named category tasks). A category task also covered by a
-    requested group is built once. Raises ValueError for an unknown MMLU-Pro category.
+    requested group is built once. ``limit`` (the harness's, when it is a count) builds each BLiMP
+    task on its first ``limit`` pairs only. Raises ValueError for an unknown MMLU-Pro category.
     """
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -364,7 +374,7 @@ def build_tasks(
             if kind == "wikitext":
                 out.append(_wikitext_task(wikitext_dir))
             elif kind == "blimp":
-                out.append(_blimp_task(category, blimp_dir))
+                out.append(_blimp_task(category, blimp_dir, limit))
             elif category is not None:
                 if kind in groups_asked and category in group_cats:
                     log.debug("%s is part of the requested group; evaluated once", name)
@@ -416,7 +426,7 @@ def run_harness(
     from lm_eval.tasks import TaskManager
 
     specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories,
-                        blimp_dir=blimp_dir)
+                        blimp_dir=blimp_dir, limit=limit)
     # Indexing the stock tasks takes ~10 s: only done when a stock task is asked for.
     stock = [s for s in specs if isinstance(s, str)]
     task_manager = TaskManager() if stock else TaskManager(include_defaults=False)

@@ -1,0 +1,296 @@
+"""Stage 4's glue, kept out of its notebook: what the stage loads and checks, the calibration set,
+the table of CAEP's steps (the paper's Algorithm 1, section 4), the ablation's masks, the
+artifact, and the findings sentences the book cites."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+from myst_nb import glue
+
+from moe_utils import ablation as abl
+from moe_utils import caep as caep_module
+from moe_utils import calibration, pruning, pruning_eval
+from moe_utils.data import load_prompts
+from moe_utils.expert_surgery import allowed_counts
+from moe_utils.hsdl import HSDL
+from moe_utils.models import EMBEDDED, RANDOM_PREFIX, load_model, moe_layers
+from moe_utils.routing import model_identity
+from moe_utils.store import RoutingStore
+
+#: How the page names each calibration source.
+CALIBRATION_SOURCES = {"capture": "the stage-1 prompts (the texts CAEP's dictionary was fitted on)",
+                       "mmlu": "MMLU test questions", "wikitext": "WikiText-2 train"}
+
+
+# ------------------------------------------------------------------------------- set-up
+@dataclass
+class Setup:
+    """What the stage works on: the stage-1 store, the stage-2 dictionary, the model and its layout."""
+
+    model_name: str
+    store_dir: Path
+    hsdl_dir: Path
+    store: RoutingStore
+    hsdl: HSDL
+    lm: Any
+    tokenizer: Any
+    layer_sizes: list[int]
+    top_k: int
+    guard: int
+    allowed: list
+    methods: list[str]
+    skipped: dict[str, str]
+
+    @property
+    def n_experts(self) -> int:
+        return sum(self.layer_sizes)
+
+
+def load_setup(model: str, artifacts_dir, methods: Sequence[str], *, min_per_layer: int | None = None,
+               device=None, dtype=None, trust_remote_code: bool = False) -> Setup:
+    """Open stage 1's store and stage 2's dictionary, load the model, and check they belong together.
+    The guard is the model's top-k unless ``min_per_layer`` is given; methods a group-limited router
+    cannot use are skipped (:func:`moe_utils.pruning.unsupported_methods`)."""
+    store_dir, hsdl_dir = Path(artifacts_dir) / "01_capture" / "store", Path(artifacts_dir) / "02_hsdl"
+    store, hsdl = RoutingStore.open(store_dir), HSDL.load(hsdl_dir)
+    if store.manifest["model"]["name"] != model:
+        raise ValueError(f"stage 1 captured {store.manifest['model']['name']!r}, not {model!r}: re-run 01_capture")
+    lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    layers = moe_layers(lm)
+    sizes = [layer.num_experts for layer in layers]
+    if not hsdl.dictionaries_[0].shape[0] == sum(sizes) == store.n_layers * store.n_experts:
+        raise ValueError("the stage-2 dictionary does not match the model's experts: re-run 02_hsdl")
+    top_k = max(layer.top_k for layer in layers)
+    allowed = allowed_counts(lm)
+    skipped = pruning.unsupported_methods(methods, allowed)
+    return Setup(model, store_dir, hsdl_dir, store, hsdl, lm, tokenizer, sizes, top_k,
+                 top_k if min_per_layer is None else min_per_layer, allowed,
+                 [m for m in methods if m not in skipped], skipped)
+
+
+def describe(setup: Setup, level: int) -> None:
+    """Show the model, the dictionary, what the numbers of this model can mean, and skipped methods."""
+    note = ""
+    if setup.model_name.startswith(RANDOM_PREFIX):
+        note = ("**This run used a randomly initialised model: its routing is noise and its scores are "
+                "meaningless. Nothing below is a finding.**")
+    elif setup.model_name == EMBEDDED:
+        note = ("The embedded model is a 7M-parameter MoE trained on WikiText-2: it is above chance on BLiMP's "
+                "minimal pairs and its perplexities move when experts are pruned. Its numbers illustrate the "
+                "methods; they are not the paper's DeepSeek-MoE-16B results.")
+    glue("guard", setup.guard, display=False)
+    display(Markdown(f"**Model:** `{setup.model_name}` ({setup.lm.config.model_type}, {len(setup.layer_sizes)} MoE "
+                     f"layers of {setup.layer_sizes[0]} routed experts, top-{setup.top_k}). **Dictionary:** level "
+                     f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"))
+    for method, why in setup.skipped.items():
+        display(Markdown(f"**Skipped for this model:** `{method}` {why}."))
+
+
+def glue_values(**values) -> None:
+    """Glue each keyword's value under its name for the page's text (myst_nb, not displayed)."""
+    for name, value in values.items():
+        glue(name, value, display=False)
+
+
+# -------------------------------------------------------------------------- calibration
+def calibrate(setup: Setup, spec: dict, *, categories: Sequence[str], n_per_category: int, seed: int,
+              max_length: int, batch_size: int, output_tokens: int, cache_dir, data_dir=None,
+              calibration_dir=None) -> tuple[calibration.ExpertStats, int]:
+    """The calibration pass on the set ``spec`` names (:func:`moe_utils.calibration.resolve_calibration`):
+    the stage-1 prompts (``capture``, at the capture's ``max_length``) or packed windows of MMLU /
+    WikiText-2 train. On the stage-1 prompts themselves the pass must count exactly the routing the
+    store recorded. Returns ``(stats, number of texts)``."""
+    tok = setup.tokenizer
+    if spec["source"] == "capture":
+        prompts, _, _ = load_prompts(categories, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
+        texts = calibration.calibration_texts(tok, "capture", n_samples=spec["n_samples"], prompts=prompts, seed=seed)
+        length = max_length
+    else:
+        texts = calibration.calibration_texts(tok, spec["source"], n_samples=spec["n_samples"],
+                                              n_tokens=spec["n_tokens"], seed=seed, data_dir=calibration_dir)
+        length = spec["n_tokens"]
+    stats = calibration.calibrate(setup.lm, tok, texts, batch_size=batch_size, max_length=length,
+                                  keep_hidden=output_tokens if "output" in setup.methods else 0, cache_dir=cache_dir)
+    top_ks = np.array([layer.top_k for layer in moe_layers(setup.lm)])
+    np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.n_tokens * top_ks)
+    store = setup.store
+    if spec["source"] == "capture" and len(texts) == store.n_samples:
+        captured = np.stack([np.bincount(np.asarray(store.topk_indices[:, j]).ravel(), minlength=store.n_experts)
+                             for j in range(store.n_layers)])
+        np.testing.assert_array_equal(stats.counts, captured)
+    return stats, len(texts)
+
+
+def score_correlations(D, R, stats: calibration.ExpertStats) -> pd.DataFrame:
+    """Spearman correlation over experts of CAEP's contribution and the calibration scores."""
+    scores = pd.DataFrame({"caep contribution": caep_module.contribution_scores(D, R),
+                           **{name: stats.score(name) for name in calibration.SCORES}})
+    return scores.corr(method="spearman")
+
+
+# --------------------------------------------------------------------------------- CAEP
+def caep_steps(D, R, ratios: Sequence[float], *, threshold_ratio: float, layer_sizes: Sequence[int],
+               min_per_layer: int, allowed=None) -> pd.DataFrame:
+    """One row per ratio: the target, what Algorithm 1 kept and how many atoms it removed, the
+    experts kept per layer before and after the guard, and what the guard changed."""
+    rows = []
+    for ratio in ratios:
+        result = caep_module.caep(D, R, threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=min_per_layer,
+                                  allowed=allowed)
+        kept = caep_module.kept_per_layer(result.keep, layer_sizes)
+        if (kept < min_per_layer).any():
+            raise AssertionError(f"CAEP at {ratio}: a layer keeps fewer than {min_per_layer} experts")
+        rows.append({"ratio": f"{ratio:.0%}", "target kept": int(np.floor(result.target)),
+                     "kept by Algorithm 1": int(result.algorithm_keep.sum()),
+                     "atoms removed": f"{len(result.atoms_removed)} of {D.shape[1]}",
+                     "per layer, Algorithm 1": " ".join(map(str, caep_module.kept_per_layer(result.algorithm_keep,
+                                                                                           layer_sizes))),
+                     "per layer, guarded": " ".join(map(str, kept)),
+                     "guard": "no change" if not result.guard.changed else
+                     f"restored {len(result.guard.restored)}, dropped {len(result.guard.dropped)}",
+                     "restored for the router's groups": len(result.rounded)})
+    steps = pd.DataFrame(rows)
+    if not any(rule is not None for rule in (allowed or [])):  # only group-limited routers restrict the counts
+        steps = steps.drop(columns="restored for the router's groups")
+    return steps
+
+
+def check_masks(masks: Sequence[pruning.PruningMask], setup: Setup) -> None:
+    """Every mask keeps at least the guard per layer; every non-CAEP mask keeps exactly its layer quota."""
+    for mask in masks:
+        kept = caep_module.kept_per_layer(mask.keep, setup.layer_sizes)
+        if (kept < setup.guard).any():
+            raise AssertionError(f"{mask.label} at {mask.ratio}: a layer keeps fewer than {setup.guard} experts")
+        if mask.method not in ("caep",):
+            quota = caep_module.layer_quota(setup.layer_sizes, mask.ratio, setup.guard, setup.allowed)
+            if kept.tolist() != quota.tolist():
+                raise AssertionError(f"{mask.label} at {mask.ratio} keeps {kept.tolist()}, not the quota {quota.tolist()}")
+
+
+def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | None, *, threshold_ratio: float,
+                      level: int, seed: int, cache_dir, wikitext_dir=None) -> pd.DataFrame:
+    """The ablation's CAEP masks at ``ratio`` (:func:`moe_utils.ablation.caep_variants`); ``settings``
+    (None: no ablation) gives ``k1`` and ``sizes`` to try and the WikiText-2 calibration text as
+    ``samples`` windows of ``tokens`` tokens, whose routing is captured and refitted."""
+    if not settings:
+        return pd.DataFrame(columns=["factor", "setting", "mask"])
+    texts = calibration.calibration_texts(setup.tokenizer, "wikitext", n_samples=settings["samples"],
+                                          n_tokens=settings["tokens"], seed=seed, data_dir=wikitext_dir)
+    wiki_X = abl.routing_matrix(setup.lm, setup.tokenizer, texts, cache_dir=cache_dir, max_length=settings["tokens"])
+    return abl.caep_variants(
+        setup.hsdl, _stage1_matrix(setup), ratio, layer_sizes=setup.layer_sizes, min_per_layer=setup.guard,
+        threshold_ratio=threshold_ratio, level=level, k1_values=settings["k1"], size_values=settings["sizes"],
+        other_X=("WikiText-2 train", wiki_X), cache_dir=cache_dir, allowed=setup.allowed)
+
+
+def _stage1_matrix(setup: Setup):
+    from moe_utils.expert_matrix import expert_matrix
+
+    return expert_matrix(setup.store)
+
+
+# ------------------------------------------------------------------------------ artifact
+def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: calibration.ExpertStats,
+                  parameters: Mapping[str, Any]) -> None:
+    """Write the stage's artifact (:func:`moe_utils.pruning.save_pruning`: the unpruned and every
+    method's masks, their results without the ablation's variants, calibration sums) and read it back."""
+    inputs = {name: hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+              for name, path in (("store", setup.store_dir), ("hsdl", setup.hsdl_dir))}
+    every = [pruning.unpruned_mask(setup.n_experts), *masks]
+    results = results[~results["method"].str.startswith("caep [")]
+    pruning.save_pruning(out_dir, every, results, stats=stats, extra={
+        "model": model_identity(setup.lm) | {"layer_sizes": setup.layer_sizes, "top_k": setup.top_k},
+        "inputs": {"store": str(setup.store_dir), "store_manifest_sha256": inputs["store"],
+                   "hsdl": str(setup.hsdl_dir), "hsdl_manifest_sha256": inputs["hsdl"]},
+        "parameters": dict(parameters) | {"methods": setup.methods, "skipped_methods": setup.skipped,
+                                          "min_per_layer": setup.guard}})
+    reloaded, _, _ = pruning.load_pruning(out_dir)
+    if not all(np.array_equal(a.keep, b.keep) for a, b in zip(reloaded, every)):
+        raise AssertionError(f"the masks read back from {out_dir} differ from those written")
+
+
+# ------------------------------------------------------------------------------ findings
+def rank_table(curves: pd.DataFrame, ratios: Sequence[float]) -> pd.DataFrame:
+    """Mean rank of each method over the measures at each ratio (1 = best on every measure)."""
+    return pd.DataFrame({f"{r:.0%}": pruning.method_ranks(curves, r) for r in ratios})
+
+
+def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_rows: pd.DataFrame,
+             measures: Sequence[str], ratio: float) -> dict[str, str]:
+    """The stage's findings as sentences with their numbers, glued under ``finding_pruning_*`` for
+    the book's introduction: BLiMP unpruned and at ``ratio``, CAEP against random masks, the
+    minimum detectable differences, and what the ablation shows."""
+    out = {}
+    where = f"on the `{model}` model"
+    pct = f"{ratio:.0%}"
+    cmp = compared[np.isclose(compared["ratio"], ratio)]
+
+    def diff(method, measure, reference):
+        hit = cmp[(cmp["method"] == method) & (cmp["measure"] == measure) & (cmp["reference"] == reference)]
+        if hit.empty:
+            return None
+        r = hit.iloc[0]
+        kind = pruning_eval.MEASURES[measure][0]
+        unit = " points" if kind == "acc" else ""
+        return (f"{pruning_eval._fmt(kind, r.estimate, True)}{unit} "
+                f"[{pruning_eval._fmt(kind, r.low, True)}, {pruning_eval._fmt(kind, r.high, True)}]")
+
+    if "blimp" in measures:
+        b = scores[scores["measure"] == "blimp"].set_index(["method", "ratio"])
+        unpruned = b.loc[("unpruned", 0.0)]
+        parts = [f"{m} {b.loc[(m, ratio), 'estimate'] * 100:.1f}%" for m in ("caep", "random")
+                 if (m, ratio) in b.index]
+        out["finding_pruning_blimp"] = (
+            f"BLiMP accuracy {where} ({unpruned.n_docs} minimal pairs, macro average over paradigms; chance 50%): "
+            f"{unpruned.estimate * 100:.1f}% unpruned (95% interval {unpruned.low * 100:.1f} to "
+            f"{unpruned.high * 100:.1f}); with {pct} of the experts pruned: " + ", ".join(parts) + ".")
+    sentences = []
+    for measure in measures:
+        text = diff("caep", measure, "random")
+        if text is not None:
+            sentences.append(f"{pruning_eval.MEASURES[measure][1]} {text}")
+    out["finding_pruning_vs_random"] = (f"CAEP minus random masks at {pct} pruned, paired on the same documents "
+                                        f"(95% intervals; perplexity as a relative change): " + "; ".join(sentences) + ".")
+    mde = []
+    for measure in measures:
+        part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")]
+        if not part.empty:
+            kind, label = pruning_eval.MEASURES[measure][:2]
+            unit = " points" if kind == "acc" else "%"
+            mde.append(f"{label} {part['mde'].median() * 100:.2g}{unit}")
+    out["finding_pruning_mde"] = ("Smallest differences from random masks these samples detect (80% power, 5% "
+                                  "two-sided, median over methods and ratios): " + ", ".join(mde) + ".")
+    out["finding_pruning_ablation"] = ablation_verdict(ablation_rows, cmp, measures)
+    return out
+
+
+def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> str:
+    """One sentence on the ablation: which single change of CAEP's settings moves it furthest from
+    random masks in the good direction on the first measure, and whether any variant beats random."""
+    if ablation_rows.empty or not measures:
+        return "The ablation was not run."
+    measure = measures[0]
+    kind, label = pruning_eval.MEASURES[measure][:2]
+    names = {m.method: f"{f}: {s}" for f, s, m in ablation_rows.itertuples(index=False)}
+    names["caep_layer"] = "scope: per layer"
+    part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
+                    & compared["method"].isin(list(names))].copy()
+    part["good"] = part["estimate"] if kind == "acc" else -part["estimate"]
+    part["better"] = (part["low"] > 0) if kind == "acc" else (part["high"] < 0)
+    part["worse"] = (part["high"] < 0) if kind == "acc" else (part["low"] > 0)
+    best = part.sort_values("good", ascending=False).iloc[0]
+    ref = part[part["method"] == ablation_rows["mask"].iloc[0].method].iloc[0]
+    f = pruning_eval._fmt
+    return (f"Ablation on {label} against random masks: the reference CAEP is {f(kind, ref.estimate, True)} "
+            f"[{f(kind, ref.low, True)}, {f(kind, ref.high, True)}]; the best single change is "
+            f"'{names[best.method]}' at {f(kind, best.estimate, True)} [{f(kind, best.low, True)}, "
+            f"{f(kind, best.high, True)}]; {int(part['better'].sum())} of {len(part)} variants are better than "
+            f"random and {int(part['worse'].sum())} worse (95% intervals excluding 0).")
