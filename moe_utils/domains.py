@@ -451,6 +451,17 @@ def change_matrix(table: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     return table.pivot(index="target", columns="evaluated", values="change").loc[list(order), list(order)]
 
 
+def cell_errors(table: pd.DataFrame, order: Sequence[str], confidence: float = 0.95) -> pd.DataFrame:
+    """Standard error of every cell of :func:`change_matrix`, read off its bootstrap interval as
+    (high - low) / (2 z) (normal approximation), rows and columns in ``order``: the per-question
+    noise that :func:`moe_utils.stats.diagonal_power` simulates."""
+    from scipy.special import ndtri
+
+    z = ndtri(0.5 + confidence / 2)
+    width = table.assign(se=(table["high"] - table["low"]) / (2 * z))
+    return width.pivot(index="target", columns="evaluated", values="se").loc[list(order), list(order)]
+
+
 def diagonal_summary(original: pd.DataFrame, pruned: Mapping[str, pd.DataFrame], metric: str,
                      order: Sequence[str], *, confidence: float = 0.95, n_boot: int = 1000,
                      random_state=0) -> tuple[stats.DiagonalTest, stats.Interval]:

@@ -9,7 +9,9 @@ the embedded model can do):
 ``blimp``     BLiMP accuracy, macro-averaged over its 67 paradigms (higher is better);
 ``wikitext``  WikiText-2 test word perplexity, pooled over the articles (lower is better);
 ``mmlu_pro``  word perplexity of MMLU-Pro question text, pooled over the categories: the text the
-              stage-1 calibration set is made of.
+              stage-1 calibration set is made of;
+``mmlu_pro_mc``  MMLU-Pro multiple-choice accuracy, macro-averaged over categories (real models'
+              profiles; the embedded model sits at chance on it).
 
 :func:`model_scores` gives each model's measures with bootstrap intervals, :func:`comparisons`
 every method's paired difference from the unpruned model and from random masks at the same ratio
@@ -41,6 +43,7 @@ MEASURES = {
     "wikitext": ("ppl", "WikiText-2 word perplexity", lambda task: task == evaluation.WIKITEXT_TASK, "n_words"),
     "mmlu_pro": ("ppl", "MMLU-Pro question word perplexity",
                  lambda task: task.startswith(evaluation.PPL_GROUP + "_"), "n_words"),
+    "mmlu_pro_mc": ("acc", "MMLU-Pro accuracy", lambda task: task.startswith(evaluation.MC_GROUP + "_"), None),
 }
 MODEL_KEYS = ["method", "ratio", "seed"]
 

@@ -228,7 +228,7 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
     """The stage's findings as sentences with their numbers, glued under ``finding_pruning_*`` for
     the book's introduction: BLiMP unpruned and at ``ratio``, CAEP against random masks, the
     minimum detectable differences, and what the ablation shows."""
-    out = {}
+    out = {"finding_pruning_blimp": "BLiMP was not evaluated in this run."}
     where = f"on the `{model}` model"
     pct = f"{ratio:.0%}"
     cmp = compared[np.isclose(compared["ratio"], ratio)]

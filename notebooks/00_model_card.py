@@ -31,6 +31,8 @@
 
 # %% tags=["parameters"]
 wikitext_dir = None
+blimp_dir = None
+blimp_pairs = 100  # per BLiMP paradigm
 artifacts_dir = "artifacts/tiny"
 
 # %% tags=["hide-input"]
@@ -41,9 +43,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+from moe_utils import blimp, paired, plotting
 from moe_utils import expert_matrix as xm
-from moe_utils import plotting
-from moe_utils.evaluation import evaluate
+from moe_utils.evaluation import evaluate, run_harness, sample_table
 from moe_utils.models import load_model
 from moe_utils.routing import capture_routing
 from moe_utils.tiny_moe import EMBEDDED_DIR, parameter_counts
@@ -144,7 +146,31 @@ pd.DataFrame({
 # (lm-evaluation-harness: {glue:text}`harness_word_ppl:.1f`). It is a small model: good enough
 # for its routing to be learned, far from a useful language model.
 #
-# ## 4. Expert usage on WikiText-2 validation
+# ## 4. Quality: grammatical judgements on BLiMP
+#
+# BLiMP {cite}`warstadt2020blimp` holds minimal pairs of English sentences, one grammatical and
+# one not, in 67 paradigms grouped into four fields; a model is right on a pair when it gives the
+# grammatical sentence the higher total log-probability (chance: 50%). Scored through
+# lm-evaluation-harness's `blimp_<paradigm>` tasks, on the first {glue:text}`blimp_pairs` pairs of
+# each paradigm; accuracy is the mean over paradigms, with a 95% bootstrap interval over pairs
+# (resampled within paradigms). This is the accuracy task of the pruning stage.
+
+# %%
+pairs = blimp.pair_table(sample_table(run_harness(lm, tokenizer, ["blimp"], limit=blimp_pairs, batch_size=64,
+                                                  log_samples=True, bootstrap_iters=0, blimp_dir=blimp_dir)), blimp_dir)
+acc = paired.paired_difference("acc", 0 * pairs["correct"], pairs["correct"], strata=pairs["paradigm"])
+for name, value in {"blimp_pairs": blimp_pairs, "blimp_n": len(pairs), "blimp_acc": acc.estimate * 100,
+                    "blimp_low": acc.low * 100, "blimp_high": acc.high * 100}.items():
+    glue(name, value, display=False)
+(blimp.macro_accuracy(pairs) * 100).round(1).rename("accuracy (%)").to_frame()
+
+# %% [markdown]
+# On {glue:text}`blimp_n` pairs the embedded model is right on {glue:text}`blimp_acc:.1f`% (95%
+# interval {glue:text}`blimp_low:.1f` to {glue:text}`blimp_high:.1f`; chance 50%), overall (`all`)
+# and per field above: clearly above chance and far from perfect, so pruning
+# damage has room to show.
+#
+# ## 5. Expert usage on WikiText-2 validation
 #
 # The share of each layer's routed slots (token x top-k choices) that each expert receives, on
 # the validation split. A dead expert would show as a dark cell; the requirement is that none
@@ -179,6 +205,8 @@ plotting.glue_figure("fig_card_usage", plotting.expert_usage(usage, title="Exper
 #   top-{glue:text}`model_top_k`.
 # - Trained in {glue:text}`train_minutes:.0f` minutes on a CPU; word-level perplexity
 #   {glue:text}`word_ppl:.1f`, {glue:text}`ppl_ratio_pct:.0f`% of a unigram model's.
+# - BLiMP accuracy {glue:text}`blimp_acc:.1f`% [{glue:text}`blimp_low:.1f`, {glue:text}`blimp_high:.1f`]
+#   on {glue:text}`blimp_n` minimal pairs (chance 50%).
 # - Every expert is used: the least used takes {glue:text}`min_share_pct:.2f`% of its layer's slots.
 # - Licence: the weights are released with this project; the training data, WikiText-2, is
 #   CC BY-SA 3.0.

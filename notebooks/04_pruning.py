@@ -30,7 +30,7 @@
 # loop does at each ratio; which experts every method keeps; the paper's Table 1 with 95%
 # intervals, each method's paired difference from the unpruned model and from random masks, and
 # the smallest differences these samples can detect; its Fig 8; an ablation of CAEP's settings
-# that asks why CAEP does no better than random masks here.
+# that asks which of its settings explains how CAEP compares with random masks here.
 
 # %% tags=["parameters"]
 model = "embedded"
@@ -244,7 +244,7 @@ pruning_stage.rank_table(curves, ratios).style.format("{:.1f}", escape="html")
 #
 # The table ranks the methods at each ratio by their mean rank over the measures (1 = best on every one).
 #
-# ## 9. Why CAEP does no better than random: the ablation
+# ## 9. CAEP against random masks: the ablation
 
 # %%
 abl.ablation_table(variants, compared, measures)
