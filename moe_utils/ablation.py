@@ -30,6 +30,15 @@ from moe_utils.hsdl import HSDL
 from moe_utils.pruning import PruningMask, hsdl_factors
 from moe_utils.routing import capture_routing, model_identity
 
+#: How the method of every variant's mask begins: ``"caep [k1 0.8]"``.
+VARIANT_PREFIX = "caep ["
+
+
+def is_variant(method: str) -> bool:
+    """Whether ``method`` names one of the ablation's CAEP variants (not a method of Table 1)."""
+    return method.startswith(VARIANT_PREFIX)
+
+
 #: The factor of each variant, in the order the page shows them.
 FACTORS = ("reference", "calibration text", "HSDL level", "dictionary size", "threshold k1", "scope")
 
@@ -77,7 +86,7 @@ def caep_variants(hsdl: HSDL, X, ratio: float, *, layer_sizes: Sequence[int], mi
 
     def mask(D, R, k1, label):
         result = caep(D, R, k1, ratio, layer_sizes=sizes, min_per_layer=min_per_layer, allowed=allowed)
-        return PruningMask(f"caep [{label}]", ratio, result.keep, note=result.note)
+        return PruningMask(f"{VARIANT_PREFIX}{label}]", ratio, result.keep, note=result.note)
 
     D, R = hsdl_factors(hsdl, level=level)
     p1 = hsdl.level_sizes_[0]

@@ -33,6 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from moe_utils import blimp, evaluation, expert_surgery, paired
+from moe_utils.ablation import is_variant
 from moe_utils.domains import cached_evaluation, code_digest
 from moe_utils.pruning import PruningMask, evaluation_key
 from moe_utils.routing import model_identity
@@ -192,9 +193,11 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
     """The paper's Table 1 at one ratio with intervals: the unpruned row first, then each method;
     per measure its value [95% interval], and its paired difference from the unpruned model and
     from random masks [interval] (accuracy: points; perplexity: relative change); ``*``: the
-    interval excludes 0. ``shares``: the share of experts each method actually pruned."""
+    interval excludes 0. ``shares``: the share of experts each method actually pruned. The
+    ablation's variants (:func:`moe_utils.ablation.is_variant`) are left out."""
     measures = list(dict.fromkeys(scores["measure"])) if measures is None else list(measures)
-    chosen = scores[np.isclose(scores["ratio"], ratio) | (scores["method"] == "unpruned")]
+    chosen = scores[(np.isclose(scores["ratio"], ratio) | (scores["method"] == "unpruned"))
+                    & ~scores["method"].map(is_variant)]
     order = list(dict.fromkeys(["unpruned", *chosen["method"]]))
     table = pd.DataFrame(index=order)
     if shares is not None:
@@ -223,6 +226,7 @@ def detectable(compared: pd.DataFrame) -> pd.DataFrame:
     """The minimum detectable differences (80% power, 5% two-sided) of the page's comparisons, per
     measure and reference: median and range over the methods and ratios, and the documents used."""
     rows = []
+    compared = compared[~compared["method"].map(is_variant)]
     for (measure, reference), part in compared.groupby(["measure", "reference"], sort=False):
         kind, label = MEASURES[measure][:2]
         unit = "points" if kind == "acc" else "% of the perplexity"
@@ -235,7 +239,9 @@ def detectable(compared: pd.DataFrame) -> pd.DataFrame:
 def curve_summary(samples: pd.DataFrame, measures: Sequence[str],
                   shares: Mapping[tuple, float] | None = None) -> pd.DataFrame:
     """The measures in the layout of :func:`moe_utils.pruning.score_summary` (method, ratio, task,
-    metric, mean and standard deviation over seeds, n_seeds), for the Fig 8 curves and ranks."""
+    metric, mean and standard deviation over seeds, n_seeds), for the Fig 8 curves and ranks;
+    without the ablation's variants."""
+    samples = samples[~samples["method"].map(is_variant)]
     rows = []
     for measure in measures:
         kind, label = MEASURES[measure][:2]

@@ -205,7 +205,7 @@ def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: ca
     inputs = {name: hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
               for name, path in (("store", setup.store_dir), ("hsdl", setup.hsdl_dir))}
     every = [pruning.unpruned_mask(setup.n_experts), *masks]
-    results = results[~results["method"].str.startswith("caep [")]
+    results = results[~results["method"].map(abl.is_variant)]
     pruning.save_pruning(out_dir, every, results, stats=stats, extra={
         "model": model_identity(setup.lm) | {"layer_sizes": setup.layer_sizes, "top_k": setup.top_k},
         "inputs": {"store": str(setup.store_dir), "store_manifest_sha256": inputs["store"],

@@ -229,8 +229,7 @@ pruning_eval.detectable(compared)
 # ## 8. The paper's Fig 8
 
 # %%
-curves = pruning_eval.curve_summary(samples[~samples["method"].str.startswith("caep [")], measures,
-                                    shares={(m.method, m.ratio): m.pruned_share for m in every})
+curves = pruning_eval.curve_summary(samples, measures, shares={(m.method, m.ratio): m.pruned_share for m in every})
 plotting.glue_figure("fig_curves", plotting.pruning_curves(curves, ncols=len(measures)))
 pruning_stage.rank_table(curves, ratios).style.format("{:.1f}", escape="html")
 

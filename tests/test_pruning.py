@@ -103,7 +103,9 @@ def test_evaluation_runs_group_by_limit():
                     {"tasks": ["wikitext2_ppl"], "limit": 1}]
     assert pruning.evaluation_runs(["wikitext2_ppl"], [], 4, {"arc_easy": 1}) == [{"tasks": ["wikitext2_ppl"],
                                                                                     "limit": 4}]
-    assert pruning.resolve_evaluation("embedded")["task_limits"] == {"wikitext2_ppl": 1}
+    small = pruning.resolve_evaluation("embedded")
+    assert small["tasks"] == ["blimp", "wikitext2_ppl", "mmlu_pro_ppl"] and "mmlu_pro_mc" not in small["tasks"]
+    assert small["task_limits"] == pruning.SMALL_MODEL_LIMITS
     real = pruning.resolve_evaluation("allenai/OLMoE-1B-7B-0924")
     assert real["tasks"] == list(pruning.PAPER_TASKS) and real["limit"] is None
 
