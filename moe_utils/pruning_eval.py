@@ -222,17 +222,25 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
     return table
 
 
-def detectable(compared: pd.DataFrame) -> pd.DataFrame:
+#: The differences the default samples should detect: 1 BLiMP point, 10% of a perplexity.
+MDE_TARGETS = {"acc": 0.01, "ppl": 0.10}
+
+
+def detectable(compared: pd.DataFrame, targets: Mapping[str, float] = MDE_TARGETS) -> pd.DataFrame:
     """The minimum detectable differences (80% power, 5% two-sided) of the page's comparisons, per
-    measure and reference: median and range over the methods and ratios, and the documents used."""
+    measure and reference: median and range over the methods and ratios, the documents used, and
+    how many documents the median would need to reach ``targets`` (the MDE falls as 1/sqrt(n))."""
     rows = []
     compared = compared[~compared["method"].map(is_variant)]
     for (measure, reference), part in compared.groupby(["measure", "reference"], sort=False):
         kind, label = MEASURES[measure][:2]
-        unit = "points" if kind == "acc" else "% of the perplexity"
-        rows.append({"measure": label, "against": reference, "documents": int(part["n_docs"].iloc[0]),
-                     "MDE (median)": f"{part['mde'].median() * 100:.2g} {unit}",
-                     "MDE (range)": f"{part['mde'].min() * 100:.2g} to {part['mde'].max() * 100:.2g}"})
+        unit = " points" if kind == "acc" else "%"
+        n, median = int(part["n_docs"].iloc[0]), float(part["mde"].median())
+        rows.append({"measure": label, "against": reference, "documents": n,
+                     "MDE (median)": f"{median * 100:.2g}{unit}",
+                     "MDE (range)": f"{part['mde'].min() * 100:.2g} to {part['mde'].max() * 100:.2g}{unit}",
+                     "target MDE": f"{targets[kind] * 100:g}{unit}",
+                     "documents for the target": int(np.ceil(n * (median / targets[kind]) ** 2))})
     return pd.DataFrame(rows)
 
 

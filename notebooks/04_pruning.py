@@ -224,7 +224,10 @@ pruning_eval.detectable(compared)
 # points; perplexity: relative change), `*` where its interval excludes 0. The last table gives
 # the minimum detectable difference (MDE) of these comparisons: the true difference a 5%
 # two-sided test detects with 80% power at these sample sizes; a smaller difference can be real
-# and still look like noise here.
+# and still look like noise here. Its last column says how many documents (pairs, articles,
+# questions) would bring the median MDE down to 1 BLiMP point or 10% of a perplexity: the MDE
+# falls as one over the square root of the sample, and each document costs evaluation time in
+# every one of the {glue:text}`n_evaluations` models.
 #
 # ## 8. The paper's Fig 8
 

@@ -1,0 +1,49 @@
+"""Stage 4's glue (moe_utils.pruning_stage): the CAEP step table against caep() itself, and the
+findings sentences built from given comparisons (numbers and verdicts read from the tables)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from moe_utils import caep, pruning_stage
+from moe_utils.pruning import PruningMask
+
+
+def test_caep_steps_match_algorithm_1():
+    rng = np.random.default_rng(0)
+    D, R = rng.random((12, 5)), rng.random((5, 40))
+    steps = pruning_stage.caep_steps(D, R, [0.25, 0.5], threshold_ratio=0.9, layer_sizes=[4, 4, 4], min_per_layer=2)
+    for row, ratio in zip(steps.itertuples(index=False), [0.25, 0.5]):
+        result = caep.caep(D, R, 0.9, ratio, layer_sizes=[4, 4, 4], min_per_layer=2)
+        assert row[steps.columns.get_loc("kept by Algorithm 1")] == result.algorithm_keep.sum()
+        assert row[steps.columns.get_loc("per layer, guarded")] == " ".join(
+            map(str, caep.kept_per_layer(result.keep, [4, 4, 4])))
+    assert "restored for the router's groups" not in steps.columns  # no group-limited router
+
+
+def _compared(rows):
+    return pd.DataFrame(rows, columns=["measure", "method", "ratio", "reference", "estimate", "low", "high", "se",
+                                       "mde", "significant", "n_docs"])
+
+
+def test_findings_read_the_tables():
+    scores = pd.DataFrame({"measure": "blimp", "method": ["unpruned", "caep", "random"], "ratio": [0.0, 0.5, 0.5],
+                           "estimate": [0.60, 0.55, 0.57], "low": [0.58, 0.53, 0.55], "high": [0.62, 0.57, 0.59],
+                           "n_docs": 1340, "n_seeds": [1, 1, 3]})
+    variants = pd.DataFrame({"factor": ["reference", "threshold k1"], "setting": ["as in Table 1", "k1 0.8"],
+                             "mask": [PruningMask("caep [reference]", 0.5, np.ones(4, bool)),
+                                      PruningMask("caep [k1 0.8]", 0.5, np.ones(4, bool))]})
+    compared = _compared([
+        ["blimp", "caep", 0.5, "random", -0.02, -0.035, -0.005, 0.008, 0.022, True, 1340],
+        ["blimp", "caep [reference]", 0.5, "random", -0.02, -0.035, -0.005, 0.008, 0.022, True, 1340],
+        ["blimp", "caep [k1 0.8]", 0.5, "random", 0.004, -0.01, 0.018, 0.007, 0.02, False, 1340],
+        ["blimp", "caep_layer", 0.5, "random", -0.001, -0.015, 0.012, 0.007, 0.02, False, 1340],
+    ])
+    out = pruning_stage.findings("embedded", scores, compared, variants, ["blimp"], 0.5)
+    assert "60.0% unpruned" in out["finding_pruning_blimp"] and "caep 55.0%" in out["finding_pruning_blimp"]
+    assert "-2.0 points [-3.5, -0.5]" in out["finding_pruning_vs_random"]
+    assert "2.1 points" in out["finding_pruning_mde"]  # median of 2.2, 2.2, 2.0, 2.0
+    verdict = out["finding_pruning_ablation"]
+    assert "'threshold k1: k1 0.8' at +0.4" in verdict
+    assert "0 of 3 variants are better than random and 1 worse" in verdict
