@@ -50,8 +50,21 @@ MODEL_KEYS = ["method", "ratio", "seed"]
 
 
 # ------------------------------------------------------------------------------ evaluation
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Sequence[Mapping[str, Any]], *,
-                       cache_dir: str | os.PathLike, progress: bool = True,
+                       cache_dir: str | os.PathLike, progress: bool = True, threads: int | None = None,
                        **settings: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate the model under every mask, keeping every document's result.
 
@@ -61,6 +74,11 @@ def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Seq
             (:func:`moe_utils.pruning.evaluation_runs`).
         cache_dir: one entry per (mask, run, settings, model, evaluation code) under this
             directory (:func:`moe_utils.domains.cached_evaluation`); a cached run is read, not re-run.
+        threads: torch's intra-op threads during the evaluations (None: unchanged). A model of a
+            few million parameters gains nothing from several, and on a busy machine they make
+            every forward pass wait for the slowest core (measured here: a BLiMP run several times
+            slower with 2 threads than with 1 at a load average of 9 on 2 cores). Not part of the
+            cache key.
         settings: other keyword arguments of :func:`moe_utils.evaluation.run_harness`
             (num_fewshot, batch_size, max_length, categories, data_dir, wikitext_dir, blimp_dir).
 
@@ -81,7 +99,7 @@ def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Seq
         def compute(mask=mask, run=run):
             start = time.perf_counter()
             context = expert_surgery.masked_experts(model, mask.keep) if not mask.keep.all() else contextlib.nullcontext()
-            with context:
+            with context, _torch_threads(threads):
                 raw = evaluation.run_harness(model, tokenizer, run["tasks"], limit=run.get("limit"), log_samples=True,
                                              bootstrap_iters=0, **settings)
             table = evaluation.results_table(raw).assign(seconds=time.perf_counter() - start)

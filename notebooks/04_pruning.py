@@ -62,6 +62,7 @@ eval_limit = None
 eval_task_limits = None
 eval_num_fewshot = 0
 eval_batch_size = 64
+eval_threads = None  # torch threads while evaluating (None: torch's default)
 n_boot = 1000
 ablation = {"k1": [0.8, 0.99], "sizes": [0.5, 2.0], "samples": 64, "tokens": 256}  # None: no ablation
 
@@ -195,8 +196,8 @@ runs = pruning.evaluation_runs(categories=categories, **evaluation)
 every = [pruning.unpruned_mask(setup.n_experts), *masks, *variants["mask"]]
 t0 = time.perf_counter()
 results, samples = pruning_eval.evaluate_documents(
-    setup.lm, setup.tokenizer, every, runs, cache_dir=cache_dir, num_fewshot=eval_num_fewshot, batch_size=eval_batch_size,
-    categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir, blimp_dir=blimp_dir)
+    setup.lm, setup.tokenizer, every, runs, cache_dir=cache_dir, threads=eval_threads, num_fewshot=eval_num_fewshot,
+    batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir, blimp_dir=blimp_dir)
 pruning_stage.glue_values(n_evaluations=len(every), eval_seconds=time.perf_counter() - t0,
                           n_cached=int(results.drop_duplicates(["method", "ratio", "seed", "task"])["cached"].mean() * 100))
 measures = pruning_eval.available_measures(samples)
