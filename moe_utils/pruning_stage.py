@@ -261,7 +261,8 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
                                         f"(95% intervals; perplexity as a relative change): " + "; ".join(sentences) + ".")
     mde = []
     for measure in measures:
-        part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")]
+        part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
+                        & ~compared["method"].map(abl.is_variant)]
         if not part.empty:
             kind, label = pruning_eval.MEASURES[measure][:2]
             unit = " points" if kind == "acc" else "%"
@@ -273,24 +274,32 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
 
 
 def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> str:
-    """One sentence on the ablation: which single change of CAEP's settings moves it furthest from
-    random masks in the good direction on the first measure, and whether any variant beats random."""
+    """The ablation in one sentence per measure: the reference CAEP minus random masks, and the
+    single change of its settings that moves it furthest in the good direction, with intervals;
+    then how many variants are better or worse than random on each measure."""
     if ablation_rows.empty or not measures:
         return "The ablation was not run."
-    measure = measures[0]
-    kind, label = pruning_eval.MEASURES[measure][:2]
+    reference = ablation_rows["mask"].iloc[0].method
     names = {m.method: f"{f}: {s}" for f, s, m in ablation_rows.itertuples(index=False)}
     names["caep_layer"] = "scope: per layer"
-    part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
-                    & compared["method"].isin(list(names))].copy()
-    part["good"] = part["estimate"] if kind == "acc" else -part["estimate"]
-    part["better"] = (part["low"] > 0) if kind == "acc" else (part["high"] < 0)
-    part["worse"] = (part["high"] < 0) if kind == "acc" else (part["low"] > 0)
-    best = part.sort_values("good", ascending=False).iloc[0]
-    ref = part[part["method"] == ablation_rows["mask"].iloc[0].method].iloc[0]
     f = pruning_eval._fmt
-    return (f"Ablation on {label} against random masks: the reference CAEP is {f(kind, ref.estimate, True)} "
-            f"[{f(kind, ref.low, True)}, {f(kind, ref.high, True)}]; the best single change is "
-            f"'{names[best.method]}' at {f(kind, best.estimate, True)} [{f(kind, best.low, True)}, "
-            f"{f(kind, best.high, True)}]; {int(part['better'].sum())} of {len(part)} variants are better than "
-            f"random and {int(part['worse'].sum())} worse (95% intervals excluding 0).")
+    sentences = []
+    for measure in measures:
+        kind, label = pruning_eval.MEASURES[measure][:2]
+        part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
+                        & compared["method"].isin(list(names))].copy()
+        if part.empty:
+            continue
+        part["good"] = part["estimate"] if kind == "acc" else -part["estimate"]
+        better = (part["low"] > 0) if kind == "acc" else (part["high"] < 0)
+        worse = (part["high"] < 0) if kind == "acc" else (part["low"] > 0)
+        ref = part[part["method"] == reference].iloc[0]
+        best = part[part["method"] != reference].sort_values("good", ascending=False).iloc[0]
+        unit = " points" if kind == "acc" else ""
+        sentences.append(
+            f"{label}: reference CAEP {f(kind, ref.estimate, True)}{unit} [{f(kind, ref.low, True)}, "
+            f"{f(kind, ref.high, True)}], best single change '{names[best.method]}' {f(kind, best.estimate, True)}{unit} "
+            f"[{f(kind, best.low, True)}, {f(kind, best.high, True)}] ({int(better.sum())} of {len(part)} variants "
+            f"better than random, {int(worse.sum())} worse)")
+    return ("CAEP's variants minus random masks at the same ratio (paired, 95% intervals; perplexity as a relative "
+            "change, lower is better): " + "; ".join(sentences) + ".")

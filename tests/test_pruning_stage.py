@@ -43,7 +43,8 @@ def test_findings_read_the_tables():
     out = pruning_stage.findings("embedded", scores, compared, variants, ["blimp"], 0.5)
     assert "60.0% unpruned" in out["finding_pruning_blimp"] and "caep 55.0%" in out["finding_pruning_blimp"]
     assert "-2.0 points [-3.5, -0.5]" in out["finding_pruning_vs_random"]
-    assert "2.1 points" in out["finding_pruning_mde"]  # median of 2.2, 2.2, 2.0, 2.0
+    assert "2.1 points" in out["finding_pruning_mde"]  # median of caep 2.2 and caep_layer 2.0, variants left out
     verdict = out["finding_pruning_ablation"]
-    assert "'threshold k1: k1 0.8' at +0.4" in verdict
-    assert "0 of 3 variants are better than random and 1 worse" in verdict
+    assert "reference CAEP -2.0 points [-3.5, -0.5]" in verdict
+    assert "best single change 'threshold k1: k1 0.8' +0.4 points [-1.0, +1.8]" in verdict
+    assert "(0 of 3 variants better than random, 1 worse)" in verdict
