@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_utils.wikitext import load_wikitext, unigram_word_perplexity, word_perplexity
+from moe_utils.model_card import parameter_counts
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,6 @@ def build_model(cfg: TrainConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
     )
     return OlmoeForCausalLM(config)
-
-
-def parameter_counts(model) -> dict:
-    """Total parameters, and those active for one token (top-k of the routed experts)."""
-    cfg = model.config
-    total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = total - expert + expert * cfg.num_experts_per_tok // cfg.num_experts
-    return {"total": total, "routed_experts": expert, "active_per_token": active}
 
 
 def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""The model card of a run's model (stage 0): what the study's later stages are about to read.
+
+Stage 0 describes whichever model the profile names, so a run on a researcher's own checkpoint
+opens with that checkpoint's card, and a run on a random model pays only for what such a model
+can show. For every model: its MoE architecture as discovery reads it, its parameter counts
+(total and active per token), its word-level perplexity on WikiText-2 test against a unigram
+baseline, and how evenly each MoE layer spreads WikiText-2 validation tokens over its experts.
+The embedded model adds its training record (``training.json`` next to its weights).
+
+``max_paragraphs`` limits the WikiText-2 text read, for quick runs (the smoke profile); the card
+says how much text its numbers rest on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from moe_utils.models import EMBEDDED, RANDOM_PREFIX, moe_layers
+from moe_utils.wikitext import count_words, load_wikitext
+
+
+def parameter_counts(model) -> dict:
+    """``{"total", "routed_experts", "active_per_token"}`` parameters of a causal LM.
+
+    Routed experts are the parameters of each MoE layer's experts module (shared experts, routers
+    and dense layers are outside it and always active); a token uses top-k of a layer's E routed
+    experts, so the active count is every other parameter plus ``k / E`` of each layer's experts.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = [(sum(p.numel() for p in layer.experts.parameters()), layer.top_k, layer.num_experts)
+                 for layer in moe_layers(model)]
+    routed = sum(n for n, _, _ in per_layer)
+    active = total - routed + sum(n * k // e for n, k, e in per_layer)
+    return {"total": total, "routed_experts": routed, "active_per_token": active}
+
+
+def kind_of(name: str) -> str:
+    """``"embedded"``, ``"random"`` (a randomly initialised architecture) or ``"checkpoint"``."""
+    if name == EMBEDDED:
+        return "embedded"
+    return "random" if name.startswith(RANDOM_PREFIX) else "checkpoint"
+
+
+def training_record() -> dict:
+    """The embedded model's training record (command, machine, loss curve, parameter counts)."""
+    from moe_utils.tiny_moe import EMBEDDED_DIR
+
+    return json.loads((EMBEDDED_DIR / "training.json").read_text())
+
+
+def architecture_table(model, counts: dict, *, weights_path: Path | None = None) -> pd.DataFrame:
+    """One column ``value`` of the facts that fix the model's shape, as the study reads it."""
+    layers, config = moe_layers(model), model.config
+    text_config = getattr(config, "text_config", None) or config
+    experts = sorted({layer.num_experts for layer in layers})
+    top_k = sorted({layer.top_k for layer in layers})
+    rows = {
+        "architecture": f"{type(model).__name__} (model type {config.model_type})",
+        "MoE layers": f"{len(layers)} of {getattr(text_config, 'num_hidden_layers', len(layers))} decoder layers",
+        "routed experts per MoE layer": ", ".join(map(str, experts)),
+        "top-k": ", ".join(map(str, top_k)),
+        "N_e (experts in X)": len(layers) * max(experts),
+        "hidden size": getattr(text_config, "hidden_size", "n/a"),
+        "vocabulary": getattr(text_config, "vocab_size", "n/a"),
+        "parameters, total": f"{counts['total']:,}",
+        "parameters, active per token": f"{counts['active_per_token']:,}",
+        "parameters in routed experts": f"{counts['routed_experts']:,}",
+    }
+    if weights_path is not None and weights_path.is_file():
+        rows["weights on disk"] = f"{weights_path.stat().st_size / 2**20:.1f} MiB (safetensors)"
+    return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
+
+
+def wikitext_text(split: str, wikitext_dir: str | os.PathLike | None = None,
+                  max_paragraphs: int | None = None) -> str:
+    """A WikiText-2 split as one string; with ``max_paragraphs``, only its first non-empty lines
+    (headings included, as in the full split), so that words are counted the same way."""
+    text = load_wikitext(split, wikitext_dir)
+    if max_paragraphs is None:
+        return text
+    lines = [line for line in text.split("\n") if line.strip()]
+    return "\n".join(lines[:max_paragraphs]) + "\n"
+
+
+def paragraphs(text: str) -> list[str]:
+    """The text's paragraphs: non-empty lines that are not ``= Heading =`` lines."""
+    return [line.strip() for line in text.split("\n") if line.strip() and not line.strip().startswith("=")]
+
+
+def text_extent(text: str) -> str:
+    """How much text a number rests on, for the page: "N paragraphs, M words"."""
+    return f"{len(paragraphs(text)):,} paragraphs, {count_words(text):,} words"
