@@ -4,7 +4,8 @@ Stage 0 describes whichever model the profile names, so a run on a researcher's 
 opens with that checkpoint's card, and a run on a random model pays only for what such a model
 can show. For every model: its MoE architecture as discovery reads it, its parameter counts
 (total and active per token), its word-level perplexity on WikiText-2 test against a unigram
-baseline, and how evenly each MoE layer spreads WikiText-2 validation tokens over its experts.
+baseline, its accuracy on BLiMP's grammatical minimal pairs (:func:`blimp_accuracy`), and how
+evenly each MoE layer spreads WikiText-2 validation tokens over its experts.
 The embedded model adds its training record (``training.json`` next to its weights).
 
 ``max_paragraphs`` limits the WikiText-2 text read, for quick runs (the smoke profile); the card
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from moe_utils import blimp, paired
+from moe_utils.evaluation import run_harness, sample_table
 from moe_utils.models import EMBEDDED, RANDOM_PREFIX, moe_layers
 from moe_utils.wikitext import count_words, load_wikitext
 
@@ -94,3 +97,14 @@ def paragraphs(text: str) -> list[str]:
 def text_extent(text: str) -> str:
     """How much text a number rests on, for the page: "N paragraphs, M words"."""
     return f"{len(paragraphs(text)):,} paragraphs, {count_words(text):,} words"
+
+
+def blimp_accuracy(model, tokenizer, n_pairs: int | None, blimp_dir=None):
+    """BLiMP through lm-evaluation-harness on the first ``n_pairs`` pairs of each paradigm:
+    ``(accuracy per field and overall, macro accuracy with its 95% bootstrap interval over pairs
+    resampled within paradigms, number of pairs)``."""
+    raw = run_harness(model, tokenizer, [blimp.GROUP], limit=n_pairs, batch_size=64, log_samples=True,
+                      bootstrap_iters=0, blimp_dir=blimp_dir)
+    pairs = blimp.pair_table(sample_table(raw), blimp_dir)
+    interval = paired.paired_difference("acc", 0 * pairs["correct"], pairs["correct"], strata=pairs["paradigm"])
+    return blimp.macro_accuracy(pairs), interval, len(pairs)

@@ -49,9 +49,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import blimp, model_card, paired, plotting
 from moe_utils import expert_matrix as xm
-from moe_utils.evaluation import evaluate, run_harness, sample_table
+from moe_utils import model_card, plotting
+from moe_utils.evaluation import evaluate
 from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import capture_routing
 from moe_utils.tiny_moe import EMBEDDED_DIR
@@ -157,13 +157,11 @@ pd.DataFrame(rows, index=["word perplexity", "how"]).T
 # (resampled within paradigms). This is the accuracy task of the pruning stage.
 
 # %%
-pairs = blimp.pair_table(sample_table(run_harness(lm, tokenizer, ["blimp"], limit=blimp_pairs, batch_size=64,
-                                                  log_samples=True, bootstrap_iters=0, blimp_dir=blimp_dir)), blimp_dir)
-acc = paired.paired_difference("acc", 0 * pairs["correct"], pairs["correct"], strata=pairs["paradigm"])
-for name, value in {"blimp_pairs": blimp_pairs, "blimp_n": len(pairs), "blimp_acc": acc.estimate * 100,
+by_field, acc, n_pairs = model_card.blimp_accuracy(lm, tokenizer, blimp_pairs, blimp_dir)
+for name, value in {"blimp_pairs": blimp_pairs, "blimp_n": n_pairs, "blimp_acc": acc.estimate * 100,
                     "blimp_low": acc.low * 100, "blimp_high": acc.high * 100}.items():
     glue(name, value, display=False)
-(blimp.macro_accuracy(pairs) * 100).round(1).rename("accuracy (%)").to_frame()
+(by_field * 100).round(1).rename("accuracy (%)").to_frame()
 
 # %% [markdown]
 # On {glue:text}`blimp_n` pairs this model is right on {glue:text}`blimp_acc:.1f`% (95% interval
@@ -210,7 +208,7 @@ display(Markdown("\n".join([
     (f"- Trained here in {record['train_seconds'] / 60:.0f} minutes on a CPU; " if record else "- ")
     + f"word-level perplexity {quality['word_perplexity']:,.4g} on WikiText-2 test, {ratio:.3g} times a unigram "
     "model's.",
-    f"- BLiMP accuracy {acc.estimate:.1%} [{acc.low:.1%}, {acc.high:.1%}] on {len(pairs)} minimal pairs (chance 50%).",
+    f"- BLiMP accuracy {acc.estimate:.1%} [{acc.low:.1%}, {acc.high:.1%}] on {n_pairs} minimal pairs (chance 50%).",
     f"- The least used expert takes {usage.min():.2%} of its layer's slots (uniform: {1 / usage.shape[1]:.2%}).",
     *(["- Licence: the weights are released with this project; the training data, WikiText-2, is "
        "CC BY-SA 3.0."] if record else []),
