@@ -11,7 +11,9 @@ with the stock Jinja ``doc_to_choice`` template against the Python function the 
 Wall and process CPU time are recorded: on a shared machine, CPU time is the steadier figure.
 
 Target: stage 4 within 6 minutes on 2 CPU cores; ``projected_stage4_eval_s`` multiplies the
-per-model time by the number of models the profile evaluates. The JSON records
+per-model wall time by the number of models the profile evaluates, ``projected_stage4_eval_cpu_s``
+the per-model process CPU time (with ``--threads 1``, what a machine without other jobs would
+take in wall time); the rest of the stage (calibration, masks, the ablation's refits) comes on top. The JSON records
 ``meets_target`` and never fails.
 
 Usage::
@@ -103,15 +105,20 @@ def main() -> None:
         _, blimp_jinja, _ = _timed(lambda: evaluation.run_harness(lm, tok, ["blimp"], limit=limit, batch_size=64,
                                                                   bootstrap_iters=0))
     per_model = sum(f["wall_s"] for f in families)
+    per_model_cpu = sum(f["cpu_s"] for f in families)
     n_models = 1 + len(profile["prune_ratios"]) * (len(profile["pruning_methods"]) - 1 + len(profile["random_seeds"]))
     n_models += 4 if profile.get("ablation") else 0  # the ablation's new variants at the middle ratio
     report = {
         "benchmark": "stage4_eval", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "profile": args.profile, "families": families, "per_model_wall_s": per_model,
-        "models_evaluated": n_models, "projected_stage4_eval_s": per_model * n_models,
+        "per_model_cpu_s": per_model_cpu, "models_evaluated": n_models,
+        "projected_stage4_eval_s": per_model * n_models,
+        # with one thread, CPU time is what a quiet machine would take in wall time
+        "projected_stage4_eval_cpu_s": per_model_cpu * n_models,
         "blimp_build": {"first_limit_pairs_s": build_limited, "all_pairs_s": build_full, "limit": limit},
         "blimp_doc_to_choice": {"python_function_s": blimp_function, "stock_jinja_s": blimp_jinja},
         "target_stage4_s": 360, "meets_target": per_model * n_models <= 360,
+        "meets_target_on_cpu_time": per_model_cpu * n_models <= 360,
         "machine": finish_machine_info(info),
     }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
