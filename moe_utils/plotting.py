@@ -335,7 +335,7 @@ def pruning_curves(summary: pd.DataFrame, *, tasks=None, ncols: int = 4,
                    title: str = "Score against the share of experts pruned") -> Figure:
     """The paper's Fig 8: one panel per task, its primary metric against the pruning ratio, one line
     per method from the unpruned score at 0%; methods with several seeds (random) as their mean
-    with a band of ± one standard deviation. ``summary`` is :func:`moe_utils.pruning.score_summary`."""
+    with a band of ± one standard deviation. ``summary`` is :func:`moe_utils.pruning_eval.curve_summary`."""
     tasks = list(dict.fromkeys(summary["task"])) if tasks is None else list(tasks)
     methods = [m for m in dict.fromkeys(summary["method"]) if m != "unpruned"]
     nrows = max(1, -(-len(tasks) // ncols))

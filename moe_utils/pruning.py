@@ -6,8 +6,9 @@ in the layer-major order of the expert matrix X (row ``layer * E + expert``), Tr
 are applied by :mod:`moe_utils.expert_surgery`. :func:`pruning_masks` returns every method's masks
 for a list of ratios (CAEP and its per-layer mode from :mod:`moe_utils.caep`; frequency, routing
 weight, EAN, REAP and the output-based method from :mod:`moe_utils.calibration`; random masks);
-:func:`evaluate_masks` evaluates them through lm-evaluation-harness with a cache and
-:func:`table1` / :func:`method_ranks` summarise them; :func:`label_columns` and
+:func:`resolve_evaluation` / :func:`evaluation_runs` / :func:`evaluation_key` say what each mask
+is evaluated on and how an evaluation is cached (:mod:`moe_utils.pruning_eval` runs them and
+builds Table 1 with paired intervals); :func:`method_ranks` ranks the methods; :func:`label_columns` and
 :func:`hsdl_factors` restrict CAEP's codes to one MMLU-Pro category (domain-specific pruning);
 :func:`save_pruning` / :func:`load_pruning` write and read the stage's artifact.
 """
@@ -19,7 +20,6 @@ import io
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,14 +28,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from torch import nn
-from tqdm.auto import tqdm
 
 from moe_utils.caep import (
     _check_ratio, _layer_bounds, caep, contribution_scores, layer_quota, layerwise_mask, random_mask,
 )
 from moe_utils.calibration import SCORES, ExpertStats, output_removal_order
 from moe_utils.models import EMBEDDED, RANDOM_PREFIX
-from moe_utils.routing import model_identity
 from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions
 
 log = logging.getLogger(__name__)
@@ -278,90 +276,6 @@ def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[s
                "settings": settings, "model": model_id,
                "env": {k: os.environ.get(k) for k in ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def evaluate_masks(model: nn.Module, tokenizer, masks: Sequence[PruningMask], runs: Sequence[Mapping[str, Any]], *,
-                   cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                   **settings: Any) -> pd.DataFrame:
-    """Evaluate the model under every mask with :func:`moe_utils.evaluation.evaluate`.
-
-    Args:
-        masks: from :func:`pruning_masks` (add :func:`unpruned_mask` for the reference row).
-        runs: evaluate() calls per mask, each ``{"tasks": [...], "limit": n}`` (tasks that need
-            different sample sizes go in different runs).
-        cache_dir: one JSON per (mask, run, settings, model) under this directory, keyed by
-            :func:`evaluation_key`; a cached evaluation is read, not re-run.
-        settings: the other keyword arguments of ``evaluate`` (num_fewshot, batch_size,
-            max_length, categories, data_dir, wikitext_dir, bootstrap_iters).
-
-    Returns:
-        Long table: method, ratio, seed, pruned_share, task, metric, value, stderr, n, seconds, cached.
-    """
-    from moe_utils.evaluation import evaluate
-    from moe_utils.expert_surgery import masked_experts
-
-    model_id = model_identity(model)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    frames = []
-    jobs = [(mask, dict(run)) for mask in masks for run in runs]
-    for mask, run in tqdm(jobs, desc="evaluating masks", disable=not progress):
-        key = evaluation_key(mask.keep, run, settings, model_id)
-        path = cache / f"eval-{key}.json" if cache is not None else None
-        if path is not None and path.is_file():
-            entry = json.loads(path.read_text())
-            table, seconds, cached = pd.DataFrame(entry["rows"]), entry["seconds"], True
-        else:
-            start = time.perf_counter()
-            with masked_experts(model, mask.keep):
-                table = evaluate(model, tokenizer, run["tasks"], limit=run.get("limit"), **settings)
-            seconds, cached = time.perf_counter() - start, False
-            if path is not None:
-                atomic_write_json(path, {"key": key, "method": mask.method, "ratio": mask.ratio, "seed": mask.seed,
-                                         "run": run, "settings": settings, "model": model_id, "seconds": seconds,
-                                         "rows": json.loads(table.to_json(orient="records"))})
-        table = table.assign(method=mask.method, ratio=mask.ratio, seed=mask.seed, pruned_share=mask.pruned_share,
-                             seconds=seconds, cached=cached)
-        frames.append(table)
-    columns = ["method", "ratio", "seed", "pruned_share", "task", "metric", "value", "stderr", "n", "seconds", "cached"]
-    return pd.concat(frames, ignore_index=True)[columns]
-
-
-def score_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Each task's primary metric (:func:`primary_metric`) per method and ratio: mean, spread
-    (standard deviation over seeds, 0 for deterministic methods), number of seeds, share pruned."""
-    chosen = {task: primary_metric(task, group["metric"]) for task, group in results.groupby("task", sort=False)}
-    rows = results[results["metric"] == results["task"].map(chosen)]
-    summary = rows.groupby(["method", "ratio", "task", "metric"], sort=False).agg(
-        mean=("value", "mean"), std=("value", lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0),
-        n_seeds=("value", "size"), pruned_share=("pruned_share", "mean"), n=("n", "first"))
-    return summary.reset_index()
-
-
-def table1(summary: pd.DataFrame, ratio: float, *, tasks: Sequence[str] | None = None,
-           digits: int = 3) -> pd.DataFrame:
-    """The paper's Table 1 layout at one ratio: the unpruned row first, then one row per method
-    (random as mean ± spread over seeds), one column per task (all, or ``tasks``: e.g. leave out the
-    sub-tasks of a stock group); AVG = mean of the accuracy columns when there are at least two;
-    ``pruned`` = the share of experts actually pruned."""
-    chosen = summary[(summary["ratio"] == ratio) | (summary["method"] == "unpruned")]
-    order = list(dict.fromkeys(["unpruned", *chosen["method"]]))
-    mean = chosen.pivot(index="method", columns="task", values="mean").reindex(order)
-    std = chosen.pivot(index="method", columns="task", values="std").reindex(order)
-    seeds = chosen.groupby("method")["n_seeds"].max().reindex(order)
-    tasks = list(dict.fromkeys(chosen["task"])) if tasks is None else [t for t in tasks if t in set(chosen["task"])]
-    acc = [t for t in tasks if chosen.loc[chosen["task"] == t, "metric"].iloc[0].startswith("acc")]
-    mean, std = mean[tasks], std[tasks]
-    if len(acc) >= 2:
-        mean.insert(0, "AVG", mean[acc].mean(axis=1))
-        std.insert(0, "AVG", std[acc].mean(axis=1))
-    text = mean.map(lambda v: f"{v:.{digits}f}")
-    for method in order:
-        if seeds[method] > 1:
-            text.loc[method] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean.loc[method], std.loc[method])]
-    pruned = chosen.groupby("method")["pruned_share"].mean().reindex(order)
-    text.insert(0, "pruned", [f"{p:.0%}" for p in pruned])
-    text.columns.name = None
-    return text
 
 
 def method_ranks(summary: pd.DataFrame, ratio: float, *, tasks: Sequence[str] | None = None) -> pd.Series:

@@ -83,8 +83,8 @@ def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Seq
             (num_fewshot, batch_size, max_length, categories, data_dir, wikitext_dir, blimp_dir).
 
     Returns:
-        ``(results, samples)``: the long table of :func:`moe_utils.pruning.evaluate_masks`
-        (method, ratio, seed, pruned_share, task, metric, value, stderr, n, seconds, cached) and one
+        ``(results, samples)``: one row per model, task and metric (method, ratio, seed,
+        pruned_share, task, metric, value, stderr, n, seconds, cached) and one
         row per model and document (method, ratio, seed and :data:`moe_utils.evaluation.SAMPLE_COLUMNS`).
     """
     model_id = model_identity(model)
@@ -264,8 +264,8 @@ def detectable(compared: pd.DataFrame, targets: Mapping[str, float] = MDE_TARGET
 
 def curve_summary(samples: pd.DataFrame, measures: Sequence[str],
                   shares: Mapping[tuple, float] | None = None) -> pd.DataFrame:
-    """The measures in the layout of :func:`moe_utils.pruning.score_summary` (method, ratio, task,
-    metric, mean and standard deviation over seeds, n_seeds), for the Fig 8 curves and ranks;
+    """The measures as one row per method, ratio and measure (task = the measure's label, metric,
+    mean and standard deviation over seeds, n_seeds), for the Fig 8 curves and ranks;
     without the ablation's variants."""
     samples = samples[~samples["method"].map(is_variant)]
     rows = []
