@@ -19,7 +19,7 @@
 # experts it needs later. MoE inference systems that keep experts off the accelerator need exactly
 # that: they prefetch the experts of layer l+1 while layer l runs. An LRU expert cache alone hits
 # about 40-60% on Mixtral {cite}`eliseev2023offloading`; predictors that read the hidden state reach
-# about 90-97% {cite}`fang2025fate,preattention2025`; ExFlow {cite}`yao2024exflow` exploits the affinity
+# about 90-97% {cite}`fang2025fate,zhu2025preattention`; ExFlow {cite}`yao2024exflow` exploits the affinity
 # between consecutive layers' experts. The paper {cite}`tang2025unveiling` does not test whether its
 # cross-layer patterns carry information beyond pairwise co-activation. This stage does.
 #
@@ -44,6 +44,7 @@ n_bootstrap = 1000
 confidence = 0.95
 
 # %% tags=["hide-input"]
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +129,10 @@ hits = {h: {name: {m: rp.hit_counts(r, test, m) for m in m_values} for name, r i
         for h in prediction_horizons}
 targets = {h: np.arange(h, n_layers) for h in prediction_horizons}
 summary = rp.recall_summary(hits[1], samples, targets[1], k, confidence=confidence, n_boot=n_bootstrap)
-at_k = summary[summary["m"] == k].set_index("predictor")
-for key, name in zip(("prior", "affinity", "hsdl", "hidden"), rp.PREDICTORS):
-    for column in ("recall", "recall_low", "recall_high"):
-        glue(f"{key}_{column}", float(at_k.loc[name, column] * 100), display=False)
+by_m = summary.set_index(["m", "predictor"])
+for (m, suffix), (key, name), column in product(zip(m_values, ("", "_2k")), zip(
+        ("prior", "affinity", "hsdl", "hidden"), rp.PREDICTORS), ("recall", "recall_low", "recall_high")):
+    glue(f"{key}_{column}{suffix}", float(by_m.loc[(m, name), column] * 100), display=False)
 summary.style.format({c: "{:.3f}" for c in summary.columns if c not in ("predictor", "m")}, escape="html").hide(
     axis="index")
 
@@ -170,7 +171,11 @@ for name, value in (("diff", difference.estimate * 100), ("diff_low", difference
 # is {glue:text}`diff:+.1f` points [{glue:text}`diff_low:+.1f`, {glue:text}`diff_high:+.1f`], so HSDL is
 # **{glue:text}`hsdl_verdict`** pairwise affinity here. The next router on the hidden state reaches
 # {glue:text}`hidden_recall:.1f`% [{glue:text}`hidden_recall_low:.1f`, {glue:text}`hidden_recall_high:.1f`],
-# the usage prior {glue:text}`prior_recall:.1f`%.
+# the usage prior {glue:text}`prior_recall:.1f`%. With twice as many experts ranked (m = 2k, the table
+# above), HSDL recovers {glue:text}`hsdl_recall_2k:.1f`% [{glue:text}`hsdl_recall_low_2k:.1f`,
+# {glue:text}`hsdl_recall_high_2k:.1f`] and affinity {glue:text}`affinity_recall_2k:.1f`%
+# [{glue:text}`affinity_recall_low_2k:.1f`, {glue:text}`affinity_recall_high_2k:.1f`]: which predictor
+# ranks better depends on how many experts a prefetcher can afford to load.
 #
 # ## 4. Two and three layers ahead
 #
@@ -181,8 +186,8 @@ for name, value in (("diff", difference.estimate * 100), ("diff_low", difference
 # %%
 ahead = pd.concat([rp.recall_summary(hits[h], samples, targets[h], k, confidence=confidence, n_boot=n_bootstrap)
                    .assign(horizon=h) for h in prediction_horizons if len(targets[h])])
-ahead = ahead[ahead["m"] == k].pivot(index="predictor", columns="horizon", values="recall")
-ahead.style.format("{:.3f}", escape="html")
+ahead = ahead[ahead["m"] == k]
+ahead.pivot(index="predictor", columns="horizon", values="recall").style.format("{:.3f}", escape="html")
 
 # %% [markdown]
 # ## 5. What is a predictor worth to an expert cache?
@@ -210,8 +215,9 @@ table.style.format("{:.3f}", escape="html")
 # :name: fig-prediction-cache
 #
 # Hit rate (left) and expert loads per token and layer (right) of a per-layer LRU cache of c experts,
-# alone (dashed) and with each predictor prefetching its top-k before the token's experts are
-# requested, on the held-out tokens. Prefetch loads count as loads.
+# alone (dashed black) and with each predictor (colours as above) prefetching its top-k before the token's experts are
+# requested, on the held-out tokens. Prefetch loads count as loads. The oracle loads exactly what LRU
+# alone loads (the same accesses in the same order), so its line covers the dashed one on the right.
 # ```
 #
 # With {glue:text}`cache_size` of {glue:text}`n_experts` experts resident per layer, LRU alone hits
@@ -220,7 +226,7 @@ table.style.format("{:.3f}", escape="html")
 
 # %%
 atomic_write_json(out_dir / "results.json", {
-    "recall": summary.to_dict(orient="records"), "ahead": ahead.reset_index().to_dict(orient="records"),
+    "recall": summary.to_dict(orient="records"), "ahead": ahead.to_dict(orient="records"),
     "hsdl_minus_affinity": vars(difference), "cache": cache.to_dict(orient="records"),
     "n_test_tokens": store.n_tokens, "heldout_question_ids": questions["question_id"].tolist()})
 

@@ -110,7 +110,7 @@ def test_hsdl_predicts_the_planted_atoms_later_experts():
 
 
 # ------------------------------------------------------------------ hidden-state predictor
-@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "phimoe", "gpt_oss"])
 def test_the_router_given_its_exact_input_reproduces_the_captured_top_k(random_models, arch):
     """Fed the input its router saw (and, through the pre-MoE norm that :func:`pre_moe_norm` finds,
     the residual stream entering that norm), :func:`router_ranking` returns the captured top-k."""
@@ -153,14 +153,14 @@ def test_ranking_beyond_the_top_k_follows_the_router_logits(olmoe):
     assert all(sorted(row) == list(range(layer.num_experts)) for row in ranked.tolist())
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe", "deepseek_v3"])
 def test_capture_ranks_with_the_next_router_on_the_state_leaving_the_layer(random_models, arch, tmp_path):
-    """The probe's rankings equal the next router applied, through its pre-MoE norm, to the decoder
-    layer outputs that ``output_hidden_states`` reports (an independent path), for every real token
-    of a padded batch; and the captured routing is that of an ordinary capture."""
+    """The probe's rankings equal the next router applied, through its pre-MoE norm, to the output of
+    the decoder layer holding the source MoE layer as ``output_hidden_states`` reports it (an
+    independent path), for every real token of a padded batch (DeepSeek-V3: a dense first layer, so
+    MoE and decoder layer numbers differ)."""
     model, tokenizer = random_models[arch]
     layers = moe_layers(model)
-    assert [layer.layer_index for layer in layers] == list(range(len(layers)))  # every decoder layer is MoE
     held = capture_with_hidden_predictions(model, tokenizer, TEXTS[:4], out_dir=tmp_path / "store",
                                            horizons=(1, 2), batch_size=4)
     k = layers[0].top_k
@@ -172,7 +172,7 @@ def test_capture_ranks_with_the_next_router_on_the_state_leaving_the_layer(rando
         states = model(**enc, use_cache=False, output_hidden_states=True).hidden_states
         for h in (1, 2):
             for target in range(h, len(layers)):
-                source_out = states[target - h + 1].reshape(-1, states[0].shape[-1])[mask]
+                source_out = states[layers[target - h].layer_index + 1].reshape(-1, states[0].shape[-1])[mask]
                 norm = pre_moe_norm(decoder_layer_of(model, layers[target].block))
                 expected = router_ranking(layers[target], norm(source_out), 2 * k).numpy()
                 np.testing.assert_array_equal(held.hidden[h][:, target], expected)
