@@ -83,9 +83,8 @@ if x_spec["granularity"] != "token":
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 if router_fingerprint(lm) != fit_store.manifest["fingerprint"]["model"]:
     raise ValueError(f"model {model!r} is not the model of stage 1's store: run both stages with the same model")
-fitted_ids = load_prompts(spec["categories"], spec["n_per_category"], spec["seed"], data_dir)[2]["question_id"]
-texts, labels, questions = load_prompts(spec["categories"], heldout_per_category, heldout_seed, data_dir,
-                                        exclude_ids=fitted_ids)
+texts, labels, questions = load_prompts(spec["categories"], heldout_per_category, heldout_seed, data_dir, exclude_ids=(
+    load_prompts(spec["categories"], spec["n_per_category"], spec["seed"], data_dir)[2]["question_id"]))
 store, hidden = capture_with_hidden_predictions(
     lm, tokenizer, texts, out_dir=out_dir / "heldout_store", horizons=prediction_horizons, labels=labels,
     batch_size=batch_size, max_length=max_length, record_probs=x_spec["value"] == "prob",
@@ -137,9 +136,8 @@ summary.style.format({c: "{:.3f}" for c in summary.columns if c not in ("predict
     axis="index")
 
 # %%
-by_layer = rp.recall_by_layer({n: v[k] for n, v in hits[1].items()}, samples, targets[1], k,
-                              confidence=confidence, n_boot=n_bootstrap)
-plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(by_layer, k=k))
+plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(rp.recall_by_layer(
+    {n: v[k] for n, v in hits[1].items()}, samples, targets[1], k, confidence=confidence, n_boot=n_bootstrap), k=k))
 
 # %% [markdown]
 # ```{glue:figure} fig_recall_layers
@@ -157,12 +155,14 @@ plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(by_layer, k=k
 # as much as from the structure of the patterns.
 
 # %%
-gain = (hits[1][rp.PREDICTORS[2]][k] - hits[1][rp.PREDICTORS[1]][k])[:, targets[1]].sum(axis=1)
-difference = rp.ratio_interval(gain, samples, k * len(targets[1]), confidence=confidence, n_boot=n_bootstrap)
-verdict = "better than" if difference.low > 0 else "worse than" if difference.high < 0 else "not distinguishable from"
-for name, value in (("diff", difference.estimate * 100), ("diff_low", difference.low * 100),
-                    ("diff_high", difference.high * 100), ("hsdl_verdict", verdict)):
-    glue(name, value, display=False)
+differences = {}
+for m, suffix in zip(m_values, ("", "_2k")):
+    gain = (hits[1][rp.PREDICTORS[2]][m] - hits[1][rp.PREDICTORS[1]][m])[:, targets[1]].sum(axis=1)
+    differences[m] = d = rp.ratio_interval(gain, samples, k * len(targets[1]), confidence=confidence, n_boot=n_bootstrap)
+    verdict = "better than" if d.low > 0 else "worse than" if d.high < 0 else "not distinguishable from"
+    for name, value in (("diff", d.estimate * 100), ("diff_low", d.low * 100), ("diff_high", d.high * 100),
+                        ("hsdl_verdict", verdict)):
+        glue(name + suffix, value, display=False)
 
 # %% [markdown]
 # HSDL's recall@k is {glue:text}`hsdl_recall:.1f`% [{glue:text}`hsdl_recall_low:.1f`,
@@ -174,8 +174,10 @@ for name, value in (("diff", difference.estimate * 100), ("diff_low", difference
 # the usage prior {glue:text}`prior_recall:.1f`%. With twice as many experts ranked (m = 2k, the table
 # above), HSDL recovers {glue:text}`hsdl_recall_2k:.1f`% [{glue:text}`hsdl_recall_low_2k:.1f`,
 # {glue:text}`hsdl_recall_high_2k:.1f`] and affinity {glue:text}`affinity_recall_2k:.1f`%
-# [{glue:text}`affinity_recall_low_2k:.1f`, {glue:text}`affinity_recall_high_2k:.1f`]: which predictor
-# ranks better depends on how many experts a prefetcher can afford to load.
+# [{glue:text}`affinity_recall_low_2k:.1f`, {glue:text}`affinity_recall_high_2k:.1f`]: a paired difference
+# of {glue:text}`diff_2k:+.1f` points [{glue:text}`diff_low_2k:+.1f`, {glue:text}`diff_high_2k:+.1f`], HSDL
+# **{glue:text}`hsdl_verdict_2k`** affinity. Which predictor ranks better can depend on how many experts a
+# prefetcher can afford to load.
 #
 # ## 4. Two and three layers ahead
 #
@@ -227,7 +229,7 @@ table.style.format("{:.3f}", escape="html")
 # %%
 atomic_write_json(out_dir / "results.json", {
     "recall": summary.to_dict(orient="records"), "ahead": ahead.to_dict(orient="records"),
-    "hsdl_minus_affinity": vars(difference), "cache": cache.to_dict(orient="records"),
+    "hsdl_minus_affinity": {m: vars(d) for m, d in differences.items()}, "cache": cache.to_dict(orient="records"),
     "n_test_tokens": store.n_tokens, "heldout_question_ids": questions["question_id"].tolist()})
 
 # %% [markdown]
@@ -236,8 +238,10 @@ atomic_write_json(out_dir / "results.json", {
 # - On {glue:text}`n_test_tokens` held-out tokens of {glue:text}`model_name`, recall@k one layer ahead:
 #   usage prior {glue:text}`prior_recall:.1f`%, first-order affinity {glue:text}`affinity_recall:.1f`%,
 #   HSDL {glue:text}`hsdl_recall:.1f`%, the next router on the hidden state {glue:text}`hidden_recall:.1f`%.
-# - HSDL minus affinity: {glue:text}`diff:+.1f` points [{glue:text}`diff_low:+.1f`,
-#   {glue:text}`diff_high:+.1f`]: the patterns are {glue:text}`hsdl_verdict` pairwise affinity as a
-#   predictor of the next layer's experts.
+# - HSDL minus affinity, recall@k: {glue:text}`diff:+.1f` points [{glue:text}`diff_low:+.1f`,
+#   {glue:text}`diff_high:+.1f`]: at the top-k the patterns are {glue:text}`hsdl_verdict` pairwise
+#   affinity as a predictor of the next layer's experts; ranking 2k experts, HSDL is
+#   {glue:text}`hsdl_verdict_2k` affinity ({glue:text}`diff_2k:+.1f` points [{glue:text}`diff_low_2k:+.1f`,
+#   {glue:text}`diff_high_2k:+.1f`]). Both stay far below the next router on the hidden state.
 # - An LRU cache of {glue:text}`cache_size` experts per layer hits {glue:text}`hit_lru:.1f`% alone and
 #   {glue:text}`hit_hidden:.1f`% with hidden-state prefetching.
