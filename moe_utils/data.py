@@ -268,9 +268,16 @@ def load_prompts(
     data_dir: str | os.PathLike | None = None,
     with_options: bool = True,
     split: str = "test",
+    exclude_ids: Iterable[int] = (),
 ) -> tuple[list[str], list[str], pd.DataFrame]:
-    """Load, select and format: return ``(prompt texts, category labels, selected questions)``."""
-    questions = select_questions(load_mmlu_pro(split, data_dir), list(categories),
-                                 n_per_category, seed)
+    """Load, select and format: return ``(prompt texts, category labels, selected questions)``.
+
+    ``exclude_ids``: ``question_id`` values left out before sampling (e.g. the questions an
+    estimator was fitted on, to draw held-out ones)."""
+    table = load_mmlu_pro(split, data_dir)
+    excluded = set(int(i) for i in exclude_ids)
+    if excluded:
+        table = table[~table["question_id"].isin(excluded)]
+    questions = select_questions(table, list(categories), n_per_category, seed)
     texts = [format_prompt(row, with_options=with_options) for _, row in questions.iterrows()]
     return texts, questions["category"].tolist(), questions

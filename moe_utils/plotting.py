@@ -506,3 +506,46 @@ def category_breakdown_curves(breakdown: pd.DataFrame, *, label: str, ncols: int
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
     return fig
+
+
+# ------------------------------------------------------------------ routing prediction (stage 6)
+def recall_by_layer(frame: pd.DataFrame, *, k: int,
+                    title: str = "How well is each layer's top-k predicted one layer ahead?") -> Figure:
+    """Recall@k (``recall`` with ``low``/``high``) against the predicted MoE ``layer``, one line
+    and interval band per ``predictor``."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, (name, part) in enumerate(frame.groupby("predictor", sort=False)):
+        part = part.sort_values("layer")
+        ax.plot(part["layer"], part["recall"] * 100, marker="o", ms=4, color=f"C{i}", label=name)
+        ax.fill_between(part["layer"], part["low"] * 100, part["high"] * 100, color=f"C{i}", alpha=0.15, lw=0)
+    ax.set_xticks(sorted(frame["layer"].unique()))
+    ax.set_xlabel("predicted MoE layer l+1")
+    ax.set_ylabel(f"recall@{k} (%)")
+    ax.set_ylim(0, 102)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def cache_hit_rates(frame: pd.DataFrame, *, n_experts: int,
+                    title: str = "Expert cache: LRU alone and LRU with prefetching") -> Figure:
+    """Hit rate (left) and expert loads per token and layer (right) against the cache size, one
+    line per ``strategy`` (rows of :func:`moe_utils.expert_cache.compare`): the first strategy, the
+    baseline, dashed black; the others in the colours of :func:`recall_by_layer`, in the same order."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (name, part) in enumerate(frame.groupby("strategy", sort=False)):
+        part = part.sort_values("cache_size")
+        style = {"color": f"C{i - 1}" if i else "k", "marker": "o", "ms": 3, "label": name, "ls": "-" if i else "--"}
+        axes[0].plot(part["cache_size"], part["hit_rate"] * 100, **style)
+        axes[1].plot(part["cache_size"], part["loads_per_token"], **style)
+    axes[0].set_ylabel("hit rate (%)")
+    axes[0].set_ylim(0, 102)
+    axes[1].set_ylabel("expert loads per token and layer")
+    axes[1].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel(f"cache size (experts per layer, of {n_experts})")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

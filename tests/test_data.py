@@ -221,6 +221,16 @@ def test_load_prompts(many_dir: Path) -> None:
     assert texts[0] == format_prompt(questions.iloc[0])
 
 
+def test_load_prompts_excludes_ids_before_sampling(many_dir: Path) -> None:
+    """Held-out questions (stage 6): none of the excluded ids, and still the number asked for."""
+    _, _, fitted = load_prompts(["physics"], n_per_category=20, seed=0, data_dir=many_dir)
+    _, _, held = load_prompts(["physics"], n_per_category=5, seed=1, data_dir=many_dir,
+                              exclude_ids=fitted["question_id"])
+    assert len(held) == 5 and not set(held["question_id"]) & set(fitted["question_id"])
+    _, _, rest = load_prompts(["physics"], n_per_category=None, data_dir=many_dir, exclude_ids=fitted["question_id"])
+    assert sorted(rest["question_id"]) == sorted(set(range(2000, 2025)) - set(fitted["question_id"]))
+
+
 # ------------------------------------------------------------------------------- the real copy
 @pytest.fixture(scope="module")
 def real() -> pd.DataFrame:
