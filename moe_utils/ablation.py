@@ -90,7 +90,8 @@ def caep_variants(hsdl: HSDL, X, ratio: float, *, layer_sizes: Sequence[int], mi
 
     D, R = hsdl_factors(hsdl, level=level)
     p1 = hsdl.level_sizes_[0]
-    rows = [("reference", f"stage-1 prompts, level {level}, {hsdl.level_sizes_[level - 1]} atoms, k1 {threshold_ratio}, "
+    rows = [("reference", f"stage-1 prompts, level {level}, {hsdl.level_sizes_[level - 1]} atoms, "
+             f"k1 {threshold_ratio}, "
              "global", mask(D, R, threshold_ratio, "reference"))]
     if other_X is not None:
         name, X_other = other_X

@@ -98,7 +98,8 @@ def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Seq
 
         def compute(mask=mask, run=run):
             start = time.perf_counter()
-            context = expert_surgery.masked_experts(model, mask.keep) if not mask.keep.all() else contextlib.nullcontext()
+            context = (expert_surgery.masked_experts(model, mask.keep) if not mask.keep.all()
+                       else contextlib.nullcontext())
             with context, _torch_threads(threads):
                 raw = evaluation.run_harness(model, tokenizer, run["tasks"], limit=run.get("limit"), log_samples=True,
                                              bootstrap_iters=0, **settings)

@@ -172,7 +172,8 @@ def check_masks(masks: Sequence[pruning.PruningMask], setup: Setup) -> None:
         if mask.method not in ("caep",):
             quota = caep_module.layer_quota(setup.layer_sizes, mask.ratio, setup.guard, setup.allowed)
             if kept.tolist() != quota.tolist():
-                raise AssertionError(f"{mask.label} at {mask.ratio} keeps {kept.tolist()}, not the quota {quota.tolist()}")
+                raise AssertionError(f"{mask.label} at {mask.ratio} keeps {kept.tolist()}, "
+                                     f"not the quota {quota.tolist()}")
 
 
 def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | None, *, threshold_ratio: float,
@@ -258,7 +259,8 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
         if text is not None:
             sentences.append(f"{pruning_eval.MEASURES[measure][1]} {text}")
     out["finding_pruning_vs_random"] = (f"CAEP minus random masks at {pct} pruned, paired on the same documents "
-                                        f"(95% intervals; perplexity as a relative change): " + "; ".join(sentences) + ".")
+                                        "(95% intervals; perplexity as a relative change): "
+                                        + "; ".join(sentences) + ".")
     mde = []
     for measure in measures:
         part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
@@ -298,7 +300,8 @@ def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measur
         unit = " points" if kind == "acc" else ""
         sentences.append(
             f"{label}: reference CAEP {f(kind, ref.estimate, True)}{unit} [{f(kind, ref.low, True)}, "
-            f"{f(kind, ref.high, True)}], best single change '{names[best.method]}' {f(kind, best.estimate, True)}{unit} "
+            f"{f(kind, ref.high, True)}], best single change '{names[best.method]}' "
+            f"{f(kind, best.estimate, True)}{unit} "
             f"[{f(kind, best.low, True)}, {f(kind, best.high, True)}] ({int(better.sum())} of {len(part)} variants "
             f"better than random, {int(worse.sum())} worse)")
     return ("CAEP's variants minus random masks at the same ratio (paired, 95% intervals; perplexity as a relative "
