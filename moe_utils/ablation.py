@@ -117,7 +117,7 @@ def caep_variants(hsdl: HSDL, X, ratio: float, *, layer_sizes: Sequence[int], mi
 def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
     """Each variant's paired difference from random masks at its ratio, per measure (estimate,
     interval), and the experts it prunes; ``per layer`` is read from the ``caep_layer`` rows."""
-    from moe_utils.pruning_eval import MEASURES, _fmt
+    from moe_utils.pruning_eval import _fmt, measure_spec
 
     methods = [m.method for m in variants["mask"]]
     rows = list(zip(variants["factor"], variants["setting"], methods))
@@ -127,7 +127,7 @@ def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Seq
     for factor, setting, method in rows:
         row = {"factor": factor, "setting": setting}
         for measure in measures:
-            kind, label = MEASURES[measure][:2]
+            kind, label = measure_spec(measure)[:2]
             hit = compared[(compared["method"] == method) & (compared["reference"] == "random")
                            & np.isclose(compared["ratio"], ratio) & (compared["measure"] == measure)]
             if hit.empty:

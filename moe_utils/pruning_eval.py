@@ -47,6 +47,17 @@ MEASURES = {
     "mmlu_pro_mc": ("acc", "MMLU-Pro accuracy", lambda task: task.startswith(evaluation.MC_GROUP + "_"), None),
 }
 MODEL_KEYS = ["method", "ratio", "seed"]
+#: A measure named ``task:<name>``: the accuracy of one other multiple-choice task (a stock task of
+#: a real model's profile, e.g. ``arc_challenge``), scored per question.
+TASK_PREFIX = "task:"
+
+
+def measure_spec(measure: str) -> tuple:
+    """``(kind, label, selects, count column)`` of a measure of :data:`MEASURES` or ``task:<name>``."""
+    if measure.startswith(TASK_PREFIX):
+        name = measure[len(TASK_PREFIX):]
+        return "acc", f"{name} accuracy", lambda task: task == name, None
+    return MEASURES[measure]
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -125,7 +136,7 @@ def measure_values(samples: pd.DataFrame, measure: str, blimp_dir=None) -> dict:
     """The documents of one measure, aligned over models: ``{"models": frame of method, ratio, seed,
     "values": (n_models, n_docs), "counts": (n_docs,) or None, "strata": (n_docs,) or None}``.
     Raises ValueError if the models were not evaluated on the same documents."""
-    kind, label, selects, count = MEASURES[measure]
+    kind, label, selects, count = measure_spec(measure)
     rows = samples[samples["task"].map(selects)]
     if rows.empty:
         raise ValueError(f"no documents of {label} were evaluated")
@@ -160,7 +171,7 @@ def model_scores(samples: pd.DataFrame, measures: Sequence[str], *, n_boot: int 
     (and seeds): one row per measure, method and ratio (``estimate, low, high, n_docs, n_seeds``)."""
     rows = []
     for measure in measures:
-        kind = MEASURES[measure][0]
+        kind = measure_spec(measure)[0]
         data = measure_values(samples, measure)
         for (method, ratio), _ in data["models"].groupby(["method", "ratio"], sort=False):
             values = _model_rows(data, method, ratio)
@@ -182,7 +193,7 @@ def comparisons(samples: pd.DataFrame, measures: Sequence[str], *, references: S
     standard error, minimum detectable difference and whether the interval excludes 0."""
     rows = []
     for measure in measures:
-        kind = MEASURES[measure][0]
+        kind = measure_spec(measure)[0]
         data = measure_values(samples, measure)
         pruned = data["models"][data["models"]["method"] != "unpruned"].drop_duplicates(["method", "ratio"])
         for method, ratio in pruned[["method", "ratio"]].itertuples(index=False):
@@ -222,7 +233,7 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
     if shares is not None:
         table["pruned"] = [f"{shares.get(m, 0.0):.0%}" for m in order]
     for measure in measures:
-        kind, label = MEASURES[measure][:2]
+        kind, label = measure_spec(measure)[:2]
         unit = " (%)" if kind == "acc" else ""
         part = chosen[chosen["measure"] == measure].set_index("method")
         table[label + unit] = [f"{_fmt(kind, r.estimate)} [{_fmt(kind, r.low)}, {_fmt(kind, r.high)}]"
@@ -252,7 +263,7 @@ def detectable(compared: pd.DataFrame, targets: Mapping[str, float] = MDE_TARGET
     rows = []
     compared = compared[~compared["method"].map(is_variant)]
     for (measure, reference), part in compared.groupby(["measure", "reference"], sort=False):
-        kind, label = MEASURES[measure][:2]
+        kind, label = measure_spec(measure)[:2]
         unit = " points" if kind == "acc" else "%"
         n, median = int(part["n_docs"].iloc[0]), float(part["mde"].median())
         rows.append({"measure": label, "against": reference, "documents": n,
@@ -271,7 +282,7 @@ def curve_summary(samples: pd.DataFrame, measures: Sequence[str],
     samples = samples[~samples["method"].map(is_variant)]
     rows = []
     for measure in measures:
-        kind, label = MEASURES[measure][:2]
+        kind, label = measure_spec(measure)[:2]
         data = measure_values(samples, measure)
         if kind == "acc":
             strata = pd.factorize(data["strata"])[0]
@@ -288,9 +299,13 @@ def curve_summary(samples: pd.DataFrame, measures: Sequence[str],
 
 
 def available_measures(samples: pd.DataFrame) -> list[str]:
-    """The measures of :data:`MEASURES` whose documents were evaluated, in that order."""
+    """The measures of :data:`MEASURES` whose documents were evaluated, in that order, then one
+    ``task:<name>`` accuracy per other task scored by correctness (a real model's stock tasks)."""
     tasks = samples["task"].unique()
-    return [m for m, (_, _, selects, _) in MEASURES.items() if any(selects(t) for t in tasks)]
+    known = [m for m, (_, _, selects, _) in MEASURES.items() if any(selects(t) for t in tasks)]
+    covered = {t for t in tasks if any(MEASURES[m][2](t) for m in MEASURES)}
+    scored = samples.dropna(subset=["correct"])["task"].unique()
+    return known + [TASK_PREFIX + t for t in tasks if t not in covered and t in set(scored)]
 
 
 def sample_sizes(samples: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
@@ -298,7 +313,7 @@ def sample_sizes(samples: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame
     first = samples.drop_duplicates(["task", "doc_id"])
     rows = []
     for measure in measures:
-        label, selects = MEASURES[measure][1], MEASURES[measure][2]
+        label, selects = measure_spec(measure)[1], measure_spec(measure)[2]
         part = first[first["task"].map(selects)]
         rows.append({"measure": label, "tasks": part["task"].nunique(), "documents": len(part)})
     return pd.DataFrame(rows).set_index("measure")

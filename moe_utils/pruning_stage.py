@@ -239,7 +239,7 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
         if hit.empty:
             return None
         r = hit.iloc[0]
-        kind = pruning_eval.MEASURES[measure][0]
+        kind = pruning_eval.measure_spec(measure)[0]
         unit = " points" if kind == "acc" else ""
         return (f"{pruning_eval._fmt(kind, r.estimate, True)}{unit} "
                 f"[{pruning_eval._fmt(kind, r.low, True)}, {pruning_eval._fmt(kind, r.high, True)}]")
@@ -257,7 +257,7 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
     for measure in measures:
         text = diff("caep", measure, "random")
         if text is not None:
-            sentences.append(f"{pruning_eval.MEASURES[measure][1]} {text}")
+            sentences.append(f"{pruning_eval.measure_spec(measure)[1]} {text}")
     out["finding_pruning_vs_random"] = (f"CAEP minus random masks at {pct} pruned, paired on the same documents "
                                         "(95% intervals; perplexity as a relative change): "
                                         + "; ".join(sentences) + ".")
@@ -266,7 +266,7 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
         part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
                         & ~compared["method"].map(abl.is_variant)]
         if not part.empty:
-            kind, label = pruning_eval.MEASURES[measure][:2]
+            kind, label = pruning_eval.measure_spec(measure)[:2]
             unit = " points" if kind == "acc" else "%"
             mde.append(f"{label} {part['mde'].median() * 100:.2g}{unit}")
     out["finding_pruning_mde"] = ("Smallest differences from random masks these samples detect (80% power, 5% "
@@ -287,7 +287,7 @@ def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measur
     f = pruning_eval._fmt
     sentences = []
     for measure in measures:
-        kind, label = pruning_eval.MEASURES[measure][:2]
+        kind, label = pruning_eval.measure_spec(measure)[:2]
         part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
                         & compared["method"].isin(list(names))].copy()
         if part.empty:

@@ -83,3 +83,22 @@ def test_different_documents_are_refused(evaluated):
     fewer = samples.drop(samples[(samples["method"] == "random") & (samples["doc_id"] == 4)].index)
     with pytest.raises(ValueError, match="different documents"):
         pruning_eval.measure_values(fewer, "blimp")
+
+
+def test_other_tasks_become_accuracy_measures():
+    """A real model's stock multiple-choice task gets its own paired accuracy measure."""
+    import pandas as pd
+
+    rows = []
+    for method, ratio, correct in [("unpruned", 0.0, [1, 1, 0, 1]), ("caep", 0.5, [1, 0, 0, 0])]:
+        rows += [{"method": method, "ratio": ratio, "seed": pd.NA, "task": "arc_easy", "doc_id": i,
+                  "correct": float(c), "loglikelihood": np.nan, "n_words": np.nan, "n_bytes": np.nan, "margin": 0.0}
+                 for i, c in enumerate(correct)]
+        rows.append({"method": method, "ratio": ratio, "seed": pd.NA, "task": "blimp_wh_island", "doc_id": 0,
+                     "correct": 1.0, "loglikelihood": np.nan, "n_words": np.nan, "n_bytes": np.nan, "margin": 1.0})
+    samples = pd.DataFrame(rows)
+    measures = pruning_eval.available_measures(samples)
+    assert measures == ["blimp", "task:arc_easy"]
+    compared = pruning_eval.comparisons(samples, measures, references=("unpruned",), n_boot=100).set_index("measure")
+    assert compared.loc["task:arc_easy", "estimate"] == pytest.approx(0.25 - 0.75)
+    assert pruning_eval.measure_spec("task:arc_easy")[1] == "arc_easy accuracy"
