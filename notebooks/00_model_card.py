@@ -35,7 +35,6 @@ artifacts_dir = "artifacts/tiny"
 
 # %% tags=["hide-input"]
 import json
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import Markdown, display
@@ -46,6 +45,7 @@ from moe_utils import plotting
 from moe_utils.evaluation import evaluate
 from moe_utils.models import load_model
 from moe_utils.routing import capture_routing
+from moe_utils.stages import stage_paths
 from moe_utils.tiny_moe import EMBEDDED_DIR, parameter_counts
 from moe_utils.wikitext import load_wikitext, unigram_word_perplexity, word_perplexity
 
@@ -153,7 +153,7 @@ pd.DataFrame({
 # %%
 paragraphs = [line.strip() for line in load_wikitext("valid", wikitext_dir).split("\n")
               if line.strip() and not line.strip().startswith("=")]
-valid_store = capture_routing(lm, tokenizer, paragraphs, out_dir=Path(artifacts_dir) / "00_model_card" / "valid_store",
+valid_store = capture_routing(lm, tokenizer, paragraphs, out_dir=stage_paths(artifacts_dir).valid_store,
                               batch_size=32, max_length=record["config"]["seq_len"], overwrite=True,
                               data_spec={"dataset": "wikitext-2-v1", "split": "valid", "unit": "paragraph"})
 usage = xm.expert_usage(valid_store)
