@@ -397,7 +397,7 @@ def test_exercises_are_numbered_with_folded_solutions():
 
     page = (_book_dir() / TEACHING_PAGE).read_text()
     exercises = re.findall(r'<div class="exercise admonition" id="([\w-]+)"', page)
-    solutions = re.findall(r'<div class="solution dropdown admonition" id="[\w-]+">\s*<p class="admonition-title">'
+    solutions = re.findall(r'<div class="solution dropdown admonition" id="[^"]+">\s*<p class="admonition-title">'
                            r'Solution to<a class="reference internal" href="#([\w-]+)">', page)
     assert len(exercises) == N_EXERCISES and sorted(solutions) == sorted(exercises)
     assert [int(n) for n in re.findall(r'<span class="caption-number">Exercise (\d+) </span>', page)] == list(
