@@ -94,3 +94,20 @@ def paragraphs(text: str) -> list[str]:
 def text_extent(text: str) -> str:
     """How much text a number rests on, for the page: "N paragraphs, M words"."""
     return f"{len(paragraphs(text)):,} paragraphs, {count_words(text):,} words"
+
+
+def summary(name: str, counts: dict, layers: list, word_ppl: float, ratio: float, usage, record: dict | None) -> str:
+    """The card's summary as Markdown bullets: size, quality against the unigram baseline, expert usage
+    (``usage``: each layer's share of routed slots per expert), and for the embedded model its training."""
+    trained = f"Trained here in {record['train_seconds'] / 60:.0f} minutes on a CPU; w" if record else "W"
+    lines = [
+        f"- `{name}`: {counts['total'] / 1e6:.1f}M parameters ({counts['active_per_token'] / 1e6:.1f}M active per "
+        f"token), {len(layers)} MoE layers x {max(layer.num_experts for layer in layers)} experts, "
+        f"top-{max(layer.top_k for layer in layers)}.",
+        f"- {trained}ord-level perplexity {word_ppl:,.4g} on WikiText-2 test, {ratio:.3g} times a unigram model's.",
+        f"- The least used expert takes {usage.min():.2%} of its layer's slots (uniform: {1 / usage.shape[1]:.2%}).",
+    ]
+    if record:
+        lines.append("- Licence: the weights are released with this project; the training data, WikiText-2, is "
+                     "CC BY-SA 3.0.")
+    return "\n".join(lines)

@@ -62,9 +62,7 @@ eval_num_fewshot = 0
 eval_batch_size = 8
 
 # %% tags=["hide-input"]
-import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -72,19 +70,19 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from moe_utils import caep, calibration, plotting, pruning
+from moe_utils.artifacts import sha256_file
 from moe_utils.data import load_prompts
-from moe_utils.expert_surgery import allowed_counts
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import model_identity
+from moe_utils.stages import show_model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
 plotting.use_style()
 started = time.perf_counter()
-store_dir = Path(artifacts_dir) / "01_capture" / "store"
-hsdl_dir = Path(artifacts_dir) / "02_hsdl"
-out_dir = Path(artifacts_dir) / "04_pruning"
-cache_dir = out_dir / "cache"  # calibration, output-based search and evaluations, keyed by their inputs
+paths = stage_paths(artifacts_dir)
+store_dir, hsdl_dir, out_dir = paths.store, paths.hsdl, paths.pruning
+cache_dir = paths.pruning_cache  # calibration, output-based search and evaluations, keyed by their inputs
 evaluation = pruning.resolve_evaluation(model, eval_tasks, eval_limit, eval_task_limits)
 calibration_spec = calibration.resolve_calibration(model, calibration_data, calibration_samples, calibration_tokens)
 ratios = [float(r) for r in prune_ratios]
@@ -98,11 +96,11 @@ store = RoutingStore.open(store_dir)
 hsdl = HSDL.load(hsdl_dir)
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 layers = moe_layers(lm)
-layer_sizes = [layer.num_experts for layer in layers]
+# experts per layer, the guard (top-k unless set) and the keep counts group-limited routers allow
+budget = caep.PruningBudget.for_model(lm, layers, min_per_layer=min_per_layer)
+layer_sizes, guard = list(budget.layer_sizes), budget.min_per_layer
 top_k = max(layer.top_k for layer in layers)
-guard = top_k if min_per_layer is None else min_per_layer
-allowed = allowed_counts(lm)  # group-limited routers (DeepSeek-V3 family) allow only some keep counts
-skipped = pruning.unsupported_methods(pruning_methods, allowed)
+skipped = pruning.unsupported_methods(pruning_methods, budget)
 methods = [m for m in pruning_methods if m not in skipped]
 assert store.manifest["model"]["name"] == model, "stage 1 captured another model: re-run it"
 assert hsdl.dictionaries_[0].shape[0] == sum(layer_sizes) == store.n_layers * store.n_experts
@@ -112,13 +110,8 @@ display(Markdown(
     f"top-{top_k}). **Dictionary:** level {caep_level} of the HSDL model of stage 2, "
     f"{hsdl.dictionaries_[caep_level - 1].shape[1]} atoms."
 ))
-if model.startswith("random:"):
-    display(Markdown("**This run used a randomly initialised model: its routing is noise and its scores are "
-                     "meaningless. Nothing below is a finding.**"))
-elif model == "embedded":
-    display(Markdown("The embedded model is a 7M-parameter MoE trained on WikiText-2: its multiple-choice accuracy "
-                     "sits at chance, so its perplexities are what pruning visibly changes. The numbers illustrate "
-                     "the methods; they are not the paper's DeepSeek-MoE-16B results."))
+show_model_caveat(model, "Its multiple-choice accuracy sits at chance, so its perplexities are what pruning "
+                         "visibly changes.")
 for method, why in skipped.items():
     display(Markdown(f"**Skipped for this model:** `{method}` {why}."))
 
@@ -185,19 +178,18 @@ D, R = pruning.hsdl_factors(hsdl, level=caep_level)
 glue("k1", caep_threshold_ratio, display=False)
 steps = []
 for ratio in ratios:
-    result = caep.caep(D, R, caep_threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=guard,
-                       allowed=allowed)
-    assert (caep.kept_per_layer(result.keep, layer_sizes) >= guard).all()
+    result = caep.caep(D, R, caep_threshold_ratio, ratio, budget=budget)
+    assert (budget.kept_per_layer(result.keep) >= guard).all()
     steps.append({"ratio": f"{ratio:.0%}", "target kept": int(np.floor(result.target)),
                   "kept by Algorithm 1": int(result.algorithm_keep.sum()),
                   "atoms removed": f"{len(result.atoms_removed)} of {D.shape[1]}",
-                  "per layer, Algorithm 1": " ".join(map(str, caep.kept_per_layer(result.algorithm_keep, layer_sizes))),
-                  "per layer, guarded": " ".join(map(str, caep.kept_per_layer(result.keep, layer_sizes))),
+                  "per layer, Algorithm 1": " ".join(map(str, budget.kept_per_layer(result.algorithm_keep))),
+                  "per layer, guarded": " ".join(map(str, budget.kept_per_layer(result.keep))),
                   "guard": "no change" if not result.guard.changed else
                   f"restored {len(result.guard.restored)}, dropped {len(result.guard.dropped)}",
                   "restored for the router's groups": len(result.rounded)})
 steps = pd.DataFrame(steps)
-if not any(allowed):  # only group-limited routers restrict the counts
+if not budget.restricted:  # only group-limited routers restrict the counts
     steps = steps.drop(columns="restored for the router's groups")
 glue("caep_guard_changes", int((steps["guard"] != "no change").sum()), display=False)
 steps.style.hide(axis="index")
@@ -216,15 +208,15 @@ steps.style.hide(axis="index")
 
 # %%
 t0 = time.perf_counter()
-masks = pruning.pruning_masks(ratios, layer_sizes=layer_sizes, min_per_layer=guard, methods=methods, allowed=allowed,
+masks = pruning.pruning_masks(ratios, budget=budget, methods=methods,
                               stats=stats, dictionary=(D, R), threshold_ratio=caep_threshold_ratio,
                               seeds=random_seeds, model=lm, cache_dir=cache_dir)
 mask_seconds = time.perf_counter() - t0
 for mask in masks:
-    kept = caep.kept_per_layer(mask.keep, layer_sizes)
+    kept = budget.kept_per_layer(mask.keep)
     assert (kept >= guard).all(), f"{mask.label} at {mask.ratio}: a layer keeps fewer than {guard} experts"
     if mask.method != "caep":
-        assert kept.tolist() == caep.layer_quota(layer_sizes, mask.ratio, guard, allowed).tolist()
+        assert kept.tolist() == budget.quota(mask.ratio).tolist()
 glue("n_seeds", len(random_seeds), display=False)
 glue("output_tokens", int(min(output_tokens, stats.n_tokens)), display=False)
 glue("mask_seconds", mask_seconds, display=False)
@@ -339,8 +331,7 @@ glue("n_methods", len(best), display=False)
 # table and the calibration sums are written with a checksummed manifest naming the inputs.
 
 # %%
-inputs = {name: hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
-          for name, path in (("store", store_dir), ("hsdl", hsdl_dir))}
+inputs = {name: sha256_file(path / "manifest.json") for name, path in (("store", store_dir), ("hsdl", hsdl_dir))}
 pruning.save_pruning(out_dir, [pruning.unpruned_mask(sum(layer_sizes)), *masks], results, stats=stats, extra={
     "model": model_identity(lm) | {"layer_sizes": layer_sizes, "top_k": top_k},
     "inputs": {"store": str(store_dir), "store_manifest_sha256": inputs["store"], "hsdl": str(hsdl_dir),
