@@ -369,7 +369,8 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
             layer.experts = nn.ModuleList(layer.experts[i] for i in indices.tolist())
             setattr(layer.block, layer.architecture.experts_attr, layer.experts)
         else:
-            if not _slice_module(layer.experts, index, layer.num_experts, recurse=False):
+            # recurse: per-expert tensors may sit in the experts' own submodules (Ergo's post_expert_norm)
+            if not _slice_module(layer.experts, index, layer.num_experts, recurse=True):
                 raise NotImplementedError(f"{type(layer.experts).__name__} holds no tensor with "
                                           f"{layer.num_experts} expert rows to slice")
     counts = [len(indices) for indices in kept]
