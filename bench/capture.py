@@ -4,7 +4,7 @@ For each model, on the same MMLU-Pro prompts in the same run, this times
 
 * **bare**: the forward passes alone, with no hooks, done exactly as
   :func:`moe_utils.routing.capture_routing` does them (same tokenisation, padding, truncation,
-  batching, ``use_cache=False`` and the same forward kwargs, from ``routing._forward_kwargs``);
+  batching, ``use_cache=False`` and the same forward kwargs, from ``routing.forward_kwargs``);
 * **capture**: :func:`moe_utils.routing.capture_routing` end to end into a fresh temporary
   directory (fingerprints, hooks, copies to CPU, chunk writes, final assembly of the store);
 
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from bench._common import finish_machine_info, machine_info  # noqa: E402
 from moe_utils.data import MMLU_PRO_ENV, PAPER_CATEGORIES, load_prompts  # noqa: E402
 from moe_utils.models import load_model, model_summary  # noqa: E402
-from moe_utils.routing import _forward_kwargs, capture_routing  # noqa: E402
+from moe_utils.routing import forward_kwargs, capture_routing  # noqa: E402
 
 log = logging.getLogger("bench.capture")
 
@@ -119,7 +119,7 @@ def bare_pass(model, tokenizer, texts, *, batch_size: int, max_length: int) -> f
     Returns the seconds spent inside the model calls (timed around them, with no hooks).
     """
     device = next(model.parameters()).device
-    kwargs = _forward_kwargs(model)
+    kwargs = forward_kwargs(model)
     forward_s = 0.0
     with torch.no_grad():
         for ids in batches_of(len(texts), batch_size):
@@ -344,7 +344,7 @@ def bench_model(name: str, texts, labels, args) -> dict:
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "architecture": summary,
-        "forward_kwargs": _forward_kwargs(model),
+        "forward_kwargs": forward_kwargs(model),
         **counts,
         "timings_s": {
             "warmup": {"bare": warm_bare[0], "capture": warm_cap[0]},
@@ -512,7 +512,7 @@ def main(argv=None) -> int:
             "seed": args.seed, "quick": args.quick, "threads": torch.get_num_threads(),
             "target_ratio": args.target_ratio,
             "target_slot_bytes": args.target_slot_bytes,
-            "bare_pass": "tokenise + pad + forward(use_cache=False, routing._forward_kwargs) per batch, "
+            "bare_pass": "tokenise + pad + forward(use_cache=False, routing.forward_kwargs) per batch, "
                          "no hooks, under torch.no_grad",
             "capture_pass": "capture_routing(progress=False) into a fresh temp dir, end to end; two timing "
                             "hooks on the top-level model (none on the routers) split off the forward time",

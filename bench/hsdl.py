@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
 from moe_utils.hsdl import HSDL  # noqa: E402
-from moe_utils.store import atomic_write_json, package_versions  # noqa: E402
+from moe_utils.artifacts import atomic_write_json, package_versions  # noqa: E402
 
 log = logging.getLogger("bench.hsdl")
 

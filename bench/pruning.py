@@ -59,7 +59,7 @@ import torch  # noqa: E402
 from bench._common import finish_machine_info, machine_info  # noqa: E402
 from moe_utils.expert_surgery import experts_per_layer, masked_experts, remove_experts  # noqa: E402
 from moe_utils.models import load_model, model_summary, moe_layers  # noqa: E402
-from moe_utils.store import atomic_write_json  # noqa: E402
+from moe_utils.artifacts import atomic_write_json  # noqa: E402
 from moe_utils.wikitext import WIKITEXT_ENV, load_wikitext  # noqa: E402
 
 log = logging.getLogger("bench.pruning")

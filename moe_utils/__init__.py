@@ -8,16 +8,21 @@ Modules, one concept each, in the order of the study:
   without its remote code), ``tiny_configs`` (any config shrunk to a tiny
   model), ``tiny_moe`` (the embedded model);
 - data: ``data`` (MMLU-Pro), ``wikitext``;
+- every stage: ``artifacts`` (atomic writes, digests, checksummed artifact folders, the verified
+  keyed cache), ``stages`` (where each stage's artifacts live, the model caveat, glue),
+  ``metrics`` (which way each metric points);
 - stage 1: ``routing`` (capture), ``store`` (the routing store on disk), ``expert_matrix`` (the
   paper's X and co-activation);
-- stage 2: ``hsdl`` (the estimator, paper section 3), ``patterns`` (atoms, hierarchy, coverage);
+- stage 2: ``hsdl`` (the estimator, paper section 3), ``patterns`` (atoms, hierarchy, coverage),
+  ``hsdl_report`` (the stage's tables and numbers);
 - stage 3: ``annotation`` (attribution, enrichment, labels), ``token_text`` (token classes and the
-  coloured-token rendering);
-- stage 4: ``caep`` (paper section 4, Algorithm 1), ``calibration`` (baseline scores from one
-  calibration pass), ``pruning`` (every method's masks, their evaluation and artifacts),
-  ``expert_surgery`` (masking and physically removing experts), ``evaluation``
+  coloured-token rendering), ``annotation_report`` (the stage's tables and numbers);
+- stage 4: ``caep`` (paper section 4, Algorithm 1, and the pruning budget), ``calibration``
+  (baseline scores from one calibration pass), ``pruning`` (every method's masks, their evaluation
+  and artifacts), ``expert_surgery`` (masking and physically removing experts), ``evaluation``
   (lm-evaluation-harness);
-- stage 5: ``domains`` (domain-specific pruning), ``stats`` (intervals and permutation tests);
+- stage 5: ``domains`` (domain-specific pruning), ``stats`` (intervals and permutation tests),
+  ``domain_results`` (the stage assembled: masks, evaluation grid, findings, artifact);
 - the book: ``plotting``, ``pipeline`` (papermill + Jupyter Book).
 """
 

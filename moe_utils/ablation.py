@@ -15,7 +15,6 @@ WikiText-2 calibration text is captured from the model as stage 1 does (:func:`m
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,8 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from moe_utils.caep import caep
+from moe_utils.artifacts import json_digest
+from moe_utils.caep import PruningBudget, caep
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
 from moe_utils.pruning import PruningMask, hsdl_factors
@@ -43,16 +43,12 @@ def is_variant(method: str) -> bool:
 FACTORS = ("reference", "calibration text", "HSDL level", "dictionary size", "threshold k1", "scope")
 
 
-def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def refit(X, base: HSDL, levels: Sequence[float], cache_dir: str | os.PathLike) -> HSDL:
     """An HSDL model with ``base``'s hyperparameters but ``levels``, fitted on ``X`` (cached)."""
     fresh = clone(base).set_params(levels=list(levels))
     params = fresh.get_params()
     X = X.tocsr()
-    key = _digest({"params": params, "X": hashlib.sha256(X.data.tobytes() + X.indices.tobytes()
+    key = json_digest({"params": params, "X": hashlib.sha256(X.data.tobytes() + X.indices.tobytes()
                                                            + X.indptr.tobytes()).hexdigest(), "shape": X.shape})
     path = Path(cache_dir) / f"hsdl-{key}"
     if (path / "manifest.json").is_file():
@@ -66,26 +62,24 @@ def routing_matrix(model, tokenizer, texts: Sequence[str], *, cache_dir: str | o
                    batch_size: int = 8):
     """X (experts x tokens, routing weights) of ``model`` on ``texts``, captured into a store
     under ``cache_dir`` (reused when the same model and texts were captured before)."""
-    key = _digest({"model": model_identity(model), "texts": list(texts), "max_length": max_length})
+    key = json_digest({"model": model_identity(model), "texts": list(texts), "max_length": max_length})
     store = capture_routing(model, tokenizer, list(texts), out_dir=Path(cache_dir) / f"store-{key}",
                             batch_size=batch_size, max_length=max_length, progress=False)
     return expert_matrix(store)
 
 
-def caep_variants(hsdl: HSDL, X, ratio: float, *, layer_sizes: Sequence[int], min_per_layer: int,
-                  threshold_ratio: float, level: int = 1, k1_values: Sequence[float] = (0.8, 0.99),
-                  size_values: Sequence[float] = (0.5, 2.0), other_X: tuple[str, object] | None = None,
-                  cache_dir: str | os.PathLike, allowed=None) -> pd.DataFrame:
+def caep_variants(hsdl: HSDL, X, ratio: float, *, budget: PruningBudget, threshold_ratio: float, level: int = 1,
+                  k1_values: Sequence[float] = (0.8, 0.99), size_values: Sequence[float] = (0.5, 2.0),
+                  other_X: tuple[str, object] | None = None, cache_dir: str | os.PathLike) -> pd.DataFrame:
     """CAEP's mask at ``ratio`` with one setting changed at a time; one row per variant with
     ``factor``, ``setting`` and ``mask`` (a :class:`~moe_utils.pruning.PruningMask` whose method
     names the variant). The reference row is the stage's CAEP (``hsdl`` at ``level``, k1
     ``threshold_ratio``); ``scope`` is the per-layer form, which the stage evaluates as
     ``caep_layer``; ``other_X`` = (name, X of another calibration text)."""
     n_levels = len(hsdl.dictionaries_)
-    sizes = list(layer_sizes)
 
     def mask(D, R, k1, label):
-        result = caep(D, R, k1, ratio, layer_sizes=sizes, min_per_layer=min_per_layer, allowed=allowed)
+        result = caep(D, R, k1, ratio, budget=budget)
         return PruningMask(f"{VARIANT_PREFIX}{label}]", ratio, result.keep, note=result.note)
 
     D, R = hsdl_factors(hsdl, level=level)
@@ -117,7 +111,7 @@ def caep_variants(hsdl: HSDL, X, ratio: float, *, layer_sizes: Sequence[int], mi
 def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
     """Each variant's paired difference from random masks at its ratio, per measure (estimate,
     interval), and the experts it prunes; ``per layer`` is read from the ``caep_layer`` rows."""
-    from moe_utils.pruning_eval import _fmt, measure_spec
+    from moe_utils.pruning_eval import format_value, measure_spec
 
     methods = [m.method for m in variants["mask"]]
     rows = list(zip(variants["factor"], variants["setting"], methods))
@@ -133,7 +127,7 @@ def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Seq
             if hit.empty:
                 continue
             r = hit.iloc[0]
-            row[f"{label}: vs random"] = (f"{_fmt(kind, r.estimate, True)} [{_fmt(kind, r.low, True)}, "
-                                          f"{_fmt(kind, r.high, True)}]{'*' if r.significant else ''}")
+            row[f"{label}: vs random"] = (f"{format_value(kind, r.estimate, True)} [{format_value(kind, r.low, True)}, "
+                                          f"{format_value(kind, r.high, True)}]{'*' if r.significant else ''}")
         out.append(row)
     return pd.DataFrame(out)

@@ -20,7 +20,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 BLIMP_ENV = "MOE_BLIMP_DIR"

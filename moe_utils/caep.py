@@ -2,73 +2,132 @@
 
 Every function here works on *keep-masks*: boolean vectors over the N_e routed experts in the
 layer-major order of the expert matrix X (row ``layer * E + expert``), True = keep.
-:func:`caep` / :func:`caep_mask` run Algorithm 1 of Tang et al. (2025) globally over all N_e
+:func:`caep` runs Algorithm 1 of Tang et al. (2025) globally over all N_e
 experts from the HSDL dictionary D and codes R (:func:`contribution_scores`: e = D @ R_sum), with
 a guard (:func:`guard_min_per_layer`, not in the paper) that no MoE layer keeps fewer than
 ``min_per_layer`` experts; :func:`layerwise_mask` prunes any per-expert score with one ratio in
-every layer (:func:`layer_quota`), which is CAEP's per-layer mode and how the calibration
+every layer (:meth:`PruningBudget.quota`), which is CAEP's per-layer mode and how the calibration
 baselines of :mod:`moe_utils.calibration` become masks; :func:`random_mask` is the random baseline.
 
-Group-limited routers (DeepSeek-V3 family) allow only some keep counts per layer
-(:func:`moe_utils.expert_surgery.allowed_counts`). Every builder here takes them as ``allowed``
-and rounds a layer's count up to the next allowed one (:func:`round_up_to_allowed`): such a model
-keeps a few more experts than the ratio asks, and the notes say so.
+What a mask must respect travels as one :class:`PruningBudget`: the experts per layer, the guard,
+and the keep counts each router allows. Group-limited routers (DeepSeek-V3 family) allow only some
+(:func:`moe_utils.expert_surgery.allowed_counts`); every builder here rounds a layer's count up to
+the next allowed one (:func:`round_up_to_allowed`): such a model keeps a few more experts than the
+ratio asks, and the notes say so.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
 
-# ------------------------------------------------------------------------------------ layout
-def _layer_bounds(layer_sizes: Sequence[int], n_e: int) -> np.ndarray:
-    sizes = np.asarray(layer_sizes, dtype=np.int64)
-    if sizes.ndim != 1 or sizes.size == 0 or (sizes <= 0).any():
-        raise ValueError(f"layer_sizes must be a non-empty list of positive expert counts, got {layer_sizes!r}")
-    if sizes.sum() != n_e:
-        raise ValueError(f"layer_sizes {list(sizes)} sum to {sizes.sum()}, but there are {n_e} experts")
-    return np.concatenate([[0], np.cumsum(sizes)])
+# ------------------------------------------------------------------------------------ budget
+@dataclass(frozen=True)
+class PruningBudget:
+    """What a keep-mask must respect in each MoE layer, in X's layer-major order.
+
+    Attributes:
+        layer_sizes: routed experts per MoE layer (the mask has ``sum(layer_sizes)`` entries).
+        min_per_layer: the guard: no layer keeps fewer experts (for a model: its top-k).
+        allowed: per layer, the kept counts its router can route, or None for any count (only
+            group-limited routers restrict them: :func:`moe_utils.expert_surgery.allowed_counts`);
+            None: every layer allows any count.
+    """
+
+    layer_sizes: tuple[int, ...]
+    min_per_layer: int = 0
+    allowed: tuple[tuple[int, ...] | None, ...] | None = None
+
+    def __post_init__(self):
+        sizes = np.asarray(self.layer_sizes)
+        if sizes.ndim != 1 or sizes.size == 0 or not np.issubdtype(sizes.dtype, np.integer) or (sizes <= 0).any():
+            raise ValueError(f"layer_sizes must be a non-empty list of positive expert counts, got {self.layer_sizes!r}")
+        object.__setattr__(self, "layer_sizes", tuple(int(n) for n in sizes))
+        if not 0 <= self.min_per_layer <= min(self.layer_sizes):
+            raise ValueError(f"min_per_layer={self.min_per_layer} must be between 0 and the smallest layer's "
+                             f"expert count ({min(self.layer_sizes)})")
+        if self.allowed is not None:
+            if len(self.allowed) != len(self.layer_sizes):
+                raise ValueError(f"allowed has {len(self.allowed)} entries, but there are {len(self.layer_sizes)} "
+                                 "MoE layers")
+            object.__setattr__(self, "allowed", tuple(None if rule is None else tuple(int(c) for c in rule)
+                                                      for rule in self.allowed))
+
+    @classmethod
+    def for_model(cls, model, layers=None, *, min_per_layer: int | None = None) -> "PruningBudget":
+        """The budget of a loaded model: its layers' expert counts, the guard ``min_per_layer``
+        (default: the model's top-k) and the counts its routers allow. ``layers``: the model's
+        :func:`moe_utils.models.moe_layers`, found when not given."""
+        from moe_utils.expert_surgery import allowed_counts
+        from moe_utils.models import moe_layers
+
+        layers = moe_layers(model) if layers is None else layers
+        guard = max(layer.top_k for layer in layers) if min_per_layer is None else min_per_layer
+        return cls(tuple(layer.num_experts for layer in layers), guard, allowed_counts(model, layers))
+
+    @property
+    def n_experts(self) -> int:
+        """N_e, the length of a keep-mask."""
+        return sum(self.layer_sizes)
+
+    @property
+    def restricted(self) -> bool:
+        """Whether some layer's router allows only some kept counts."""
+        return self.allowed is not None and any(rule is not None for rule in self.allowed)
+
+    def bounds(self, n_e: int | None = None) -> np.ndarray:
+        """Row where each layer starts in X, and N_e last; checks a mask length ``n_e``."""
+        if n_e is not None and n_e != self.n_experts:
+            raise ValueError(f"layer_sizes {list(self.layer_sizes)} sum to {self.n_experts}, but there are {n_e} "
+                             "experts")
+        return np.concatenate([[0], np.cumsum(self.layer_sizes)])
+
+    def rule(self, layer: int) -> tuple[int, ...] | None:
+        return None if self.allowed is None else self.allowed[layer]
+
+    def next_allowed(self, layer: int, count: int) -> int:
+        """The smallest count >= ``count`` that ``layer`` allows (``count`` where any is allowed)."""
+        rule = self.rule(layer)
+        if rule is None:
+            return int(count)
+        above = [c for c in rule if c >= count]
+        if not above:
+            raise ValueError(f"layer {layer} keeps {count} experts, above every count its router allows ({list(rule)})")
+        return min(above)
+
+    def kept_per_layer(self, keep) -> np.ndarray:
+        """Number of kept experts in each MoE layer."""
+        bounds = self.bounds(len(keep))
+        return np.add.reduceat(np.asarray(keep, dtype=np.int64), bounds[:-1])
+
+    def quota(self, prune_ratio: float, *, guard: bool = True, rounded: bool = True) -> np.ndarray:
+        """Experts each layer keeps when pruning ``prune_ratio`` of every layer: E - round(ratio * E)
+        (halves round up), but never fewer than ``min_per_layer`` (unless ``guard=False``), and rounded
+        up to a count the layer allows (unless ``rounded=False``)."""
+        check_ratio("prune_ratio", prune_ratio, low_open=False)
+        sizes = np.asarray(self.layer_sizes, dtype=np.int64)
+        quota = sizes - np.floor(prune_ratio * sizes + 0.5).astype(np.int64)
+        if guard:
+            quota = np.maximum(quota, self.min_per_layer)
+        if rounded:
+            quota = np.array([self.next_allowed(layer, int(q)) for layer, q in enumerate(quota)], dtype=np.int64)
+        return quota
+
+    def expert_name(self, row: int) -> str:
+        """``L<layer>E<expert>`` of row ``row`` of X."""
+        bounds = self.bounds()
+        layer = int(np.searchsorted(bounds, row, side="right") - 1)
+        return f"L{layer}E{row - bounds[layer]}"
 
 
-def _check_min(layer_sizes: Sequence[int], min_per_layer: int) -> None:
-    if min_per_layer < 0 or min_per_layer > min(layer_sizes):
-        raise ValueError(f"min_per_layer={min_per_layer} must be between 0 and the smallest layer's "
-                         f"expert count ({min(layer_sizes)})")
-
-
-def _next_allowed(count: int, allowed: Sequence[int] | None, layer: int) -> int:
-    """The smallest allowed count >= ``count`` (``count`` itself where any count is allowed)."""
-    if allowed is None:
-        return int(count)
-    above = [int(c) for c in allowed if c >= count]
-    if not above:
-        raise ValueError(f"layer {layer} keeps {count} experts, above every count its router allows "
-                         f"({list(allowed)})")
-    return min(above)
-
-
-def _check_allowed(layer_sizes: Sequence[int], allowed: Sequence[Sequence[int] | None] | None) -> list:
-    if allowed is None:
-        return [None] * len(layer_sizes)
-    if len(allowed) != len(layer_sizes):
-        raise ValueError(f"allowed has {len(allowed)} entries, but there are {len(layer_sizes)} MoE layers")
-    return list(allowed)
-
-
-def kept_per_layer(keep: np.ndarray, layer_sizes: Sequence[int]) -> np.ndarray:
-    """Number of kept experts in each MoE layer."""
-    bounds = _layer_bounds(layer_sizes, len(keep))
-    return np.add.reduceat(np.asarray(keep, dtype=np.int64), bounds[:-1])
-
-
-def _name(row: int, bounds: np.ndarray) -> str:
-    layer = int(np.searchsorted(bounds, row, side="right") - 1)
-    return f"L{layer}E{row - bounds[layer]}"
+def check_ratio(name: str, value: float, *, low_open: bool = True) -> None:
+    """A ratio in (0, 1) (``low_open``) or [0, 1); ValueError naming it otherwise."""
+    if not (isinstance(value, (int, float)) and (0 < value < 1 if low_open else 0 <= value < 1)):
+        raise ValueError(f"{name} must be in ({'0' if low_open else '[0'}, 1), got {value!r}")
 
 
 # -------------------------------------------------------------------------------------- CAEP
@@ -129,8 +188,8 @@ def _best_pruned(keep: np.ndarray, scores: np.ndarray, bounds: np.ndarray, layer
     return candidates[np.lexsort((candidates, -scores[candidates]))][:n].tolist()
 
 
-def guard_min_per_layer(keep, scores, layer_sizes: Sequence[int], min_per_layer: int) -> tuple[np.ndarray, GuardNote]:
-    """Make every layer keep at least ``min_per_layer`` experts without changing the total.
+def guard_min_per_layer(keep, scores, budget: PruningBudget) -> tuple[np.ndarray, GuardNote]:
+    """Make every layer keep at least ``budget.min_per_layer`` experts without changing the total.
 
     A layer short of the minimum gets back its highest-scoring pruned experts; as many kept experts
     are then dropped from layers above the minimum, lowest score first (ties: lowest row first).
@@ -138,47 +197,42 @@ def guard_min_per_layer(keep, scores, layer_sizes: Sequence[int], min_per_layer:
     """
     keep = np.array(keep, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    bounds = _layer_bounds(layer_sizes, len(keep))
-    _check_min(layer_sizes, min_per_layer)
-    counts = kept_per_layer(keep, layer_sizes)
-    short = {int(layer): int(n) for layer, n in enumerate(counts) if n < min_per_layer}
+    bounds, minimum = budget.bounds(len(keep)), budget.min_per_layer
+    counts = budget.kept_per_layer(keep)
+    short = {int(layer): int(n) for layer, n in enumerate(counts) if n < minimum}
     restored: list[int] = []
     for layer in short:
-        restored.extend(_best_pruned(keep, scores, bounds, layer, min_per_layer - counts[layer]))
+        restored.extend(_best_pruned(keep, scores, bounds, layer, minimum - counts[layer]))
     keep[restored] = True
-    counts = kept_per_layer(keep, layer_sizes)
+    counts = budget.kept_per_layer(keep)
     dropped: list[int] = []
     kept_rows = np.flatnonzero(keep)
     for row in kept_rows[np.lexsort((kept_rows, scores[kept_rows]))]:
         if len(dropped) == len(restored):
             break
         layer = int(np.searchsorted(bounds, row, side="right") - 1)
-        if counts[layer] > min_per_layer:
+        if counts[layer] > minimum:
             keep[row] = False
             counts[layer] -= 1
             dropped.append(int(row))
-    note = GuardNote(min_per_layer, short, [_name(r, bounds) for r in restored], [_name(r, bounds) for r in dropped])
+    note = GuardNote(minimum, short, [budget.expert_name(r) for r in restored], [budget.expert_name(r) for r in dropped])
     return keep, note
 
 
-def round_up_to_allowed(keep, scores, layer_sizes: Sequence[int],
-                        allowed: Sequence[Sequence[int] | None] | None) -> tuple[np.ndarray, list[str]]:
-    """Make every layer's kept count one its router allows, by restoring the layer's highest-scoring
-    pruned experts (ties: lowest row first) up to the next allowed count.
+def round_up_to_allowed(keep, scores, budget: PruningBudget) -> tuple[np.ndarray, list[str]]:
+    """Make every layer's kept count one its router allows (``budget.allowed``), by restoring the
+    layer's highest-scoring pruned experts (ties: lowest row first) up to the next allowed count.
 
-    ``allowed``: per layer, the allowed counts or None (any count); see
-    :func:`moe_utils.expert_surgery.allowed_counts`. Returns the new mask and the restored experts
-    (``L<layer>E<expert>``), empty when nothing changed.
+    Returns the new mask and the restored experts (``L<layer>E<expert>``), empty when nothing changed.
     """
     keep = np.array(keep, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    bounds = _layer_bounds(layer_sizes, len(keep))
+    bounds = budget.bounds(len(keep))
     restored: list[int] = []
-    counts = kept_per_layer(keep, layer_sizes)
-    for layer, (count, rule) in enumerate(zip(counts.tolist(), _check_allowed(layer_sizes, allowed))):
-        restored.extend(_best_pruned(keep, scores, bounds, layer, _next_allowed(count, rule, layer) - count))
+    for layer, count in enumerate(budget.kept_per_layer(keep).tolist()):
+        restored.extend(_best_pruned(keep, scores, bounds, layer, budget.next_allowed(layer, count) - count))
     keep[restored] = True
-    return keep, [_name(r, bounds) for r in restored]
+    return keep, [budget.expert_name(r) for r in restored]
 
 
 @dataclass(frozen=True)
@@ -192,8 +246,8 @@ class CAEPResult:
         atoms_removed: atoms dropped by the loop, in order (least used first).
         target: (1 - prune_ratio) * N_e, the most experts the loop may leave.
         reached: whether the loop ended at or below the target (False: atoms ran out first).
-        guard: what the per-layer guard changed, or None without ``layer_sizes``.
-        rounded: experts restored so that each layer keeps a count its router allows (``allowed``).
+        guard: what the per-layer guard changed, or None without a ``budget``.
+        rounded: experts restored so that each layer keeps a count its router allows.
     """
 
     keep: np.ndarray
@@ -220,13 +274,7 @@ class CAEPResult:
         return text
 
 
-def _check_ratio(name: str, value: float, *, low_open: bool = True) -> None:
-    if not (isinstance(value, (int, float)) and (0 < value < 1 if low_open else 0 <= value < 1)):
-        raise ValueError(f"{name} must be in ({'0' if low_open else '[0'}, 1), got {value!r}")
-
-
-def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Sequence[int] | None = None,
-         min_per_layer: int = 0, allowed: Sequence[Sequence[int] | None] | None = None) -> CAEPResult:
+def caep(D, R, threshold_ratio: float, prune_ratio: float, *, budget: PruningBudget | None = None) -> CAEPResult:
     """Contribution-aware expert pruning, the paper's Algorithm 1 (section 4), global over N_e experts.
 
     1. R_sum = R summed over its columns (each atom's usage); e = D @ R_sum.
@@ -237,10 +285,10 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Seque
 
     f stays fixed. Because D and R are non-negative, e only falls as atoms go, so the number kept
     never rises: the loop's stopping point is found by bisection over the removal order, which
-    gives exactly the loop's result. With ``layer_sizes``, :func:`guard_min_per_layer` then makes
-    every layer keep at least ``min_per_layer`` experts (for a model: its top-k), scoring experts by
-    their full contribution e, and :func:`round_up_to_allowed` applies ``allowed`` (a
-    group-limited router's keep counts); the result's ``note`` says what they changed.
+    gives exactly the loop's result. With a ``budget``, :func:`guard_min_per_layer` then makes
+    every layer keep at least ``budget.min_per_layer`` experts (for a model: its top-k), scoring
+    experts by their full contribution e, and :func:`round_up_to_allowed` applies the counts a
+    group-limited router allows; the result's ``note`` says what they changed.
 
     Args:
         D: (N_e, N_p) dictionary, entries >= 0 (HSDL's ``dictionaries_[0]``).
@@ -249,8 +297,8 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Seque
             below it the mask is simply the ceil(k1 N_e) experts of largest contribution.
         prune_ratio: k2 in (0, 1), the share of experts to drop.
     """
-    _check_ratio("threshold_ratio", threshold_ratio)
-    _check_ratio("prune_ratio", prune_ratio)
+    check_ratio("threshold_ratio", threshold_ratio)
+    check_ratio("prune_ratio", prune_ratio)
     D = np.asarray(D, dtype=np.float64)
     e = contribution_scores(D, R)
     r_sum = _usage(R)
@@ -274,58 +322,33 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Seque
             lo = mid + 1
     algorithm_keep = mask_after(lo)
     keep, guard, rounded = algorithm_keep, None, []
-    if layer_sizes is not None:
-        keep, guard = guard_min_per_layer(algorithm_keep, e, layer_sizes, min_per_layer)
-        keep, rounded = round_up_to_allowed(keep, e, layer_sizes, allowed)
-    elif allowed is not None:
-        raise ValueError("allowed needs layer_sizes")
+    if budget is not None:
+        keep, guard = guard_min_per_layer(algorithm_keep, e, budget)
+        keep, rounded = round_up_to_allowed(keep, e, budget)
     return CAEPResult(keep=keep, algorithm_keep=algorithm_keep, contribution=e, threshold=f,
                       atoms_removed=order[:lo], target=target, reached=bool(algorithm_keep.sum() <= target),
                       guard=guard, rounded=tuple(rounded))
 
 
-def caep_mask(D, R, threshold_ratio: float, prune_ratio: float, *, layer_sizes: Sequence[int] | None = None,
-              min_per_layer: int = 0, allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
-    """The keep-mask of :func:`caep` (boolean, length N_e); use :func:`caep` for the guard's note."""
-    return caep(D, R, threshold_ratio, prune_ratio, layer_sizes=layer_sizes, min_per_layer=min_per_layer,
-                allowed=allowed).keep
-
-
 # --------------------------------------------------------------------------- per-layer masks
-def layer_quota(layer_sizes: Sequence[int], prune_ratio: float, min_per_layer: int = 0,
-                allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
-    """Experts each layer keeps when pruning ``prune_ratio`` of every layer: E - round(ratio * E)
-    (halves round up), but never fewer than ``min_per_layer``, and rounded up to a count in
-    ``allowed`` (per layer, or None: any count)."""
-    _check_ratio("prune_ratio", prune_ratio, low_open=False)
-    _check_min(layer_sizes, min_per_layer)
-    sizes = np.asarray(layer_sizes, dtype=np.int64)
-    quota = np.maximum(sizes - np.floor(prune_ratio * sizes + 0.5).astype(np.int64), min_per_layer)
-    rules = _check_allowed(layer_sizes, allowed)
-    return np.array([_next_allowed(int(q), rule, layer) for layer, (q, rule) in enumerate(zip(quota, rules))],
-                    dtype=np.int64)
-
-
-def layerwise_mask(scores, layer_sizes: Sequence[int], prune_ratio: float, *, min_per_layer: int = 0,
-                   allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
-    """Per layer, drop the experts of lowest score, the same ratio in every layer (:func:`layer_quota`).
+def layerwise_mask(scores, budget: PruningBudget, prune_ratio: float) -> np.ndarray:
+    """Per layer, drop the experts of lowest score, the same ratio in every layer
+    (:meth:`PruningBudget.quota`).
 
     Ties are dropped lowest index first. This is how frequency, routing-weight, EAN and REAP
     scores are turned into masks, and CAEP's per-layer mode (with :func:`contribution_scores`).
     """
     scores = np.asarray(scores, dtype=np.float64)
-    bounds = _layer_bounds(layer_sizes, len(scores))
+    bounds = budget.bounds(len(scores))
     keep = np.zeros(len(scores), dtype=bool)
-    for layer, n_keep in enumerate(layer_quota(layer_sizes, prune_ratio, min_per_layer, allowed)):
+    for layer, n_keep in enumerate(budget.quota(prune_ratio)):
         rows = np.arange(bounds[layer], bounds[layer + 1])
         best_first = rows[np.lexsort((-rows, -scores[rows]))]
         keep[best_first[:n_keep]] = True
     return keep
 
 
-def random_mask(layer_sizes: Sequence[int], prune_ratio: float, seed: int, *, min_per_layer: int = 0,
-                allowed: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
+def random_mask(budget: PruningBudget, prune_ratio: float, seed: int) -> np.ndarray:
     """Per layer, a uniformly random choice of the experts to drop (same count as :func:`layerwise_mask`)."""
-    scores = np.random.default_rng(seed).random(int(np.sum(layer_sizes)))
-    return layerwise_mask(scores, layer_sizes, prune_ratio, min_per_layer=min_per_layer, allowed=allowed)
-
+    scores = np.random.default_rng(seed).random(budget.n_experts)
+    return layerwise_mask(scores, budget, prune_ratio)

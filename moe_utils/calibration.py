@@ -13,7 +13,6 @@ The pass and the search are cached on disk under digests of their inputs.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 import json
@@ -21,7 +20,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,9 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_utils.models import EMBEDDED, RANDOM_PREFIX, MoELayer, moe_layers
-from moe_utils.routing import _forward_kwargs, model_identity
-from moe_utils.store import atomic_write_bytes, atomic_write_json
+from moe_utils.artifacts import KeyedCache, json_digest, sha256_bytes
+from moe_utils.models import MoELayer, is_small_model, moe_layers
+from moe_utils.routing import forward_kwargs, model_identity
 
 #: Per-expert statistics of a calibration pass (see :class:`ExpertStats`).
 SCORES = ("frequency", "router_weight", "ean", "reap")
@@ -121,7 +120,7 @@ def resolve_calibration(model_name: str, source: str | None = None, n_samples: i
     for ``"mmlu"`` and ``"wikitext"``; every prompt, at the capture's length, for ``"capture"``.
     """
     if source is None:
-        source = "capture" if model_name == EMBEDDED or model_name.startswith(RANDOM_PREFIX) else "mmlu"
+        source = "capture" if is_small_model(model_name) else "mmlu"
     if source not in ("capture", "mmlu", "wikitext"):
         raise ValueError(f"calibration source must be 'capture', 'mmlu' or 'wikitext', got {source!r}")
     if source != "capture":
@@ -217,14 +216,6 @@ class ExpertStats:
         return frame
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _cache_path(cache_dir: str | os.PathLike | None, name: str) -> Path | None:
-    return None if cache_dir is None else Path(cache_dir) / name
-
-
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 2048,
               keep_hidden: int = 0, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ExpertStats:
     """One pass of ``model`` over ``texts``, collecting :class:`ExpertStats` for every routed expert.
@@ -234,32 +225,35 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: 
     real (non-padding) tokens, every (token, chosen expert) pair's output f_e(x) is computed with
     :func:`expert_outputs`. ``keep_hidden`` > 0 also keeps the first that many real tokens' block
     inputs per layer, for :func:`output_removal_order`. Hooks are always removed. With
-    ``cache_dir``, the result is stored there under a digest of the model
-    (:func:`moe_utils.routing.model_identity`), the texts and the settings, and read back instead
-    of recomputed.
+    ``cache_dir``, the result is kept there (:class:`moe_utils.artifacts.KeyedCache`) under the
+    model (:func:`moe_utils.routing.model_identity`), the texts and the settings, and read back,
+    verified, instead of recomputed.
     """
     if not texts:
         raise ValueError("no calibration texts")
-    key = _digest({"model": model_identity(model), "texts": _digest(list(texts)), "batch_size": batch_size,
-                   "max_length": max_length, "keep_hidden": keep_hidden})
-    path = _cache_path(cache_dir, f"calibration-{key}.npz")
-    if path is not None and path.is_file():
-        with np.load(path) as cached:
-            return ExpertStats(int(cached["n_tokens"]), *(cached[name] for name in _SUMS),
-                               hidden=[torch.from_numpy(cached[f"hidden_{i}"]) for i in range(len(cached["counts"]))])
-    stats = _calibration_pass(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
-                              keep_hidden=keep_hidden, progress=progress)
-    if path is not None:
+    layers = moe_layers(model)
+    key = {"model": model_identity(model, layers), "texts": json_digest(list(texts)), "batch_size": batch_size,
+           "max_length": max_length, "keep_hidden": keep_hidden}
+
+    def encode(stats: ExpertStats):
         buffer = io.BytesIO()
         np.savez(buffer, n_tokens=stats.n_tokens, **{name: getattr(stats, name) for name in _SUMS},
                  **{f"hidden_{i}": h.float().numpy() for i, h in enumerate(stats.hidden)})
-        atomic_write_bytes(path, buffer.getvalue())
+        return {"stats.npz": buffer.getvalue()}, {}
+
+    def decode(folder: Path, _manifest: dict) -> ExpertStats:
+        with np.load(folder / "stats.npz") as cached:
+            return ExpertStats(int(cached["n_tokens"]), *(cached[name] for name in _SUMS),
+                               hidden=[torch.from_numpy(cached[f"hidden_{i}"]) for i in range(len(cached["counts"]))])
+
+    stats, _ = KeyedCache(cache_dir, "calibration").get_or_compute(key, lambda: _calibration_pass(
+        model, layers, tokenizer, texts, batch_size=batch_size, max_length=max_length, keep_hidden=keep_hidden,
+        progress=progress), encode, decode)
     return stats
 
 
-def _calibration_pass(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int,
-                      keep_hidden: int, progress: bool) -> ExpertStats:
-    layers = moe_layers(model)
+def _calibration_pass(model: nn.Module, layers: list[MoELayer], tokenizer, texts: Sequence[str], *, batch_size: int,
+                      max_length: int, keep_hidden: int, progress: bool) -> ExpertStats:
     n_experts = max(layer.num_experts for layer in layers)
     sums = {name: torch.zeros(len(layers), n_experts, dtype=torch.float64) for name in _SUMS}
     hidden: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -288,7 +282,7 @@ def _calibration_pass(model: nn.Module, tokenizer, texts: Sequence[str], *, batc
     for layer in layers:
         _check_fused(layer)
     device = next(model.parameters()).device
-    kwargs = _forward_kwargs(model)
+    kwargs = forward_kwargs(model)
     n_tokens = 0
     handles = [layer.experts.register_forward_pre_hook(hook_for(layer), with_kwargs=True) for layer in layers]
     try:
@@ -324,19 +318,18 @@ def output_removal_order(model: nn.Module, hidden: Sequence[torch.Tensor], n_rem
     unpruned output y. The pruned block re-routes every token among the remaining experts with
     :func:`moe_utils.expert_surgery.masked_experts` (the architecture's own routing rule); ties go
     to the lowest index. The orders are nested, so one search serves every ratio. With
-    ``cache_dir``, the orders are stored under a digest of the model, the tokens and the counts.
+    ``cache_dir``, the orders are kept there (:class:`moe_utils.artifacts.KeyedCache`) under the
+    model, the tokens and the counts.
     """
     layers = moe_layers(model)
     if len(hidden) != len(layers) or len(n_remove) != len(layers):
         raise ValueError(f"need calibration tokens and a count for each of the {len(layers)} MoE layers")
-    key = _digest({"model": model_identity(model), "n_remove": [int(n) for n in n_remove],
-                   "hidden": [hashlib.sha256(h.float().numpy().tobytes()).hexdigest() for h in hidden]})
-    path = _cache_path(cache_dir, f"output-{key}.json")
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())["orders"]
-    orders = _greedy_search(model, layers, hidden, n_remove, progress=progress)
-    if path is not None:
-        atomic_write_json(path, {"orders": orders, "n_remove": [int(n) for n in n_remove]})
+    key = {"model": model_identity(model, layers), "n_remove": [int(n) for n in n_remove],
+           "hidden": [sha256_bytes(h.float().numpy().tobytes()) for h in hidden]}
+    orders, _ = KeyedCache(cache_dir, "output").get_or_compute(
+        key, lambda: _greedy_search(model, layers, hidden, n_remove, progress=progress),
+        lambda orders: ({"orders.json": json.dumps(orders).encode()}, {"n_remove": key["n_remove"]}),
+        lambda folder, _manifest: json.loads((folder / "orders.json").read_text()))
     return orders
 
 
@@ -362,7 +355,7 @@ def _greedy_search(model: nn.Module, layers: list[MoELayer], hidden: Sequence[to
                     trial = list(keep)
                     trial[layer.index] = keep[layer.index][keep[layer.index] != candidate]
                     try:
-                        with masked_experts(model, trial):
+                        with masked_experts(model, trial, layers):
                             change = float((_block_output(layer.block, states) - reference).pow(2).sum()) / scale
                     except PruningError as err:
                         raise PruningError(f"the output-based method removes one expert at a time, which this "

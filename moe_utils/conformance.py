@@ -135,7 +135,8 @@ def _keep_masks(model) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
     rng = np.random.default_rng(0)
     even, uneven = [], []
-    for layer, allowed in zip(moe_layers(model), allowed_counts(model)):
+    layers = moe_layers(model)
+    for layer, allowed in zip(layers, allowed_counts(model, layers)):
         options = allowed or list(range(layer.top_k, layer.num_experts + 1))
         options = [c for c in options if c < layer.num_experts] or [layer.num_experts]
         wanted = [max(layer.num_experts - 2, layer.top_k), max(layer.num_experts - 1 - layer.index % 3, layer.top_k)]
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = [check_model_type(t) for t in tqdm(args.types or moe_model_types(), desc="conformance")]
-    from moe_utils.store import atomic_write_json, package_versions
+    from moe_utils.artifacts import atomic_write_json, package_versions
 
     atomic_write_json(args.out, {"transformers": transformers.__version__, "versions": package_versions(),
                                  "summary": summary(rows), "rows": rows})

@@ -22,7 +22,6 @@ diagonal. This module provides the pieces:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -35,20 +34,22 @@ import numpy as np
 import pandas as pd
 
 from moe_utils import stats
+from moe_utils.artifacts import KeyedCache, code_digest, package_versions
+from moe_utils.caep import PruningBudget
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, resolve_category, results_table, run_harness
+from moe_utils.metrics import better_sign, lower_is_better
 from moe_utils.models import moe_layers
 from moe_utils.routing import model_identity
-from moe_utils.store import RoutingStore, atomic_write_bytes, atomic_write_json, package_versions
+from moe_utils.store import RoutingStore
 
 log = logging.getLogger(__name__)
 
-#: Metrics the domain tables understand: pooled perplexities of ``mmlu_pro_ppl_*`` (lower is
-#: better) and the accuracy of ``mmlu_pro_mc_*`` (higher is better).
+#: Metrics the domain tables understand: pooled perplexities of ``mmlu_pro_ppl_*`` and the
+#: accuracy of ``mmlu_pro_mc_*`` (which way each points: :func:`moe_utils.metrics.lower_is_better`).
 PPL_METRICS = ("byte_perplexity", "word_perplexity", "bits_per_byte")
-LOWER_IS_BETTER = {"byte_perplexity": True, "word_perplexity": True, "bits_per_byte": True, "acc": False}
+METRICS = (*PPL_METRICS, "acc")
 #: Columns of the per-document table of :func:`evaluate_documents`.
 DOC_COLUMNS = ("kind", "category", "doc_id", "question_id", "loglikelihood", "n_bytes", "n_words", "correct")
-CACHE_FORMAT = "moe-domain-eval/1"
 
 
 # --------------------------------------------------------------------------- domain pruning
@@ -97,22 +98,20 @@ def domain_factors(hsdl, store: RoutingStore, domain: str, *, level: int = 1, re
 
 
 def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: float, methods: Sequence[str],
-                 min_per_layer: int, threshold_ratio: float, calibration: Mapping[str, Sequence[str]] | None = None,
+                 budget: PruningBudget, threshold_ratio: float, calibration: Mapping[str, Sequence[str]] | None = None,
                  model=None, tokenizer=None, level: int = 1, refit: bool = False, X=None, seeds: Sequence[int] = (0,),
-                 calibrate_kwargs: Mapping[str, Any] | None = None,
-                 allowed: Sequence[Sequence[int] | None] | None = None) -> dict[tuple[str, str], Any]:
+                 calibrate_kwargs: Mapping[str, Any] | None = None) -> dict[tuple[str, str], Any]:
     """Every method's keep-mask fitted on each domain alone: ``{(method, domain): PruningMask}``.
 
     CAEP uses :func:`domain_factors`; the calibration baselines (:data:`BASELINES`) a calibration
     pass of ``model`` over ``calibration[domain]``, that domain's texts only
     (:func:`moe_utils.calibration.calibrate`); masks come from :func:`moe_utils.pruning.pruning_masks`
-    with the same guard (``min_per_layer``), threshold and allowed keep counts (``allowed``, for
-    group-limited routers) as stage 4.
+    with the same ``budget`` (experts per layer, guard, the counts group-limited routers allow) and
+    threshold as stage 4.
     """
     from moe_utils.calibration import calibrate
     from moe_utils.pruning import pruning_masks
 
-    layer_sizes = [store.n_experts] * store.n_layers
     needs_stats = [m for m in methods if m in BASELINES]
     if needs_stats and (model is None or calibration is None):
         raise ValueError(f"methods {needs_stats} need model, tokenizer and calibration texts per domain")
@@ -127,9 +126,8 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
                                progress=False, **dict(calibrate_kwargs or {}))
         dictionary = (domain_factors(hsdl, store, domain, level=level, refit=refit, X=X)
                       if {"caep", "caep_layer"} & set(methods) else None)
-        for mask in pruning_masks([ratio], layer_sizes=layer_sizes, min_per_layer=min_per_layer, methods=methods,
-                                  stats=stats_, dictionary=dictionary, threshold_ratio=threshold_ratio, seeds=seeds,
-                                  model=model, progress=False, allowed=allowed):
+        for mask in pruning_masks([ratio], budget=budget, methods=methods, stats=stats_, dictionary=dictionary,
+                                  threshold_ratio=threshold_ratio, seeds=seeds, model=model, progress=False):
             out[(mask.method, domain)] = mask
     return out
 
@@ -157,8 +155,7 @@ def rank_methods(results: pd.DataFrame, ratio: float, *, task_prefix: str | None
     if rows.empty or base.empty:
         return pd.DataFrame(columns=["method", "score", "n_tasks", "n_seeds"])
     change = stats.relative_change(rows["value"].to_numpy(), rows["task"].map(base).to_numpy())
-    lower = rows["metric"].str.contains("perplexity|bits_per_byte").to_numpy()
-    rows = rows.assign(score=np.where(lower, -change, change), seed=rows["seed"].fillna(-1))
+    rows = rows.assign(score=change * rows["metric"].map(better_sign).to_numpy(), seed=rows["seed"].fillna(-1))
     grouped = rows.groupby("method")
     ranking = pd.DataFrame({"score": grouped["score"].mean(), "n_tasks": grouped["task"].nunique(),
                             "n_seeds": grouped["seed"].nunique()})
@@ -210,45 +207,27 @@ def chance_accuracy(question_ids, data_dir: str | os.PathLike | None = None) -> 
     return float((1.0 / options).mean())
 
 
-def code_digest(*modules) -> str:
-    """sha256 of the source files of ``modules``: part of a cache key, so that a change to the code
-    that computes a cached result invalidates it."""
-    import inspect
-
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(inspect.getfile(module)).read_bytes())
-    return digest.hexdigest()
-
-
 def cached_masks(cache_dir: str | os.PathLike, key: Mapping[str, Any],
                  compute: Callable[[], dict[tuple[str, str], Any]]) -> tuple[dict[tuple[str, str], Any], bool]:
     """``compute()`` (e.g. :func:`domain_masks`) once per ``key`` (a JSON-able mapping of everything
-    the masks depend on); ``masks-<sha256 of key>.npz`` holds the keep-masks and ``.json`` the
-    methods, domains, notes and the npz's checksum, written atomically, the JSON last.
+    the masks depend on), kept as a verified entry of a :class:`moe_utils.artifacts.KeyedCache`:
+    the keep-masks in ``masks.npz``, methods, domains and notes in its manifest.
     Returns ``({(method, domain): PruningMask}, from_cache)``."""
     from moe_utils.pruning import PruningMask
 
-    cache_dir = Path(cache_dir)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    meta_path, array_path = cache_dir / f"masks-{digest}.json", cache_dir / f"masks-{digest}.npz"
-    if meta_path.is_file() and array_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        data = array_path.read_bytes()
-        if meta.get("sha256") == hashlib.sha256(data).hexdigest():
-            keeps = np.load(io.BytesIO(data))["keep"]
-            return {(e["method"], e["domain"]): PruningMask(e["method"], e["ratio"], keep, seed=e["seed"], note=e["note"])
-                    for e, keep in zip(meta["masks"], keeps)}, True
-        log.warning("mask cache %s does not match its checksum: recomputing", array_path)
-    masks = compute()
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, keep=np.array([m.keep for m in masks.values()], dtype=bool))
-    meta_path.unlink(missing_ok=True)
-    atomic_write_bytes(array_path, buffer.getvalue())
-    atomic_write_json(meta_path, {"key": dict(key), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-                                  "masks": [{"method": m, "domain": d, "ratio": k.ratio, "seed": k.seed, "note": k.note}
-                                            for (m, d), k in masks.items()]})
-    return masks, False
+    def encode(masks):
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, keep=np.array([m.keep for m in masks.values()], dtype=bool))
+        return {"masks.npz": buffer.getvalue()}, {"masks": [
+            {"method": m, "domain": d, "ratio": k.ratio, "seed": k.seed, "note": k.note} for (m, d), k in masks.items()]}
+
+    def decode(folder: Path, manifest: dict):
+        with np.load(folder / "masks.npz") as arrays:
+            keeps = arrays["keep"]
+        return {(e["method"], e["domain"]): PruningMask(e["method"], e["ratio"], keep, seed=e["seed"], note=e["note"])
+                for e, keep in zip(manifest["masks"], keeps)}
+
+    return KeyedCache(cache_dir, "masks").get_or_compute(dict(key), compute, encode, decode)
 
 
 def captured_questions(store: RoutingStore, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -315,31 +294,23 @@ def evaluate_documents(model, tokenizer, tasks: Sequence[str], *, limit: int | N
 
 def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[str, Any],
                       run: Callable[[], tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
-    """``run()`` once per ``key`` (a hex digest, e.g. :func:`moe_utils.pruning.evaluation_key`).
+    """``run()`` once per ``key`` (a hex digest, e.g. :func:`moe_utils.pruning.evaluation_key`), kept
+    as a verified entry of a :class:`moe_utils.artifacts.KeyedCache`: the documents in
+    ``documents.parquet``, the harness table, ``describe`` and versions in its manifest; an entry
+    that does not verify is recomputed. Returns ``(table, documents, from_cache)``."""
+    def encode(result):
+        table, docs = result
+        buffer = io.BytesIO()
+        docs.to_parquet(buffer, index=False)
+        return {"documents.parquet": buffer.getvalue()}, {
+            "describe": dict(describe), "table": json.loads(table.to_json(orient="records")),
+            "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study"))}
 
-    Results live in ``cache_dir/<key>.parquet`` (the documents) and ``<key>.json`` (``describe``,
-    the harness table, versions, the parquet's checksum), written atomically, the JSON last; an
-    entry whose checksum does not match is recomputed. Returns ``(table, documents, from_cache)``.
-    """
-    cache_dir = Path(cache_dir)
-    meta_path, docs_path = cache_dir / f"{key}.json", cache_dir / f"{key}.parquet"
-    if meta_path.is_file() and docs_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        data = docs_path.read_bytes()
-        if meta.get("format") == CACHE_FORMAT and meta.get("documents_sha256") == hashlib.sha256(data).hexdigest():
-            return pd.DataFrame(meta["table"]), pd.read_parquet(io.BytesIO(data)), True
-        log.warning("cache entry %s is incomplete or corrupted: recomputing", meta_path)
-    table, docs = run()
-    buffer = io.BytesIO()
-    docs.to_parquet(buffer, index=False)
-    meta_path.unlink(missing_ok=True)  # the entry is invalid until its new manifest lands
-    atomic_write_bytes(docs_path, buffer.getvalue())
-    atomic_write_json(meta_path, {
-        "format": CACHE_FORMAT, "describe": dict(describe), "table": json.loads(table.to_json(orient="records")),
-        "documents_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-        "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study")),
-    })
-    return table, docs, False
+    def decode(folder: Path, manifest: dict):
+        return pd.DataFrame(manifest["table"]), pd.read_parquet(folder / "documents.parquet")
+
+    (table, docs), cached = KeyedCache(cache_dir, "eval").get_or_compute(key, run, encode, decode)
+    return table, docs, cached
 
 
 def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: str | os.PathLike,
@@ -350,19 +321,20 @@ def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: 
     :func:`cached_evaluation` under :func:`moe_utils.pruning.evaluation_key` of the mask, the
     tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
     model (``model_id``, default :func:`moe_utils.routing.model_identity`) and the source of the
-    evaluation and masking code (:func:`code_digest`)."""
+    evaluation and masking code (:func:`moe_utils.artifacts.code_digest`)."""
     from moe_utils import evaluation, expert_surgery
     from moe_utils.pruning import evaluation_key
 
-    n_e = sum(layer.num_experts for layer in moe_layers(model))
+    layers = moe_layers(model)
+    n_e = sum(layer.num_experts for layer in layers)
     mask = np.ones(n_e, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True,
                 "code": code_digest(evaluation, expert_surgery)}
-    model_id = dict(model_id) if model_id is not None else model_identity(model)
+    model_id = dict(model_id) if model_id is not None else model_identity(model, layers)
     key = evaluation_key(mask, run_spec, settings, model_id)
 
     def run():
-        with expert_surgery.masked_experts(model, mask) if not mask.all() else contextlib.nullcontext():
+        with expert_surgery.masked_experts(model, mask, layers) if not mask.all() else contextlib.nullcontext():
             return evaluate_documents(model, tokenizer, tasks, limit=limit, **settings)
 
     return cached_evaluation(cache_dir, key, {"run": run_spec, "settings": settings, "model": model_id,
@@ -393,8 +365,8 @@ def _paired(reference: pd.DataFrame, other: pd.DataFrame, category: str, metric:
 
 def _metric(metric: str, values: tuple[np.ndarray, ...], idx: np.ndarray | None = None):
     """``metric`` of the questions ``idx`` (all if None); a 2-D ``idx`` gives one value per row."""
-    if metric not in LOWER_IS_BETTER:
-        raise ValueError(f"metric must be one of {sorted(LOWER_IS_BETTER)}, got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     take = (lambda a: a) if idx is None else (lambda a: a[idx])
     if metric == "acc":
         return take(values[0]).mean(axis=-1)
@@ -472,7 +444,7 @@ def diagonal_summary(original: pd.DataFrame, pruned: Mapping[str, pd.DataFrame],
     order = list(order)
     if sorted(pruned) != sorted(order):
         raise ValueError(f"the diagonal needs one pruned model per domain: got {sorted(pruned)}, domains {order}")
-    lower = LOWER_IS_BETTER[metric]
+    lower = lower_is_better(metric)
     pairs = [[_paired(original, pruned[t], c, metric, f"the model pruned for {t!r}") for c in order] for t in order]
     zero = [c for c, (orig, _) in zip(order, pairs[0]) if _metric(metric, orig) == 0]
     if zero:
@@ -506,7 +478,7 @@ def versus_general(original: pd.DataFrame, pruned: Mapping[str, pd.DataFrame], g
     signed so that positive means the domain-specific pruning is better, with a paired bootstrap
     interval over d's questions. Columns: ``domain, specific, general, gain, low, high, n``.
     """
-    sign = -1.0 if LOWER_IS_BETTER[metric] else 1.0
+    sign = better_sign(metric)
     rows = []
     for domain in order:
         orig, own = _paired(original, pruned[domain], domain, metric, f"the model pruned for {domain!r}")
@@ -524,8 +496,7 @@ def breaking_order(breakdown: pd.DataFrame) -> pd.DataFrame:
     """Damage per ratio (rows) and category (columns) from :func:`category_breakdown`: the relative
     change signed so that positive is worse (perplexity up, accuracy down), averaged over methods;
     the largest entry of a row is the category that breaks first at that ratio."""
-    sign = breakdown["metric"].map(lambda m: 1.0 if LOWER_IS_BETTER.get(m, m in PPL_METRICS) else -1.0)
-    damage = breakdown.assign(damage=breakdown["change"] * sign)
+    damage = breakdown.assign(damage=-breakdown["change"] * breakdown["metric"].map(better_sign))
     return damage.groupby(["ratio", "category"])["damage"].mean().unstack().sort_index()
 
 

@@ -118,16 +118,6 @@ def resolve_category(name: str) -> str:
     return by_slug[key]
 
 
-def task_names(categories: Iterable[str] | None = None) -> list[str]:
-    """All task and group names this module defines (for the given categories, default all)."""
-    cats = _resolve_categories(categories)
-    return (
-        [MC_GROUP] + [f"{MC_GROUP}_{category_slug(c)}" for c in cats]
-        + [PPL_GROUP] + [f"{PPL_GROUP}_{category_slug(c)}" for c in cats]
-        + [WIKITEXT_TASK] + [blimp.GROUP] + [blimp.task_name(p) for p in blimp.paradigms()]
-    )
-
-
 def _resolve_categories(categories: Iterable[str] | str | None) -> list[str]:
     if categories is None:
         return list(MMLU_PRO_CATEGORIES)

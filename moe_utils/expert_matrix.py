@@ -24,11 +24,6 @@ import scipy.sparse as sp
 from moe_utils.store import RoutingStore
 
 
-def expert_row(layer: int, expert: int, n_experts: int) -> int:
-    """Row of X for ``expert`` of MoE ``layer`` (layer-major order)."""
-    return layer * n_experts + expert
-
-
 def expert_label(row: int, n_experts: int) -> str:
     """``"L<layer>E<expert>"`` for a row of X."""
     return f"L{row // n_experts}E{row % n_experts}"

@@ -43,7 +43,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -96,12 +96,12 @@ def _group_counts(layer: MoELayer) -> list[int] | None:
             if c // n_group >= min_per_group and topk_group * (c // n_group) >= layer.top_k]
 
 
-def allowed_counts(model: nn.Module) -> list[list[int] | None]:
-    """Per MoE layer, the numbers of experts a pruned layer may keep, or None where any count from
-    top-k up is allowed. Only group-limited routers (DeepSeek-V3 family) restrict it; pass the
-    result to the mask builders of :mod:`moe_utils.caep` and :func:`moe_utils.pruning.pruning_masks`
-    as ``allowed``."""
-    return [_group_counts(layer) for layer in moe_layers(model)]
+def allowed_counts(model: nn.Module, layers: list[MoELayer] | None = None) -> list[list[int] | None]:
+    """Per MoE layer (``layers``, found when not given), the numbers of experts a pruned layer may
+    keep, or None where any count from top-k up is allowed. Only group-limited routers (DeepSeek-V3
+    family) restrict it; :meth:`moe_utils.caep.PruningBudget.for_model` puts them in the budget
+    that the mask builders of :mod:`moe_utils.caep` and :mod:`moe_utils.pruning` respect."""
+    return [_group_counts(layer) for layer in (moe_layers(model) if layers is None else layers)]
 
 
 def _check_layer(layer: MoELayer, kept: np.ndarray) -> None:
@@ -124,8 +124,8 @@ def _check_layer(layer: MoELayer, kept: np.ndarray) -> None:
         + (f"is not divisible by n_group = {n_group}" if count % n_group else
            f"leaves {per_group} per group (at least {min_per_group} needed, and {topk_group} group(s) "
            f"must hold top-k = {layer.top_k})")
-        + f". Keep one of these counts in that layer: {valid} (pass allowed_counts(model) to the mask "
-        "builders to round up to one)"
+        + f". Keep one of these counts in that layer: {valid} (a PruningBudget.for_model(model) makes "
+        "the mask builders round up to one)"
     )
 
 
@@ -140,7 +140,7 @@ def _as_array(keep: Any) -> np.ndarray | None:
     return None
 
 
-def normalize_keep(model: nn.Module, keep: Any) -> list[np.ndarray]:
+def normalize_keep(model: nn.Module, keep: Any, layers: list[MoELayer] | None = None) -> list[np.ndarray]:
     """Kept expert indices per MoE layer (sorted ``int64`` arrays), checked against the model.
 
     Args:
@@ -153,7 +153,7 @@ def normalize_keep(model: nn.Module, keep: Any) -> list[np.ndarray]:
         PruningError: wrong length or type, an index out of range or repeated, a layer left with
             no expert or fewer than top-k, or a count that breaks a group-limited router's groups.
     """
-    layers = moe_layers(model)
+    layers = moe_layers(model) if layers is None else layers
     n_experts = max(layer.num_experts for layer in layers)
     flat = _as_array(keep)
     if flat is not None:
@@ -299,16 +299,18 @@ def _warn_regrouped(layer: MoELayer, kept: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def masked_experts(model: nn.Module, keep: Any) -> Iterator[list[np.ndarray]]:
+def masked_experts(model: nn.Module, keep: Any,
+                   layers: list[MoELayer] | None = None) -> Iterator[list[np.ndarray]]:
     """Route ``model`` as if the pruned experts were gone, for the duration of the ``with`` block.
 
     Pruned experts can never be selected; the top-k is chosen again among the kept experts by the
     architecture's own rule (the router's own code runs on its kept rows). Router logits of pruned
     experts read ``-inf``. No memory is freed: use :func:`remove_experts` for that; both give the
-    same logits. Yields the kept indices per MoE layer (:func:`normalize_keep`).
+    same logits. Yields the kept indices per MoE layer (:func:`normalize_keep`). ``layers``: the
+    model's MoE layers, found when not given.
     """
-    kept = normalize_keep(model, keep)
-    layers = moe_layers(model)
+    layers = moe_layers(model) if layers is None else layers
+    kept = normalize_keep(model, keep, layers)
     patched: list[tuple[nn.Module, bool, Any]] = []
     try:
         for layer, indices in zip(layers, kept):
@@ -354,8 +356,8 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
     with ``save_pretrained``; otherwise ``config.moe_experts_per_layer`` holds the counts and the
     model must be saved with :func:`save_pruned`.
     """
-    kept = normalize_keep(model, keep)
     layers = moe_layers(model)
+    kept = normalize_keep(model, keep, layers)
     old_counts = {layer.num_experts for layer in layers}
     for layer, indices in zip(layers, kept):
         if len(indices) == layer.num_experts:
@@ -367,7 +369,8 @@ def remove_experts(model: nn.Module, keep: Any) -> nn.Module:
             layer.experts = nn.ModuleList(layer.experts[i] for i in indices.tolist())
             setattr(layer.block, layer.architecture.experts_attr, layer.experts)
         else:
-            if not _slice_module(layer.experts, index, layer.num_experts, recurse=False):
+            # recurse: per-expert tensors may sit in the experts' own submodules (Ergo's post_expert_norm)
+            if not _slice_module(layer.experts, index, layer.num_experts, recurse=True):
                 raise NotImplementedError(f"{type(layer.experts).__name__} holds no tensor with "
                                           f"{layer.num_experts} expert rows to slice")
     counts = [len(indices) for indices in kept]
@@ -417,7 +420,7 @@ def save_pruned(model: nn.Module, path: str | Path, *, tokenizer: Any = None, ov
 
     from safetensors.torch import save_model
 
-    from moe_utils.store import atomic_write_json
+    from moe_utils.artifacts import atomic_write_json
 
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:

@@ -25,9 +25,7 @@ and mini-batches over N_s; dictionaries and deeper codes are free parameters pro
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 import numbers
@@ -41,7 +39,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
-from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions
+from moe_utils.artifacts import package_versions, read_artifact, write_artifact
 
 log = logging.getLogger(__name__)
 
@@ -482,59 +480,39 @@ class HSDL(BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, extra: dict | None = None) -> Path:
-        """Write the fitted model to directory ``path``: arrays, then a checksummed ``manifest.json``
-        (parameters, sizes, loss history, versions, and ``extra``, e.g. the X spec and the store)."""
+        """Write the fitted model to directory ``path`` as a checksummed artifact folder
+        (:func:`moe_utils.artifacts.write_artifact`): arrays, then ``manifest.json`` (parameters,
+        sizes, loss history, versions, and ``extra``, e.g. the X spec and the store)."""
         self._check_fitted()
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "manifest.json").unlink(missing_ok=True)  # invalid until the new manifest lands
         arrays = {"encoder_W": self.encoder_[0], "encoder_b": self.encoder_[1]}
         arrays.update({f"D{k + 1}": d for k, d in enumerate(self.dictionaries_)})
         arrays.update({f"R{k + 2}": r for k, r in enumerate(self.codes_[1:])})
-        files = {}
         writers = {"arrays.npz": lambda h: np.savez(h, **arrays),
                    "codes_1.npz": lambda h: sp.save_npz(h, self.codes_[0], compressed=True)}
+        files = {}
         for name in SAVED_FILES:
-            writer = writers[name]
             buffer = io.BytesIO()
-            writer(buffer)
-            atomic_write_bytes(path / name, buffer.getvalue())
-            files[name] = hashlib.sha256(buffer.getvalue()).hexdigest()
+            writers[name](buffer)
+            files[name] = buffer.getvalue()
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
-        manifest = {
+        write_artifact(path, files, {
             "format": FORMAT, "params": params, "level_sizes": self.level_sizes_,
             "n_features_in": self.n_features_in_, "n_columns_fit": int(self.codes_[0].shape[1]),
             "x_scale": self.x_scale_, "n_iter": self.n_iter_, "n_steps": self.n_steps_,
             "n_resampled": self.n_resampled_,
-            "fit_seconds": self.fit_seconds_, "loss_history": self.loss_history_, "files": files,
+            "fit_seconds": self.fit_seconds_, "loss_history": self.loss_history_,
             "versions": package_versions(("torch", "numpy", "scipy", "scikit-learn", "moe-collab-study")),
             **(extra or {}),
-        }
-        atomic_write_json(path / "manifest.json", manifest)
+        })
         return path
 
     @classmethod
     def load(cls, path, *, device: str | None = None) -> "HSDL":
         """Load a model written by :meth:`save`, checking every file against the manifest."""
         path = Path(path)
-        if not (path / "manifest.json").is_file():
-            raise FileNotFoundError(f"no HSDL model at {path}: manifest.json is missing")
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path / 'manifest.json'} is not valid JSON ({err}); re-fit the model") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise ValueError(f"{path}: format {found!r} is not {FORMAT!r}")
-        files = manifest.get("files")
-        if not isinstance(files, dict) or set(files) != set(SAVED_FILES):
-            raise ValueError(f"{path}: the manifest must list exactly {list(SAVED_FILES)} with their checksums, "
-                             f"it lists {sorted(files) if isinstance(files, dict) else files!r}; re-fit the model")
-        for name, digest in files.items():
-            if not (path / name).is_file():
-                raise ValueError(f"{path}: {name} is listed in the manifest but missing; re-fit the model")
-            if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
-                raise ValueError(f"{path}: {name} does not match its checksum in the manifest; re-fit the model")
+        manifest = read_artifact(path, what="HSDL model", fix="re-fit the model (stage 02_hsdl)", format=FORMAT,
+                                 required=SAVED_FILES, exact=True)
         params = dict(manifest["params"])
         if params.get("layout") is not None:
             params["layout"] = tuple(params["layout"])

@@ -108,3 +108,26 @@ def blimp_accuracy(model, tokenizer, n_pairs: int | None, blimp_dir=None):
     pairs = blimp.pair_table(sample_table(raw), blimp_dir)
     interval = paired.paired_difference("acc", 0 * pairs["correct"], pairs["correct"], strata=pairs["paradigm"])
     return blimp.macro_accuracy(pairs), interval, len(pairs)
+
+
+def summary(name: str, counts: dict, layers: list, word_ppl: float, ratio: float, usage, record: dict | None, *,
+            blimp: tuple | None = None) -> str:
+    """The card's summary as Markdown bullets: size, quality against the unigram baseline, BLiMP accuracy
+    (``blimp``: the interval of :func:`blimp_accuracy` and the number of pairs), expert usage (``usage``:
+    each layer's share of routed slots per expert), and for the embedded model its training."""
+    trained = f"Trained here in {record['train_seconds'] / 60:.0f} minutes on a CPU; w" if record else "W"
+    lines = [
+        f"- `{name}`: {counts['total'] / 1e6:.1f}M parameters ({counts['active_per_token'] / 1e6:.1f}M active per "
+        f"token), {len(layers)} MoE layers x {max(layer.num_experts for layer in layers)} experts, "
+        f"top-{max(layer.top_k for layer in layers)}.",
+        f"- {trained}ord-level perplexity {word_ppl:,.4g} on WikiText-2 test, {ratio:.3g} times a unigram model's.",
+        f"- The least used expert takes {usage.min():.2%} of its layer's slots (uniform: {1 / usage.shape[1]:.2%}).",
+    ]
+    if blimp is not None:
+        accuracy, n_pairs = blimp
+        lines.insert(2, f"- BLiMP accuracy {accuracy.estimate:.1%} [{accuracy.low:.1%}, {accuracy.high:.1%}] on "
+                        f"{n_pairs:,} minimal pairs (chance 50%).")
+    if record:
+        lines.append("- Licence: the weights are released with this project; the training data, WikiText-2, is "
+                     "CC BY-SA 3.0.")
+    return "\n".join(lines)

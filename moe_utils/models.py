@@ -324,9 +324,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return found
 
 
-def model_summary(model: nn.Module) -> dict:
-    """Architecture facts that a routing store's manifest records."""
-    layers = moe_layers(model)
+def model_summary(model: nn.Module, layers: list[MoELayer] | None = None) -> dict:
+    """Architecture facts that a routing store's manifest records (``layers``: its MoE layers,
+    found when not given)."""
+    layers = moe_layers(model) if layers is None else layers
     return {
         "model_type": model.config.model_type,
         "architecture": type(model).__name__,
@@ -342,6 +343,12 @@ def model_summary(model: nn.Module) -> dict:
 EMBEDDED = "embedded"
 #: Prefix of names that build a small randomly initialised model from an architecture's config.
 RANDOM_PREFIX = "random:"
+
+
+def is_small_model(name: str) -> bool:
+    """Whether ``name`` is the embedded model or a randomly initialised one (``random:<type>``):
+    the models whose stages use small samples and perplexities, and whose results are no finding."""
+    return name == EMBEDDED or name.startswith(RANDOM_PREFIX)
 
 
 def _checkpoint_model_type(name: str, revision: str | None) -> str | None:

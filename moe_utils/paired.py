@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtri
 
-from moe_utils.stats import _check_confidence
+from moe_utils.stats import check_confidence
 
 KINDS = ("acc", "ppl")
 
@@ -51,7 +51,7 @@ def mde(se, *, confidence: float = 0.95, power: float = 0.8):
     probability ``power``, for an estimate with standard error ``se``: (z_{1-alpha/2} + z_power) se."""
     if not 0 < power < 1:
         raise ValueError(f"power must lie in (0, 1), got {power}")
-    _check_confidence(confidence)
+    check_confidence(confidence)
     return (ndtri(0.5 + confidence / 2) + ndtri(power)) * np.asarray(se, dtype=float)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ast
-import hashlib
 import html
 import json
 import logging
@@ -36,7 +35,9 @@ from typing import Any
 
 import yaml
 
-from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions, sha256_file
+from moe_utils.artifacts import (
+    atomic_write_bytes, atomic_write_json, files_digest, json_digest, package_versions, sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,17 @@ def discover_stages(notebooks: Path = NOTEBOOKS) -> list[Stage]:
     if not paths:
         raise PipelineError(f"no stage notebooks in {notebooks}")
     return [Stage(p.stem, p, notebook_parameters(p)) for p in paths]
+
+
+def conflicting_defaults(stages: list[Stage]) -> dict[str, dict[str, Any]]:
+    """``{parameter: {stage: default}}`` for every parameter that several stages declare with
+    different defaults: a profile sets a parameter once for every stage, so a stage run alone must
+    not silently use another value (empty when they all agree)."""
+    declared: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        for name, default in stage.defaults.items():
+            declared.setdefault(name, {})[stage.name] = default
+    return {name: by_stage for name, by_stage in declared.items() if len({repr(v) for v in by_stage.values()}) > 1}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -265,21 +277,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "moe_utils").rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return files_digest(sorted((ROOT / "moe_utils").rglob("*.py")))
 
 
 def stage_fingerprint(stage: Stage, params: dict, previous: str, source: str) -> str:
     payload = {
-        "notebook": hashlib.sha256(stage.path.read_bytes()).hexdigest(),
+        "notebook": sha256_file(stage.path),
         "params": params,
         "previous": previous,
         "source": source,
         "env": {k: os.environ.get(k) for k in DATA_ENV},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def _failed_cell(output: Path) -> str:
@@ -348,6 +357,9 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
         force: bool = False, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED) -> dict:
     """Validate, then execute the stages (reusing unchanged ones); returns the run's status record."""
     stages = discover_stages(notebooks)
+    if conflicts := conflicting_defaults(stages):
+        raise PipelineError(f"notebooks declare shared parameters with different defaults: {conflicts}; give each "
+                            "the same default in every notebook")
     unknown = sorted(set(only or ()) - {stage.name for stage in stages})
     if unknown:
         raise PipelineError(f"--only names no stage {unknown}; the stages are "
@@ -403,8 +415,7 @@ def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dic
             atomic_write_json(state_path, state)
             log.info("%s: done in %.1f s", stage.name, seconds)
         status["stages"].append(record)
-        previous = hashlib.sha256(json.dumps([fingerprint, state.get(stage.name, {}).get("artifacts")],
-                                             sort_keys=True).encode()).hexdigest()
+        previous = json_digest([fingerprint, state.get(stage.name, {}).get("artifacts")])
     return status
 
 

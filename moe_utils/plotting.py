@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from moe_utils.metrics import lower_is_better
+
 STYLE = Path(__file__).with_name("plot_style.mplstyle")
 
 
@@ -351,7 +353,7 @@ def pruning_curves(summary: pd.DataFrame, *, tasks=None, ncols: int = 4,
             if (part["n_seeds"] > 1).any():
                 ax.fill_between(x, y - s, y + s, color=style["color"], alpha=0.2, lw=0)
         metric = rows["metric"].iloc[0]
-        better = "higher" if metric.startswith("acc") else "lower"
+        better = "lower" if lower_is_better(metric) else "higher"
         ax.set_title(f"{task}\n{metric} ({better} is better)", fontsize=8)
         ax.tick_params(labelsize=7)
         if "perplexity" in metric:

@@ -15,9 +15,7 @@ builds Table 1 with paired intervals); :func:`method_ranks` ranks the methods; :
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,12 +27,11 @@ import pandas as pd
 import scipy.sparse as sp
 from torch import nn
 
-from moe_utils.caep import (
-    _check_ratio, _layer_bounds, caep, contribution_scores, layer_quota, layerwise_mask, random_mask,
-)
+from moe_utils.artifacts import json_digest, package_versions, read_artifact, write_artifact
+from moe_utils.caep import PruningBudget, caep, check_ratio, contribution_scores, layerwise_mask, random_mask
 from moe_utils.calibration import SCORES, ExpertStats, output_removal_order
-from moe_utils.models import EMBEDDED, RANDOM_PREFIX
-from moe_utils.store import atomic_write_bytes, atomic_write_json, package_versions
+from moe_utils.metrics import better_sign
+from moe_utils.models import is_small_model
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +65,14 @@ def unpruned_mask(n_e: int) -> PruningMask:
     return PruningMask("unpruned", 0.0, np.ones(n_e, dtype=bool))
 
 
-def unsupported_methods(methods: Sequence[str], allowed: Sequence[Sequence[int] | None] | None) -> dict[str, str]:
+def unsupported_methods(methods: Sequence[str], budget: PruningBudget) -> dict[str, str]:
     """``{method: why}`` for the methods of ``methods`` that cannot prune a model whose layers allow
-    only the keep counts ``allowed`` (:func:`moe_utils.expert_surgery.allowed_counts`).
+    only the keep counts of ``budget`` (:meth:`moe_utils.caep.PruningBudget.for_model`).
 
     Only the output-based search is affected: it removes one expert at a time, so every count
     between a layer's size and its quota must be routable, which a group-limited router with
     ``n_group`` > 1 forbids (its counts must stay divisible by ``n_group``)."""
-    gaps = [layer for layer, rule in enumerate(allowed or []) if rule is not None
+    gaps = [layer for layer, rule in enumerate(budget.allowed or []) if rule is not None
             and sorted(rule) != list(range(min(rule), max(rule) + 1))]
     if "output" in methods and gaps:
         return {"output": f"removes one expert at a time, which the group-limited routers of MoE layers "
@@ -83,26 +80,24 @@ def unsupported_methods(methods: Sequence[str], allowed: Sequence[Sequence[int] 
     return {}
 
 
-def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_per_layer: int,
+def pruning_masks(ratios: Sequence[float], *, budget: PruningBudget,
                   methods: Sequence[str] = METHODS, stats: ExpertStats | None = None,
                   dictionary: tuple[Any, Any] | None = None, threshold_ratio: float = 0.9,
                   seeds: Sequence[int] = (0, 1, 2), model: nn.Module | None = None,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                  allowed: Sequence[Sequence[int] | None] | None = None) -> list[PruningMask]:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[PruningMask]:
     """Every method's keep-mask at every ratio, in the order of ``methods`` then ``ratios`` then seeds.
 
     Args:
         ratios: shares of experts to prune, each in (0, 1).
-        layer_sizes, min_per_layer: experts per MoE layer and the per-layer guard (a model's top-k).
+        budget: experts per MoE layer, the per-layer guard (a model's top-k) and the keep counts
+            each router allows (:meth:`moe_utils.caep.PruningBudget.for_model`); every mask rounds
+            up to them, and :func:`unsupported_methods` are refused.
         methods: names from :data:`METHODS`. ``caep`` (global Algorithm 1 with the guard) and
             ``caep_layer`` (the same contributions, per layer) need ``dictionary=(D, R)``; ``frequency``,
             ``router_weight``, ``ean``, ``reap`` need ``stats``; ``output`` needs ``stats`` with kept
             hidden states and the ``model``; ``random`` uses ``seeds``.
         threshold_ratio: CAEP's k1.
         cache_dir: where :func:`output_removal_order` caches its search.
-        allowed: per layer, the keep counts its router allows (None: any), from
-            :func:`moe_utils.expert_surgery.allowed_counts`; every mask rounds up to them, and
-            :func:`unsupported_methods` are refused.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -111,20 +106,21 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
              "output": ("stats and model", stats if model is not None else None),
              **{s: ("stats", stats) for s in SCORES}}
     missing = [f"{m} needs {needs[m][0]}" for m in methods if m in needs and needs[m][1] is None]
-    missing += [f"{m} {why}" for m, why in unsupported_methods(methods, allowed).items()]
+    missing += [f"{m} {why}" for m, why in unsupported_methods(methods, budget).items()]
     if missing:
         raise ValueError("; ".join(missing))
     for ratio in ratios:
-        _check_ratio("prune ratio", ratio)
-    sizes = list(layer_sizes)
-    quotas = {r: layer_quota(sizes, r, min_per_layer, allowed) for r in ratios}
-    guarded = {r: layer_quota(sizes, r, min_per_layer) for r in ratios}
-    wanted = {r: np.asarray(sizes) - np.floor(r * np.asarray(sizes) + 0.5).astype(int) for r in ratios}
+        check_ratio("prune ratio", ratio)
+    sizes = list(budget.layer_sizes)
+    quotas = {r: budget.quota(r) for r in ratios}
+    guarded = {r: budget.quota(r, rounded=False) for r in ratios}
+    wanted = {r: budget.quota(r, guard=False, rounded=False) for r in ratios}
 
     def quota_note(ratio: float) -> str:
         notes = []
         if not np.array_equal(guarded[ratio], wanted[ratio]):
-            notes.append(f"guard: each layer keeps at least {min_per_layer} experts (instead of {wanted[ratio].min()})")
+            notes.append(f"guard: each layer keeps at least {budget.min_per_layer} experts "
+                         f"(instead of {wanted[ratio].min()})")
         if not np.array_equal(quotas[ratio], guarded[ratio]):
             notes.append(f"group-limited routing: layers keep {sorted(set(quotas[ratio].tolist()))} experts "
                          f"(instead of {sorted(set(guarded[ratio].tolist()))}), a count the router allows")
@@ -134,28 +130,24 @@ def pruning_masks(ratios: Sequence[float], *, layer_sizes: Sequence[int], min_pe
     if "output" in methods:
         n_remove = [size - min(int(quotas[r][i]) for r in ratios) for i, size in enumerate(sizes)]
         orders = output_removal_order(model, stats.hidden, n_remove, cache_dir=cache_dir, progress=progress)
-    bounds = _layer_bounds(sizes, sum(sizes))
+    bounds = budget.bounds()
     masks: list[PruningMask] = []
     for method in methods:
         for ratio in ratios:
             if method == "caep":
-                result = caep(*dictionary, threshold_ratio, ratio, layer_sizes=sizes, min_per_layer=min_per_layer,
-                              allowed=allowed)
+                result = caep(*dictionary, threshold_ratio, ratio, budget=budget)
                 masks.append(PruningMask(method, ratio, result.keep, note=result.note))
             elif method == "random":
-                masks.extend(PruningMask(method, ratio, random_mask(sizes, ratio, seed, min_per_layer=min_per_layer,
-                                                                    allowed=allowed),
-                                         seed=seed, note=quota_note(ratio)) for seed in seeds)
+                masks.extend(PruningMask(method, ratio, random_mask(budget, ratio, seed), seed=seed,
+                                         note=quota_note(ratio)) for seed in seeds)
             elif method == "output":
-                keep = np.ones(sum(sizes), dtype=bool)
+                keep = np.ones(budget.n_experts, dtype=bool)
                 for layer, order in enumerate(orders):
                     keep[bounds[layer] + np.asarray(order[: sizes[layer] - quotas[ratio][layer]], dtype=int)] = False
                 masks.append(PruningMask(method, ratio, keep, note=quota_note(ratio)))
             else:
                 scores = contribution_scores(*dictionary) if method == "caep_layer" else stats.score(method)
-                masks.append(PruningMask(method, ratio, layerwise_mask(scores, sizes, ratio, min_per_layer=min_per_layer,
-                                                                       allowed=allowed),
-                                         note=quota_note(ratio)))
+                masks.append(PruningMask(method, ratio, layerwise_mask(scores, budget, ratio), note=quota_note(ratio)))
     return masks
 
 
@@ -226,7 +218,7 @@ def resolve_evaluation(model_name: str, tasks: Sequence[str] | None = None, limi
     reports the differences they can detect). Multiple-choice MMLU-Pro is left out: the embedded
     model sits at chance on it. Real checkpoints: the paper's :data:`PAPER_TASKS`, every document.
     """
-    small = model_name == EMBEDDED or model_name.startswith(RANDOM_PREFIX)
+    small = is_small_model(model_name)
     if tasks is None:
         tasks = SMALL_MODEL_TASKS if small else PAPER_TASKS
     if task_limits is None:
@@ -275,7 +267,7 @@ def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[s
     payload = {"keep": np.packbits(np.asarray(keep, dtype=bool)).tobytes().hex(), "n": len(keep), "run": run,
                "settings": settings, "model": model_id,
                "env": {k: os.environ.get(k) for k in ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def method_ranks(summary: pd.DataFrame, ratio: float, *, tasks: Sequence[str] | None = None) -> pd.Series:
@@ -284,7 +276,7 @@ def method_ranks(summary: pd.DataFrame, ratio: float, *, tasks: Sequence[str] | 
     rows = summary[summary["ratio"] == ratio]
     if tasks is not None:
         rows = rows[rows["task"].isin(list(tasks))]
-    signed = rows["mean"].where(rows["metric"].str.startswith("acc"), -rows["mean"])
+    signed = rows["mean"] * rows["metric"].map(better_sign)
     ranks = signed.groupby(rows["task"]).rank(ascending=False)
     return ranks.groupby(rows["method"]).mean().sort_values().rename("mean rank")
 
@@ -292,47 +284,36 @@ def method_ranks(summary: pd.DataFrame, ratio: float, *, tasks: Sequence[str] | 
 # ------------------------------------------------------------------------------- artifacts
 def save_pruning(path: str | os.PathLike, masks: Sequence[PruningMask], results: pd.DataFrame, *,
                  stats: ExpertStats | None = None, extra: dict | None = None) -> Path:
-    """Write the stage's artifact: ``masks.npz`` (one keep-mask per row), ``results.csv``, ``stats.npz``
-    (calibration sums), then a checksummed ``manifest.json`` listing every mask (method, ratio, seed,
-    note) and ``extra`` (parameters, inputs)."""
+    """Write the stage's artifact folder (:func:`moe_utils.artifacts.write_artifact`): ``masks.npz``
+    (one keep-mask per row), ``results.csv``, ``stats.npz`` (calibration sums), then a checksummed
+    ``manifest.json`` listing every mask (method, ratio, seed, note) and ``extra`` (parameters, inputs)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.json").unlink(missing_ok=True)  # invalid until the new manifest lands
-    payloads = {}
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, keep=np.array([m.keep for m in masks], dtype=bool))
-    payloads["masks.npz"] = buffer.getvalue()
-    payloads["results.csv"] = results.to_csv(index=False).encode()
+    files = {"masks.npz": _npz(keep=np.array([m.keep for m in masks], dtype=bool)),
+             "results.csv": results.to_csv(index=False).encode()}
     if stats is not None:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, n_tokens=stats.n_tokens, counts=stats.counts, weight_sum=stats.weight_sum,
-                            norm_sum=stats.norm_sum, weighted_norm_sum=stats.weighted_norm_sum)
-        payloads["stats.npz"] = buffer.getvalue()
-    files = {}
-    for name, data in payloads.items():
-        atomic_write_bytes(path / name, data)
-        files[name] = hashlib.sha256(data).hexdigest()
-    manifest = {"format": FORMAT, "files": files,
-                "masks": [{"method": m.method, "ratio": m.ratio, "seed": m.seed, "note": m.note,
-                           "n_kept": int(m.keep.sum())} for m in masks],
-                "versions": package_versions(("torch", "transformers", "lm_eval", "numpy", "moe-collab-study")),
-                **(extra or {})}
-    atomic_write_json(path / "manifest.json", manifest)
+        files["stats.npz"] = _npz(n_tokens=stats.n_tokens, counts=stats.counts, weight_sum=stats.weight_sum,
+                                  norm_sum=stats.norm_sum, weighted_norm_sum=stats.weighted_norm_sum)
+    write_artifact(path, files, {
+        "format": FORMAT, "masks": [{"method": m.method, "ratio": m.ratio, "seed": m.seed, "note": m.note,
+                                     "n_kept": int(m.keep.sum())} for m in masks],
+        "versions": package_versions(("torch", "transformers", "lm_eval", "numpy", "moe-collab-study")),
+        **(extra or {})})
     return path
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def load_pruning(path: str | os.PathLike) -> tuple[list[PruningMask], pd.DataFrame, dict]:
     """Read :func:`save_pruning`'s artifact, checking every file against the manifest:
-    ``(masks, results, manifest)``."""
+    ``(masks, results, manifest)``; :class:`moe_utils.artifacts.ArtifactMissing` (a
+    FileNotFoundError) when stage 4 has not written it."""
     path = Path(path)
-    if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"no pruning artifact at {path}: manifest.json is missing (run stage 04_pruning)")
-    manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    for name, digest in manifest["files"].items():
-        if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
-            raise ValueError(f"{path}: {name} does not match its checksum in the manifest; re-run the stage")
+    manifest = read_artifact(path, what="pruning artifact", fix="re-run stage 04_pruning", format=FORMAT,
+                             required=("masks.npz", "results.csv"))
     with np.load(path / "masks.npz") as arrays:
         keeps = arrays["keep"]
     masks = [PruningMask(m["method"], m["ratio"], keep, seed=m["seed"], note=m["note"])

@@ -212,7 +212,7 @@ def comparisons(samples: pd.DataFrame, measures: Sequence[str], *, references: S
 
 
 # ----------------------------------------------------------------------------------- tables
-def _fmt(kind: str, value: float, relative: bool = False) -> str:
+def format_value(kind: str, value: float, relative: bool = False) -> str:
     if relative:
         return f"{value * 100:+.1f}" if kind == "acc" else f"{value:+.0%}"
     return f"{value * 100:.1f}" if kind == "acc" else f"{value:.4g}"
@@ -236,7 +236,7 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
         kind, label = measure_spec(measure)[:2]
         unit = " (%)" if kind == "acc" else ""
         part = chosen[chosen["measure"] == measure].set_index("method")
-        table[label + unit] = [f"{_fmt(kind, r.estimate)} [{_fmt(kind, r.low)}, {_fmt(kind, r.high)}]"
+        table[label + unit] = [f"{format_value(kind, r.estimate)} [{format_value(kind, r.low)}, {format_value(kind, r.high)}]"
                                for r in part.reindex(order).itertuples()]
         for reference in ("unpruned", "random"):
             diffs = compared[(compared["measure"] == measure) & np.isclose(compared["ratio"], ratio)
@@ -245,8 +245,8 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
                 continue
             table[f"{label}: vs {reference}"] = [
                 "" if m not in diffs.index else
-                f"{_fmt(kind, diffs.at[m, 'estimate'], True)} [{_fmt(kind, diffs.at[m, 'low'], True)}, "
-                f"{_fmt(kind, diffs.at[m, 'high'], True)}]{'*' if diffs.at[m, 'significant'] else ''}"
+                f"{format_value(kind, diffs.at[m, 'estimate'], True)} [{format_value(kind, diffs.at[m, 'low'], True)}, "
+                f"{format_value(kind, diffs.at[m, 'high'], True)}]{'*' if diffs.at[m, 'significant'] else ''}"
                 for m in order]
     table.index.name = None
     return table

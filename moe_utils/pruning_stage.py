@@ -4,7 +4,6 @@ artifact, and the findings sentences the book cites."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,16 +12,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
-from myst_nb import glue
 
 from moe_utils import ablation as abl
 from moe_utils import caep as caep_module
 from moe_utils import calibration, pruning, pruning_eval
 from moe_utils.data import load_prompts
-from moe_utils.expert_surgery import allowed_counts
+from moe_utils.artifacts import sha256_file
+from moe_utils.caep import PruningBudget
 from moe_utils.hsdl import HSDL
-from moe_utils.models import EMBEDDED, RANDOM_PREFIX, load_model, moe_layers
+from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import model_identity
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
 #: How the page names each calibration source.
@@ -42,16 +42,26 @@ class Setup:
     hsdl: HSDL
     lm: Any
     tokenizer: Any
-    layer_sizes: list[int]
-    top_k: int
-    guard: int
-    allowed: list
+    layers: list
+    budget: PruningBudget
     methods: list[str]
     skipped: dict[str, str]
 
     @property
+    def layer_sizes(self) -> list[int]:
+        return list(self.budget.layer_sizes)
+
+    @property
+    def top_k(self) -> int:
+        return max(layer.top_k for layer in self.layers)
+
+    @property
+    def guard(self) -> int:
+        return self.budget.min_per_layer
+
+    @property
     def n_experts(self) -> int:
-        return sum(self.layer_sizes)
+        return self.budget.n_experts
 
 
 def load_setup(model: str, artifacts_dir, methods: Sequence[str], *, min_per_layer: int | None = None,
@@ -59,45 +69,31 @@ def load_setup(model: str, artifacts_dir, methods: Sequence[str], *, min_per_lay
     """Open stage 1's store and stage 2's dictionary, load the model, and check they belong together.
     The guard is the model's top-k unless ``min_per_layer`` is given; methods a group-limited router
     cannot use are skipped (:func:`moe_utils.pruning.unsupported_methods`)."""
-    store_dir, hsdl_dir = Path(artifacts_dir) / "01_capture" / "store", Path(artifacts_dir) / "02_hsdl"
+    paths = stage_paths(artifacts_dir)
+    store_dir, hsdl_dir = paths.store, paths.hsdl
     store, hsdl = RoutingStore.open(store_dir), HSDL.load(hsdl_dir)
     if store.manifest["model"]["name"] != model:
         raise ValueError(f"stage 1 captured {store.manifest['model']['name']!r}, not {model!r}: re-run 01_capture")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     layers = moe_layers(lm)
-    sizes = [layer.num_experts for layer in layers]
-    if not hsdl.dictionaries_[0].shape[0] == sum(sizes) == store.n_layers * store.n_experts:
+    budget = PruningBudget.for_model(lm, layers, min_per_layer=min_per_layer)
+    if not hsdl.dictionaries_[0].shape[0] == budget.n_experts == store.n_layers * store.n_experts:
         raise ValueError("the stage-2 dictionary does not match the model's experts: re-run 02_hsdl")
-    top_k = max(layer.top_k for layer in layers)
-    allowed = allowed_counts(lm)
-    skipped = pruning.unsupported_methods(methods, allowed)
-    return Setup(model, store_dir, hsdl_dir, store, hsdl, lm, tokenizer, sizes, top_k,
-                 top_k if min_per_layer is None else min_per_layer, allowed,
+    skipped = pruning.unsupported_methods(methods, budget)
+    return Setup(model, store_dir, hsdl_dir, store, hsdl, lm, tokenizer, layers, budget,
                  [m for m in methods if m not in skipped], skipped)
 
 
 def describe(setup: Setup, level: int) -> None:
     """Show the model, the dictionary, what the numbers of this model can mean, and skipped methods."""
-    note = ""
-    if setup.model_name.startswith(RANDOM_PREFIX):
-        note = ("**This run used a randomly initialised model: its routing is noise and its scores are "
-                "meaningless. Nothing below is a finding.**")
-    elif setup.model_name == EMBEDDED:
-        note = ("The embedded model is a 7M-parameter MoE trained on WikiText-2: it is above chance on BLiMP's "
-                "minimal pairs and its perplexities move when experts are pruned. Its numbers illustrate the "
-                "methods; they are not the paper's DeepSeek-MoE-16B results.")
-    glue("guard", setup.guard, display=False)
+    note = model_caveat(setup.model_name, "It is above chance on BLiMP's minimal pairs and its perplexities move "
+                        "when experts are pruned.") or ""
+    glue_values(guard=setup.guard)
     display(Markdown(f"**Model:** `{setup.model_name}` ({setup.lm.config.model_type}, {len(setup.layer_sizes)} MoE "
                      f"layers of {setup.layer_sizes[0]} routed experts, top-{setup.top_k}). **Dictionary:** level "
                      f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"))
     for method, why in setup.skipped.items():
         display(Markdown(f"**Skipped for this model:** `{method}` {why}."))
-
-
-def glue_values(**values) -> None:
-    """Glue each keyword's value under its name for the page's text (myst_nb, not displayed)."""
-    for name, value in values.items():
-        glue(name, value, display=False)
 
 
 # -------------------------------------------------------------------------- calibration
@@ -119,7 +115,7 @@ def calibrate(setup: Setup, spec: dict, *, categories: Sequence[str], n_per_cate
         length = spec["n_tokens"]
     stats = calibration.calibrate(setup.lm, tok, texts, batch_size=batch_size, max_length=length,
                                   keep_hidden=output_tokens if "output" in setup.methods else 0, cache_dir=cache_dir)
-    top_ks = np.array([layer.top_k for layer in moe_layers(setup.lm)])
+    top_ks = np.array([layer.top_k for layer in setup.layers])
     np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.n_tokens * top_ks)
     store = setup.store
     if spec["source"] == "capture" and len(texts) == store.n_samples:
@@ -137,28 +133,25 @@ def score_correlations(D, R, stats: calibration.ExpertStats) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------- CAEP
-def caep_steps(D, R, ratios: Sequence[float], *, threshold_ratio: float, layer_sizes: Sequence[int],
-               min_per_layer: int, allowed=None) -> pd.DataFrame:
+def caep_steps(D, R, ratios: Sequence[float], *, threshold_ratio: float, budget: PruningBudget) -> pd.DataFrame:
     """One row per ratio: the target, what Algorithm 1 kept and how many atoms it removed, the
     experts kept per layer before and after the guard, and what the guard changed."""
     rows = []
     for ratio in ratios:
-        result = caep_module.caep(D, R, threshold_ratio, ratio, layer_sizes=layer_sizes, min_per_layer=min_per_layer,
-                                  allowed=allowed)
-        kept = caep_module.kept_per_layer(result.keep, layer_sizes)
-        if (kept < min_per_layer).any():
-            raise AssertionError(f"CAEP at {ratio}: a layer keeps fewer than {min_per_layer} experts")
+        result = caep_module.caep(D, R, threshold_ratio, ratio, budget=budget)
+        kept = budget.kept_per_layer(result.keep)
+        if (kept < budget.min_per_layer).any():
+            raise AssertionError(f"CAEP at {ratio}: a layer keeps fewer than {budget.min_per_layer} experts")
         rows.append({"ratio": f"{ratio:.0%}", "target kept": int(np.floor(result.target)),
                      "kept by Algorithm 1": int(result.algorithm_keep.sum()),
                      "atoms removed": f"{len(result.atoms_removed)} of {D.shape[1]}",
-                     "per layer, Algorithm 1": " ".join(map(str, caep_module.kept_per_layer(result.algorithm_keep,
-                                                                                           layer_sizes))),
+                     "per layer, Algorithm 1": " ".join(map(str, budget.kept_per_layer(result.algorithm_keep))),
                      "per layer, guarded": " ".join(map(str, kept)),
                      "guard": "no change" if not result.guard.changed else
                      f"restored {len(result.guard.restored)}, dropped {len(result.guard.dropped)}",
                      "restored for the router's groups": len(result.rounded)})
     steps = pd.DataFrame(rows)
-    if not any(rule is not None for rule in (allowed or [])):  # only group-limited routers restrict the counts
+    if not budget.restricted:  # only group-limited routers restrict the counts
         steps = steps.drop(columns="restored for the router's groups")
     return steps
 
@@ -166,11 +159,11 @@ def caep_steps(D, R, ratios: Sequence[float], *, threshold_ratio: float, layer_s
 def check_masks(masks: Sequence[pruning.PruningMask], setup: Setup) -> None:
     """Every mask keeps at least the guard per layer; every non-CAEP mask keeps exactly its layer quota."""
     for mask in masks:
-        kept = caep_module.kept_per_layer(mask.keep, setup.layer_sizes)
+        kept = setup.budget.kept_per_layer(mask.keep)
         if (kept < setup.guard).any():
             raise AssertionError(f"{mask.label} at {mask.ratio}: a layer keeps fewer than {setup.guard} experts")
         if mask.method not in ("caep",):
-            quota = caep_module.layer_quota(setup.layer_sizes, mask.ratio, setup.guard, setup.allowed)
+            quota = setup.budget.quota(mask.ratio)
             if kept.tolist() != quota.tolist():
                 raise AssertionError(f"{mask.label} at {mask.ratio} keeps {kept.tolist()}, "
                                      f"not the quota {quota.tolist()}")
@@ -187,9 +180,9 @@ def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | 
                                           n_tokens=settings["tokens"], seed=seed, data_dir=wikitext_dir)
     wiki_X = abl.routing_matrix(setup.lm, setup.tokenizer, texts, cache_dir=cache_dir, max_length=settings["tokens"])
     return abl.caep_variants(
-        setup.hsdl, _stage1_matrix(setup), ratio, layer_sizes=setup.layer_sizes, min_per_layer=setup.guard,
-        threshold_ratio=threshold_ratio, level=level, k1_values=settings["k1"], size_values=settings["sizes"],
-        other_X=("WikiText-2 train", wiki_X), cache_dir=cache_dir, allowed=setup.allowed)
+        setup.hsdl, _stage1_matrix(setup), ratio, budget=setup.budget, threshold_ratio=threshold_ratio, level=level,
+        k1_values=settings["k1"], size_values=settings["sizes"], other_X=("WikiText-2 train", wiki_X),
+        cache_dir=cache_dir)
 
 
 def _stage1_matrix(setup: Setup):
@@ -203,12 +196,12 @@ def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: ca
                   parameters: Mapping[str, Any]) -> None:
     """Write the stage's artifact (:func:`moe_utils.pruning.save_pruning`: the unpruned and every
     method's masks, their results without the ablation's variants, calibration sums) and read it back."""
-    inputs = {name: hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    inputs = {name: sha256_file(path / "manifest.json")
               for name, path in (("store", setup.store_dir), ("hsdl", setup.hsdl_dir))}
     every = [pruning.unpruned_mask(setup.n_experts), *masks]
     results = results[~results["method"].map(abl.is_variant)]
     pruning.save_pruning(out_dir, every, results, stats=stats, extra={
-        "model": model_identity(setup.lm) | {"layer_sizes": setup.layer_sizes, "top_k": setup.top_k},
+        "model": model_identity(setup.lm, setup.layers) | {"layer_sizes": setup.layer_sizes, "top_k": setup.top_k},
         "inputs": {"store": str(setup.store_dir), "store_manifest_sha256": inputs["store"],
                    "hsdl": str(setup.hsdl_dir), "hsdl_manifest_sha256": inputs["hsdl"]},
         "parameters": dict(parameters) | {"methods": setup.methods, "skipped_methods": setup.skipped,
@@ -241,8 +234,8 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
         r = hit.iloc[0]
         kind = pruning_eval.measure_spec(measure)[0]
         unit = " points" if kind == "acc" else ""
-        return (f"{pruning_eval._fmt(kind, r.estimate, True)}{unit} "
-                f"[{pruning_eval._fmt(kind, r.low, True)}, {pruning_eval._fmt(kind, r.high, True)}]")
+        return (f"{pruning_eval.format_value(kind, r.estimate, True)}{unit} "
+                f"[{pruning_eval.format_value(kind, r.low, True)}, {pruning_eval.format_value(kind, r.high, True)}]")
 
     if "blimp" in measures:
         b = scores[scores["measure"] == "blimp"].set_index(["method", "ratio"])
@@ -284,7 +277,7 @@ def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measur
     reference = ablation_rows["mask"].iloc[0].method
     names = {m.method: f"{f}: {s}" for f, s, m in ablation_rows.itertuples(index=False)}
     names["caep_layer"] = "scope: per layer"
-    f = pruning_eval._fmt
+    f = pruning_eval.format_value
     sentences = []
     for measure in measures:
         kind, label = pruning_eval.measure_spec(measure)[:2]

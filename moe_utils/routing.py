@@ -18,10 +18,9 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import shutil
-import tempfile
 import zipfile
+from functools import partial as partial_write
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,10 +29,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from moe_utils.artifacts import atomic_write_json, atomic_write_with, package_versions
 from moe_utils.models import MoELayer, RouterOutput, model_summary, moe_layers
-from moe_utils.store import (
-    MANIFEST, RoutingStore, StoreError, atomic_write_json, index_dtype, package_versions, write_store,
-)
+from moe_utils.store import MANIFEST, RoutingStore, StoreError, index_dtype, write_store
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial"
@@ -70,9 +68,10 @@ class RoutingRecorder:
 
 
 @contextlib.contextmanager
-def record_routing(model: torch.nn.Module) -> Iterator[RoutingRecorder]:
-    """Hook every MoE router of ``model`` for the duration of the ``with`` block."""
-    layers = moe_layers(model)
+def record_routing(model: torch.nn.Module, layers: list[MoELayer] | None = None) -> Iterator[RoutingRecorder]:
+    """Hook every MoE router of ``model`` (its ``layers``, found when not given) for the duration of
+    the ``with`` block."""
+    layers = moe_layers(model) if layers is None else layers
     recorder = RoutingRecorder(layers)
     handles = [layer.router.register_forward_hook(recorder.hook_for(layer)) for layer in layers]
     try:
@@ -90,25 +89,30 @@ def routing_probabilities(output: RouterOutput, scoring: str) -> torch.Tensor:
     return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def router_fingerprint(model: torch.nn.Module) -> str:
+def router_fingerprint(model: torch.nn.Module, layers: list[MoELayer] | None = None) -> str:
     """sha256 over the routers' weights: identifies the routing function a capture came from."""
     digest = hashlib.sha256()
-    for layer in moe_layers(model):
+    for layer in moe_layers(model) if layers is None else layers:
         for tensor in layer.router.state_dict().values():
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
-def model_identity(model: torch.nn.Module) -> dict:
+def model_identity(model: torch.nn.Module, layers: list[MoELayer] | None = None) -> dict:
     """What identifies a model's calibrations and evaluations in a cache: name, revision, the
     routers' weights (:func:`router_fingerprint`) and the parameter count."""
     return {"name": str(getattr(model, "name_or_path", "")), "revision": getattr(model.config, "_commit_hash", None),
-            "routers": router_fingerprint(model), "n_parameters": sum(p.numel() for p in model.parameters())}
+            "routers": router_fingerprint(model, layers), "n_parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _texts_fingerprint(texts: Sequence[str], labels: Sequence[str] | None) -> str:
     payload = json.dumps([list(texts), None if labels is None else list(labels)]).encode()
     return hashlib.sha256(payload).hexdigest()
+
+
+def _save_chunk(path: str, chunk: dict) -> None:
+    with open(path, "wb") as handle:  # a file handle: np.savez would append ".npz" to a bare name
+        np.savez(handle, **chunk)
 
 
 def _chunk_is_readable(path: Path) -> bool:
@@ -131,7 +135,7 @@ def _shard_positions(n: int, shard: tuple[int, int] | None) -> np.ndarray:
     return np.array_split(np.arange(n), world)[rank]
 
 
-def _forward_kwargs(model: torch.nn.Module) -> dict:
+def forward_kwargs(model: torch.nn.Module) -> dict:
     """Skip the LM head where the model allows it: capture needs the routers, not the logits."""
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         return {"logits_to_keep": 1}
@@ -205,9 +209,10 @@ def capture_routing(
     positions = _shard_positions(len(texts), shard)
     if shard is not None:
         out_dir = out_dir / f"shard-{shard[0]:05d}-of-{shard[1]:05d}"
-    summary = model_summary(model)
+    layers = moe_layers(model)
+    summary = model_summary(model, layers)
     fingerprint = {
-        "model": router_fingerprint(model),
+        "model": router_fingerprint(model, layers),
         "texts": _texts_fingerprint(texts, labels),
         "positions": hashlib.sha256(positions.tobytes()).hexdigest(),
         "max_length": max_length,
@@ -240,7 +245,7 @@ def capture_routing(
     atomic_write_json(spec_path, fingerprint)
 
     device = next(model.parameters()).device
-    kwargs = _forward_kwargs(model)
+    kwargs = forward_kwargs(model)
     batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
     for b in range(len(batches)):  # a chunk cut short (a killed writer, a full disk) is captured again
         chunk_path = partial / f"chunk-{b:06d}.npz"
@@ -250,7 +255,7 @@ def capture_routing(
     done = sum((partial / f"chunk-{b:06d}.npz").is_file() for b in range(len(batches)))
     if done:
         log.info("resuming capture in %s: %d of %d batches already done", out_dir, done, len(batches))
-    with torch.no_grad(), record_routing(model) as recorder:
+    with torch.no_grad(), record_routing(model, layers) as recorder:
         for b, sample_ids in enumerate(tqdm(batches, desc="capturing routing", disable=not progress)):
             chunk_path = partial / f"chunk-{b:06d}.npz"
             if chunk_path.is_file():
@@ -259,10 +264,7 @@ def capture_routing(
                 model, tokenizer, [texts[i] for i in sample_ids], sample_ids, max_length=max_length,
                 record_probs=record_probs, recorder=recorder, device=device, kwargs=kwargs,
             )
-            fd, tmp = tempfile.mkstemp(dir=partial, prefix=f".{chunk_path.stem}.", suffix=".npz")  # per process
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **chunk)
-            os.replace(tmp, chunk_path)
+            atomic_write_with(chunk_path, partial_write(_save_chunk, chunk=chunk))
 
     chunks = [np.load(partial / f"chunk-{b:06d}.npz") for b in range(len(batches))]
     arrays = {"topk_indices": np.concatenate([c["topk_indices"] for c in chunks]).astype(

@@ -41,7 +41,7 @@ def wilson_interval(successes, n, confidence: float = 0.95) -> tuple[np.ndarray,
     Unlike the normal (Wald) interval it stays inside [0, 1] and is not empty at 0 or n
     successes, which matters for the small model's accuracies near chance. NaN where ``n == 0``.
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     k = np.asarray(successes, dtype=float)
     n = np.asarray(n, dtype=float)
     if np.any(k < 0) or np.any(k > n):
@@ -88,7 +88,7 @@ def bootstrap_interval(statistic: Callable[[list[np.ndarray]], Any], sizes: Sequ
         vectorized: ``statistic`` takes index arrays of shape (replicates, group size), one row per
             replicate, and returns one value per row; all replicates are then drawn at once.
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     sizes = [int(sizes)] if np.isscalar(sizes) else [int(s) for s in sizes]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"every group needs at least one document; got sizes {sizes}")
@@ -227,7 +227,7 @@ def seed_spread(frame: pd.DataFrame, value: str, by: Sequence[str] | str) -> pd.
 
 
 # ------------------------------------------------------------------------------ helpers
-def _check_confidence(confidence: float) -> None:
+def check_confidence(confidence: float) -> None:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
 

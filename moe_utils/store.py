@@ -17,78 +17,26 @@ manifest refuses to load. Captures split over processes (``shard=(rank, world_si
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-MANIFEST = "manifest.json"
+from moe_utils.artifacts import MANIFEST, ArtifactError, verify_files, write_artifact
+from moe_utils.artifacts import read_manifest as read_json_manifest
+
 ARRAYS = ("topk_indices", "topk_weights", "probs")
 TOKENS = "tokens.parquet"
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 
-class StoreError(RuntimeError):
+class StoreError(ArtifactError, RuntimeError):
     """A routing store is missing, incomplete, corrupted or inconsistent."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def package_versions(names: tuple[str, ...] = ("torch", "transformers", "numpy", "moe-collab-study")) -> dict:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def index_dtype(n_experts: int) -> np.dtype:
@@ -103,6 +51,7 @@ def index_dtype(n_experts: int) -> np.dtype:
 #: What a store manifest must hold: key -> type, and the keys each ``model`` entry needs.
 MANIFEST_SCHEMA = {"format_version": int, "files": dict, "model": dict}
 MODEL_KEYS = ("n_layers", "n_experts", "top_k")
+FIX = "re-run the capture"
 
 
 def read_manifest(path: Path) -> dict:
@@ -110,14 +59,9 @@ def read_manifest(path: Path) -> dict:
     weight arrays and the token table, each with a checksum); a :class:`StoreError` naming the file
     otherwise."""
     where = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(where.read_text())
-    except json.JSONDecodeError as err:
-        raise StoreError(f"{where} is not valid JSON ({err}); re-run the capture") from err
-    problems = [] if isinstance(manifest, dict) else [f"it holds a {type(manifest).__name__}, not an object"]
-    if not problems:
-        problems += [f"{key!r} must be {kind.__name__}" for key, kind in MANIFEST_SCHEMA.items()
-                     if not isinstance(manifest.get(key), kind)]
+    manifest = read_json_manifest(path, what="store", fix=FIX, error=StoreError)
+    problems = [f"{key!r} must be {kind.__name__}" for key, kind in MANIFEST_SCHEMA.items()
+                if not isinstance(manifest.get(key), kind)]
     if not problems:
         needed = {"topk_indices.npy", "topk_weights.npy", TOKENS}
         problems += [f"files must list {name} with its sha256" for name in sorted(needed)
@@ -130,21 +74,16 @@ def read_manifest(path: Path) -> dict:
 
 
 def write_store(path: Path, manifest: dict, arrays: dict[str, np.ndarray], tokens: pd.DataFrame) -> None:
-    """Write a complete store: arrays and token table first, the checksummed manifest last."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MANIFEST).unlink(missing_ok=True)  # the store is invalid until the new manifest lands
-    files = {}
-    for name, array in arrays.items():
-        atomic_save_npy(path / f"{name}.npy", array)
-        files[f"{name}.npy"] = sha256_file(path / f"{name}.npy")
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".tokens.", suffix=".parquet")
-    os.close(fd)
-    tokens.to_parquet(tmp, index=False)
-    os.replace(tmp, path / TOKENS)
-    files[TOKENS] = sha256_file(path / TOKENS)
-    manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files, "n_tokens": len(tokens)}
-    atomic_write_json(path / MANIFEST, manifest)
+    """Write a complete store (:func:`moe_utils.artifacts.write_artifact`): arrays and token table
+    first, the checksummed manifest last."""
+    files = {f"{name}.npy": partial(_save_npy, array=array) for name, array in arrays.items()}
+    files[TOKENS] = lambda tmp: tokens.to_parquet(tmp, index=False)
+    write_artifact(path, files, {**manifest, "format_version": FORMAT_VERSION, "n_tokens": len(tokens)})
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file handle: np.save would append ".npy" to a bare name
+        np.save(handle, array)
 
 
 @dataclass
@@ -213,14 +152,8 @@ class RoutingStore:
         manifest = read_manifest(path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: store format {manifest.get('format_version')} is not {FORMAT_VERSION}")
-        for name, expected in manifest["files"].items():
-            if not (path / name).is_file():
-                raise StoreError(f"{path}: {name} is listed in the manifest but missing; re-run the capture")
-            if verify and sha256_file(path / name) != expected:
-                raise StoreError(
-                    f"{path}: checksum of {name} does not match the manifest: the store was modified or "
-                    "corrupted. Delete the directory and re-run the capture."
-                )
+        verify_files(path, manifest, what="store", fix="delete the directory and re-run the capture", verify=verify,
+                     error=StoreError)
         arrays = {
             name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None)
             for name in ARRAYS if f"{name}.npy" in manifest["files"]

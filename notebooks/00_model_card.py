@@ -42,8 +42,6 @@ card_paragraphs = None
 artifacts_dir = "artifacts/tiny"
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
@@ -54,6 +52,7 @@ from moe_utils import model_card, plotting
 from moe_utils.evaluation import evaluate
 from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import capture_routing
+from moe_utils.stages import stage_paths
 from moe_utils.tiny_moe import EMBEDDED_DIR
 from moe_utils.wikitext import unigram_word_perplexity, word_perplexity
 
@@ -178,7 +177,7 @@ for name, value in {"blimp_pairs": blimp_pairs, "blimp_n": n_pairs, "blimp_acc":
 # %%
 valid_text = model_card.wikitext_text("valid", wikitext_dir, card_paragraphs)
 valid_store = capture_routing(lm, tokenizer, model_card.paragraphs(valid_text),
-                              out_dir=Path(artifacts_dir) / "00_model_card" / "valid_store", batch_size=32,
+                              out_dir=stage_paths(artifacts_dir).valid_store, batch_size=32,
                               max_length=context, overwrite=True,
                               data_spec={"dataset": "wikitext-2-v1", "split": "valid", "unit": "paragraph"})
 usage = xm.expert_usage(valid_store)
@@ -201,15 +200,5 @@ plotting.glue_figure("fig_card_usage", plotting.expert_usage(usage, title="Exper
 # ## Summary
 
 # %%
-display(Markdown("\n".join([
-    f"- `{model}`: {counts['total'] / 1e6:.1f}M parameters ({counts['active_per_token'] / 1e6:.1f}M active per "
-    f"token), {len(layers)} MoE layers x {max(layer.num_experts for layer in layers)} experts, "
-    f"top-{max(layer.top_k for layer in layers)}.",
-    (f"- Trained here in {record['train_seconds'] / 60:.0f} minutes on a CPU; " if record else "- ")
-    + f"word-level perplexity {quality['word_perplexity']:,.4g} on WikiText-2 test, {ratio:.3g} times a unigram "
-    "model's.",
-    f"- BLiMP accuracy {acc.estimate:.1%} [{acc.low:.1%}, {acc.high:.1%}] on {n_pairs} minimal pairs (chance 50%).",
-    f"- The least used expert takes {usage.min():.2%} of its layer's slots (uniform: {1 / usage.shape[1]:.2%}).",
-    *(["- Licence: the weights are released with this project; the training data, WikiText-2, is "
-       "CC BY-SA 3.0."] if record else []),
-])))
+display(Markdown(model_card.summary(model, counts, layers, quality["word_perplexity"], ratio, usage, record,
+                                    blimp=(acc, n_pairs))))

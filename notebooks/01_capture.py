@@ -40,8 +40,6 @@ record_probs = True
 artifacts_dir = "artifacts/tiny"
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
 import numpy as np
 from IPython.display import Markdown, display
 from myst_nb import glue
@@ -51,9 +49,10 @@ from moe_utils import plotting
 from moe_utils.data import load_prompts
 from moe_utils.models import load_model
 from moe_utils.routing import capture_routing
+from moe_utils.stages import show_model_caveat, stage_paths
 
 plotting.use_style()
-store_dir = Path(artifacts_dir) / "01_capture" / "store"
+store_dir = stage_paths(artifacts_dir).store
 
 # %% [markdown]
 # ## 1. The model and the prompts
@@ -61,7 +60,6 @@ store_dir = Path(artifacts_dir) / "01_capture" / "store"
 # %%
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 texts, labels, questions = load_prompts(categories, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
-is_random = model.startswith("random:")
 glue("model_name", model, display=False)
 glue("n_questions", len(texts), display=False)
 glue("n_categories", len(set(labels)), display=False)
@@ -70,13 +68,7 @@ display(Markdown(
     f"**Data:** {len(texts)} MMLU-Pro test questions, {n_per_category} per category from "
     f"{', '.join(categories)}, sampled with seed {seed}."
 ))
-if is_random:
-    display(Markdown("**This run used a randomly initialised model: its routing is noise, not learned "
-                     "collaboration. Nothing below is a finding.**"))
-elif model == "embedded":
-    display(Markdown("The embedded model is a small MoE trained here on WikiText-2 (see its model card). "
-                     "Its patterns are real, learned routing, but of a tiny model: they illustrate the "
-                     "method and are not the paper's Phi-3.5-MoE results."))
+show_model_caveat(model)
 
 # %% [markdown]
 # ## 2. Capture

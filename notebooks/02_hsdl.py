@@ -42,45 +42,33 @@ device = None
 atom_threshold = 0.5
 
 # %% tags=["hide-input"]
-import hashlib
-import json
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
 from IPython.display import Markdown, display
-from myst_nb import glue
 
-from moe_utils import patterns, plotting
+from moe_utils import hsdl_report, plotting
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
+from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
 plotting.use_style()
-store_dir = Path(artifacts_dir) / "01_capture" / "store"
-out_dir = Path(artifacts_dir) / "02_hsdl"
+paths = stage_paths(artifacts_dir)
 
 # %% [markdown]
 # ## 1. The matrix to factorise
 
 # %%
-store = RoutingStore.open(store_dir)
+store = RoutingStore.open(paths.store)
 X = expert_matrix(store, granularity=granularity, value=value)
 layout = (store.n_layers, store.n_experts)
 model_name = store.manifest["model"]["name"]
-n_columns = store.n_tokens if granularity == "token" else store.n_samples
-assert X.shape == (store.n_layers * store.n_experts, n_columns)
-glue("n_rows", X.shape[0], display=False)
-glue("n_cols", X.shape[1], display=False)
-glue("nnz_per_col", float(X.nnz / X.shape[1]), display=False)
+assert X.shape == (store.n_layers * store.n_experts, store.n_tokens if granularity == "token" else store.n_samples)
+glue_values(n_rows=X.shape[0], n_cols=X.shape[1], nnz_per_col=float(X.nnz / X.shape[1]))
 display(Markdown(
     f"**X:** {X.shape[0]} experts ({store.n_layers} MoE layers x {store.n_experts}) x {X.shape[1]} "
     f"{granularity} columns of `{value}` values from `{model_name}`, "
     f"{X.nnz / X.shape[1]:.1f} non-zeros per column."
 ))
-if model_name.startswith("random:"):
-    display(Markdown("**The routing comes from a randomly initialised model: the patterns below are "
-                     "noise, not learned collaboration. Nothing here is a finding.**"))
+show_model_caveat(model_name)
 
 # %% [markdown]
 # ## 2. Fitting the hierarchy
@@ -89,23 +77,12 @@ if model_name.startswith("random:"):
 # the same parameters fit a small or a large model.
 
 # %%
-model = HSDL(levels=hsdl_levels, lambda_hier=hsdl_lambda_hier, lambda_rec=hsdl_lambda_rec,
-             n_steps=hsdl_steps, batch_size=hsdl_batch_size, layout=layout, device=device or "auto",
-             random_state=hsdl_seed).fit(X)
-history = model.loss_history_
-rel_error = model.score(X)
-codes = model.codes_[0]
-nnz_per_code = float((codes != 0).sum(axis=0).mean())
-assert all(0 <= d.min() and d.max() <= 1 for d in model.dictionaries_)
-assert codes.min() >= 0 and all(r.min() >= 0 for r in model.codes_[1:])
-assert np.mean(history["total"][-5:]) < np.mean(history["total"][:5]), "the loss did not decrease"
-glue("level_sizes", ", ".join(map(str, model.level_sizes_)), display=False)
-glue("fit_seconds", float(model.fit_seconds_), display=False)
-glue("n_steps", int(model.n_steps_), display=False)
-glue("rel_error", float(rel_error), display=False)
-glue("nnz_per_code", nnz_per_code, display=False)
-plotting.glue_figure("fig_loss", plotting.hsdl_loss_curves(history))
-model
+hsdl = HSDL(levels=hsdl_levels, lambda_hier=hsdl_lambda_hier, lambda_rec=hsdl_lambda_rec,
+            n_steps=hsdl_steps, batch_size=hsdl_batch_size, layout=layout, device=device or "auto",
+            random_state=hsdl_seed).fit(X)
+glue_values(**hsdl_report.fit_summary(hsdl, X))
+plotting.glue_figure("fig_loss", plotting.hsdl_loss_curves(hsdl.loss_history_))
+hsdl
 
 # %% [markdown]
 # Levels of {glue:text}`level_sizes` atoms were fitted in {glue:text}`n_steps` Adam steps
@@ -127,17 +104,8 @@ model
 # threshold; atoms whose experts lie in more than one layer are cross-layer collaborations.
 
 # %%
-tables = pd.concat([patterns.atom_table(model, level=k + 1, threshold=atom_threshold)
-                    for k in range(len(model.level_sizes_))], ignore_index=True)
-live = tables[tables["alive"]]
-summary = live.groupby("level").agg(atoms=("atom", "size"), mean_experts=("n_experts", "mean"),
-                                    mean_layers=("n_layers", "mean"), cross_layer=("cross_layer", "mean"))
-for level in range(1, len(model.level_sizes_) + 1):
-    np.testing.assert_allclose(tables.loc[tables["level"] == level, "usage"].sum(), 1.0, rtol=1e-5)
-level1 = live[live["level"] == 1]
-glue("n_live_1", int(len(level1)), display=False)
-glue("cross_share_1", float(level1["cross_layer"].mean() * 100) if len(level1) else 0.0, display=False)
-glue("mean_experts_1", float(level1["n_experts"].mean()) if len(level1) else 0.0, display=False)
+tables, summary, sizes = hsdl_report.atom_sizes(hsdl, atom_threshold)
+glue_values(**sizes)
 plotting.glue_figure("fig_sizes", plotting.atom_size_distribution(tables))
 summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_layer": "{:.0%}"}, escape="html")
 
@@ -158,12 +126,11 @@ summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_
 # larger dictionary entry.
 
 # %%
-groups = level1[level1["n_experts"] >= 2]
-top = (groups if len(groups) else level1).sort_values("usage", ascending=False).head(8)
+top, n_groups = hsdl_report.top_atoms(tables)
 titles = [f"atom {a}: {u:.1%} of use" for a, u in zip(top["atom"], top["usage"])]
-glue("n_groups_1", int(len(groups)), display=False)
+glue_values(n_groups_1=n_groups)
 plotting.glue_figure("fig_atoms", plotting.atom_maps(
-    model.dictionaries_[0], layout, top["atom"].tolist(), titles=titles,
+    hsdl.dictionaries_[0], layout, top["atom"].tolist(), titles=titles,
     title="The most used level-1 atoms of two or more experts"))
 top[["atom", "usage", "n_layers", "experts"]].style.format({"usage": "{:.1%}"}, escape="html").hide(axis="index")
 
@@ -181,19 +148,10 @@ top[["atom", "usage", "n_layers", "experts"]].style.format({"usage": "{:.1%}"}, 
 # (D_k ~ D_{k+1} R_{k+1}); an edge joins an atom to the finer atoms that make up at least 10% of it.
 
 # %%
-n_levels = len(model.level_sizes_)
-edges = [patterns.hierarchy(model, level=k, min_share=0.1) for k in range(1, n_levels)]
-usages = [patterns.atom_usage(model, level=k) for k in range(1, n_levels + 1)]
-hier_errors = model.hierarchy_error()
-glue("hier_error", float(hier_errors[0]) if hier_errors else 0.0, display=False)
-glue("children_per_atom", float(edges[0].groupby("parent").size().mean()) if edges and len(edges[0]) else 0.0,
-     display=False)
-if n_levels > 1:
-    assert hier_errors[0] < 0.5, f"level 2 does not reconstruct level 1 (relative L1 error {hier_errors[0]:.2f})"
-    plotting.glue_figure("fig_tree", plotting.hierarchy_tree(edges, usages))
-else:
-    plotting.glue_figure("fig_tree", plotting.atom_maps(model.dictionaries_[0], layout, [],
-                                                        title="(one level: no hierarchy)"))
+edges, usages, hierarchy = hsdl_report.hierarchy_summary(hsdl, min_share=0.1)
+glue_values(**hierarchy)
+plotting.glue_figure("fig_tree", plotting.hierarchy_tree(edges, usages) if edges else plotting.atom_maps(
+    hsdl.dictionaries_[0], layout, [], title="(one level: no hierarchy)"))
 
 # %% [markdown]
 # Level 2 reproduces the level-1 dictionary with a relative L1 error of
@@ -218,21 +176,9 @@ else:
 # pairs (triplets). Random atoms of the same sizes give the chance level.
 
 # %%
-selected = expert_matrix(store, granularity="token", value="binary")
-atoms = [np.asarray(r) for r in level1.sort_values("atom")["rows"]]
-ks = (1, 2, 5, 10, 20, 50, 100)
-observed = patterns.coverage(atoms, selected, orders=(2, 3), top_percent=ks)
-chance = patterns.coverage(patterns.random_atoms(atoms, X.shape[0], random_state=hsdl_seed), selected,
-                           orders=(2, 3), top_percent=ks)
-for frame in (observed, chance):
-    for _, group in frame.groupby("order"):
-        values = group["coverage"].dropna().to_numpy()
-        assert np.all(np.diff(values) >= 0), "coverage must grow with k"
-at10 = observed[observed["top_percent"] == 10].set_index("order")["coverage"]
-chance10 = chance[chance["top_percent"] == 10].set_index("order")["coverage"]
-glue("cover_pairs_10", float(at10.get(2, np.nan) * 100), display=False)
-glue("cover_triplets_10", float(at10.get(3, np.nan) * 100), display=False)
-glue("chance_pairs_10", float(chance10.get(2, np.nan) * 100), display=False)
+observed, chance, coverage = hsdl_report.coverage_against_chance(
+    tables, expert_matrix(store, granularity="token", value="binary"), random_state=hsdl_seed)
+glue_values(**coverage)
 plotting.glue_figure("fig_coverage", plotting.coverage_curves(observed, chance))
 observed.pivot(index="top_percent", columns="order", values="coverage").rename(
     columns={2: "pairs", 3: "triplets"}).style.format("{:.0%}", escape="html")
@@ -257,18 +203,11 @@ observed.pivot(index="top_percent", columns="order", values="coverage").rename(
 # routing store (by the checksum of its manifest), and is read back through that manifest.
 
 # %%
-store_manifest = store_dir / "manifest.json"
-model.save(out_dir, extra={
-    "x_spec": {"granularity": granularity, "value": value, "shape": list(X.shape), "nnz": int(X.nnz),
-               "layout": list(layout)},
-    "store": {"path": str(store_dir), "manifest_sha256": hashlib.sha256(store_manifest.read_bytes()).hexdigest(),
-              "fingerprint": store.manifest.get("fingerprint"), "model": store.manifest["model"]},
-})
-reloaded = HSDL.load(out_dir)
+hsdl.save(paths.hsdl, extra=hsdl_report.artifact_extra(store, X, granularity=granularity, value=value))
 sample = X[:, : min(X.shape[1], 2000)]
-assert (reloaded.transform(sample) != model.transform(sample)).nnz == 0
-glue("artifact_dir", str(out_dir), display=False)
-sorted(p.name for p in out_dir.iterdir())
+assert (HSDL.load(paths.hsdl).transform(sample) != hsdl.transform(sample)).nnz == 0
+glue_values(artifact_dir=str(paths.hsdl))
+sorted(p.name for p in paths.hsdl.iterdir())
 
 # %% [markdown]
 # ## 8. How fast is it? (benchmark)
@@ -280,27 +219,15 @@ sorted(p.name for p in out_dir.iterdir())
 # not from this notebook's run; the command to reproduce them is in `bench/README.md`.
 
 # %%
-bench_path = Path("bench/results/hsdl.json")
-if bench_path.is_file():
-    bench = json.loads(bench_path.read_text())
-    rows = [{"case": case["case"], "X": " x ".join(map(str, case["shape"])), "atoms": case["n_atoms"],
-             "method": r["method"], "seconds": r["seconds"], "L1 error": r["rel_error_l1"],
-             "Frobenius error": r["rel_error_fro"], "codes per column": r["mean_nnz_per_code"]}
-            for case in bench["cases"] for r in case["results"]]
-    speedups = {case["case"]: case["hsdl_runs"]["HSDL"]["speedup_vs_fastest"] for case in bench["cases"]}
-    glue("bench_date", bench["date"][:10], display=False)
-    glue("bench_speedup_store", float(speedups.get("store", np.nan)), display=False)
-    glue("bench_speedup_synthetic", float(speedups.get("synthetic", np.nan)), display=False)
-    cpus = bench["machine"].get("cpu_count", bench["machine"].get("cpus"))
-    display(Markdown(f"Benchmark of {bench['date'][:10]} on {cpus} CPU cores, "
-                     f"{bench['machine']['torch_threads']} torch thread(s)."))
-    display(pd.DataFrame(rows).style.format({"seconds": "{:.1f}", "L1 error": "{:.3f}",
-                                             "Frobenius error": "{:.3f}", "codes per column": "{:.1f}"}, escape="html")
-            .hide(axis="index"))
+bench = hsdl_report.benchmark("bench/results/hsdl.json")
+if bench is not None:
+    table, values, machine = bench
+    glue_values(**values)
+    display(Markdown(machine))
+    display(table.style.format({"seconds": "{:.1f}", "L1 error": "{:.3f}", "Frobenius error": "{:.3f}",
+                                "codes per column": "{:.1f}"}, escape="html").hide(axis="index"))
 else:
-    glue("bench_date", "n/a", display=False)
-    for name in ("bench_speedup_store", "bench_speedup_synthetic"):
-        glue(name, float("nan"), display=False)
+    glue_values(bench_date="n/a", bench_speedup_store=float("nan"), bench_speedup_synthetic=float("nan"))
     display(Markdown("No benchmark results: run `python bench/hsdl.py`."))
 
 # %% [markdown]

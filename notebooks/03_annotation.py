@@ -37,20 +37,16 @@ annotation_rows = 20
 render_max_tokens = 160
 
 # %% tags=["hide-input"]
-from pathlib import Path
-
-import numpy as np
 import pandas as pd
 from IPython.display import HTML, Markdown, display
-from myst_nb import glue
 
-from moe_utils import annotation, plotting
+from moe_utils import annotation, annotation_report, plotting
 from moe_utils.hsdl import HSDL
+from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
 plotting.use_style()
-store_dir = Path(artifacts_dir) / "01_capture" / "store"
-hsdl_dir = Path(artifacts_dir) / "02_hsdl"
+paths = stage_paths(artifacts_dir)
 pd.set_option("display.max_colwidth", 90)
 
 # %% [markdown]
@@ -61,40 +57,25 @@ pd.set_option("display.max_colwidth", 90)
 # word-start markers `Ġ`, `▁` or `##`); only the tokenizer is loaded, not the model.
 
 # %%
-store = RoutingStore.open(store_dir)
-model = HSDL.load(hsdl_dir)
+store = RoutingStore.open(paths.store)
+hsdl = HSDL.load(paths.hsdl)
+annotation_report.require_token_columns(hsdl, paths.hsdl)
 model_name = store.manifest["model"]["name"]
-x_spec = model.manifest_.get("x_spec", {})
-if x_spec.get("granularity", "token") != "token":
-    raise ValueError(f"{hsdl_dir} was fitted on {x_spec['granularity']} columns; annotation needs token "
-                     "columns: re-run stage 2 with granularity='token'")
 tokenizer = annotation.tokenizer_for(store)
-result = annotation.annotate(store, model, tokenizer, alpha=annotation_alpha, correction=annotation_correction,
+result = annotation.annotate(store, hsdl, tokenizer, alpha=annotation_alpha, correction=annotation_correction,
                              threshold=atom_threshold)
 tokens = result.tokens
-n_levels = len(result.levels)
 categories = sorted(tokens["label"].unique())
 assert len(tokens) == store.n_tokens
-glue("model_name", model_name, display=False)
-glue("alpha", annotation_alpha, display=False)
-glue("n_tokens", int(len(tokens)), display=False)
-glue("n_questions", int(store.n_samples), display=False)
-glue("n_categories", len(categories), display=False)
-glue("level_sizes", ", ".join(map(str, model.level_sizes_)), display=False)
+glue_values(model_name=model_name, alpha=annotation_alpha, n_tokens=int(len(tokens)), n_questions=int(store.n_samples),
+            n_categories=len(categories), level_sizes=", ".join(map(str, hsdl.level_sizes_)))
 display(Markdown(
     f"**Model:** `{model_name}`. **Data:** {store.n_tokens} tokens of {store.n_samples} MMLU-Pro questions "
-    f"from {', '.join(categories)}. **HSDL:** {n_levels} levels of {', '.join(map(str, model.level_sizes_))} "
-    f"atoms. **Tokenizer:** `{type(tokenizer).__name__}`."
+    f"from {', '.join(categories)}. **HSDL:** {len(result.levels)} levels of "
+    f"{', '.join(map(str, hsdl.level_sizes_))} atoms. **Tokenizer:** `{type(tokenizer).__name__}`."
 ))
-if model_name.startswith("random:"):
-    display(Markdown("**The routing comes from a randomly initialised model: the labels below describe "
-                     "noise, not learned collaboration. Nothing here is a finding.**"))
-elif model_name == "embedded":
-    display(Markdown("The embedded model is a small MoE trained here on WikiText-2: its patterns are real, "
-                     "learned routing, but of a tiny model. They illustrate the method and are not the "
-                     "paper's Phi-3.5-MoE results."))
-tokens["token_class"].value_counts().rename("tokens").to_frame().assign(
-    share=lambda f: f["tokens"] / f["tokens"].sum()).style.format({"share": "{:.1%}"}, escape="html")
+show_model_caveat(model_name)
+annotation_report.class_table(tokens).style.format({"share": "{:.1%}"}, escape="html")
 
 # %% [markdown]
 # The table gives the token classes over all captured tokens: the base rates against which each
@@ -108,18 +89,8 @@ tokens["token_class"].value_counts().rename("tokens").to_frame().assign(
 # with the largest contribution.
 
 # %%
-level_rows = []
-for k, level in enumerate(result.levels, start=1):
-    used = level.atoms[level.atoms["n_tokens"] > 0]
-    level_rows.append({"level": k, "atoms": len(level.atoms), "atoms explaining a token": len(used),
-                       "tokens no atom explains": float((tokens[f"atom_{k}"] < 0).mean()),
-                       "median share of the best atom": float(tokens[f"share_{k}"].median()),
-                       "domain-specific atoms (tokens)": int(level.atoms["domain_specific"].sum()),
-                       "domain-specific atoms (questions)": int(level.atoms["domain_specific_by_sample"].sum())})
-levels_table = pd.DataFrame(level_rows).set_index("level")
-glue("best_share_1", float(levels_table.loc[1, "median share of the best atom"] * 100), display=False)
-glue("n_explaining_1", int(levels_table.loc[1, "atoms explaining a token"]), display=False)
-glue("unexplained_1", float(levels_table.loc[1, "tokens no atom explains"] * 100), display=False)
+levels_table, explained = annotation_report.levels_table(result)
+glue_values(**explained)
 levels_table.style.format({"median share of the best atom": "{:.0%}", "tokens no atom explains": "{:.1%}"}, escape="html")
 
 # %% [markdown]
@@ -141,16 +112,12 @@ levels_table.style.format({"median share of the best atom": "{:.0%}", "tokens no
 
 # %%
 for level in result.levels[:2]:
-    view = level.atoms.sort_values(["n_tokens", "atom"], ascending=[False, True]).head(annotation_rows)
-    view = view.assign(experts=view["experts"].map(lambda e: " ".join(e[:4]) + (" ..." if len(e) > 4 else "")))
     display(Markdown(f"**Level {level.level}**"))
-    display(view[["atom", "experts", "n_tokens", "label", "min_q_by_sample"]]
-            .rename(columns={"n_tokens": "tokens", "min_q_by_sample": "q (questions)"})
-            .style.hide(axis="index").format({"q (questions)": "{:.1e}"}, escape="html"))
+    display(annotation_report.atom_view(level, annotation_rows).style.hide(axis="index")
+            .format({"q (questions)": "{:.1e}"}, escape="html"))
 
 # %%
-top_level1 = (result.level(1).atoms.sort_values(["n_tokens", "atom"], ascending=[False, True])
-              .head(annotation_rows)["atom"].tolist())
+top_level1 = annotation_report.most_explaining(result.level(1), annotation_rows)["atom"].tolist()
 base_rates = tokens["token_class"].value_counts(normalize=True)
 plotting.glue_figure("fig_classes", plotting.token_class_heatmap(
     result.level(1).classes, base_rates, top_level1, labels=result.level(1).labels,
@@ -173,26 +140,10 @@ plotting.glue_figure("fig_classes", plotting.token_class_heatmap(
 # token classes are purer (lower entropy of its class profile).
 
 # %%
-if n_levels > 1:
-    tree = annotation.hierarchy_tree(result, model, level=1, min_share=0.1)
-    with_tokens = tree[tree["child_tokens"] > 0]
-    splits = (tree["taken"] >= 0.1).groupby(tree["parent"]).sum()  # children taking >= 10% of the parent's tokens
-    copies = tree.groupby("parent")["share"].max() > 0.95
-    glue("n_parents", int(tree["parent"].nunique()), display=False)
-    glue("copy_share", float(copies.mean() * 100), display=False)
-    glue("split_share", float((splits >= 2).mean() * 100) if len(splits) else 0.0, display=False)
-    glue("nesting", float(with_tokens["nesting"].mean() * 100) if len(with_tokens) else 0.0, display=False)
-    purer = (with_tokens["child_entropy"] < with_tokens["parent_entropy"]).mean() if len(with_tokens) else 0.0
-    glue("purer_share", float(purer * 100), display=False)
-    glue("same_class_share", float(with_tokens["same_top_class"].mean() * 100) if len(with_tokens) else 0.0,
-         display=False)
-    shown = tree[tree["parent"].isin(top_level1)].sort_values(["parent", "share"], ascending=[True, False])
-    display(shown[["parent", "parent_label", "child", "share", "child_label", "taken", "nesting"]]
-            .style.hide(axis="index").format({"share": "{:.2f}", "taken": "{:.0%}", "nesting": "{:.0%}"}, na_rep="-", escape="html"))
-else:
-    display(Markdown("*The HSDL has one level: there is no hierarchy to read.*"))
-    for name in ("n_parents", "copy_share", "split_share", "nesting", "purer_share", "same_class_share"):
-        glue(name, 0, display=False)
+shown, refinement = annotation_report.hierarchy_findings(result, hsdl, top_level1, min_share=0.1)
+glue_values(**refinement)
+display(Markdown("*The HSDL has one level: there is no hierarchy to read.*") if shown is None else shown.style.hide(
+    axis="index").format({"share": "{:.2f}", "taken": "{:.0%}", "nesting": "{:.0%}"}, na_rep="-", escape="html"))
 
 # %% [markdown]
 # Of the {glue:text}`n_parents` level-1 atoms with children, {glue:text}`copy_share:.0f`% are
@@ -214,11 +165,8 @@ else:
 # have their own colour (legend); the others are grey. Hover over a token to see its atom.
 
 # %%
-lengths = tokens.groupby("sample_id").agg(n=("position", "size"), label=("label", "first"))
-for category in categories:
-    sample = int(lengths[lengths["label"] == category].sort_values(["n"], kind="stable").index[0])
-    display(HTML(result.render(sample, max_tokens=render_max_tokens,
-                               caption=f"{category} (question {sample}, {lengths.at[sample, 'n']} tokens)")))
+for sample, caption in annotation_report.shortest_questions(tokens, categories):
+    display(HTML(result.render(sample, max_tokens=render_max_tokens, caption=caption)))
 
 # %% [markdown]
 # ## 6. How similarly do domains use experts? (the paper's Fig 7)
@@ -229,17 +177,8 @@ for category in categories:
 # mean distribution over domains first and shows what sets each domain apart.
 
 # %%
-profiles = annotation.domain_profiles(store)
-similarity = annotation.domain_similarity(profiles)
-centered = annotation.domain_similarity(profiles, centered=True)
-np.testing.assert_allclose(np.diag(similarity), 1.0, rtol=1e-9)
-np.testing.assert_allclose(similarity.to_numpy(), similarity.to_numpy().T)
-pairs = annotation.ranked_pairs(similarity)
-closest, farthest = pairs.iloc[0], pairs.iloc[-1]
-glue("closest_pair", f"{closest['a']} and {closest['b']}", display=False)
-glue("closest_cos", float(closest["cosine"]), display=False)
-glue("farthest_pair", f"{farthest['a']} and {farthest['b']}", display=False)
-glue("farthest_cos", float(farthest["cosine"]), display=False)
+profiles, similarity, centered, pairs, closeness = annotation_report.domain_summary(store)
+glue_values(**closeness)
 plotting.glue_figure("fig_domains", plotting.domain_similarity(profiles, similarity, centered,
                                                                n_experts=store.n_experts))
 pairs.style.format({"cosine": "{:.3f}"}, escape="html").hide(axis="index")
@@ -268,28 +207,14 @@ pairs.style.format({"cosine": "{:.3f}"}, escape="html").hide(axis="index")
 
 # %%
 level1 = result.level(1)
-tested1 = level1.atoms[level1.atoms["n_tokens"] > 0]
-n_specific = int(tested1["domain_specific"].sum())
-n_specific_sample = int(tested1["domain_specific_by_sample"].sum())
-n_both = int((tested1["domain_specific"] & tested1["domain_specific_by_sample"]).sum())
-assert (level1.enrichment["q"] >= level1.enrichment["p"] - 1e-12).all()
-glue("n_tested_1", int(len(tested1)), display=False)
-glue("n_specific_1", n_specific, display=False)
-glue("n_specific_sample_1", n_specific_sample, display=False)
-glue("n_specific_both_1", n_both, display=False)
-glue("correction", {"bh": "Benjamini-Hochberg", "bonferroni": "Bonferroni"}[annotation_correction], display=False)
-per_category = (level1.enrichment[level1.enrichment["significant"]].groupby("category").size()
-                .reindex(categories, fill_value=0))
-glue("specific_per_category", ", ".join(f"{c}: {n}" for c, n in per_category.items()), display=False)
-shown_atoms = (tested1.sort_values(["min_q", "n_tokens", "atom"], ascending=[True, False, True])
-               .head(annotation_rows)["atom"].tolist())
+shown_atoms, enriched, specific = annotation_report.enrichment_summary(level1, categories,
+                                                                       correction=annotation_correction,
+                                                                       n=annotation_rows)
+glue_values(**specific)
 plotting.glue_figure("fig_enrichment", plotting.enrichment_heatmap(
     level1.enrichment, shown_atoms, labels=level1.labels, alpha=annotation_alpha,
     title="Domain enrichment of the most significant level-1 atoms"))
-(level1.enrichment[level1.enrichment["significant"]].sort_values(["q", "atom"]).head(annotation_rows)
- .assign(label=lambda f: f["atom"].map(level1.labels))
- [["atom", "category", "n_atom", "overlap", "expected", "lift", "q", "label"]]
- .style.hide(axis="index").format({"expected": "{:.1f}", "lift": "{:.2f}", "q": "{:.1e}"}, escape="html"))
+enriched.style.hide(axis="index").format({"expected": "{:.1f}", "lift": "{:.2f}", "q": "{:.1e}"}, escape="html")
 
 # %% [markdown]
 # Of the {glue:text}`n_tested_1` level-1 atoms that explain at least one token,

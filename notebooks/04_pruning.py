@@ -61,24 +61,24 @@ eval_tasks = None
 eval_limit = None
 eval_task_limits = None
 eval_num_fewshot = 0
-eval_batch_size = 64
+eval_batch_size = 8
 eval_threads = None  # torch threads while evaluating (None: torch's default)
 n_boot = 1000
 ablation = {"k1": [0.8, 0.99], "sizes": [0.5, 2.0], "samples": 64, "tokens": 256}  # None: no ablation
 
 # %% tags=["hide-input"]
 import time
-from pathlib import Path
 
 from IPython.display import Markdown, display
 
 from moe_utils import ablation as abl
 from moe_utils import calibration, plotting, pruning, pruning_eval, pruning_stage
+from moe_utils.stages import glue_values, stage_paths
 
 plotting.use_style()
 started = time.perf_counter()
-out_dir = Path(artifacts_dir) / "04_pruning"
-cache_dir = out_dir / "cache"  # calibration, output-based search, refits and evaluations, keyed by their inputs
+paths = stage_paths(artifacts_dir)
+out_dir, cache_dir = paths.pruning, paths.pruning_cache  # calibration, output-based search, refits and evaluations, keyed by their inputs
 calibration_spec = calibration.resolve_calibration(model, calibration_data, calibration_samples, calibration_tokens)
 ratios = [float(r) for r in prune_ratios]
 middle = ratios[len(ratios) // 2]
@@ -106,7 +106,7 @@ stats, n_texts = pruning_stage.calibrate(
     batch_size=batch_size, output_tokens=output_tokens, cache_dir=cache_dir, data_dir=data_dir,
     calibration_dir=calibration_dir)
 D, R = pruning.hsdl_factors(setup.hsdl, level=caep_level)
-pruning_stage.glue_values(calib_source=pruning_stage.CALIBRATION_SOURCES[calibration_spec["source"]],
+glue_values(calib_source=pruning_stage.CALIBRATION_SOURCES[calibration_spec["source"]],
                           calib_texts=n_texts, calib_tokens=stats.n_tokens)
 pruning_stage.score_correlations(D, R, stats).style.format("{:.2f}", escape="html")
 
@@ -127,9 +127,8 @@ pruning_stage.score_correlations(D, R, stats).style.format("{:.2f}", escape="htm
 # elsewhere.
 
 # %%
-steps = pruning_stage.caep_steps(D, R, ratios, threshold_ratio=caep_threshold_ratio, layer_sizes=setup.layer_sizes,
-                                 min_per_layer=setup.guard, allowed=setup.allowed)
-pruning_stage.glue_values(k1=caep_threshold_ratio, caep_guard_changes=int((steps["guard"] != "no change").sum()))
+steps = pruning_stage.caep_steps(D, R, ratios, threshold_ratio=caep_threshold_ratio, budget=setup.budget)
+glue_values(k1=caep_threshold_ratio, caep_guard_changes=int((steps["guard"] != "no change").sum()))
 steps.style.hide(axis="index")
 
 # %% [markdown]
@@ -145,11 +144,10 @@ steps.style.hide(axis="index")
 # {glue:text}`output_tokens` calibration tokens, re-routing every token among the remaining experts.
 
 # %%
-masks = pruning.pruning_masks(ratios, layer_sizes=setup.layer_sizes, min_per_layer=setup.guard, methods=setup.methods,
-                              allowed=setup.allowed, stats=stats, dictionary=(D, R), seeds=random_seeds,
-                              threshold_ratio=caep_threshold_ratio, model=setup.lm, cache_dir=cache_dir)
+masks = pruning.pruning_masks(ratios, budget=setup.budget, methods=setup.methods, stats=stats, dictionary=(D, R),
+                              seeds=random_seeds, threshold_ratio=caep_threshold_ratio, model=setup.lm, cache_dir=cache_dir)
 pruning_stage.check_masks(masks, setup)
-pruning_stage.glue_values(n_seeds=len(random_seeds), output_tokens=int(min(output_tokens, stats.n_tokens)))
+glue_values(n_seeds=len(random_seeds), output_tokens=int(min(output_tokens, stats.n_tokens)))
 shown = [m for m in masks if m.ratio == middle and (m.seed is None or m.seed == random_seeds[0])]
 plotting.glue_figure("fig_masks", plotting.pruning_mask_maps(shown, (len(setup.layer_sizes), setup.layer_sizes[0])))
 pruning.mask_overlap(shown).style.format("{:.2f}", escape="html").background_gradient(cmap="Greens", vmin=0, vmax=1)
@@ -197,7 +195,7 @@ results, samples = pruning_eval.evaluate_documents(
     setup.lm, setup.tokenizer, every, runs, cache_dir=cache_dir, threads=eval_threads, num_fewshot=eval_num_fewshot,
     batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir,
     blimp_dir=blimp_dir)
-pruning_stage.glue_values(n_evaluations=len(every), eval_seconds=time.perf_counter() - t0,
+glue_values(n_evaluations=len(every), eval_seconds=time.perf_counter() - t0,
                           n_cached=int(results.groupby(["method", "ratio"])["cached"].all().mean() * 100))
 measures = pruning_eval.available_measures(samples)
 scores = pruning_eval.model_scores(samples, measures, n_boot=n_boot)
@@ -266,7 +264,7 @@ pruning_stage.save_artifact(out_dir, setup, masks, results, stats, {
     "prune_ratios": ratios, "random_seeds": random_seeds, "caep_threshold_ratio": caep_threshold_ratio,
     "caep_level": caep_level, "calibration": calibration_spec | {"n_texts": n_texts, "n_tokens_seen": stats.n_tokens},
     "output_tokens": output_tokens, "eval_runs": runs, "eval_num_fewshot": eval_num_fewshot, "ablation": ablation})
-pruning_stage.glue_values(artifact_dir=str(out_dir), middle_pct=f"{middle:.0%}",
+glue_values(artifact_dir=str(out_dir), middle_pct=f"{middle:.0%}",
                           stage_seconds=time.perf_counter() - started,
                           **pruning_stage.findings(model, scores, compared, variants, measures, middle))
 

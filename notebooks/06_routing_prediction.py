@@ -44,8 +44,8 @@ n_bootstrap = 1000
 confidence = 0.95
 
 # %% tags=["hide-input"]
+import json
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from moe_utils import expert_cache, plotting
+from moe_utils.artifacts import write_artifact
 from moe_utils import routing_prediction as rp
 from moe_utils.data import load_prompts
 from moe_utils.expert_matrix import expert_matrix
@@ -60,10 +61,11 @@ from moe_utils.hidden_prediction import capture_with_hidden_predictions
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model
 from moe_utils.routing import router_fingerprint
-from moe_utils.store import RoutingStore, atomic_write_json
+from moe_utils.stages import show_model_caveat, stage_paths
+from moe_utils.store import RoutingStore
 
 plotting.use_style()
-out_dir = Path(artifacts_dir) / "06_routing_prediction"
+out_dir = (paths := stage_paths(artifacts_dir)).prediction
 
 # %% [markdown]
 # ## 1. The held-out protocol
@@ -75,8 +77,8 @@ out_dir = Path(artifacts_dir) / "06_routing_prediction"
 # an MoE block applies the next MoE layers' routers to the hidden state that layer hands on.
 
 # %%
-fit_store = RoutingStore.open(Path(artifacts_dir) / "01_capture" / "store")
-hsdl = HSDL.load(Path(artifacts_dir) / "02_hsdl")
+fit_store = RoutingStore.open(paths.store)
+hsdl = HSDL.load(paths.hsdl)
 x_spec, spec = hsdl.manifest_["x_spec"], fit_store.manifest["data"]
 if x_spec["granularity"] != "token":
     raise ValueError("stage 6 reads a dictionary fitted on token columns: run stage 2 with granularity='token'")
@@ -97,11 +99,8 @@ for name, value in (("n_test_tokens", store.n_tokens), ("model_name", model), ("
     glue(name, value, display=False)
 display(Markdown(f"**Model:** `{model}`, {n_layers} MoE layers of {n_experts} experts, top-{k}. **Fitting tokens:** "
                  f"{fit_store.n_tokens} (stage 1). **Held-out tokens:** {store.n_tokens} from {len(texts)} other "
-                 f"MMLU-Pro questions ({heldout_per_category} per category, seed {heldout_seed}), none of stage 1's."
-                 + ("\n\n**This run used a randomly initialised model: its routing is noise. Nothing below is a "
-                    "finding.**" if model.startswith("random:") else "\n\nThe embedded model is a small MoE trained "
-                    "here on WikiText-2: its routing is learned, but these numbers are not those of the paper's "
-                    "Phi-3.5-MoE or of any production model." if model == "embedded" else "")))
+                 f"MMLU-Pro questions ({heldout_per_category} per category, seed {heldout_seed}), none of stage 1's."))
+show_model_caveat(model, "These predictions are not those of the paper's Phi-3.5-MoE or of any production model.")
 
 # %% [markdown]
 # **What the hidden-state predictor sees.** In these pre-norm decoder layers the router of MoE layer
@@ -227,10 +226,11 @@ table.style.format("{:.3f}", escape="html")
 # {glue:text}`hit_hsdl:.1f`%, by the next router {glue:text}`hit_hidden:.1f`%.
 
 # %%
-atomic_write_json(out_dir / "results.json", {
+write_artifact(out_dir, {"results.json": json.dumps({
     "recall": summary.to_dict(orient="records"), "ahead": ahead.to_dict(orient="records"),
     "hsdl_minus_affinity": {m: vars(d) for m, d in differences.items()}, "cache": cache.to_dict(orient="records"),
-    "n_test_tokens": store.n_tokens, "heldout_question_ids": questions["question_id"].tolist()})
+    "n_test_tokens": store.n_tokens, "heldout_question_ids": questions["question_id"].tolist()},
+    indent=1, sort_keys=True, default=str).encode()}, {"format": "moe-routing-prediction/1", "model": model})
 
 # %% [markdown]
 # ## Summary

@@ -31,7 +31,7 @@ def test_variants_change_one_setting_each(fitted, tmp_path):
     model, tok, store, X, hsdl = fitted
     sizes = [store.n_experts] * store.n_layers
     other = ablation.routing_matrix(model, tok, TEXTS[::-1][:4], cache_dir=tmp_path, max_length=32)
-    rows = ablation.caep_variants(hsdl, X, 0.5, layer_sizes=sizes, min_per_layer=store.top_k, threshold_ratio=0.9,
+    rows = ablation.caep_variants(hsdl, X, 0.5, budget=caep.PruningBudget(tuple(sizes), store.top_k), threshold_ratio=0.9,
                                   k1_values=(0.7, 0.9), size_values=(0.5, 1.0), other_X=("other text", other),
                                   cache_dir=tmp_path)
     assert list(rows["factor"]) == ["reference", "calibration text", "HSDL level", "dictionary size", "threshold k1"]
@@ -39,14 +39,14 @@ def test_variants_change_one_setting_each(fitted, tmp_path):
     assert rows["mask"].map(lambda m: m.method).is_unique
 
     def direct(D, R, k1):
-        return caep.caep(D, R, k1, 0.5, layer_sizes=sizes, min_per_layer=store.top_k).keep
+        return caep.caep(D, R, k1, 0.5, budget=caep.PruningBudget(tuple(sizes), store.top_k)).keep
 
     by_factor = dict(zip(rows["factor"], rows["mask"]))
     np.testing.assert_array_equal(by_factor["reference"].keep, direct(*hsdl_factors(hsdl, level=1), 0.9))
     np.testing.assert_array_equal(by_factor["HSDL level"].keep, direct(*hsdl_factors(hsdl, level=2), 0.9))
     np.testing.assert_array_equal(by_factor["threshold k1"].keep, direct(*hsdl_factors(hsdl, level=1), 0.7))
     for mask in rows["mask"]:
-        assert (caep.kept_per_layer(mask.keep, sizes) >= store.top_k).all() and mask.ratio == 0.5
+        assert (caep.PruningBudget(tuple(sizes)).kept_per_layer(mask.keep) >= store.top_k).all() and mask.ratio == 0.5
     # the refits are cached: the same inputs read the same dictionary back
     small = ablation.refit(X, hsdl, [0.5], tmp_path)
     assert small.level_sizes_ == [hsdl.level_sizes_[0] // 2]
@@ -59,7 +59,7 @@ def test_variants_change_one_setting_each(fitted, tmp_path):
 def test_ablation_table_reads_the_comparisons(fitted, tmp_path):
     _, _, store, X, hsdl = fitted
     sizes = [store.n_experts] * store.n_layers
-    rows = ablation.caep_variants(hsdl, X, 0.5, layer_sizes=sizes, min_per_layer=store.top_k, threshold_ratio=0.9,
+    rows = ablation.caep_variants(hsdl, X, 0.5, budget=caep.PruningBudget(tuple(sizes), store.top_k), threshold_ratio=0.9,
                                   k1_values=(0.7,), size_values=(), cache_dir=tmp_path)
     methods = [m.method for m in rows["mask"]] + ["caep_layer"]
     compared = pd.DataFrame({"measure": "blimp", "method": methods, "ratio": 0.5, "reference": "random",

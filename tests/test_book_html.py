@@ -383,3 +383,22 @@ def test_a_planted_token_renders_as_text_in_the_browser(tmp_path):
         browser.close()
     assert found["images"] == 0 and not found["fired"]
     assert found["text"].count(planted) >= 2  # in the table and in the token rendering, as text
+
+
+#: The teaching page and how many exercises it sets (sphinx-exercise), each with a folded solution.
+TEACHING_PAGE = "book/teaching.html"
+N_EXERCISES = 8
+
+
+def test_exercises_are_numbered_with_folded_solutions():
+    """Every exercise of the teaching page renders as a numbered exercise, and each has a solution
+    that folds (a dropdown, closed until the reader opens it) and links back to its exercise."""
+    import re
+
+    page = (_book_dir() / TEACHING_PAGE).read_text()
+    exercises = re.findall(r'<div class="exercise admonition" id="([\w-]+)"', page)
+    solutions = re.findall(r'<div class="solution dropdown admonition" id="[^"]+">\s*<p class="admonition-title">'
+                           r'Solution to<a class="reference internal" href="#([\w-]+)">', page)
+    assert len(exercises) == N_EXERCISES and sorted(solutions) == sorted(exercises)
+    assert [int(n) for n in re.findall(r'<span class="caption-number">Exercise (\d+) </span>', page)] == list(
+        range(1, N_EXERCISES + 1))

@@ -44,7 +44,6 @@ def test_caep_hand_computed_loop():
     # m = [F T T T] (3 > 2): drop atom 0 -> e = 0 2 2 4, still 3; drop atom 1 -> e = 0 0 0 4
     np.testing.assert_array_equal(result.keep, [False, False, False, True])
     assert result.atoms_removed.tolist() == [0, 1] and result.reached and result.guard is None
-    np.testing.assert_array_equal(caep.caep_mask(D, R, 0.75, 0.5), result.keep)
 
 
 def test_caep_ties_go_to_the_lowest_index():
@@ -75,7 +74,7 @@ def test_caep_guard_restores_and_compensates():
     D, R = np.eye(6), np.arange(1.0, 7.0)[:, None]
     bare = caep.caep(D, R, 0.99, 0.5)
     np.testing.assert_array_equal(bare.keep, [False, False, False, True, True, True])
-    guarded = caep.caep(D, R, 0.99, 0.5, layer_sizes=[3, 3], min_per_layer=1)
+    guarded = caep.caep(D, R, 0.99, 0.5, budget=caep.PruningBudget((3, 3), 1))
     np.testing.assert_array_equal(guarded.keep, [False, False, True, False, True, True])
     np.testing.assert_array_equal(guarded.algorithm_keep, bare.keep)
     assert guarded.guard.restored == ["L0E2"] and guarded.guard.dropped == ["L1E0"]
@@ -83,11 +82,11 @@ def test_caep_guard_restores_and_compensates():
 
 
 def test_guard_grows_the_budget_only_when_no_layer_has_room():
-    keep, note = caep.guard_min_per_layer([False, False, True, False], [1.0, 3.0, 2.0, 4.0], [2, 2], 1)
+    keep, note = caep.guard_min_per_layer([False, False, True, False], [1.0, 3.0, 2.0, 4.0], caep.PruningBudget((2, 2), 1))
     np.testing.assert_array_equal(keep, [False, True, True, False])
     assert note.restored == ["L0E1"] and note.dropped == []
     assert "1 more experts kept" in str(note)
-    unchanged, quiet = caep.guard_min_per_layer([True, False, True, False], [1, 1, 1, 1], [2, 2], 1)
+    unchanged, quiet = caep.guard_min_per_layer([True, False, True, False], [1, 1, 1, 1], caep.PruningBudget((2, 2), 1))
     assert not quiet.changed and unchanged.tolist() == [True, False, True, False]
 
 
@@ -112,48 +111,78 @@ def test_caep_rejects_bad_inputs():
     with pytest.raises(ValueError, match="N_p"):
         caep.caep(np.eye(2), np.ones((3, 1)), 0.5, 0.5)
     with pytest.raises(ValueError, match="sum to"):
-        caep.caep(np.eye(4), np.ones((4, 1)), 0.5, 0.5, layer_sizes=[2, 1], min_per_layer=1)
+        caep.caep(np.eye(4), np.ones((4, 1)), 0.5, 0.5, budget=caep.PruningBudget((2, 1), 1))
+
+
+@pytest.mark.parametrize("args, message", [
+    (((),), "non-empty"), (((2, 0),), "positive"), (((2.5, 2),), "positive"), (((2, 2), 3), "min_per_layer=3"),
+    (((2, 2), -1), "min_per_layer=-1"), (((2, 2), 0, [[1, 2]]), "allowed has 1 entries"),
+])
+def test_a_budget_that_cannot_hold_is_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        caep.PruningBudget(*args)
+
+
+def test_budget_of_a_model_reads_its_layers(random_models):
+    from moe_utils.expert_surgery import allowed_counts
+    from moe_utils.models import moe_layers
+
+    for name in ("olmoe", "deepseek_v3"):
+        model, _ = random_models[name]
+        layers = moe_layers(model)
+        budget = caep.PruningBudget.for_model(model, layers)
+        assert budget.layer_sizes == tuple(layer.num_experts for layer in layers)
+        assert budget.min_per_layer == max(layer.top_k for layer in layers)
+        assert [None if r is None else list(r) for r in budget.allowed] == allowed_counts(model)
+        assert budget.restricted == (name == "deepseek_v3")
+        assert caep.PruningBudget.for_model(model, min_per_layer=1).min_per_layer == 1
 
 
 # ------------------------------------------------------------------------ per-layer masks
 def test_layerwise_mask_quota_ties_and_guard():
     scores = np.array([5, 1, 1, 3, 2, 0, 9, 9], dtype=float)
-    assert caep.layer_quota([4, 4], 0.5).tolist() == [2, 2]
-    assert caep.layer_quota([6], 0.25).tolist() == [4]  # 1.5 experts rounds up to 2 pruned
-    keep = caep.layerwise_mask(scores, [4, 4], 0.25)  # one per layer; the tie 1, 1: expert 1 goes
+    four = caep.PruningBudget((4, 4))
+    assert four.quota(0.5).tolist() == [2, 2]
+    assert caep.PruningBudget((6,)).quota(0.25).tolist() == [4]  # 1.5 experts rounds up to 2 pruned
+    keep = caep.layerwise_mask(scores, four, 0.25)  # one per layer; the tie 1, 1: expert 1 goes
     np.testing.assert_array_equal(keep, [True, False, True, True, True, False, True, True])
-    np.testing.assert_array_equal(caep.layerwise_mask(scores, [4, 4], 0.5),
+    np.testing.assert_array_equal(caep.layerwise_mask(scores, four, 0.5),
                                   [True, False, False, True, False, False, True, True])
-    assert caep.layerwise_mask(scores, [4, 4], 0.75, min_per_layer=2).sum() == 4  # guard: 2 per layer, not 1
-    a, b = (caep.random_mask([8, 8], 0.5, seed) for seed in (0, 1))
-    assert caep.kept_per_layer(a, [8, 8]).tolist() == [4, 4] and not np.array_equal(a, b)
-    np.testing.assert_array_equal(a, caep.random_mask([8, 8], 0.5, 0))
+    guarded = caep.PruningBudget((4, 4), 2)
+    assert caep.layerwise_mask(scores, guarded, 0.75).sum() == 4  # guard: 2 per layer, not 1
+    assert guarded.quota(0.75, guard=False).tolist() == [1, 1]
+    eight = caep.PruningBudget((8, 8))
+    a, b = (caep.random_mask(eight, 0.5, seed) for seed in (0, 1))
+    assert eight.kept_per_layer(a).tolist() == [4, 4] and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, caep.random_mask(eight, 0.5, 0))
 
 
 # ------------------------------------------------------- group-limited routers (allowed counts)
 def test_round_up_to_allowed_restores_each_layers_best_pruned_experts():
     # layer 0 keeps 1 (allowed: 2 or 4) -> its best pruned expert returns; layer 1 keeps 2, allowed
     keep, restored = caep.round_up_to_allowed([True, False, False, False, True, True, False, False],
-                                              [9, 1, 5, 5, 0, 0, 7, 7], [4, 4], [[2, 4], None])
+                                              [9, 1, 5, 5, 0, 0, 7, 7], caep.PruningBudget((4, 4), 0, [[2, 4], None]))
     np.testing.assert_array_equal(keep, [True, False, True, False, True, True, False, False])
     assert restored == ["L0E2"]  # the tie 5, 5 goes to the lowest row
-    unchanged, none = caep.round_up_to_allowed([True, True, False, False], [1, 1, 1, 1], [4], [[2, 4]])
+    unchanged, none = caep.round_up_to_allowed([True, True, False, False], [1, 1, 1, 1],
+                                               caep.PruningBudget((4,), 0, [[2, 4]]))
     assert none == [] and unchanged.tolist() == [True, True, False, False]
     with pytest.raises(ValueError, match="2 entries"):
-        caep.round_up_to_allowed([True] * 4, [1] * 4, [4], [[2, 4], None])
+        caep.PruningBudget((4,), 0, [[2, 4], None])
 
 
 def test_quotas_and_caep_keep_only_allowed_counts():
     allowed = [[2, 4, 6], [2, 4, 6]]
-    assert caep.layer_quota([6, 6], 0.5).tolist() == [3, 3]
-    assert caep.layer_quota([6, 6], 0.5, allowed=allowed).tolist() == [4, 4]  # rounded up, never down
-    assert caep.kept_per_layer(caep.random_mask([6, 6], 0.5, 0, allowed=allowed), [6, 6]).tolist() == [4, 4]
+    budget, plain_budget = caep.PruningBudget((6, 6), 2, allowed), caep.PruningBudget((6, 6), 2)
+    assert plain_budget.quota(0.5).tolist() == [3, 3]
+    assert budget.quota(0.5).tolist() == [4, 4]  # rounded up, never down
+    assert budget.kept_per_layer(caep.random_mask(budget, 0.5, 0)).tolist() == [4, 4]
     rng = np.random.default_rng(3)
     D, R = rng.random((12, 5)), rng.random((5, 40))
     for ratio in (0.25, 0.5, 0.75):
-        result = caep.caep(D, R, 0.9, ratio, layer_sizes=[6, 6], min_per_layer=2, allowed=allowed)
-        plain = caep.caep(D, R, 0.9, ratio, layer_sizes=[6, 6], min_per_layer=2)
-        counts = caep.kept_per_layer(result.keep, [6, 6])
+        result = caep.caep(D, R, 0.9, ratio, budget=budget)
+        plain = caep.caep(D, R, 0.9, ratio, budget=plain_budget)
+        counts = budget.kept_per_layer(result.keep)
         assert all(c in (2, 4, 6) for c in counts)
         assert (result.keep >= plain.keep).all()  # only restores
         assert len(result.rounded) == int(result.keep.sum() - plain.keep.sum())

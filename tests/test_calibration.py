@@ -115,7 +115,7 @@ def test_calibration_and_output_search_are_cached(olmoe, olmoe_stats, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.hidden, first.hidden))
     orders = calibration.output_removal_order(model, again.hidden, [1, 1, 1], cache_dir=tmp_path, progress=False)
     assert calibration.output_removal_order(model, again.hidden, [1, 1, 1], cache_dir=tmp_path, progress=False) == orders
-    assert len(list(tmp_path.glob("output-*.json"))) == 1
+    assert len(list(tmp_path.glob("output-*/orders.json"))) == 1
 
 
 # ------------------------------------------------------------------------ output-based

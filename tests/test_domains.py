@@ -15,6 +15,8 @@ import pytest
 import scipy.sparse as sp
 
 from moe_utils import domains
+from moe_utils.artifacts import KeyedCache
+from moe_utils.caep import PruningBudget
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.store import RoutingStore, write_store
 
@@ -78,8 +80,9 @@ def test_domain_factors_restrict_the_codes_to_the_domain(planted_store):
 def test_domain_caep_keeps_each_domains_planted_experts(planted_store):
     x = expert_matrix(planted_store, "token", "weight")
     hsdl = _fake_hsdl(planted_store, np.eye(N_LAYERS * N_EXPERTS), x)
+    budget = PruningBudget((N_EXPERTS,) * N_LAYERS, TOP_K)
     masks = domains.domain_masks(hsdl, planted_store, list(PLANTED), ratio=0.5, methods=["caep"],
-                                 min_per_layer=TOP_K, threshold_ratio=0.25)
+                                 budget=budget, threshold_ratio=0.25)
     assert sorted(masks) == sorted(("caep", d) for d in PLANTED)
     for domain, experts in PLANTED.items():
         keep = masks[("caep", domain)].keep.reshape(N_LAYERS, N_EXPERTS)
@@ -88,7 +91,7 @@ def test_domain_caep_keeps_each_domains_planted_experts(planted_store):
         others = sorted({e for d, ex in PLANTED.items() if d != domain for e in ex} - set(experts))
         assert not keep[:, others].all(axis=0).any(), domain  # no other domain's planted expert kept in every layer
     with pytest.raises(ValueError, match="calibration texts"):
-        domains.domain_masks(hsdl, planted_store, ["math"], ratio=0.5, methods=["frequency"], min_per_layer=TOP_K,
+        domains.domain_masks(hsdl, planted_store, ["math"], ratio=0.5, methods=["frequency"], budget=budget,
                              threshold_ratio=0.25)
 
 
@@ -101,13 +104,13 @@ def test_domain_frequency_baseline_is_calibrated_on_the_domain_only(small_model,
     model, tok = small_model
     split = {"a": TEXTS[:3], "b": TEXTS[3:]}
     store = capture_routing(model, tok, TEXTS, out_dir=tmp_path / "all", labels=["a"] * 3 + ["b"] * 4, progress=False)
-    masks = domains.domain_masks(None, store, ["a", "b"], ratio=0.5, methods=["frequency"], min_per_layer=store.top_k,
+    budget = PruningBudget.for_model(model)
+    masks = domains.domain_masks(None, store, ["a", "b"], ratio=0.5, methods=["frequency"], budget=budget,
                                  threshold_ratio=0.9, calibration=split, model=model, tokenizer=tok)
-    sizes = [store.n_experts] * store.n_layers
     for domain, texts in split.items():  # independent truth: routing captured on the domain's texts alone
         own = capture_routing(model, tok, texts, out_dir=tmp_path / domain, progress=False)
         freq = binary_frequency(own)
-        expected = layerwise_mask(freq, sizes, 0.5, min_per_layer=store.top_k)
+        expected = layerwise_mask(freq, budget, 0.5)
         np.testing.assert_array_equal(masks[("frequency", domain)].keep, expected)
     assert not np.array_equal(masks[("frequency", "a")].keep, masks[("frequency", "b")].keep)
 
@@ -250,7 +253,7 @@ def test_masked_evaluation_is_cached_and_differs_from_the_original(small_model, 
     _, after, _ = domains.evaluate_pruned(model, tok, None, ["mmlu_pro_ppl_math"], cache_dir=tmp_path / "fresh",
                                           **settings)
     np.testing.assert_allclose(after["loglikelihood"], orig["loglikelihood"], rtol=1e-5)
-    assert len(list(tmp_path.glob("*.json"))) == 2 and not list(tmp_path.glob(".*tmp"))
+    assert len(list(tmp_path.glob("eval-*/manifest.json"))) == 2 and not list(tmp_path.rglob(".*tmp"))
 
 
 def test_cache_recomputes_a_corrupted_entry_and_separates_keys(tmp_path):
@@ -268,8 +271,9 @@ def test_cache_recomputes_a_corrupted_entry_and_separates_keys(tmp_path):
     pd.testing.assert_frame_equal(first, again)
     domains.cached_evaluation(tmp_path, "k4", {"limit": 4}, run)
     assert len(calls) == 2
-    assert json.loads((tmp_path / "k4.json").read_text())["describe"] == {"limit": 4}
-    parquet = tmp_path / "k3.parquet"
+    entries = KeyedCache(tmp_path, "eval")
+    assert json.loads((entries.entry("k4") / "manifest.json").read_text())["describe"] == {"limit": 4}
+    parquet = entries.entry("k3") / "documents.parquet"
     parquet.write_bytes(parquet.read_bytes()[:-3] + b"xyz")
     _, redone, hit = domains.cached_evaluation(tmp_path, "k3", {"limit": 3}, run)
     assert not hit and len(calls) == 3 and redone["loglikelihood"].item() == -3.0
@@ -369,9 +373,6 @@ def test_cached_masks_round_trip(tmp_path):
     np.testing.assert_array_equal(again[("reap", "law")].keep, first[("reap", "law")].keep)
     domains.cached_masks(tmp_path, {"ratio": 0.25}, compute)
     assert len(calls) == 2
-    import moe_utils.stats as module
-
-    assert domains.code_digest(module) != domains.code_digest(domains)
 
 
 def _mc_docs(correct_by_category: dict[str, list[int]]) -> pd.DataFrame:

@@ -205,7 +205,7 @@ def test_save_and_load_round_trip(tmp_path, data, fitted):
 @pytest.mark.parametrize("edit, message", [
     (lambda m: json.dumps({**m, "files": {}}), "must list exactly"),
     (lambda m: json.dumps({**m, "files": {"arrays.npz": m["files"]["arrays.npz"]}}), "must list exactly"),
-    (lambda m: json.dumps([m]), "format 'list'"),
+    (lambda m: json.dumps([m]), "holds a list, not an object"),
     (lambda m: "{not json", "is not valid JSON"),
 ])
 def test_an_edited_manifest_is_refused(tmp_path, fitted, edit, message):

@@ -50,3 +50,21 @@ def test_architecture_table_reads_the_model_as_discovery_does():
     assert table.loc["top-k", "value"] == str(cfg.num_experts_per_tok)
     assert table.loc["parameters, total", "value"] == f"{counts['total']:,}"
     assert "weights on disk" not in table.index
+
+
+def test_summary_states_training_only_for_a_recorded_model():
+    import numpy as np
+
+    model, _ = random_model("olmoe")
+    counts, layers = model_card.parameter_counts(model), model_card.moe_layers(model)
+    usage = np.full((len(layers), layers[0].num_experts), 1 / layers[0].num_experts)
+    plain = model_card.summary("random:olmoe", counts, layers, 1234.5, 2.0, usage, None)
+    assert "Trained here" not in plain and "Licence" not in plain and "1,234" in plain and "2 times" in plain
+    assert f"{1 / layers[0].num_experts:.2%} of its layer's slots" in plain
+    trained = model_card.summary("embedded", counts, layers, 195.0, 0.21, usage, {"train_seconds": 600})
+    assert "Trained here in 10 minutes" in trained and "Licence" in trained and "BLiMP" not in trained
+    from types import SimpleNamespace
+
+    with_blimp = model_card.summary("embedded", counts, layers, 195.0, 0.21, usage, None,
+                                    blimp=(SimpleNamespace(estimate=0.589, low=0.579, high=0.598), 6700))
+    assert "BLiMP accuracy 58.9% [57.9%, 59.8%] on 6,700 minimal pairs" in with_blimp.split("\n")[2]

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 from moe_utils import caep, pruning
 from moe_utils.routing import capture_routing
@@ -23,21 +22,22 @@ def test_pruning_masks_for_every_method(olmoe, olmoe_stats):
     model, _ = olmoe
     D = np.random.default_rng(0).random((24, 5))
     R = sp.random(5, 40, density=0.4, random_state=0, format="csr")
-    masks = pruning.pruning_masks([0.25, 0.5], layer_sizes=[8, 8, 8], min_per_layer=2, stats=olmoe_stats,
+    budget = caep.PruningBudget((8, 8, 8), 2)
+    masks = pruning.pruning_masks([0.25, 0.5], budget=budget, stats=olmoe_stats,
                                   dictionary=(D, R), seeds=(0, 1), model=model, progress=False)
     assert [m.label for m in masks[:4]] == ["caep", "caep", "caep_layer", "caep_layer"]
     assert len(masks) == 2 * (len(pruning.METHODS) + 1)
     for mask in masks:
-        counts = caep.kept_per_layer(mask.keep, [8, 8, 8])
+        counts = budget.kept_per_layer(mask.keep)
         assert (counts >= 2).all()
         if mask.method != "caep":
             assert counts.tolist() == [6, 6, 6] if mask.ratio == 0.25 else [4, 4, 4]
     output = {m.ratio: m.keep for m in masks if m.method == "output"}
     assert (output[0.25] >= output[0.5]).all()  # nested: the greedy order serves every ratio
     np.testing.assert_array_equal(next(m.keep for m in masks if m.method == "frequency" and m.ratio == 0.5),
-                                  caep.layerwise_mask(olmoe_stats.score("frequency"), [8] * 3, 0.5))
+                                  caep.layerwise_mask(olmoe_stats.score("frequency"), budget, 0.5))
     with pytest.raises(ValueError, match="caep needs dictionary"):
-        pruning.pruning_masks([0.5], layer_sizes=[8] * 3, min_per_layer=2, methods=["caep"])
+        pruning.pruning_masks([0.5], budget=budget, methods=["caep"])
     overlap = pruning.mask_overlap(masks[:2])
     assert overlap.iloc[0, 0] == 1.0 and 0 <= overlap.iloc[0, 1] <= 1
 
@@ -47,26 +47,24 @@ def test_group_limited_router_gets_only_masks_it_can_route(random_models):
     every method's mask rounds up to those counts and masks the model; the one-at-a-time output
     search is refused with the reason."""
     from moe_utils.calibration import calibrate
-    from moe_utils.expert_surgery import allowed_counts, masked_experts
-    from moe_utils.models import moe_layers
+    from moe_utils.expert_surgery import masked_experts
 
     model, tok = random_models["deepseek_v3"]
-    sizes = [layer.num_experts for layer in moe_layers(model)]
-    allowed = allowed_counts(model)
-    skipped = pruning.unsupported_methods(pruning.METHODS, allowed)
+    budget = caep.PruningBudget.for_model(model, min_per_layer=2)
+    sizes, allowed = budget.layer_sizes, budget.allowed
+    skipped = pruning.unsupported_methods(pruning.METHODS, budget)
     assert list(skipped) == ["output"] and "group-limited" in skipped["output"]
-    assert pruning.unsupported_methods(pruning.METHODS, [None] * len(sizes)) == {}
+    assert pruning.unsupported_methods(pruning.METHODS, caep.PruningBudget(sizes, 2)) == {}
     stats = calibrate(model, tok, TEXTS, batch_size=3, max_length=64, progress=False)
     rng = np.random.default_rng(0)
     dictionary = (rng.random((sum(sizes), 5)), rng.random((5, 30)))
     with pytest.raises(ValueError, match="output removes one expert at a time"):
-        pruning.pruning_masks([0.5], layer_sizes=sizes, min_per_layer=2, stats=stats, dictionary=dictionary,
-                              model=model, allowed=allowed, progress=False)
+        pruning.pruning_masks([0.5], budget=budget, stats=stats, dictionary=dictionary, model=model, progress=False)
     methods = [m for m in pruning.METHODS if m not in skipped]
-    masks = pruning.pruning_masks([0.25, 0.5, 0.75], layer_sizes=sizes, min_per_layer=2, methods=methods,
-                                  stats=stats, dictionary=dictionary, model=model, allowed=allowed, progress=False)
+    masks = pruning.pruning_masks([0.25, 0.5, 0.75], budget=budget, methods=methods,
+                                  stats=stats, dictionary=dictionary, model=model, progress=False)
     for mask in masks:
-        assert all(c in rule for c, rule in zip(caep.kept_per_layer(mask.keep, sizes), allowed)), mask.label
+        assert all(c in rule for c, rule in zip(budget.kept_per_layer(mask.keep), allowed)), mask.label
         with masked_experts(model, mask.keep):  # raises PruningError for a count the router cannot route
             pass
     at_75 = next(m for m in masks if m.method == "frequency" and m.ratio == 0.75)
@@ -133,7 +131,7 @@ def test_method_ranks():
 
 
 def test_save_and_load_pruning(tmp_path, olmoe_stats):
-    masks = [pruning.unpruned_mask(24), pruning.PruningMask("random", 0.5, caep.random_mask([8] * 3, 0.5, 3),
+    masks = [pruning.unpruned_mask(24), pruning.PruningMask("random", 0.5, caep.random_mask(caep.PruningBudget((8,) * 3), 0.5, 3),
                                                              seed=3, note="n")]
     pruning.save_pruning(tmp_path, masks, _results(), stats=olmoe_stats, extra={"parameters": {"x": 1}})
     loaded, results, manifest = pruning.load_pruning(tmp_path)

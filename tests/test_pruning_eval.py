@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moe_utils import pruning_eval  # noqa: E402
-from moe_utils.caep import random_mask  # noqa: E402
+from moe_utils.caep import PruningBudget, random_mask  # noqa: E402
 from moe_utils.pruning import PruningMask, unpruned_mask  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,8 +32,8 @@ def evaluated(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tok = load_model("embedded")
-    sizes = [16] * 6
-    masks = [unpruned_mask(96)] + [PruningMask("random", 0.5, random_mask(sizes, 0.5, s, min_per_layer=2), seed=s)
+    budget = PruningBudget((16,) * 6, 2)
+    masks = [unpruned_mask(96)] + [PruningMask("random", 0.5, random_mask(budget, 0.5, s), seed=s)
                                    for s in (0, 1)]
     cache = tmp_path_factory.mktemp("cache")
     first = pruning_eval.evaluate_documents(model, tok, masks, RUNS, cache_dir=cache, progress=False, batch_size=16,

@@ -13,12 +13,13 @@ from moe_utils.pruning import PruningMask
 def test_caep_steps_match_algorithm_1():
     rng = np.random.default_rng(0)
     D, R = rng.random((12, 5)), rng.random((5, 40))
-    steps = pruning_stage.caep_steps(D, R, [0.25, 0.5], threshold_ratio=0.9, layer_sizes=[4, 4, 4], min_per_layer=2)
+    budget = caep.PruningBudget((4, 4, 4), 2)
+    steps = pruning_stage.caep_steps(D, R, [0.25, 0.5], threshold_ratio=0.9, budget=budget)
     for row, ratio in zip(steps.itertuples(index=False), [0.25, 0.5]):
-        result = caep.caep(D, R, 0.9, ratio, layer_sizes=[4, 4, 4], min_per_layer=2)
+        result = caep.caep(D, R, 0.9, ratio, budget=budget)
         assert row[steps.columns.get_loc("kept by Algorithm 1")] == result.algorithm_keep.sum()
         assert row[steps.columns.get_loc("per layer, guarded")] == " ".join(
-            map(str, caep.kept_per_layer(result.keep, [4, 4, 4])))
+            map(str, budget.kept_per_layer(result.keep)))
     assert "restored for the router's groups" not in steps.columns  # no group-limited router
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils import routing
+from moe_utils import artifacts, routing
 from moe_utils.models import moe_layers
 from moe_utils.routing import capture_routing, record_routing
 from moe_utils.store import RoutingStore, StoreError
@@ -179,8 +179,8 @@ def test_a_truncated_chunk_of_an_unfinished_capture_is_captured_again(olmoe, tmp
 def test_partial_chunks_are_written_under_names_unique_to_each_writer(olmoe, tmp_path, monkeypatch):
     model, tok = olmoe
     seen = []
-    real_replace = routing.os.replace
-    monkeypatch.setattr(routing.os, "replace", lambda a, b: (seen.append(Path(a).name), real_replace(a, b))[1])
+    real_replace = artifacts.os.replace  # every atomic write of the package goes through moe_utils.artifacts
+    monkeypatch.setattr(artifacts.os, "replace", lambda a, b: (seen.append(Path(a).name), real_replace(a, b))[1])
     capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", batch_size=2, progress=False)
     temporary = [name for name in seen if name.startswith(".chunk-")]
     assert len(temporary) == 4 and len(set(temporary)) == 4

@@ -1,0 +1,138 @@
+"""What stage 3 reports about the annotated atoms (the paper's Figs 5 and 7), as tables and numbers.
+
+Each function takes the :class:`moe_utils.annotation.Annotation` of a routing store and its HSDL
+(or the store) and returns the tables a page shows with a dict of the values it glues into its
+text: :func:`levels_table` (how well atoms explain tokens), :func:`atom_view` (the labelled atoms
+of a level), :func:`hierarchy_findings` (do finer atoms refine coarser ones),
+:func:`shortest_questions` (what the coloured prompts show), :func:`domain_summary` (how alike the
+domains use experts) and :func:`enrichment_summary` (which atoms prefer a domain).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moe_utils import annotation
+from moe_utils.store import RoutingStore
+
+CORRECTIONS = {"bh": "Benjamini-Hochberg", "bonferroni": "Bonferroni"}
+#: The values :func:`hierarchy_findings` glues, all 0 for a single-level HSDL.
+HIERARCHY_VALUES = ("n_parents", "copy_share", "split_share", "nesting", "purer_share", "same_class_share")
+
+
+def require_token_columns(hsdl, path: str | Path) -> None:
+    """Annotation reads one column of X per token: ValueError, saying how to re-fit, otherwise."""
+    x_spec = hsdl.manifest_.get("x_spec", {})
+    if x_spec.get("granularity", "token") != "token":
+        raise ValueError(f"{path} was fitted on {x_spec['granularity']} columns; annotation needs token "
+                         "columns: re-run stage 2 with granularity='token'")
+
+
+def class_table(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Token classes over all captured tokens (count and share): the base rates of the profiles."""
+    return tokens["token_class"].value_counts().rename("tokens").to_frame().assign(
+        share=lambda f: f["tokens"] / f["tokens"].sum())
+
+
+def levels_table(result: annotation.Annotation) -> tuple[pd.DataFrame, dict]:
+    """Per level: atoms, atoms explaining a token, share of tokens no atom explains, median share of
+    a token's best atom and domain-specific atoms (over tokens and over questions); with level 1's
+    median best share (%), atoms explaining a token and unexplained tokens (%)."""
+    tokens, rows = result.tokens, []
+    for k, level in enumerate(result.levels, start=1):
+        used = level.atoms[level.atoms["n_tokens"] > 0]
+        rows.append({"level": k, "atoms": len(level.atoms), "atoms explaining a token": len(used),
+                     "tokens no atom explains": float((tokens[f"atom_{k}"] < 0).mean()),
+                     "median share of the best atom": float(tokens[f"share_{k}"].median()),
+                     "domain-specific atoms (tokens)": int(level.atoms["domain_specific"].sum()),
+                     "domain-specific atoms (questions)": int(level.atoms["domain_specific_by_sample"].sum())})
+    table = pd.DataFrame(rows).set_index("level")
+    return table, {"best_share_1": float(table.loc[1, "median share of the best atom"] * 100),
+                   "n_explaining_1": int(table.loc[1, "atoms explaining a token"]),
+                   "unexplained_1": float(table.loc[1, "tokens no atom explains"] * 100)}
+
+
+def most_explaining(level: annotation.LevelAnnotation, n: int) -> pd.DataFrame:
+    """The ``n`` atoms of a level that explain the most tokens (ties: lowest atom first)."""
+    return level.atoms.sort_values(["n_tokens", "atom"], ascending=[False, True]).head(n)
+
+
+def atom_view(level: annotation.LevelAnnotation, n: int) -> pd.DataFrame:
+    """The labelled atoms of :func:`most_explaining`: atom, first experts, tokens, label, q over questions."""
+    view = most_explaining(level, n)
+    view = view.assign(experts=view["experts"].map(lambda e: " ".join(e[:4]) + (" ..." if len(e) > 4 else "")))
+    return (view[["atom", "experts", "n_tokens", "label", "min_q_by_sample"]]
+            .rename(columns={"n_tokens": "tokens", "min_q_by_sample": "q (questions)"}))
+
+
+def hierarchy_findings(result: annotation.Annotation, hsdl, shown_parents, *,
+                       min_share: float = 0.1) -> tuple[pd.DataFrame | None, dict]:
+    """Do level-2 atoms refine level-1 ones? The edges of :func:`moe_utils.annotation.hierarchy_tree`
+    for ``shown_parents`` and the numbers: parents, shares (%) copied by one child (> 95%), split
+    between children (two or more taking >= 10% of its tokens), mean nesting, children purer than
+    their parent and keeping its top class. ``(None, zeros)`` for a single-level HSDL."""
+    if len(result.levels) < 2:
+        return None, dict.fromkeys(HIERARCHY_VALUES, 0)
+    tree = annotation.hierarchy_tree(result, hsdl, level=1, min_share=min_share)
+    with_tokens = tree[tree["child_tokens"] > 0]
+    splits = (tree["taken"] >= 0.1).groupby(tree["parent"]).sum()  # children taking >= 10% of the parent's tokens
+    copies = tree.groupby("parent")["share"].max() > 0.95
+    purer = (with_tokens["child_entropy"] < with_tokens["parent_entropy"]).mean() if len(with_tokens) else 0.0
+    values = {"n_parents": int(tree["parent"].nunique()), "copy_share": float(copies.mean() * 100),
+              "split_share": float((splits >= 2).mean() * 100) if len(splits) else 0.0,
+              "nesting": float(with_tokens["nesting"].mean() * 100) if len(with_tokens) else 0.0,
+              "purer_share": float(purer * 100),
+              "same_class_share": float(with_tokens["same_top_class"].mean() * 100) if len(with_tokens) else 0.0}
+    shown = tree[tree["parent"].isin(shown_parents)].sort_values(["parent", "share"], ascending=[True, False])
+    return shown[["parent", "parent_label", "child", "share", "child_label", "taken", "nesting"]], values
+
+
+def shortest_questions(tokens: pd.DataFrame, categories) -> list[tuple[int, str]]:
+    """The shortest captured question of each category (ties: lowest sample first) with a caption."""
+    lengths = tokens.groupby("sample_id").agg(n=("position", "size"), label=("label", "first"))
+    out = []
+    for category in categories:
+        sample = int(lengths[lengths["label"] == category].sort_values(["n"], kind="stable").index[0])
+        out.append((sample, f"{category} (question {sample}, {lengths.at[sample, 'n']} tokens)"))
+    return out
+
+
+def domain_summary(store: RoutingStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """The paper's Fig 7: each domain's expert-selection profile, their cosine similarity (raw and
+    after removing the mean profile), the ranked pairs, and the closest and farthest pair."""
+    profiles = annotation.domain_profiles(store)
+    similarity = annotation.domain_similarity(profiles)
+    centered = annotation.domain_similarity(profiles, centered=True)
+    matrix = similarity.to_numpy()
+    if not (np.allclose(np.diag(matrix), 1.0, rtol=1e-9) and np.allclose(matrix, matrix.T)):
+        raise RuntimeError("the domain similarity is not a symmetric matrix with a unit diagonal")
+    pairs = annotation.ranked_pairs(similarity)
+    closest, farthest = pairs.iloc[0], pairs.iloc[-1]
+    values = {"closest_pair": f"{closest['a']} and {closest['b']}", "closest_cos": float(closest["cosine"]),
+              "farthest_pair": f"{farthest['a']} and {farthest['b']}", "farthest_cos": float(farthest["cosine"])}
+    return profiles, similarity, centered, pairs, values
+
+
+def enrichment_summary(level: annotation.LevelAnnotation, categories, *, correction: str,
+                       n: int) -> tuple[list[int], pd.DataFrame, dict]:
+    """Which atoms of a level prefer a domain: the ``n`` atoms of smallest q (for the heatmap), the
+    ``n`` most significant (atom, category) rows with labels, and the counts of domain-specific
+    atoms over tokens, over questions and in both, per category."""
+    enrichment = level.enrichment
+    if not (enrichment["q"] >= enrichment["p"] - 1e-12).all():
+        raise RuntimeError("a corrected q-value lies below its p-value")
+    tested = level.atoms[level.atoms["n_tokens"] > 0]
+    per_category = enrichment[enrichment["significant"]].groupby("category").size().reindex(categories, fill_value=0)
+    values = {"n_tested_1": int(len(tested)), "n_specific_1": int(tested["domain_specific"].sum()),
+              "n_specific_sample_1": int(tested["domain_specific_by_sample"].sum()),
+              "n_specific_both_1": int((tested["domain_specific"] & tested["domain_specific_by_sample"]).sum()),
+              "correction": CORRECTIONS[correction],
+              "specific_per_category": ", ".join(f"{c}: {k}" for c, k in per_category.items())}
+    shown = tested.sort_values(["min_q", "n_tokens", "atom"], ascending=[True, False, True]).head(n)["atom"].tolist()
+    table = (enrichment[enrichment["significant"]].sort_values(["q", "atom"]).head(n)
+             .assign(label=lambda f: f["atom"].map(level.labels))
+             [["atom", "category", "n_atom", "overlap", "expected", "lift", "q", "label"]])
+    return shown, table, values

@@ -1,0 +1,166 @@
+"""Stage 5 assembled (moe_utils.domain_results): the evaluation grid with held-out questions left
+out, the Fig 9 analysis on a planted diagonal, the findings, accuracies against the Wilson formula
+written out, stage 4's breakdown, and the checksummed artifact."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moe_utils import domain_results as results5
+from moe_utils import stats
+from moe_utils.artifacts import ArtifactError
+from moe_utils.pruning import PruningMask
+from moe_utils.stages import stage_paths
+
+from .test_domains import _docs, _stage4_results
+
+CATS = ["math", "law", "physics", "psychology"]  # 4! = 24 permutations: p can fall below 0.05
+
+
+def test_domain_metric():
+    assert results5.domain_metric("embedded") == ("byte_perplexity", "byte perplexity")
+    assert results5.domain_metric("random:olmoe")[0] == "byte_perplexity"
+    assert results5.domain_metric("org/real-moe") == ("acc", "accuracy")
+    assert results5.domain_metric("embedded", "bits_per_byte") == ("bits_per_byte", "bits per byte")
+    with pytest.raises(ValueError, match="domain_metric must be one of"):
+        results5.domain_metric("embedded", "f1")
+
+
+def test_inputs_are_checked_against_the_profile():
+    store = SimpleNamespace(tokens=pd.DataFrame({"sample_id": [0, 0, 1], "label": ["math", "math", "law"]}),
+                            manifest={"model": {"name": "embedded"}})
+    results5.check_inputs(store, ["math", "law"], "embedded")
+    with pytest.raises(ValueError, match=r"no tokens of \['physics'\]"):
+        results5.check_inputs(store, ["math", "physics"], "embedded")
+    with pytest.raises(ValueError, match="not 'random:olmoe': re-run 01_capture"):
+        results5.check_inputs(store, ["math"], "random:olmoe")
+    assert results5.domain_calibration(store, ["q0", "q1"], ["math", "law"], ["math", "law"]) == {
+        "math": ["q0"], "law": ["q1"]}
+    with pytest.raises(ValueError, match="other questions"):
+        results5.domain_calibration(store, ["q0", "q1"], ["law", "math"], ["math", "law"])
+
+
+def _planted_grid(rng):
+    """Per-question scores where pruning for a domain costs it 5% of log-likelihood, others 30%."""
+    base = {c: list(-rng.uniform(20, 40, size=12)) for c in CATS}
+    original = _docs(base)
+    docs = {("unpruned", "-", "ppl"): original}
+    for method, own in (("caep", 1.05), ("frequency", 1.3)):  # frequency: no diagonal
+        for target in CATS:
+            frame = _docs({c: [ll * (own if c == target else 1.3) * rng.uniform(0.98, 1.02) for ll in base[c]]
+                           for c in CATS})
+            frame["question_id"] = original["question_id"]
+            docs[(method, target, "ppl")] = frame
+    docs[("caep", "all domains", "ppl")] = docs[("frequency", "math", "ppl")]
+    return results5.EvaluationGrid(docs, pd.DataFrame(), "ppl", {"n_questions_min": 12, "n_questions_max": 12})
+
+
+def test_fig9_analysis_and_findings_on_a_planted_diagonal():
+    grid = _planted_grid(np.random.default_rng(0))
+    results, values = results5.diagonal_results(grid, ["caep", "frequency"], CATS, metric="byte_perplexity",
+                                                confidence=0.95, n_boot=200, seed=0)
+    assert values["p_caep"] == pytest.approx(1 / math.factorial(4)) and values["best_cols_caep"] == 4
+    assert values["adv_low_caep"] > 0 and values["p_baseline"] > values["p_caep"]
+    cells, shown = results5.cells_table(results, CATS)
+    assert len(cells) == 2 * 16 and shown.shape == (8, 4) and set(cells["method"]) == {"CAEP", "frequency"}
+    cell = cells[(cells["method"] == "CAEP") & (cells["target"] == "law") & (cells["evaluated"] == "law")].iloc[0]
+    assert shown.loc[("CAEP", "law"), "law"] == f"{cell['change'] * 100:+.1f} [{cell['low'] * 100:+.1f}, " \
+                                                f"{cell['high'] * 100:+.1f}]"
+    matrices, subtitles = results5.heatmaps(results, CATS)
+    assert list(matrices) == ["CAEP", "frequency"] and "best in 4/4 columns" in subtitles["CAEP"]
+    versus, gain = results5.versus_general(grid, CATS, metric="byte_perplexity", confidence=0.95, n_boot=50, seed=0)
+    assert gain["gain_positive"] == (versus["low"] > 0).sum() and gain["gain_mean"] > 0
+    masks = SimpleNamespace(baseline="frequency", values={"jaccard_mean": 0.25})
+    found = results5.findings("embedded", CATS, n_per_category=20, ratio=0.5, metric_label="byte perplexity",
+                              grid=grid, masks=masks, results=results, versus=versus,
+                              accuracy={"acc_unpruned": 30.0, "acc_chance": 10.0}, first_to_break=None,
+                              confidence=0.95, detectable=0.031)
+    assert found["finding_diagonal_verdict"].startswith("On embedded, the diagonal of CAEP's domain x domain matrix "
+                                                        "is better than permuted domain labels")
+    assert found["finding_diagonal_verdict"].endswith("with 80% power only from 3.1 points on")
+    assert found["finding_diagonal_mde_caep"] == pytest.approx(3.1)
+    assert found["finding_first_to_break"] == "n/a" and "scores on 12-12 other questions" in found["finding_data"]
+    flat = results5.findings("embedded", CATS, n_per_category=20, ratio=0.5, metric_label="m", grid=grid,
+                             masks=SimpleNamespace(baseline="caep", values={"jaccard_mean": 0.0}),
+                             results={"caep": results["frequency"]}, versus=versus, accuracy=found | {
+                                 "acc_unpruned": 1.0, "acc_chance": 1.0}, first_to_break="law", confidence=0.95,
+                             detectable=float("nan"))
+    assert "not distinguishable from" in flat["finding_diagonal_verdict"]
+    power, detectable = results5.diagonal_power(results, CATS, 0.95, True, 0, n_sizes=5)
+    assert len(power) == 5 and power["advantage"].iloc[0] == 0 and power["power"].between(0, 1).all()
+    expected = stats.detectable_advantage(power)  # the smallest planted size detected with 80% power
+    assert (np.isnan(detectable) and np.isnan(expected)) or detectable == expected
+
+
+def test_evaluation_grid_leaves_out_the_calibration_questions(monkeypatch):
+    calls = []
+
+    def fake_evaluate(model, tokenizer, keep, tasks, *, cache_dir, model_id, limit, num_fewshot, **settings):
+        calls.append((None if keep is None else int(np.sum(keep)), tuple(tasks), limit, num_fewshot))
+        kind = "mc" if tasks[0].startswith("mmlu_pro_mc") else "ppl"
+        frame = pd.DataFrame({"kind": kind, "category": ["math"] * 3 + ["law"] * 3, "question_id": [1, 2, 3, 4, 5, 6]})
+        return None, frame, keep is None
+
+    monkeypatch.setattr(results5.domains, "evaluate_pruned", fake_evaluate)
+    masks = {(m, d): PruningMask(m, 0.5, np.array([True, False, True, True])) for m in ("caep", "reap")
+             for d in ("math", "law")}
+    inputs = SimpleNamespace(lm=None, tokenizer=None, model_id={})
+    grid = results5.evaluate_grid(inputs, masks, ["math", "law"], metric="byte_perplexity", held_out={1, 4},
+                                  ppl_limit=3, mc_limit=2, mc_fewshot=0, settings={}, cache_dir=None)
+    assert grid.primary == "ppl" and len(calls) == 2 + 4 + 2  # unpruned twice, every mask, CAEP's second family
+    assert calls[0] == (None, ("mmlu_pro_ppl_math", "mmlu_pro_ppl_law"), 3, None)
+    assert calls[1] == (None, ("mmlu_pro_mc_math", "mmlu_pro_mc_law"), 2, 0)
+    assert grid.docs[("reap", "law", "ppl")]["question_id"].tolist() == [2, 3, 5, 6]
+    assert grid.values["n_left_out"] == 2 and grid.values["n_questions_min"] == 2 and grid.values["n_cached"] == 2
+    with pytest.raises(ValueError, match="raise the limit"):
+        results5.evaluate_grid(inputs, masks, ["math", "law"], metric="acc", held_out={1, 2, 3}, ppl_limit=3,
+                               mc_limit=2, mc_fewshot=0, settings={}, cache_dir=None)
+
+
+def test_accuracy_summary_against_the_wilson_formula(monkeypatch):
+    monkeypatch.setattr(results5.domains, "chance_accuracy", lambda ids, data_dir: 0.1)
+    correct = {"math": [1, 1, 0, 1], "law": [0, 0, 1, 0]}
+    mc = pd.DataFrame([{"kind": "mc", "category": c, "doc_id": i, "question_id": 10 * k + i, "correct": float(v)}
+                       for k, (c, values) in enumerate(correct.items()) for i, v in enumerate(values)])
+    grid = results5.EvaluationGrid({("unpruned", "-", "mc"): mc, ("caep", "math", "mc"): mc,
+                                    ("caep", "law", "mc"): mc}, pd.DataFrame(), "ppl", {})
+    accuracies, chance, values = results5.accuracy_summary(grid, ["math", "law"], confidence=0.95, data_dir=None)
+    n, p, z = 8, 4 / 8, 1.959963984540054
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    assert values["acc_unpruned"] == 50.0 and values["acc_n"] == 8 and chance == 0.1
+    assert values["acc_unpruned_low"] == pytest.approx((centre - half) * 100)
+    assert values["acc_unpruned_high"] == pytest.approx((centre + half) * 100)
+    assert len(accuracies) == 3 * 2  # unpruned and CAEP for each domain, per domain
+
+
+def test_stage4_breakdown_with_and_without_stage_4():
+    breakdown, cells, label, values = results5.stage4_breakdown(None, CATS, metric="byte_perplexity")
+    assert breakdown.empty and cells is None and values["first_to_break"] == "n/a (stage 4 missing)"
+    assert math.isnan(values["first_ratio_pct"])
+    breakdown, cells, label, values = results5.stage4_breakdown(_stage4_results(), ["math", "law"],
+                                                                metric="byte_perplexity")
+    assert label == "bits per byte" and values["first_ratio_pct"] == 25.0
+    assert values["first_to_break"] == "law" and values["last_to_break"] == "math"  # law pays 5% more everywhere
+    assert cells.columns.tolist() == ["math", "law"] and ".." in cells.loc[("random", 0.5), "law"]
+
+
+def test_results_artifact_is_checksummed(tmp_path):
+    paths = stage_paths(tmp_path)
+    inputs = SimpleNamespace(store=SimpleNamespace(manifest={"model": {"name": "embedded"}}), stage4=None)
+    masks = {("caep", "math"): PruningMask("caep", 0.5, np.array([True, False])),
+             ("caep", "all domains"): PruningMask("caep", 0.5, np.array([False, True]))}
+    cells, versus = pd.DataFrame({"change": [0.1]}), pd.DataFrame({"gain": [0.2]})
+    written = results5.save_results(paths, inputs, masks, cells, versus, {"finding_model": "embedded"},
+                                    parameters={"ratio": 0.5})
+    keeps, cells_read, _, manifest = results5.load_results(paths.results)
+    assert list(keeps) == ["caep:math", "caep:all domains"] and keeps["caep:math"].tolist() == [True, False]
+    assert manifest == written and manifest["stage4"] is None and cells_read["change"].item() == 0.1
+    (paths.results / "cells.csv").write_text("change\n0.2\n")
+    with pytest.raises(ArtifactError, match="checksum of cells.csv"):
+        results5.load_results(paths.results)
