@@ -223,7 +223,7 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
     the book's introduction: BLiMP unpruned and at ``ratio``, CAEP against random masks, the
     minimum detectable differences, and what the ablation shows."""
     out = {"finding_pruning_blimp": "BLiMP was not evaluated in this run."}
-    where = f"on the `{model}` model"
+    where = f"on the {model} model"
     pct = f"{ratio:.0%}"
     cmp = compared[np.isclose(compared["ratio"], ratio)]
 
@@ -240,8 +240,8 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
     if "blimp" in measures:
         b = scores[scores["measure"] == "blimp"].set_index(["method", "ratio"])
         unpruned = b.loc[("unpruned", 0.0)]
-        parts = [f"{m} {b.loc[(m, ratio), 'estimate'] * 100:.1f}%" for m in ("caep", "random")
-                 if (m, ratio) in b.index]
+        parts = [f"{name} {b.loc[(m, ratio), 'estimate'] * 100:.1f}%"
+                 for m, name in (("caep", "CAEP"), ("random", "random masks")) if (m, ratio) in b.index]
         out["finding_pruning_blimp"] = (
             f"BLiMP accuracy {where} ({unpruned.n_docs} minimal pairs, macro average over paradigms; chance 50%): "
             f"{unpruned.estimate * 100:.1f}% unpruned (95% interval {unpruned.low * 100:.1f} to "

@@ -42,7 +42,7 @@ def test_findings_read_the_tables():
         ["blimp", "caep_layer", 0.5, "random", -0.001, -0.015, 0.012, 0.007, 0.02, False, 1340],
     ])
     out = pruning_stage.findings("embedded", scores, compared, variants, ["blimp"], 0.5)
-    assert "60.0% unpruned" in out["finding_pruning_blimp"] and "caep 55.0%" in out["finding_pruning_blimp"]
+    assert "60.0% unpruned" in out["finding_pruning_blimp"] and "CAEP 55.0%" in out["finding_pruning_blimp"]
     assert "-2.0 points [-3.5, -0.5]" in out["finding_pruning_vs_random"]
     assert "2.1 points" in out["finding_pruning_mde"]  # median of caep 2.2 and caep_layer 2.0, variants left out
     verdict = out["finding_pruning_ablation"]
