@@ -14,7 +14,6 @@ WikiText-2 calibration text is captured from the model as stage 1 does (:func:`m
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from moe_utils.artifacts import json_digest
+from moe_utils.artifacts import json_digest, sha256_bytes
 from moe_utils.caep import PruningBudget, caep
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
@@ -48,8 +47,8 @@ def refit(X, base: HSDL, levels: Sequence[float], cache_dir: str | os.PathLike) 
     fresh = clone(base).set_params(levels=list(levels))
     params = fresh.get_params()
     X = X.tocsr()
-    key = json_digest({"params": params, "X": hashlib.sha256(X.data.tobytes() + X.indices.tobytes()
-                                                           + X.indptr.tobytes()).hexdigest(), "shape": X.shape})
+    key = json_digest({"params": params, "shape": X.shape,
+                       "X": sha256_bytes(X.data.tobytes() + X.indices.tobytes() + X.indptr.tobytes())})
     path = Path(cache_dir) / f"hsdl-{key}"
     if (path / "manifest.json").is_file():
         return HSDL.load(path, device="cpu")

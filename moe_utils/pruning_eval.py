@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from moe_utils import blimp, evaluation, expert_surgery, paired
 from moe_utils.ablation import is_variant
-from moe_utils.domains import cached_evaluation, code_digest
+from moe_utils.artifacts import code_digest
+from moe_utils.domains import cached_evaluation
 from moe_utils.pruning import PruningMask, evaluation_key
 from moe_utils.routing import model_identity
 
