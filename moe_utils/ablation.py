@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.base import clone
 
 from moe_utils.artifacts import json_digest, sha256_bytes
+from moe_utils.fingerprint import dependency_key, is_stale
 from moe_utils.caep import PruningBudget, caep
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
@@ -47,10 +48,10 @@ def refit(X, base: HSDL, levels: Sequence[float], cache_dir: str | os.PathLike) 
     fresh = clone(base).set_params(levels=list(levels))
     params = fresh.get_params()
     X = X.tocsr()
-    key = json_digest({"params": params, "shape": X.shape,
-                       "X": sha256_bytes(X.data.tobytes() + X.indices.tobytes() + X.indptr.tobytes())})
+    key = json_digest(dependency_key({"params": params, "shape": X.shape,
+                                      "X": sha256_bytes(X.data.tobytes() + X.indices.tobytes() + X.indptr.tobytes())}))
     path = Path(cache_dir) / f"hsdl-{key}"
-    if (path / "manifest.json").is_file():
+    if (path / "manifest.json").is_file() and not is_stale(path / "manifest.json"):
         return HSDL.load(path, device="cpu")
     model = fresh.fit(X)
     model.save(path, extra={"ablation": {"levels": list(levels)}})
@@ -61,7 +62,7 @@ def routing_matrix(model, tokenizer, texts: Sequence[str], *, cache_dir: str | o
                    batch_size: int = 8):
     """X (experts x tokens, routing weights) of ``model`` on ``texts``, captured into a store
     under ``cache_dir`` (reused when the same model and texts were captured before)."""
-    key = json_digest({"model": model_identity(model), "texts": list(texts), "max_length": max_length})
+    key = json_digest(dependency_key({"model": model_identity(model), "texts": list(texts), "max_length": max_length}))
     store = capture_routing(model, tokenizer, list(texts), out_dir=Path(cache_dir) / f"store-{key}",
                             batch_size=batch_size, max_length=max_length, progress=False)
     return expert_matrix(store)

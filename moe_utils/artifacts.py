@@ -22,7 +22,6 @@ evaluation caches and stage 5's results are such folders.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -66,20 +65,6 @@ def json_digest(obj: Any) -> str:
     """sha256 of ``obj`` as canonical JSON (sorted keys; what JSON cannot hold, as ``str``): the
     name of a cache entry, a fingerprint of parameters."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
-
-
-def files_digest(paths: Iterable[str | os.PathLike]) -> str:
-    """sha256 of the contents of ``paths`` in the order given."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def code_digest(*modules) -> str:
-    """sha256 of the source files of ``modules``: part of a cache key, so that a change to the code
-    that computes a cached result invalidates it."""
-    return files_digest(inspect.getfile(module) for module in modules)
 
 
 def package_versions(names: tuple[str, ...] = ("torch", "transformers", "numpy", "moe-collab-study")) -> dict:
@@ -199,10 +184,12 @@ def read_artifact(path: str | os.PathLike, *, what: str, fix: str, format: str |
 class KeyedCache:
     """Results kept under ``root``, one artifact folder per key: ``root/<kind>-<json_digest(key)>/``.
 
-    The key is a JSON-able description of everything the result depends on (model identity, data,
-    settings, code digest); it is kept in the entry's manifest. :meth:`get_or_compute` reads an
-    entry only after it verifies, and recomputes (with a warning) one that does not. A cache with
-    ``root=None`` keeps nothing.
+    The key is a JSON-able description of what the result is computed from (model identity,
+    input digests, settings); :func:`moe_utils.fingerprint.dependency_key` adds the package's code,
+    the data and the library versions, so no entry outlives a change to any of them. The full key
+    is kept in the entry's manifest. :meth:`get_or_compute` reads an entry only after it verifies
+    and when it was not written before ``$MOE_FRESH_SINCE`` (``--force``), and recomputes (with a
+    warning for a damaged one) otherwise. A cache with ``root=None`` keeps nothing.
     """
 
     FORMAT = "moe-cache/1"
@@ -212,12 +199,17 @@ class KeyedCache:
         self.kind = kind
 
     def entry(self, key: Any) -> Path | None:
-        return None if self.root is None else self.root / f"{self.kind}-{json_digest(key)}"
+        from moe_utils.fingerprint import dependency_key
+
+        return None if self.root is None else self.root / f"{self.kind}-{json_digest(dependency_key(key))}"
 
     def load(self, key: Any) -> tuple[Path, dict] | None:
-        """``(folder, manifest)`` of the verified entry for ``key``, or None."""
+        """``(folder, manifest)`` of the verified entry for ``key``, or None (also for one written
+        before ``$MOE_FRESH_SINCE``)."""
+        from moe_utils.fingerprint import is_stale
+
         folder = self.entry(key)
-        if folder is None or not folder.is_dir():
+        if folder is None or not folder.is_dir() or is_stale(folder / MANIFEST):
             return None
         try:
             manifest = read_artifact(folder, what=f"{self.kind} cache entry", fix="it is recomputed",
@@ -229,9 +221,12 @@ class KeyedCache:
 
     def store(self, key: Any, files: Mapping[str, Content], meta: Mapping[str, Any] | None = None) -> Path | None:
         """Write the entry for ``key``: ``files`` and a manifest holding ``meta`` and the key."""
+        from moe_utils.fingerprint import dependency_key
+
         folder = self.entry(key)
         if folder is not None:
-            write_artifact(folder, files, {"format": self.FORMAT, "kind": self.kind, "key": key, **(meta or {})})
+            write_artifact(folder, files, {"format": self.FORMAT, "kind": self.kind, "key": dependency_key(key),
+                                           **(meta or {})})
         return folder
 
     def get_or_compute(self, key: Any, compute: Callable[[], T],

@@ -137,6 +137,9 @@ def _usage(R) -> np.ndarray:
     if R.ndim != 2:
         raise ValueError(f"R must be 2-D (atoms x columns), got shape {R.shape}")
     r_sum = np.asarray(R.sum(axis=1), dtype=np.float64).ravel()
+    if not np.isfinite(r_sum).all():
+        raise ValueError("R holds NaN or infinite codes: the HSDL fit (or the routing it was fitted on) is broken; "
+                         "re-run stage 02 and check the capture")
     if (sp.issparse(R) and R.nnz and R.data.min() < 0) or (not sp.issparse(R) and np.min(R, initial=0) < 0):
         raise ValueError("R has negative codes; CAEP expects HSDL's non-negative codes")
     return r_sum
@@ -149,6 +152,8 @@ def contribution_scores(D, R) -> np.ndarray:
     r_sum = _usage(R)
     if D.ndim != 2 or D.shape[1] != r_sum.shape[0]:
         raise ValueError(f"D must be (N_e, N_p) with N_p = {r_sum.shape[0]} rows of R, got shape {D.shape}")
+    if not np.isfinite(D).all():
+        raise ValueError("D holds NaN or infinite entries: the HSDL fit is broken; re-run stage 02")
     if D.size and D.min() < 0:
         raise ValueError("D has negative entries; CAEP expects HSDL's dictionary in [0, 1]")
     return D @ r_sum
@@ -321,6 +326,10 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, budget: PruningBud
         else:
             lo = mid + 1
     algorithm_keep = mask_after(lo)
+    if not algorithm_keep.any() and budget is None:
+        raise ValueError(f"CAEP keeps no expert at all (threshold_ratio {threshold_ratio}, prune_ratio {prune_ratio}): "
+                         "every contribution fell below the threshold; lower prune_ratio or raise threshold_ratio, "
+                         "or pass a budget whose guard keeps each layer's top-k")
     keep, guard, rounded = algorithm_keep, None, []
     if budget is not None:
         keep, guard = guard_min_per_layer(algorithm_keep, e, budget)

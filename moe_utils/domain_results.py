@@ -29,9 +29,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from moe_utils import caep, calibration, domains, pruning, stats
-from moe_utils.artifacts import ArtifactMissing, code_digest, read_artifact, write_artifact
+from moe_utils import caep, domains, pruning, stats
+from moe_utils.artifacts import ArtifactMissing, read_artifact, write_artifact
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, category_slug
+from moe_utils.markup import code_span
 from moe_utils.models import is_small_model
 from moe_utils.pruning import PruningMask
 
@@ -95,7 +96,7 @@ def describe_inputs(inputs: Inputs, model: str, domain_names: Sequence[str], *, 
     the share pruned and whether stage 4's results were found."""
     store = inputs.store
     tokens = store.tokens["label"].value_counts().reindex(list(domain_names))
-    return (f"**Model:** `{model}` ({store.n_layers} MoE layers x {store.n_experts} experts, top-{store.top_k}). "
+    return (f"**Model:** {code_span(model)} ({store.n_layers} MoE layers x {store.n_experts} experts, top-{store.top_k}). "
             f"**Pruning fitted on:** the {n_per_category} MMLU-Pro test questions per domain captured in stage 1 "
             f"({', '.join(f'{d}: {n} tokens' for d, n in tokens.items())}). "
             f"**Pruned:** {ratio:.0%} of the {store.n_layers * store.n_experts} routed experts. **Stage 4 results:** "
@@ -176,8 +177,7 @@ def fit_masks(inputs: Inputs, domain_names: Sequence[str], *, calibration_texts:
     key = {"store": store.manifest["fingerprint"], "hsdl": hsdl.manifest_["files"], "model": inputs.model_id,
            "domains": list(domain_names), "ratio": ratio, "threshold": threshold_ratio, "level": level,
            "methods": methods, "min_per_layer": budget.min_per_layer, "refit": refit,
-           "calibration": dict(calibration_texts), "calibrate": dict(calibrate_kwargs),
-           "code": code_digest(domains, pruning, caep, calibration)}
+           "calibration": dict(calibration_texts), "calibrate": dict(calibrate_kwargs)}
     masks, cached = domains.cached_masks(cache_dir, key, lambda: domains.domain_masks(
         hsdl, store, domain_names, ratio=ratio, methods=methods, budget=budget, threshold_ratio=threshold_ratio,
         calibration=calibration_texts, model=inputs.lm, tokenizer=inputs.tokenizer, level=level, refit=refit, X=X,

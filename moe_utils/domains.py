@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from moe_utils import stats
-from moe_utils.artifacts import KeyedCache, code_digest, package_versions
+from moe_utils.artifacts import KeyedCache, package_versions
 from moe_utils.caep import PruningBudget
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, resolve_category, results_table, run_harness
 from moe_utils.metrics import better_sign, lower_is_better
@@ -295,19 +294,22 @@ def evaluate_documents(model, tokenizer, tasks: Sequence[str], *, limit: int | N
 def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[str, Any],
                       run: Callable[[], tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
     """``run()`` once per ``key`` (a hex digest, e.g. :func:`moe_utils.pruning.evaluation_key`), kept
-    as a verified entry of a :class:`moe_utils.artifacts.KeyedCache`: the documents in
-    ``documents.parquet``, the harness table, ``describe`` and versions in its manifest; an entry
+    as a verified entry of a :class:`moe_utils.artifacts.KeyedCache`: the harness table and the
+    documents in ``table.parquet`` and ``documents.parquet`` (lossless: a warm run reads back
+    exactly the numbers a cold one computed), ``describe`` and versions in its manifest; an entry
     that does not verify is recomputed. Returns ``(table, documents, from_cache)``."""
+    def parquet(frame: pd.DataFrame) -> bytes:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+
     def encode(result):
         table, docs = result
-        buffer = io.BytesIO()
-        docs.to_parquet(buffer, index=False)
-        return {"documents.parquet": buffer.getvalue()}, {
-            "describe": dict(describe), "table": json.loads(table.to_json(orient="records")),
-            "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study"))}
+        return {"table.parquet": parquet(table), "documents.parquet": parquet(docs)}, {
+            "describe": dict(describe), "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study"))}
 
     def decode(folder: Path, manifest: dict):
-        return pd.DataFrame(manifest["table"]), pd.read_parquet(folder / "documents.parquet")
+        return pd.read_parquet(folder / "table.parquet"), pd.read_parquet(folder / "documents.parquet")
 
     (table, docs), cached = KeyedCache(cache_dir, "eval").get_or_compute(key, run, encode, decode)
     return table, docs, cached
@@ -320,16 +322,15 @@ def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: 
     (:func:`moe_utils.expert_surgery.masked_experts`; ``keep=None``: the unpruned model), cached by
     :func:`cached_evaluation` under :func:`moe_utils.pruning.evaluation_key` of the mask, the
     tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
-    model (``model_id``, default :func:`moe_utils.routing.model_identity`) and the source of the
-    evaluation and masking code (:func:`moe_utils.artifacts.code_digest`)."""
+    model (``model_id``, default :func:`moe_utils.routing.model_identity`); the cache adds the
+    package's code, the data and the versions (:func:`moe_utils.fingerprint.dependency_key`)."""
     from moe_utils import evaluation, expert_surgery
     from moe_utils.pruning import evaluation_key
 
     layers = moe_layers(model)
     n_e = sum(layer.num_experts for layer in layers)
     mask = np.ones(n_e, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
-    run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True,
-                "code": code_digest(evaluation, expert_surgery)}
+    run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True}
     model_id = dict(model_id) if model_id is not None else model_identity(model, layers)
     key = evaluation_key(mask, run_spec, settings, model_id)
 

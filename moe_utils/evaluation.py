@@ -430,6 +430,7 @@ def run_harness(
                              "nor lm-eval stock tasks")
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    _require_finite(lm)
     log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%d)",
              list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,
              lm.max_length, batch_size)
@@ -491,6 +492,29 @@ def evaluate(
         num_fewshot=num_fewshot, categories=categories, wikitext_dir=wikitext_dir, bootstrap_iters=bootstrap_iters,
         blimp_dir=blimp_dir,
     ))
+
+
+def _require_finite(lm) -> None:
+    """Make the harness model's log-likelihood methods raise :class:`~moe_utils.models.NonFiniteError`,
+    naming the task and document, for a NaN or infinite log-likelihood: a broken model must stop the
+    run, not score 100% on BLiMP (NaN comparisons) or report a perplexity of nan."""
+    from moe_utils.models import NonFiniteError
+
+    def checked(method):
+        @functools.wraps(method)
+        def wrapper(requests, *args, **kwargs):
+            results = method(requests, *args, **kwargs)
+            for request, result in zip(requests, results):
+                value = result[0] if isinstance(result, tuple) else result
+                if not math.isfinite(float(value)):
+                    raise NonFiniteError(f"task {request.task_name}, document {request.doc_id}: the model's "
+                                         f"log-likelihood is {value} (NaN or inf); its weights are broken, check "
+                                         "the checkpoint")
+            return results
+        return wrapper
+
+    lm.loglikelihood = checked(lm.loglikelihood)
+    lm.loglikelihood_rolling = checked(lm.loglikelihood_rolling)
 
 
 def _skip_environment_report(storage: dict) -> None:

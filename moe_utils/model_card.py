@@ -22,6 +22,7 @@ import pandas as pd
 
 from moe_utils import blimp, paired
 from moe_utils.evaluation import run_harness, sample_table
+from moe_utils.markup import code_span
 from moe_utils.models import EMBEDDED, RANDOM_PREFIX, moe_layers
 from moe_utils.wikitext import count_words, load_wikitext
 
@@ -117,7 +118,7 @@ def summary(name: str, counts: dict, layers: list, word_ppl: float, ratio: float
     each layer's share of routed slots per expert), and for the embedded model its training."""
     trained = f"Trained here in {record['train_seconds'] / 60:.0f} minutes on a CPU; w" if record else "W"
     lines = [
-        f"- `{name}`: {counts['total'] / 1e6:.1f}M parameters ({counts['active_per_token'] / 1e6:.1f}M active per "
+        f"- {code_span(name)}: {counts['total'] / 1e6:.1f}M parameters ({counts['active_per_token'] / 1e6:.1f}M active per "
         f"token), {len(layers)} MoE layers x {max(layer.num_experts for layer in layers)} experts, "
         f"top-{max(layer.top_k for layer in layers)}.",
         f"- {trained}ord-level perplexity {word_ppl:,.4g} on WikiText-2 test, {ratio:.3g} times a unigram model's.",

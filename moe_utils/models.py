@@ -123,6 +123,11 @@ class MoELayer:
 REGISTRY: dict[str, MoEArchitecture] = {}
 
 
+class NonFiniteError(ValueError):
+    """A model gave NaN or infinite outputs (router logits, log-likelihoods): its results would be
+    meaningless, so the run stops; the message names the layer or task."""
+
+
 def register_architecture(architecture: MoEArchitecture, *, overwrite: bool = False) -> MoEArchitecture:
     """Add an adapter to the registry, for every model type it names; returns it.
 

@@ -9,10 +9,13 @@
 2. validates every key against the parameters cells of the notebooks in ``notebooks/``: a key no
    notebook declares, or a value of the wrong type, is an error, before anything runs;
 3. executes the notebooks in order with papermill into ``book/executed/``; a stage whose inputs
-   (notebook text, parameters, package source, data location, the previous stage) did not change
-   since its last successful run is reused, not re-run; a failed stage stops the run and names
-   the notebook and the cell;
-4. builds the HTML book with Jupyter Book 1.x without re-executing anything.
+   (notebook text, parameters, every file of the package, the model's weights, the data, library
+   versions, the previous stage: :mod:`moe_utils.fingerprint`) did not change since its last
+   successful run is reused, not re-run; a failed stage stops the run and names the notebook and
+   the cell; ``--force`` re-runs the stages and recomputes every cache entry and capture they read
+   that was written before this run;
+4. builds the HTML book with Jupyter Book 1.x without re-executing anything, under the same lock
+   as the stages, so the book only ever shows the run its status page describes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ast
+import errno
 import html
 import json
 import logging
@@ -29,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +41,9 @@ from typing import Any
 import yaml
 
 from moe_utils.artifacts import (
-    atomic_write_bytes, atomic_write_json, files_digest, json_digest, package_versions, sha256_file,
+    atomic_write_bytes, atomic_write_json, json_digest, package_versions, sha256_file,
 )
+from moe_utils.fingerprint import DIGEST_CACHE_ENV, FRESH_ENV, dependency_key, model_digest
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,7 @@ DEFAULT_PROFILE = PROFILES / "tiny.yaml"
 BENCH_RESULTS = ROOT / "bench" / "results"
 STATE_FILE = "pipeline_state.json"  # in the run's artifacts_dir: the state lives with what it describes
 LOCK_FILE = ".pipeline.lock"
-#: Environment variables that change what a stage reads, so they are part of its fingerprint.
-DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_MMLU_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")
+DIGESTS_FILE = ".file-digests.json"  # in the run's artifacts_dir: file digests by path, size and mtime
 #: The top-level key of a profile that describes it; everything else in a profile is a parameter.
 ABOUT = "about"
 #: Fields of the ``about`` block and their types; those in ABOUT_REQUIRED must be there.
@@ -276,19 +281,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _source_digest() -> str:
-    return files_digest(sorted((ROOT / "moe_utils").rglob("*.py")))
-
-
-def stage_fingerprint(stage: Stage, params: dict, previous: str, source: str) -> str:
-    payload = {
+def stage_fingerprint(stage: Stage, params: dict, previous: str) -> str:
+    """The stage's key (:func:`moe_utils.fingerprint.dependency_key`): its notebook, parameters,
+    the previous stage's key and artifacts, the weights of its ``model`` (when it declares one),
+    and the package's files, the data and the library versions."""
+    return json_digest(dependency_key({
         "notebook": sha256_file(stage.path),
         "params": params,
         "previous": previous,
-        "source": source,
-        "env": {k: os.environ.get(k) for k in DATA_ENV},
-    }
-    return json_digest(payload)
+        "model": model_digest(params["model"]) if "model" in params else None,
+    }))
 
 
 def _failed_cell(output: Path) -> str:
@@ -323,13 +325,27 @@ def execute_stage(stage: Stage, params: dict, output: Path) -> float:
             progress_bar=False, log_output=False,
         )
     except papermill.PapermillExecutionError as err:
+        reason = _kernel_os_error(err.ename, err.evalue) or f"{err.ename}: {err.evalue}"
         raise PipelineError(
             f"stage {stage.name} ({stage.path}) failed in {_failed_cell(output)}: "
-            f"{err.ename}: {err.evalue}\nThe executed notebook with the traceback is {output}"
+            f"{reason}\nThe executed notebook with the traceback is {output}"
         ) from None
     seconds = time.perf_counter() - start
     _show_only_injected_parameters(output)
     return seconds
+
+
+def _kernel_os_error(name: str, value: str) -> str | None:
+    """:func:`os_error_message` of an error raised in a stage's kernel, from its printed form
+    (``[Errno 28] No space left on device: 'path'``); a write cut short without an errno
+    (numpy's "N requested and M written") is a full disk too."""
+    if not name.endswith("Error"):
+        return None
+    if match := re.search(r"\[Errno (\d+)\] ([^:]*)(?:: '(.*)')?", value):
+        return os_error_message(OSError(int(match[1]), match[2], match[3]))
+    if re.search(r"\d+ requested and \d+ written", value):
+        return f"the disk is full: a write was cut short ({value.strip()}); free space and run again"
+    return None
 
 
 def _show_only_injected_parameters(path: Path) -> None:
@@ -354,8 +370,10 @@ def _git_commit() -> str | None:
 
 
 def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only: list[str] | None = None,
-        force: bool = False, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED) -> dict:
-    """Validate, then execute the stages (reusing unchanged ones); returns the run's status record."""
+        force: bool = False, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED,
+        book: Callable[[], Any] | None = None) -> dict:
+    """Validate, then execute the stages (reusing unchanged ones), write the status page and call
+    ``book()`` (the book build), all under one lock; returns the run's status record."""
     stages = discover_stages(notebooks)
     if conflicts := conflicting_defaults(stages):
         raise PipelineError(f"notebooks declare shared parameters with different defaults: {conflicts}; give each "
@@ -368,12 +386,34 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
     validate(params, stages)
     about = load_about(profile)
     artifacts = _artifacts_root(params, stages)
-    with run_lock([executed, *([artifacts] if artifacts else [])]):
+    with run_lock([executed, *([artifacts] if artifacts else [])]), \
+            _run_environment((artifacts or executed) / DIGESTS_FILE, force):
         status = _run_stages(stages, params, profile, overrides, about, only=only, force=force, executed=executed,
                              state_path=(artifacts or executed) / STATE_FILE, artifacts=artifacts)
         atomic_write_json(executed / "status.json", status)
         write_status_page(status, executed / "status.md")
+        if book is not None:
+            book()
     return status
+
+
+@contextlib.contextmanager
+def _run_environment(digests: Path, force: bool):
+    """Environment the stages' kernels inherit for one run: where file digests are kept, and with
+    ``force`` the time before which no cache entry or capture is reused (:mod:`moe_utils.fingerprint`)."""
+    saved = {name: os.environ.get(name) for name in (DIGEST_CACHE_ENV, FRESH_ENV)}
+    os.environ.setdefault(DIGEST_CACHE_ENV, str(digests))
+    if force:
+        os.environ[FRESH_ENV] = repr(time.time())
+        log.info("--force: every cache entry and capture written before now is recomputed, not reused")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dict | None, about: dict | None, *,
@@ -383,7 +423,7 @@ def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dic
     what it produced still verifies: its executed notebook and every file of its artifact folder
     against the checksums recorded when it finished. A stage that fails is never recorded."""
     state = _read_state(state_path)
-    source, previous = _source_digest(), ""
+    previous = ""
     status = {"profile": str(Path(profile).resolve().relative_to(ROOT)) if Path(profile).resolve().is_relative_to(ROOT)
               else str(profile), "overrides": overrides or {}, "about": about, "stages": [], "commit": _git_commit(),
               "versions": package_versions(("torch", "transformers", "lm_eval", "numpy", "scikit-learn",
@@ -392,7 +432,7 @@ def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dic
                           "cpus": os.cpu_count()}}
     for stage in stages:
         stage_params = {k: v for k, v in {**stage.defaults, **params}.items() if k in stage.defaults}
-        fingerprint = stage_fingerprint(stage, stage_params, previous, source)
+        fingerprint = stage_fingerprint(stage, stage_params, previous)
         output = executed / f"{stage.name}.ipynb"
         stage_dir = artifacts / stage.name if artifacts else None
         record = {"stage": stage.name, "parameters": stage_params}
@@ -650,11 +690,31 @@ def build_book(builder: str = "html") -> Path:
     cmd = [str(executable) if executable.is_file() else "jupyter-book", "build", str(ROOT), "--builder", builder,
            "--warningiserror", "--nitpick", "--keep-going"]
     log.info("building the book: %s", " ".join(cmd))
-    result = subprocess.run(cmd, cwd=ROOT)
+    child = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=_die_with_parent)
+    try:
+        returncode = child.wait()
+    except BaseException:  # interrupted: the builder must not go on writing after the run's lock is released
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
     index = ROOT / "_build" / builder / "index.html"
-    if result.returncode != 0 or not index.is_file():
+    if returncode != 0 or not index.is_file():
         raise PipelineError("the book build failed (warnings are errors); see the messages above")
+    log.info("book built: %s", index)
     return index
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: ask Linux to end it (SIGTERM) if the pipeline dies first, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,14 +733,33 @@ def main(argv: list[str] | None = None) -> int:
             for stage in discover_stages():
                 print(f"{stage.name}: {stage.defaults}")
             return 0
-        run(args.profile, parse_overrides(args.overrides), only=args.only, force=args.force)
-        if not args.no_book:
-            index = build_book()
-            log.info("book built: %s", index)
+        run(args.profile, parse_overrides(args.overrides), only=args.only, force=args.force,
+            book=None if args.no_book else build_book)
     except PipelineError as err:
         log.error("%s", err)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted (Ctrl-C): finished stages and captured batches are kept; run the same command "
+                  "again to resume")
+        return 130
+    except OSError as err:
+        if (message := os_error_message(err)) is None:
+            raise
+        log.error("%s", message)
+        return 1
     return 0
+
+
+def os_error_message(err: OSError) -> str | None:
+    """One line for a full disk or an unwritable folder (None for other errors), naming the path."""
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"the disk is full: could not write{where}; free space on that disk (or set artifacts_dir to " \
+               "another one) and run again: finished work is kept"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "its file system is read-only" if err.errno == errno.EROFS else "permission denied"
+        return f"cannot write{where}: {why}; make the folder writable or set artifacts_dir to a writable folder"
+    return None
 
 
 if __name__ == "__main__":

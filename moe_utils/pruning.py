@@ -262,11 +262,11 @@ def primary_metric(task: str, metrics: Iterable[str]) -> str:
 
 
 def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[str, Any], model_id: Mapping) -> str:
-    """sha256 naming one evaluation: the mask, the tasks and limit, the other evaluate() settings,
-    the data locations and the model (name, revision, router weights, parameter count)."""
+    """sha256 naming one evaluation: the mask, the tasks and limit, the other evaluate() settings
+    and the model (:func:`moe_utils.routing.model_identity`); the evaluation cache
+    (:class:`moe_utils.artifacts.KeyedCache`) adds the code, data and versions to it."""
     payload = {"keep": np.packbits(np.asarray(keep, dtype=bool)).tobytes().hex(), "n": len(keep), "run": run,
-               "settings": settings, "model": model_id,
-               "env": {k: os.environ.get(k) for k in ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")}}
+               "settings": settings, "model": model_id}
     return json_digest(payload)
 
 

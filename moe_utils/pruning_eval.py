@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from moe_utils import blimp, evaluation, expert_surgery, paired
 from moe_utils.ablation import is_variant
-from moe_utils.artifacts import code_digest
 from moe_utils.domains import cached_evaluation
 from moe_utils.pruning import PruningMask, evaluation_key
 from moe_utils.routing import model_identity
@@ -100,12 +99,11 @@ def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Seq
         row per model and document (method, ratio, seed and :data:`moe_utils.evaluation.SAMPLE_COLUMNS`).
     """
     model_id = model_identity(model)
-    code = code_digest(evaluation, expert_surgery, blimp)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tables, samples = [], []
     jobs = [(mask, dict(run)) for mask in masks for run in runs]
     for mask, run in tqdm(jobs, desc="evaluating masks", disable=not progress):
-        spec = run | {"per_document": True, "code": code}
+        spec = run | {"per_document": True}
         key = evaluation_key(mask.keep, spec, settings, model_id)
 
         def compute(mask=mask, run=run):

@@ -20,6 +20,7 @@ from moe_utils.data import load_prompts
 from moe_utils.artifacts import sha256_file
 from moe_utils.caep import PruningBudget
 from moe_utils.hsdl import HSDL
+from moe_utils.markup import code_span
 from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import model_identity
 from moe_utils.stages import glue_values, model_caveat, stage_paths
@@ -89,7 +90,7 @@ def describe(setup: Setup, level: int) -> None:
     note = model_caveat(setup.model_name, "It is above chance on BLiMP's minimal pairs and its perplexities move "
                         "when experts are pruned.") or ""
     glue_values(guard=setup.guard)
-    display(Markdown(f"**Model:** `{setup.model_name}` ({setup.lm.config.model_type}, {len(setup.layer_sizes)} MoE "
+    display(Markdown(f"**Model:** {code_span(setup.model_name)} ({setup.lm.config.model_type}, {len(setup.layer_sizes)} MoE "
                      f"layers of {setup.layer_sizes[0]} routed experts, top-{setup.top_k}). **Dictionary:** level "
                      f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"))
     for method, why in setup.skipped.items():

@@ -29,8 +29,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from moe_utils.artifacts import atomic_write_json, atomic_write_with, package_versions
-from moe_utils.models import MoELayer, RouterOutput, model_summary, moe_layers
+from moe_utils.artifacts import atomic_write_json, atomic_write_with, json_digest, package_versions
+from moe_utils.fingerprint import dependency_key, is_stale, loaded_model_digest
+from moe_utils.models import MoELayer, NonFiniteError, RouterOutput, model_summary, moe_layers
 from moe_utils.store import MANIFEST, RoutingStore, StoreError, index_dtype, write_store
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ def record_routing(model: torch.nn.Module, layers: list[MoELayer] | None = None)
             handle.remove()
 
 
+def check_finite_routing(outputs: Sequence[RouterOutput], layers: Sequence[MoELayer]) -> None:
+    """Raise :class:`NonFiniteError` naming the first MoE layer whose router gave a NaN or infinite
+    logit or weight: a capture of such a model would record meaningless routing as a success."""
+    for output, layer in zip(outputs, layers):
+        for what, tensor in (("routing weights", output.weights), ("router logits", output.logits)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"MoE layer {layer.index} (decoder layer {layer.layer_index}): the router gave non-finite {what} "
+                                     "(NaN or inf); the model's weights are broken, check the checkpoint")
+
+
 def routing_probabilities(output: RouterOutput, scoring: str) -> torch.Tensor:
     """Full routing probabilities over all experts, from the router's logits."""
     if output.logits is None:
@@ -99,10 +110,12 @@ def router_fingerprint(model: torch.nn.Module, layers: list[MoELayer] | None = N
 
 
 def model_identity(model: torch.nn.Module, layers: list[MoELayer] | None = None) -> dict:
-    """What identifies a model's calibrations and evaluations in a cache: name, revision, the
-    routers' weights (:func:`router_fingerprint`) and the parameter count."""
+    """What identifies a model's captures, calibrations and evaluations in a cache: name, revision,
+    its weights (:func:`moe_utils.fingerprint.loaded_model_digest`: the checkpoint files' digest),
+    the routers' weights in memory (:func:`router_fingerprint`) and the parameter count."""
     return {"name": str(getattr(model, "name_or_path", "")), "revision": getattr(model.config, "_commit_hash", None),
-            "routers": router_fingerprint(model, layers), "n_parameters": sum(p.numel() for p in model.parameters())}
+            "weights": loaded_model_digest(model), "routers": router_fingerprint(model, layers),
+            "n_parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _texts_fingerprint(texts: Sequence[str], labels: Sequence[str] | None) -> str:
@@ -148,6 +161,7 @@ def _capture_batch(model, tokenizer, texts, sample_ids, *, max_length, record_pr
     model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
           use_cache=False, **kwargs)
     outputs = recorder.pop()
+    check_finite_routing(outputs, recorder.layers)
     batch, length = mask.shape
     dev = outputs[0].indices.device  # layers may sit on several devices (device_map="auto")
     keep = mask.reshape(-1).nonzero().squeeze(1).to(dev)  # real tokens, in (batch, position) order
@@ -218,6 +232,7 @@ def capture_routing(
         "max_length": max_length,
         "batch_size": batch_size,
         "record_probs": record_probs,
+        "dependencies": json_digest(dependency_key(model_identity(model, layers))),
     }
     if (out_dir / MANIFEST).is_file():
         try:
@@ -226,9 +241,11 @@ def capture_routing(
             log.warning("replacing the damaged store in %s (%s)", out_dir, err)
             shutil.rmtree(out_dir)
         else:
-            if existing.manifest.get("fingerprint") == fingerprint:
+            if existing.manifest.get("fingerprint") == fingerprint and not is_stale(out_dir / MANIFEST):
                 log.info("reusing the finished capture in %s", out_dir)
                 return existing
+            if existing.manifest.get("fingerprint") == fingerprint:  # --force: the same inputs, captured again
+                overwrite = True
     if (out_dir / MANIFEST).is_file():
         if not overwrite:
             raise StoreError(
@@ -238,8 +255,9 @@ def capture_routing(
         shutil.rmtree(out_dir)
     partial = out_dir / PARTIAL
     spec_path = partial / "fingerprint.json"
-    if partial.is_dir() and (not spec_path.is_file() or json.loads(spec_path.read_text()) != fingerprint):
-        log.warning("discarding an unfinished capture of other inputs in %s", partial)
+    if partial.is_dir() and (not spec_path.is_file() or json.loads(spec_path.read_text()) != fingerprint
+                             or is_stale(spec_path)):
+        log.warning("discarding an unfinished capture of other inputs (or older than --force) in %s", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec_path, fingerprint)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_utils.markup import code_span
 from moe_utils.models import EMBEDDED, RANDOM_PREFIX
 
 #: The stage notebooks, in order (``notebooks/<stage>.py``).
@@ -72,7 +73,7 @@ def stage_paths(artifacts_dir: str | os.PathLike) -> StagePaths:
     return StagePaths(Path(artifacts_dir))
 
 
-RANDOM_CAVEAT = ("**This run used a randomly initialised model (`{name}`): its routing is noise, not learned "
+RANDOM_CAVEAT = ("**This run used a randomly initialised model ({name}): its routing is noise, not learned "
                  "collaboration, and its scores mean nothing. Nothing on this page is a finding.**")
 EMBEDDED_CAVEAT = ("The embedded model is a 7M-parameter MoE trained here on WikiText-2 (see its model card): its "
                    "routing is real and learned, but of a tiny model. The numbers illustrate the method; they are "
@@ -84,7 +85,7 @@ def model_caveat(model_name: str, detail: str = "") -> str | None:
     warning, the embedded model's caveat followed by ``detail`` (what it means for this stage), or
     None for any other model."""
     if model_name.startswith(RANDOM_PREFIX):
-        return RANDOM_CAVEAT.format(name=model_name)
+        return RANDOM_CAVEAT.format(name=code_span(model_name))
     if model_name == EMBEDDED:
         return f"{EMBEDDED_CAVEAT} {detail}".strip()
     return None

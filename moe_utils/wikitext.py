@@ -103,6 +103,11 @@ def word_perplexity(model, tokenizer, text: str, *, context: int = 256, batch_si
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum").item()
         n_tok += tgt.numel()
     model.train(was_training)
+    if not math.isfinite(nll):
+        from moe_utils.models import NonFiniteError
+
+        raise NonFiniteError(f"WikiText-2 perplexity: the model's log-likelihood is {nll} (NaN or inf); its weights "
+                             "are broken, check the checkpoint")
     # Words in the evaluated span only, in proportion to the tokens covered.
     n_words = count_words(text) * n_tok / (len(ids) - 1)
     return {

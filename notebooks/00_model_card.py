@@ -50,6 +50,7 @@ from myst_nb import glue
 from moe_utils import expert_matrix as xm
 from moe_utils import model_card, plotting
 from moe_utils.evaluation import evaluate
+from moe_utils.markup import code_span
 from moe_utils.models import load_model, moe_layers
 from moe_utils.routing import capture_routing
 from moe_utils.stages import stage_paths
@@ -77,7 +78,7 @@ glue("n_moe_layers", len(layers), display=False)
 glue("n_experts_per_layer", max(layer.num_experts for layer in layers), display=False)
 glue("model_top_k", max(layer.top_k for layer in layers), display=False)
 if kind == "random":
-    display(Markdown(f"**`{model}` is a randomly initialised model built from its architecture's config: "
+    display(Markdown(f"**{code_span(model)} is a randomly initialised model built from its architecture's config: "
                      "its routing is noise and its perplexity that of an untrained model. Nothing on "
                      "this page is a finding about the architecture.**"))
 model_card.architecture_table(lm, counts, weights_path=EMBEDDED_DIR / "model.safetensors" if record else None)
@@ -107,7 +108,7 @@ if record:
                      "over layers (right).*"))
 else:
     glue("train_minutes", float("nan"), display=False)
-    display(Markdown(f"`{model}` was not trained by this project: no training record."))
+    display(Markdown(f"{code_span(model)} was not trained by this project: no training record."))
 
 # %% [markdown]
 # ## 3. Quality: word-level perplexity on WikiText-2 test

@@ -47,6 +47,7 @@ from myst_nb import glue
 from moe_utils import expert_matrix as xm
 from moe_utils import plotting
 from moe_utils.data import load_prompts
+from moe_utils.markup import code_span
 from moe_utils.models import load_model
 from moe_utils.routing import capture_routing
 from moe_utils.stages import show_model_caveat, stage_paths
@@ -64,7 +65,7 @@ glue("model_name", model, display=False)
 glue("n_questions", len(texts), display=False)
 glue("n_categories", len(set(labels)), display=False)
 display(Markdown(
-    f"**Model:** `{model}` ({lm.config.model_type}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters). "
+    f"**Model:** {code_span(model)} ({lm.config.model_type}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters). "
     f"**Data:** {len(texts)} MMLU-Pro test questions, {n_per_category} per category from "
     f"{', '.join(categories)}, sampled with seed {seed}."
 ))

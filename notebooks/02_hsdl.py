@@ -47,6 +47,7 @@ from IPython.display import Markdown, display
 from moe_utils import hsdl_report, plotting
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
+from moe_utils.markup import code_span
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
@@ -65,7 +66,7 @@ assert X.shape == (store.n_layers * store.n_experts, store.n_tokens if granulari
 glue_values(n_rows=X.shape[0], n_cols=X.shape[1], nnz_per_col=float(X.nnz / X.shape[1]))
 display(Markdown(
     f"**X:** {X.shape[0]} experts ({store.n_layers} MoE layers x {store.n_experts}) x {X.shape[1]} "
-    f"{granularity} columns of `{value}` values from `{model_name}`, "
+    f"{granularity} columns of `{value}` values from {code_span(model_name)}, "
     f"{X.nnz / X.shape[1]:.1f} non-zeros per column."
 ))
 show_model_caveat(model_name)

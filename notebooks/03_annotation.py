@@ -42,6 +42,7 @@ from IPython.display import HTML, Markdown, display
 
 from moe_utils import annotation, annotation_report, plotting
 from moe_utils.hsdl import HSDL
+from moe_utils.markup import code_span
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
@@ -70,7 +71,7 @@ assert len(tokens) == store.n_tokens
 glue_values(model_name=model_name, alpha=annotation_alpha, n_tokens=int(len(tokens)), n_questions=int(store.n_samples),
             n_categories=len(categories), level_sizes=", ".join(map(str, hsdl.level_sizes_)))
 display(Markdown(
-    f"**Model:** `{model_name}`. **Data:** {store.n_tokens} tokens of {store.n_samples} MMLU-Pro questions "
+    f"**Model:** {code_span(model_name)}. **Data:** {store.n_tokens} tokens of {store.n_samples} MMLU-Pro questions "
     f"from {', '.join(categories)}. **HSDL:** {len(result.levels)} levels of "
     f"{', '.join(map(str, hsdl.level_sizes_))} atoms. **Tokenizer:** `{type(tokenizer).__name__}`."
 ))

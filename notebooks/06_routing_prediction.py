@@ -58,6 +58,7 @@ from moe_utils import routing_prediction as rp
 from moe_utils.data import load_prompts
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hidden_prediction import capture_with_hidden_predictions
+from moe_utils.markup import code_span
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model
 from moe_utils.routing import router_fingerprint
@@ -97,7 +98,7 @@ fit, test, samples = np.asarray(fit_store.topk_indices), np.asarray(store.topk_i
 for name, value in (("n_test_tokens", store.n_tokens), ("model_name", model), ("n_experts", n_experts),
                     ("confidence_pct", confidence * 100)):
     glue(name, value, display=False)
-display(Markdown(f"**Model:** `{model}`, {n_layers} MoE layers of {n_experts} experts, top-{k}. **Fitting tokens:** "
+display(Markdown(f"**Model:** {code_span(model)}, {n_layers} MoE layers of {n_experts} experts, top-{k}. **Fitting tokens:** "
                  f"{fit_store.n_tokens} (stage 1). **Held-out tokens:** {store.n_tokens} from {len(texts)} other "
                  f"MMLU-Pro questions ({heldout_per_category} per category, seed {heldout_seed}), none of stage 1's."))
 show_model_caveat(model, "These predictions are not those of the paper's Phi-3.5-MoE or of any production model.")
