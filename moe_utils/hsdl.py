@@ -164,6 +164,17 @@ def _resolve_device(device) -> torch.device:
 
 
 # --------------------------------------------------------------------------------- estimator
+def check_levels(levels) -> None:
+    """ValueError unless ``levels`` is a non-empty list of positive ints (atom counts) or floats
+    (multiples of N_e): what :class:`HSDL` accepts, also checked by the pipeline before any stage runs."""
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__") or len(levels) == 0:
+        raise ValueError(f"levels must be a non-empty list of atom counts, got {levels!r}")
+    for level in levels:
+        if isinstance(level, bool) or not isinstance(level, numbers.Real) or not level > 0:
+            raise ValueError(f"levels must be positive ints (counts) or floats (multiples of N_e), "
+                             f"got {level!r} in {list(levels)}")
+
+
 class HSDL(BaseEstimator):
     """Hierarchical sparse dictionary learning of expert collaboration (paper section 3).
 
@@ -237,13 +248,9 @@ class HSDL(BaseEstimator):
     # ------------------------------------------------------------------ validation
     def _level_sizes(self, n_e: int, n_s: int) -> list[int]:
         levels = self.levels
-        if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__") or len(levels) == 0:
-            raise ValueError(f"levels must be a non-empty list of atom counts, got {levels!r}")
+        check_levels(levels)
         sizes = []
         for level in levels:
-            if isinstance(level, bool) or not isinstance(level, numbers.Real) or not level > 0:
-                raise ValueError(f"levels must be positive ints (counts) or floats (multiples of N_e), "
-                                 f"got {level!r} in {list(levels)}")
             sizes.append(int(level) if isinstance(level, numbers.Integral) else max(1, round(float(level) * n_e)))
         if sizes[0] > n_s:
             raise ValueError(f"levels {list(levels)} do not fit: level 1 asks for {sizes[0]} atoms but X has "

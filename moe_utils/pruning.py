@@ -99,9 +99,7 @@ def pruning_masks(ratios: Sequence[float], *, budget: PruningBudget,
         threshold_ratio: CAEP's k1.
         cache_dir: where :func:`output_removal_order` caches its search.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown pruning method(s) {unknown}; known: {', '.join(METHODS)}")
+    check_methods(methods)
     needs = {"caep": ("dictionary=(D, R)", dictionary), "caep_layer": ("dictionary=(D, R)", dictionary),
              "output": ("stats and model", stats if model is not None else None),
              **{s: ("stats", stats) for s in SCORES}}
@@ -259,6 +257,13 @@ def primary_metric(task: str, metrics: Iterable[str]) -> str:
         return preferred
     return metrics[0]
 
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """ValueError naming the methods of ``methods`` that are not in :data:`METHODS`."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown pruning method(s) {unknown}; known: {', '.join(METHODS)}")
 
 
 def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[str, Any], model_id: Mapping) -> str:

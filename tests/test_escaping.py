@@ -42,3 +42,82 @@ def test_a_planted_token_renders_as_text_in_a_stage_table():
         html = styler.to_html()
         assert PLANTED not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
         assert "&#39;&gt;&#39; and &amp; quotes &#34;" in html or "&#39;&gt;&#39; and &amp; quotes &quot;" in html
+
+
+# ------------------------------------------------------------- Markdown: model and directory names
+HOSTILE = "/tmp/m`<img src=x onerror=alert(1)>`*x*|y"
+
+
+def _render(markdown: str) -> str:
+    """HTML of ``markdown`` as the book's MyST renders it (markdown-it, raw HTML passed through, tables)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
+
+
+def _no_markup(rendered: str) -> None:
+    assert "<img" not in rendered and "<em>" not in rendered, rendered
+
+
+def test_code_span_keeps_a_backtick_and_markup_inside_the_span():
+    from moe_utils.markup import code_span
+
+    for name in (HOSTILE, "``a``", "`", "plain/name", "a\nb"):
+        rendered = _render(f"**Model:** {code_span(name)} and more")
+        _no_markup(rendered)
+        assert rendered.count("<code>") == 1
+        code = rendered.split("<code>")[1].split("</code>")[0]
+        assert code.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&quot;", '"') == \
+            " ".join(name.split())
+
+
+def test_the_old_code_span_let_the_markup_through():
+    """The control: the way names were printed before lets the planted tag reach the HTML."""
+    assert "<img" in _render(f"**Model:** `{HOSTILE}`")
+
+
+def test_text_and_table_cells_render_literally():
+    from moe_utils.markup import code_span, table_cell, text
+
+    rendered = _render(f"Data from {text(HOSTILE)}.")
+    _no_markup(rendered)
+    assert "m`&lt;img src=x onerror=alert(1)&gt;`*x*|y" in rendered
+    table = "| a | b |\n|---|---|\n" + f"| {table_cell(HOSTILE)} | {table_cell(HOSTILE, code=True)} |\n"
+    rendered = _render(table)
+    _no_markup(rendered)
+    assert rendered.count("<td>") == 2  # the pipes in the name did not add a column
+    assert code_span(HOSTILE) != table_cell(HOSTILE, code=True)
+
+
+def test_every_markdown_that_names_the_model_escapes_it(tmp_path):
+    """The model card's summary, the random-model caveat, stage 5's description and the status page."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from moe_utils import domain_results, model_card, pipeline, stages
+
+    layers = [SimpleNamespace(num_experts=4, top_k=2)]
+    usage = pd.DataFrame([[0.25, 0.25, 0.25, 0.25]]).to_numpy()
+    _no_markup(_render(model_card.summary(HOSTILE, {"total": 1e6, "active_per_token": 5e5}, layers, 10.0, 0.5,
+                                          usage, None)))
+    _no_markup(_render(stages.model_caveat("random:" + HOSTILE)))
+    store = SimpleNamespace(n_layers=2, n_experts=4, top_k=2,
+                            tokens=pd.DataFrame({"label": ["math", "law"]}))
+    inputs = SimpleNamespace(store=store, stage4=None)
+    _no_markup(_render(domain_results.describe_inputs(inputs, HOSTILE, ["math", "law"], n_per_category=1,
+                                                      ratio=0.5)))
+    status = {"profile": HOSTILE, "overrides": {"model": HOSTILE}, "commit": None, "about": None,
+              "machine": {"platform": "p", "python": "3", "cpus": 1}, "versions": {"x": "1"},
+              "stages": [{"stage": "01_capture", "parameters": {"model": HOSTILE + "```\n<img src=x>"}}]}
+    page = tmp_path / "status.md"
+    pipeline.write_status_page(status, page)
+    rendered = _render(page.read_text())
+    assert "<img" not in rendered and "<em>x</em>" not in rendered  # (the page's own emphasis is fine)
+
+
+def test_every_notebook_prints_the_model_name_through_code_span():
+    """No notebook puts a model name between bare backticks."""
+    for path in NOTEBOOKS:
+        source = path.read_text()
+        assert not re.search(r"`\{(model|model_name|setup\.model_name)\}`", source), path.name
