@@ -12,6 +12,7 @@ import pytest
 
 from moe_utils import artifacts
 from moe_utils.artifacts import ArtifactError, ArtifactMissing, KeyedCache
+from moe_utils.fingerprint import dependency_key
 
 
 # ----------------------------------------------------------------------------------- digests
@@ -22,15 +23,9 @@ def test_json_digest_is_the_sha256_of_canonical_json():
     assert artifacts.json_digest({"a": 1}) != artifacts.json_digest({"a": 2})
 
 
-def test_file_and_code_digests(tmp_path):
+def test_file_digest(tmp_path):
     (tmp_path / "a").write_bytes(b"abc")
-    (tmp_path / "b").write_bytes(b"def")
     assert artifacts.sha256_file(tmp_path / "a") == hashlib.sha256(b"abc").hexdigest()
-    assert artifacts.files_digest([tmp_path / "a", tmp_path / "b"]) == hashlib.sha256(b"abcdef").hexdigest()
-    import moe_utils.stats as other
-
-    assert artifacts.code_digest(artifacts) == hashlib.sha256(open(artifacts.__file__, "rb").read()).hexdigest()
-    assert artifacts.code_digest(other) != artifacts.code_digest(artifacts)
 
 
 def test_package_versions_names_missing_packages():
@@ -121,8 +116,9 @@ def test_keyed_cache_computes_once_per_key_and_recomputes_a_damaged_entry(tmp_pa
     assert get({"a": "x", "k": 1}, 99) == (10, True)  # same key in another order: read, not computed
     assert get({"k": 2}, 20) == (20, False) and calls == [10, 20]
     entry = cache.entry({"k": 1, "a": "x"})
-    assert entry.name == f"demo-{artifacts.json_digest({'a': 'x', 'k': 1})}"
-    assert json.loads((entry / "manifest.json").read_text())["key"] == {"a": "x", "k": 1}
+    full_key = dependency_key({"a": "x", "k": 1})  # the parameters, the package's code, the data, versions
+    assert entry.name == f"demo-{artifacts.json_digest(full_key)}"
+    assert json.loads((entry / "manifest.json").read_text())["key"] == json.loads(json.dumps(full_key))
     (entry / "v.json").write_text("11")
     with caplog.at_level(logging.WARNING):
         assert get({"k": 1, "a": "x"}, 12) == (12, False)

@@ -98,6 +98,10 @@ def test_caep_matches_the_brute_force_loop(trial):
     R = rng.random((n_p, n_s)) * (rng.random((n_p, n_s)) < 0.5)
     k1, k2 = rng.uniform(0.05, 0.99), rng.uniform(0.05, 0.95)
     expected_keep, expected_removed = reference_caep(D, R, k1, k2)
+    if not expected_keep.any():  # the loop ends with no expert: an error, not an empty mask
+        with pytest.raises(ValueError, match="keeps no expert"):
+            caep.caep(D, sp.csr_matrix(R) if trial % 2 else R, k1, k2)
+        return
     result = caep.caep(D, sp.csr_matrix(R) if trial % 2 else R, k1, k2)
     np.testing.assert_array_equal(result.keep, expected_keep)
     assert result.atoms_removed.tolist() == expected_removed
@@ -187,3 +191,25 @@ def test_quotas_and_caep_keep_only_allowed_counts():
         assert (result.keep >= plain.keep).all()  # only restores
         assert len(result.rounded) == int(result.keep.sum() - plain.keep.sum())
         assert ("group-limited router" in result.note) == bool(result.rounded)
+
+
+def test_caep_refuses_nan_input_instead_of_keeping_nothing():
+    D = np.eye(3)
+    D[1, 1] = np.nan
+    with pytest.raises(ValueError, match="D holds NaN"):
+        caep.caep(D, np.ones((3, 2)), 0.5, 0.5)
+    R = np.ones((3, 2))
+    R[0, 0] = np.nan
+    with pytest.raises(ValueError, match="R holds NaN"):
+        caep.caep(np.eye(3), R, 0.5, 0.5)
+    with pytest.raises(ValueError, match="R holds NaN"):
+        caep.caep(np.eye(3), sp.csr_matrix(R), 0.5, 0.5)
+
+
+def test_caep_refuses_a_ratio_that_leaves_no_expert():
+    # every expert sits on one shared atom: removing it (the loop's only move) drops them all
+    with pytest.raises(ValueError, match="CAEP keeps no expert at all"):
+        caep.caep(np.ones((4, 1)), np.ones((1, 3)), 0.99, 0.5)
+    guarded = caep.caep(np.ones((4, 1)), np.ones((1, 3)), 0.99, 0.5,
+                        budget=caep.PruningBudget((2, 2), min_per_layer=1))
+    assert caep.PruningBudget((2, 2), min_per_layer=1).kept_per_layer(guarded.keep).min() >= 1
