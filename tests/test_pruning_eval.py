@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -50,6 +51,18 @@ def test_documents_are_kept_and_cached(evaluated):
     assert samples.equals(samples2)
     counts = samples.groupby(["method", "seed"], dropna=False).size()
     assert (counts == 11).all() and len(counts) == 3  # 2 x 5 pairs + 1 article per model
+
+
+def test_a_warm_run_reads_back_exactly_what_the_cold_run_computed(evaluated):
+    """Lossless caches: every number of the warm (cached) run equals the cold run's bit for bit,
+    and so does everything computed from them (a rounded cache could break a tie the other way)."""
+    (results, samples), (results2, samples2) = evaluated
+    pd.testing.assert_frame_equal(results.drop(columns="cached"), results2.drop(columns="cached"), check_exact=True)
+    pd.testing.assert_frame_equal(samples, samples2, check_exact=True)
+    assert results["value"].map(lambda v: len(repr(v))).max() > 12  # numbers a 10-decimal cache would round
+    cold = pruning_eval.model_scores(samples, ["blimp", "wikitext"], n_boot=50)
+    warm = pruning_eval.model_scores(samples2, ["blimp", "wikitext"], n_boot=50)
+    pd.testing.assert_frame_equal(cold, warm, check_exact=True)
 
 
 def test_measures_match_the_harness_and_hand_computation(evaluated):
