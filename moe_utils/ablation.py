@@ -62,7 +62,8 @@ def routing_matrix(model, tokenizer, texts: Sequence[str], *, cache_dir: str | o
                    batch_size: int = 8):
     """X (experts x tokens, routing weights) of ``model`` on ``texts``, captured into a store
     under ``cache_dir`` (reused when the same model and texts were captured before)."""
-    key = json_digest(dependency_key({"model": model_identity(model), "texts": list(texts), "max_length": max_length}))
+    key = json_digest(dependency_key({"model": model_identity(model), "texts": list(texts),
+                                      "max_length": max_length}))
     store = capture_routing(model, tokenizer, list(texts), out_dir=Path(cache_dir) / f"store-{key}",
                             batch_size=batch_size, max_length=max_length, progress=False)
     return expert_matrix(store)

@@ -138,8 +138,8 @@ def _usage(R) -> np.ndarray:
         raise ValueError(f"R must be 2-D (atoms x columns), got shape {R.shape}")
     r_sum = np.asarray(R.sum(axis=1), dtype=np.float64).ravel()
     if not np.isfinite(r_sum).all():
-        raise ValueError("R holds NaN or infinite codes: the HSDL fit (or the routing it was fitted on) is broken; "
-                         "re-run stage 02 and check the capture")
+        raise ValueError("R holds NaN or infinite codes: the HSDL fit (or the routing it was fitted on) is "
+                         "broken; re-run stage 02 and check the capture")
     if (sp.issparse(R) and R.nnz and R.data.min() < 0) or (not sp.issparse(R) and np.min(R, initial=0) < 0):
         raise ValueError("R has negative codes; CAEP expects HSDL's non-negative codes")
     return r_sum
@@ -327,9 +327,9 @@ def caep(D, R, threshold_ratio: float, prune_ratio: float, *, budget: PruningBud
             lo = mid + 1
     algorithm_keep = mask_after(lo)
     if not algorithm_keep.any() and budget is None:
-        raise ValueError(f"CAEP keeps no expert at all (threshold_ratio {threshold_ratio}, prune_ratio {prune_ratio}): "
-                         "every contribution fell below the threshold; lower prune_ratio or raise threshold_ratio, "
-                         "or pass a budget whose guard keeps each layer's top-k")
+        raise ValueError(f"CAEP keeps no expert at all (threshold_ratio {threshold_ratio}, prune_ratio "
+                         f"{prune_ratio}): every contribution fell below the threshold; lower prune_ratio or "
+                         "raise threshold_ratio, or pass a budget whose guard keeps each layer's top-k")
     keep, guard, rounded = algorithm_keep, None, []
     if budget is not None:
         keep, guard = guard_min_per_layer(algorithm_keep, e, budget)

@@ -306,7 +306,8 @@ def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[
     def encode(result):
         table, docs = result
         return {"table.parquet": parquet(table), "documents.parquet": parquet(docs)}, {
-            "describe": dict(describe), "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study"))}
+            "describe": dict(describe),
+            "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study"))}
 
     def decode(folder: Path, manifest: dict):
         return pd.read_parquet(folder / "table.parquet"), pd.read_parquet(folder / "documents.parquet")

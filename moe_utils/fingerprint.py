@@ -106,7 +106,8 @@ def package_digest() -> str:
 
 
 def data_digest() -> dict[str, Any]:
-    """Each data variable of :data:`DATA_ENV`: its value and, where it names a file or folder, that content's digest."""
+    """Each data variable of :data:`DATA_ENV`: its value and, where it names a file or folder, the
+    digest of that content."""
     out = {}
     for name in DATA_ENV:
         value = os.environ.get(name)

@@ -40,6 +40,7 @@ def text(value) -> str:
 
 
 def table_cell(value, *, code: bool = False) -> str:
-    """``value`` for a cell of a Markdown table: :func:`code_span` (``code``) or :func:`text`, pipes escaped."""
+    """``value`` for a cell of a Markdown table: :func:`code_span` (``code``) or :func:`text`, its
+    pipes escaped."""
     cell = code_span(value) if code else text(value)
     return cell.replace("|", "\\|") if code else cell  # text() already escaped its pipes

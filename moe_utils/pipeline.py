@@ -44,7 +44,7 @@ from moe_utils.artifacts import (
     atomic_write_bytes, atomic_write_json, json_digest, package_versions, sha256_file,
 )
 from moe_utils.data_checks import data_problems
-from moe_utils.fingerprint import DIGEST_CACHE_ENV, FRESH_ENV, dependency_key, model_digest
+from moe_utils.fingerprint import DIGEST_CACHE_ENV, FRESH_ENV, dependency_key, model_digest, tree_digest
 from moe_utils.markup import code_span
 
 log = logging.getLogger(__name__)
@@ -307,13 +307,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def stage_fingerprint(stage: Stage, params: dict, previous: str) -> str:
     """The stage's key (:func:`moe_utils.fingerprint.dependency_key`): its notebook, parameters,
-    the previous stage's key and artifacts, the weights of its ``model`` (when it declares one),
-    and the package's files, the data and the library versions."""
+    the previous stage's key and artifacts, the weights of its ``model`` (when it declares one), the
+    contents of the data folders its ``*_dir`` parameters name, and the package's files, the
+    ``$MOE_*_DIR`` data and the library versions."""
     return json_digest(dependency_key({
         "notebook": sha256_file(stage.path),
         "params": params,
         "previous": previous,
         "model": model_digest(params["model"]) if "model" in params else None,
+        "data": {k: tree_digest(v) for k, v in params.items() if k.endswith("_dir") and k != "artifacts_dir" and v},
     }))
 
 
@@ -416,6 +418,7 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
             _run_environment((artifacts or executed) / DIGESTS_FILE, force):
         status = _run_stages(stages, params, profile, overrides, about, only=only, force=force, executed=executed,
                              state_path=(artifacts or executed) / STATE_FILE, artifacts=artifacts)
+        status["force"] = force
         atomic_write_json(executed / "status.json", status)
         write_status_page(status, executed / "status.md")
         if book is not None:
@@ -695,9 +698,12 @@ def write_status_page(status: dict, path: Path) -> None:
     for stage in status["stages"]:
         reused = "skipped" if stage.get("skipped") else "yes" if stage.get("reused") else "no"
         lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('finished', '')} | {reused} |")
-    lines += ["", "A stage that runs again still reads the caches it keeps under `artifacts_dir` (the pruning "
-              "stages' calibration, masks and evaluations, keyed by everything they depend on), so its run "
-              "time here can be far below that of a first run from a clean checkout.",
+    lines += ["", "A stage that runs again still reads the captures and caches it keeps under `artifacts_dir` "
+              "(calibration, masks, evaluations), each keyed by everything it depends on (parameters, the "
+              "model's weights, every package file, the data, library versions), so its run time here can be far "
+              "below that of a first run from a clean checkout."
+              + (" This run was started with `--force`: every capture and cache entry written before it was "
+                 "recomputed." if status.get("force") else ""),
               "", "## Parameters", ""]
     for stage in status["stages"]:
         block = yaml.safe_dump(stage["parameters"], sort_keys=False).strip()

@@ -268,10 +268,14 @@ def check_methods(methods: Sequence[str]) -> None:
 
 def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[str, Any], model_id: Mapping) -> str:
     """sha256 naming one evaluation: the mask, the tasks and limit, the other evaluate() settings
-    and the model (:func:`moe_utils.routing.model_identity`); the evaluation cache
-    (:class:`moe_utils.artifacts.KeyedCache`) adds the code, data and versions to it."""
+    with the digest of each data folder they name (``data_dir``, ``blimp_dir`` ...), and the model
+    (:func:`moe_utils.routing.model_identity`); the evaluation cache
+    (:class:`moe_utils.artifacts.KeyedCache`) adds the code, the ``$MOE_*_DIR`` data and versions."""
+    from moe_utils.fingerprint import tree_digest
+
     payload = {"keep": np.packbits(np.asarray(keep, dtype=bool)).tobytes().hex(), "n": len(keep), "run": run,
-               "settings": settings, "model": model_id}
+               "settings": settings, "model": model_id,
+               "data": {k: tree_digest(v) for k, v in settings.items() if k.endswith("_dir") and v}}
     return json_digest(payload)
 
 
