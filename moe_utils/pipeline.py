@@ -351,10 +351,13 @@ def execute_stage(stage: Stage, params: dict, output: Path) -> float:
             progress_bar=False, log_output=False,
         )
     except papermill.PapermillExecutionError as err:
-        reason = _kernel_os_error(err.ename, err.evalue) or f"{err.ename}: {err.evalue}"
+        if err.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too: an interrupt, not a failure
+            raise KeyboardInterrupt from None
+        if (reason := _kernel_os_error(err.ename, err.evalue)) is not None:
+            raise PipelineError(f"stage {stage.name}: {reason}") from None
         raise PipelineError(
             f"stage {stage.name} ({stage.path}) failed in {_failed_cell(output)}: "
-            f"{reason}\nThe executed notebook with the traceback is {output}"
+            f"{err.ename}: {err.evalue}\nThe executed notebook with the traceback is {output}"
         ) from None
     seconds = time.perf_counter() - start
     _show_only_injected_parameters(output)

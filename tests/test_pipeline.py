@@ -50,7 +50,7 @@ def test_every_stage_shares_the_artifacts_dir(stages):
     ({"n_per_category": "5"}, "expects int"),
     ({"record_probs": 1}, "expects bool"),
     ({"categories": "math"}, "expects list"),
-    ({"prune_ratios": [1.5]}, "prune_ratios.*fractions strictly between 0 and 1"),
+    ({"prune_ratios": [1.5]}, r"prune_ratios' = \[1.5\]: prune_ratio must be in \(0, 1\)"),
     ({"batch_size": 0}, "batch_size' = 0 must be a positive integer"),
     ({"prediction_horizons": [1, 0]}, "prediction_horizons.*non-empty list of positive layer counts"),
     ({"heldout_per_category": 0}, "heldout_per_category' = 0 must be a positive integer"),

@@ -207,3 +207,15 @@ def test_force_recomputes_caches_and_says_so(toy, caplog, monkeypatch):
     assert seen[:2] == [None, None] and all(float(s) > 0 for s in seen[2:]) and len(seen) == 4
     assert "MOE_FRESH_SINCE" not in os.environ  # restored after the run
     assert any("recomputed, not reused" in r.getMessage() for r in caplog.records)
+
+
+def test_ctrl_c_inside_a_stage_is_an_interrupt_not_a_failed_cell(tmp_path):
+    """Ctrl-C reaches the stage's kernel too: papermill reports it as the cell's error; the pipeline
+    turns it back into an interrupt (the one-line message of ``main``), not a stage failure."""
+    notebooks = tmp_path / "nb"
+    notebooks.mkdir()
+    (notebooks / "01_a.py").write_text(f'{HEADER}\n# %% tags=["parameters"]\nx = 1\n\n# %%\nraise KeyboardInterrupt\n')
+    profile = tmp_path / "p.yaml"
+    profile.write_text("x: 1\n")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(profile, notebooks=notebooks, executed=tmp_path / "executed")
