@@ -7,9 +7,10 @@ Modules, one concept each, in the order of the study:
   (every MoE causal LM of transformers, checked), ``deepseek_moe`` (the paper's DeepSeek-MoE-16B
   without its remote code), ``tiny_configs`` (any config shrunk to a tiny
   model), ``tiny_moe`` (the embedded model);
-- data: ``data`` (MMLU-Pro), ``wikitext``;
+- data: ``data`` (MMLU-Pro), ``wikitext``, ``data_checks`` (the data folders, checked before a run);
 - every stage: ``artifacts`` (atomic writes, digests, checksummed artifact folders, the verified
-  keyed cache), ``stages`` (where each stage's artifacts live, the model caveat, glue),
+  keyed cache), ``fingerprint`` (the one key of every reuse: weights, package files, data,
+  parameters), ``markup`` (model and data text made safe for the book's Markdown), ``stages`` (where each stage's artifacts live, the model caveat, glue),
   ``metrics`` (which way each metric points);
 - stage 1: ``routing`` (capture), ``store`` (the routing store on disk), ``expert_matrix`` (the
   paper's X and co-activation);

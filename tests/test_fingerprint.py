@@ -15,6 +15,7 @@ from moe_utils import fingerprint
 from moe_utils.artifacts import KeyedCache
 from moe_utils.models import load_model
 from moe_utils.routing import capture_routing, model_identity, router_fingerprint
+from moe_utils.store import StoreError
 
 from .conftest import TEXTS
 
@@ -102,7 +103,7 @@ def test_a_checkpoint_changed_in_place_is_a_different_model(checkpoint, tmp_path
     changed, _ = load_model(str(checkpoint), device="cpu")
     assert router_fingerprint(changed) == routers  # what the old keys looked at did not change ...
     assert model_identity(changed) != identity  # ... but the weights' digest did
-    with pytest.raises(Exception, match="holds a capture of other inputs or another model"):
+    with pytest.raises(StoreError, match="holds a capture of other inputs or another model"):
         capture_routing(changed, tokenizer, TEXTS, out_dir=tmp_path / "store", progress=False)
     fresh = capture_routing(changed, tokenizer, TEXTS, out_dir=tmp_path / "store", overwrite=True, progress=False)
     assert fresh.manifest["fingerprint"] != store.manifest["fingerprint"]
