@@ -1,0 +1,248 @@
+"""The token-identity null model of expert collaboration (the control the paper's section 5 and Fig 2 lack).
+
+Experts of different MoE layers fire together for two reasons: the *token* fixes much of each
+layer's choice (in a small vocabulary a token's identity largely decides its experts in every
+layer), and the *context* may couple the layers beyond that. Only the second is collaboration in
+the paper's sense. This module separates them, reading nothing but a routing store
+(:mod:`moe_utils.store`):
+
+* :func:`coselection`: for every pair of experts of different layers, how many tokens select
+  both (observed, ``O``); how many would if layers chose independently (plain, ``E_plain``,
+  from each expert's frequency); and how many would if layers chose independently *given the
+  token id* (``E_token``, from each expert's frequency per token type). ``E_token`` is
+  cross-fitted: estimated on one half of the questions, evaluated on the other, both ways round,
+  so that a token type seen once does not "explain" its own co-selection. Lift plain is
+  ``O / E_plain``, lift given the token ``O / E_token``.
+* :func:`explained_share`: over the cross-layer pairs chosen together more often than plain
+  independence predicts, the share of their excess ``O - E_plain`` that ``E_token - E_plain``
+  accounts for; :func:`explained_share_interval` adds a bootstrap interval over questions.
+* :func:`surrogate_store`: within each token type (or any other strata), each layer's routing
+  permuted independently across the type's occurrences. Every layer's routing given the token
+  is kept exactly; any coupling of layers through the context is destroyed. A statistic that is
+  as large on the surrogates as on the real store is explained by token identity.
+
+Costs: one pass of sparse products over the (tokens x experts) selection matrix, about
+``n_tokens * (n_layers * top_k)**2`` operations for ``O`` and less for the type-level products;
+dense results are (N_e, N_e). Nothing enumerates expert subsets. A bootstrap replicate costs one
+such pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from moe_utils.expert_matrix import expert_label, expert_matrix
+from moe_utils.store import RoutingStore
+
+
+@dataclass(frozen=True)
+class CoSelection:
+    """Cross-layer co-selection of one store (or one bootstrap replicate of it).
+
+    Attributes:
+        observed: (N_e, N_e) tokens (or bootstrap weight) selecting both experts.
+        plain: (N_e, N_e) expected under independence of the layers: ``c_a c_b / n``.
+        given_token: (N_e, N_e) expected under independence of the layers given the token id,
+            cross-fitted over question halves (unseen types fall back to the other half's
+            marginal frequencies).
+        n_tokens: tokens counted (sum of weights).
+        n_experts: experts per layer (E); row ``j * E + k`` is expert k of layer j.
+
+    Entries of pairs within one layer are zero in all three: only cross-layer pairs are compared.
+    """
+
+    observed: np.ndarray
+    plain: np.ndarray
+    given_token: np.ndarray
+    n_tokens: float
+    n_experts: int
+
+    @property
+    def cross_layer(self) -> np.ndarray:
+        """(N_e, N_e) boolean: the two experts lie in different layers."""
+        layer = np.arange(self.observed.shape[0]) // self.n_experts
+        return layer[:, None] != layer[None, :]
+
+    def lift(self, given_token: bool = False) -> np.ndarray:
+        """``O / E`` per pair (NaN where the expectation is 0 or the pair is within one layer)."""
+        expected = self.given_token if given_token else self.plain
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self.observed / expected
+        out[~self.cross_layer | ~(expected > 0)] = np.nan
+        return out
+
+
+def question_halves(sample_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Boolean per token: its question falls in half A (a seeded random half of the distinct questions)."""
+    questions, inverse = np.unique(np.asarray(sample_ids), return_inverse=True)
+    if len(questions) < 2:
+        raise ValueError("the token-identity null needs at least two questions (it cross-fits over halves of them)")
+    in_a = np.zeros(len(questions), bool)
+    in_a[np.random.default_rng(seed).permutation(len(questions))[: len(questions) // 2]] = True
+    return in_a[inverse]
+
+
+def _selection(store: RoutingStore) -> sp.csr_matrix:
+    """(n_tokens, N_e) binary CSR: which experts each token selects (X.T of the binary reading)."""
+    return expert_matrix(store, "token", "binary", dtype=np.float64).T.tocsr()
+
+
+def _token_types(store: RoutingStore) -> sp.csr_matrix:
+    """(n_tokens, n_types) indicator of each token's type (its token id)."""
+    _, types = np.unique(store.tokens["token_id"].to_numpy(), return_inverse=True)
+    n = len(types)
+    return sp.csr_matrix((np.ones(n), (np.arange(n), types)), shape=(n, types.max() + 1 if n else 0))
+
+
+def _expected_given_type(selected: sp.csr_matrix, types: sp.csr_matrix, weights: np.ndarray,
+                         fit: np.ndarray, evaluate: np.ndarray) -> np.ndarray:
+    """sum over types t of n_eval(t) p_fit(a | t) p_fit(b | t), dense (N_e, N_e)."""
+    fit_w = sp.diags(weights * fit)
+    counts = (types.T @ fit_w @ selected).tocsr()  # (types, N_e) weighted counts in the fitting half
+    n_fit = np.asarray(types.T @ (weights * fit)).ravel()
+    n_eval = np.asarray(types.T @ (weights * evaluate)).ravel()
+    seen = n_fit > 0
+    probs = sp.diags(np.where(seen, 1.0 / np.where(seen, n_fit, 1.0), 0.0)) @ counts
+    expected = (probs.T @ sp.diags(n_eval) @ probs).toarray()
+    unseen_mass = n_eval[~seen].sum()
+    if unseen_mass > 0:
+        marginal = np.asarray(counts.sum(axis=0)).ravel() / n_fit.sum()
+        expected += unseen_mass * np.outer(marginal, marginal)
+    return expected
+
+
+def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndarray | None = None,
+                _cache: dict | None = None) -> CoSelection:
+    """Observed and expected cross-layer co-selection of ``store`` (see :class:`CoSelection`).
+
+    ``seed`` draws the question halves of the cross-fit (:func:`question_halves`).
+    ``question_weights`` (one per distinct ``sample_id``, in sorted order) weights every token of a
+    question, as a bootstrap replicate does.
+    """
+    cache = _cache if _cache is not None else {}
+    if "selected" not in cache:
+        sample_ids = store.tokens["sample_id"].to_numpy()
+        cache.update(selected=_selection(store), types=_token_types(store),
+                     in_a=question_halves(sample_ids, seed),
+                     question=np.unique(sample_ids, return_inverse=True)[1])
+    selected, types, in_a = cache["selected"], cache["types"], cache["in_a"]
+    if question_weights is None:
+        weights = np.ones(selected.shape[0])
+    else:
+        question_weights = np.asarray(question_weights, dtype=np.float64)
+        if question_weights.shape != (cache["question"].max() + 1,):
+            raise ValueError(f"question_weights needs one weight per question ({cache['question'].max() + 1}), "
+                             f"got shape {question_weights.shape}")
+        weights = question_weights[cache["question"]]
+    n = weights.sum()
+    counts = np.asarray(selected.T @ weights).ravel()
+    observed = (selected.T @ sp.diags(weights) @ selected).toarray()
+    plain = np.outer(counts, counts) / n
+    given = (_expected_given_type(selected, types, weights, in_a, ~in_a)
+             + _expected_given_type(selected, types, weights, ~in_a, in_a))
+    result = CoSelection(observed, plain, given, float(n), store.n_experts)
+    within = ~result.cross_layer
+    for matrix in (observed, plain, given):
+        matrix[within] = 0.0
+    return result
+
+
+def explained_share(co: CoSelection) -> dict:
+    """How much of the cross-layer excess co-selection token identity explains.
+
+    Over the cross-layer pairs with ``O > E_plain`` (chosen together more often than independent
+    layers would), ``excess = sum(O - E_plain)`` and ``explained = sum(E_token - E_plain)``.
+    Returns ``share`` (explained / excess; 1 when the token explains it all), ``remaining``
+    (1 - share: the part left to context, i.e. collaboration), ``excess``, ``explained``, the
+    number of such pairs (``n_pairs``, unordered) and the overall ``lift_plain`` and
+    ``lift_token`` of those pairs (sum O / sum E).
+    """
+    upper = np.triu(co.cross_layer, k=1)
+    pairs = upper & (co.observed > co.plain)
+    excess = float((co.observed - co.plain)[pairs].sum())
+    explained = float((co.given_token - co.plain)[pairs].sum())
+    share = explained / excess if excess > 0 else float("nan")
+    observed = float(co.observed[pairs].sum())
+    return {"share": share, "remaining": 1.0 - share, "excess": excess, "explained": explained,
+            "n_pairs": int(pairs.sum()), "lift_plain": observed / float(co.plain[pairs].sum()) if excess > 0 else float("nan"),
+            "lift_token": observed / float(co.given_token[pairs].sum()) if excess > 0 else float("nan")}
+
+
+def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+    """:func:`explained_share` with a percentile bootstrap interval over questions.
+
+    Each replicate draws the questions with replacement (the cross-fit halves stay fixed) and
+    recomputes everything. Returns the point estimate's values plus ``share_low``,
+    ``share_high``, ``remaining_low``, ``remaining_high`` and ``n_boot``.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    cache: dict = {}
+    point = explained_share(coselection(store, seed=seed, _cache=cache))
+    n_questions = cache["question"].max() + 1
+    rng = np.random.default_rng(seed + 1)
+    shares = np.array([explained_share(coselection(
+        store, seed=seed, _cache=cache,
+        question_weights=rng.multinomial(n_questions, np.full(n_questions, 1.0 / n_questions))))["share"]
+        for _ in range(n_boot)])
+    low, high = np.nanpercentile(shares, [50 * (1 - level), 50 * (1 + level)])
+    return {**point, "share_low": float(low), "share_high": float(high), "remaining_low": float(1 - high),
+            "remaining_high": float(1 - low), "n_boot": int(n_boot)}
+
+
+def pair_table(co: CoSelection, n: int = 10) -> pd.DataFrame:
+    """The ``n`` cross-layer pairs most often chosen together, with observed and both expected
+    counts, lift plain and given the token, and the share of the pair's excess the token explains."""
+    a, b = np.nonzero(np.triu(co.cross_layer, k=1))
+    order = np.lexsort((-co.plain[a, b], -co.observed[a, b]))[:n]
+    a, b = a[order], b[order]
+    frame = pd.DataFrame({
+        "expert_a": [expert_label(i, co.n_experts) for i in a],
+        "expert_b": [expert_label(j, co.n_experts) for j in b],
+        "observed": co.observed[a, b], "expected_plain": co.plain[a, b], "expected_token": co.given_token[a, b],
+    })
+    frame["lift_plain"] = frame["observed"] / frame["expected_plain"]
+    frame["lift_token"] = frame["observed"] / frame["expected_token"]
+    excess = frame["observed"] - frame["expected_plain"]
+    frame["token_share"] = ((frame["expected_token"] - frame["expected_plain"]) / excess).where(excess > 0)
+    return frame
+
+
+def surrogate_store(store: RoutingStore, seed: int = 0, strata: np.ndarray | None = None) -> RoutingStore:
+    """A surrogate of ``store`` in memory: within each stratum (default: token id), each layer's
+    routing (selected experts, their weights and probabilities together) permuted independently
+    across the stratum's tokens.
+
+    Every layer's routing given the stratum is kept exactly (per layer, each type selects each
+    expert as often as before); the coupling of layers through anything else (the context) is
+    removed. The token table is unchanged. ``strata`` (one key per token) gives other nulls, e.g.
+    token id and position for a position null (:func:`token_position_strata`).
+    """
+    keys = store.tokens["token_id"].to_numpy() if strata is None else np.asarray(strata)
+    if keys.shape != (store.n_tokens,):
+        raise ValueError(f"strata needs one key per token ({store.n_tokens}), got shape {keys.shape}")
+    rng = np.random.default_rng(seed)
+    by_key = np.argsort(keys, kind="stable")
+    indices = np.array(store.topk_indices)
+    weights = np.array(store.topk_weights)
+    probs = None if store.probs is None else np.array(store.probs)
+    for layer in range(store.n_layers):
+        source = np.lexsort((rng.random(store.n_tokens), keys))  # random order within each stratum
+        indices[by_key, layer] = store.topk_indices[source, layer]
+        weights[by_key, layer] = store.topk_weights[source, layer]
+        if probs is not None:
+            probs[by_key, layer] = store.probs[source, layer]
+    manifest = {**store.manifest, "surrogate": {"seed": seed, "strata": "token_id" if strata is None else "custom"}}
+    return replace(store, manifest=manifest, topk_indices=indices, topk_weights=weights, probs=probs)
+
+
+def token_position_strata(store: RoutingStore) -> np.ndarray:
+    """Strata of token id and position bin (0, 1, 2-3, 4-7, ...: log2 bins), for a token-and-position null."""
+    position = store.tokens["position"].to_numpy().astype(np.int64)
+    bins = np.floor(np.log2(position + 1)).astype(np.int64)
+    token = store.tokens["token_id"].to_numpy().astype(np.int64)
+    return token * (int(bins.max()) + 1 if len(bins) else 1) + bins
