@@ -91,23 +91,55 @@ def _selection(store: RoutingStore) -> sp.csr_matrix:
     return expert_matrix(store, "token", "binary", dtype=np.float64).T.tocsr()
 
 
-def _token_types(store: RoutingStore) -> sp.csr_matrix:
-    """(n_tokens, n_types) indicator of each token's type (its token id)."""
-    _, types = np.unique(store.tokens["token_id"].to_numpy(), return_inverse=True)
-    n = len(types)
-    return sp.csr_matrix((np.ones(n), (np.arange(n), types)), shape=(n, types.max() + 1 if n else 0))
+def _scale_rows(matrix: sp.csr_matrix, scale: np.ndarray) -> sp.csr_matrix:
+    """``diag(scale) @ matrix`` for a CSR matrix, without a product."""
+    return sp.csr_matrix((matrix.data * np.repeat(scale, np.diff(matrix.indptr)), matrix.indices, matrix.indptr),
+                         shape=matrix.shape)
 
 
-def _expected_given_type(selected: sp.csr_matrix, types: sp.csr_matrix, weights: np.ndarray,
-                         fit: np.ndarray, evaluate: np.ndarray) -> np.ndarray:
-    """sum over types t of n_eval(t) p_fit(a | t) p_fit(b | t), dense (N_e, N_e)."""
-    fit_w = sp.diags(weights * fit)
-    counts = (types.T @ fit_w @ selected).tocsr()  # (types, N_e) weighted counts in the fitting half
-    n_fit = np.asarray(types.T @ (weights * fit)).ravel()
-    n_eval = np.asarray(types.T @ (weights * evaluate)).ravel()
+class _Groups:
+    """The tokens of a store grouped by (question, token type): everything the null model sums
+    over tokens with per-question weights is a sum over these groups."""
+
+    def __init__(self, store: RoutingStore, seed: int):
+        sample_ids = store.tokens["sample_id"].to_numpy()
+        self.question = np.unique(sample_ids, return_inverse=True)[1]
+        self.in_a = question_halves(sample_ids, seed)
+        _, type_of = np.unique(store.tokens["token_id"].to_numpy(), return_inverse=True)
+        self.selected = _selection(store)  # (n_tokens, N_e)
+        self.selected_t = self.selected.T.tocsr()
+        group_key = self.question.astype(np.int64) * (type_of.max() + 1) + type_of
+        keys, group = np.unique(group_key, return_inverse=True)
+        n_groups = len(keys)
+        members = sp.csr_matrix((np.ones(len(group)), (group, np.arange(len(group)))), shape=(n_groups, len(group)))
+        self.counts = (members @ self.selected).tocsr()  # (groups, N_e) selections per group
+        self.size = np.asarray(members.sum(axis=1)).ravel()
+        self.group_question = (keys // (type_of.max() + 1)).astype(np.int64)
+        group_type = keys % (type_of.max() + 1)
+        self.n_types = int(type_of.max() + 1)
+        order = np.argsort(group_type, kind="stable")  # groups by type: a (types, groups) CSR to refill
+        self.by_type = sp.csr_matrix((np.ones(n_groups), order, np.searchsorted(group_type[order], np.arange(
+            self.n_types + 1))), shape=(self.n_types, n_groups))
+        first_token = np.zeros(n_groups, np.int64)
+        first_token[group[::-1]] = np.arange(len(group))[::-1]
+        self.group_in_a = self.in_a[first_token]
+
+    def per_type(self, group_weights: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """(types, N_e) weighted selection counts and (types,) weighted token counts."""
+        agg = self.by_type.copy()
+        agg.data = group_weights[agg.indices]
+        return (agg @ self.counts).tocsr(), agg @ self.size
+
+
+def _expected_given_type(groups: _Groups, weights: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """sum over types t of n_eval(t) p_fit(a | t) p_fit(b | t), dense (N_e, N_e), where the
+    evaluation half is the complement of ``fit`` (per group); unseen types use the fitting half's
+    marginal frequencies."""
+    counts, n_fit = groups.per_type(weights * fit)
+    _, n_eval = groups.per_type(weights * ~fit)
     seen = n_fit > 0
-    probs = sp.diags(np.where(seen, 1.0 / np.where(seen, n_fit, 1.0), 0.0)) @ counts
-    expected = (probs.T @ sp.diags(n_eval) @ probs).toarray()
+    probs = _scale_rows(counts, np.where(seen, 1.0 / np.where(seen, n_fit, 1.0), 0.0))
+    expected = (probs.T.tocsr() @ _scale_rows(probs, n_eval)).toarray()
     unseen_mass = n_eval[~seen].sum()
     if unseen_mass > 0:
         marginal = np.asarray(counts.sum(axis=0)).ravel() / n_fit.sum()
@@ -124,26 +156,23 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
     question, as a bootstrap replicate does.
     """
     cache = _cache if _cache is not None else {}
-    if "selected" not in cache:
-        sample_ids = store.tokens["sample_id"].to_numpy()
-        cache.update(selected=_selection(store), types=_token_types(store),
-                     in_a=question_halves(sample_ids, seed),
-                     question=np.unique(sample_ids, return_inverse=True)[1])
-    selected, types, in_a = cache["selected"], cache["types"], cache["in_a"]
+    if "groups" not in cache:
+        cache["groups"] = _Groups(store, seed)
+    groups = cache["groups"]
+    n_questions = groups.question.max() + 1
     if question_weights is None:
-        weights = np.ones(selected.shape[0])
-    else:
-        question_weights = np.asarray(question_weights, dtype=np.float64)
-        if question_weights.shape != (cache["question"].max() + 1,):
-            raise ValueError(f"question_weights needs one weight per question ({cache['question'].max() + 1}), "
-                             f"got shape {question_weights.shape}")
-        weights = question_weights[cache["question"]]
-    n = weights.sum()
-    counts = np.asarray(selected.T @ weights).ravel()
-    observed = (selected.T @ sp.diags(weights) @ selected).toarray()
+        question_weights = np.ones(n_questions)
+    question_weights = np.asarray(question_weights, dtype=np.float64)
+    if question_weights.shape != (n_questions,):
+        raise ValueError(f"question_weights needs one weight per question ({n_questions}), "
+                         f"got shape {question_weights.shape}")
+    weights = question_weights[groups.group_question]  # per group
+    n = float(weights @ groups.size)
+    counts = np.asarray(groups.counts.T @ weights).ravel()
+    observed = (groups.selected_t @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
     plain = np.outer(counts, counts) / n
-    given = (_expected_given_type(selected, types, weights, in_a, ~in_a)
-             + _expected_given_type(selected, types, weights, ~in_a, in_a))
+    given = (_expected_given_type(groups, weights, groups.group_in_a)
+             + _expected_given_type(groups, weights, ~groups.group_in_a))
     result = CoSelection(observed, plain, given, float(n), store.n_experts)
     within = ~result.cross_layer
     for matrix in (observed, plain, given):
@@ -151,18 +180,23 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
     return result
 
 
-def explained_share(co: CoSelection) -> dict:
+def excess_pairs(co: CoSelection) -> np.ndarray:
+    """(N_e, N_e) boolean, upper triangle: cross-layer pairs chosen together more often than
+    independent layers would choose them (``O > E_plain``)."""
+    return np.triu(co.cross_layer, k=1) & (co.observed > co.plain)
+
+
+def explained_share(co: CoSelection, pairs: np.ndarray | None = None) -> dict:
     """How much of the cross-layer excess co-selection token identity explains.
 
-    Over the cross-layer pairs with ``O > E_plain`` (chosen together more often than independent
-    layers would), ``excess = sum(O - E_plain)`` and ``explained = sum(E_token - E_plain)``.
+    Over ``pairs`` (default :func:`excess_pairs`: the cross-layer pairs with ``O > E_plain``),
+    ``excess = sum(O - E_plain)`` and ``explained = sum(E_token - E_plain)``.
     Returns ``share`` (explained / excess; 1 when the token explains it all), ``remaining``
     (1 - share: the part left to context, i.e. collaboration), ``excess``, ``explained``, the
     number of such pairs (``n_pairs``, unordered) and the overall ``lift_plain`` and
     ``lift_token`` of those pairs (sum O / sum E).
     """
-    upper = np.triu(co.cross_layer, k=1)
-    pairs = upper & (co.observed > co.plain)
+    pairs = excess_pairs(co) if pairs is None else pairs
     excess = float((co.observed - co.plain)[pairs].sum())
     explained = float((co.given_token - co.plain)[pairs].sum())
     share = explained / excess if excess > 0 else float("nan")
@@ -175,19 +209,24 @@ def explained_share(co: CoSelection) -> dict:
 def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
     """:func:`explained_share` with a percentile bootstrap interval over questions.
 
-    Each replicate draws the questions with replacement (the cross-fit halves stay fixed) and
-    recomputes everything. Returns the point estimate's values plus ``share_low``,
+    Each replicate weights the questions by a Bayesian bootstrap draw (Dirichlet(1, ..., 1)
+    weights, Rubin 1981): every question keeps a positive weight, so no token type drops out of
+    a cross-fit half, which with draws of whole questions would bias the share down. The halves
+    stay fixed, and the counts are summed over the pairs the full sample selects (selecting them
+    anew in each replicate would add the replicate's noise to the excess). Returns the point estimate's values plus ``share_low``,
     ``share_high``, ``remaining_low``, ``remaining_high`` and ``n_boot``.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     cache: dict = {}
-    point = explained_share(coselection(store, seed=seed, _cache=cache))
-    n_questions = cache["question"].max() + 1
+    co = coselection(store, seed=seed, _cache=cache)
+    pairs = excess_pairs(co)
+    point = explained_share(co, pairs)
+    n_questions = cache["groups"].question.max() + 1
     rng = np.random.default_rng(seed + 1)
     shares = np.array([explained_share(coselection(
         store, seed=seed, _cache=cache,
-        question_weights=rng.multinomial(n_questions, np.full(n_questions, 1.0 / n_questions))))["share"]
+        question_weights=rng.dirichlet(np.ones(n_questions)) * n_questions), pairs)["share"]
         for _ in range(n_boot)])
     low, high = np.nanpercentile(shares, [50 * (1 - level), 50 * (1 + level)])
     return {**point, "share_low": float(low), "share_high": float(high), "remaining_low": float(1 - high),
