@@ -80,26 +80,27 @@ def _keys(rows: np.ndarray, n_e: int) -> np.ndarray:
     return keys
 
 
-def coverage_chance(sizes, selected: sp.spmatrix, *, percents, orders=(2, 3), n_draws: int = 1000,
-                    weights: np.ndarray | None = None, seed: int = 0, level: float = 0.95,
-                    max_columns: int | None = 50_000) -> pd.DataFrame:
-    """The coverage (``mode="core"`` of :func:`moe_utils.patterns.coverage`) of random atoms of the
-    given sizes, over ``n_draws`` draws: one row per order and k% with ``mean``, ``low``, ``high``.
+def count_sets(selected: sp.spmatrix, orders=(2, 3), max_columns: int | None = 50_000) -> dict:
+    """``{order: (keys, counts)}`` of :func:`moe_utils.patterns.cooccurrence_counts`, counted once
+    for every chance level drawn from them."""
+    return {order: patterns.cooccurrence_counts(selected, order, max_columns=max_columns) for order in orders}
 
-    The co-selected sets are counted once per order; each draw only looks its atoms up.
-    """
-    n_e = selected.shape[0]
+
+def coverage_chance(sizes, counted: dict, n_rows: int, *, percents, n_draws: int = 1000,
+                    weights: np.ndarray | None = None, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """The coverage (``mode="core"`` of :func:`moe_utils.patterns.coverage`) of random atoms of the
+    given sizes over ``n_draws`` draws, against the sets of :func:`count_sets`: one row per order
+    and k% with ``mean``, ``low``, ``high`` (the ``level`` interval of the draws)."""
     sizes = np.asarray(sizes, dtype=np.int64)
-    draws = random_atom_rows(sizes, n_e, n_draws=n_draws, weights=weights, seed=seed)
+    draws = random_atom_rows(sizes, n_rows, n_draws=n_draws, weights=weights, seed=seed)
     rows = []
-    for order in orders:
-        keys, counts = patterns.cooccurrence_counts(selected, order, max_columns=max_columns)
+    for order, (keys, counts) in counted.items():
         ranked = np.sort(counts)[::-1]
         eligible = sizes >= order
         if not eligible.any() or not ranked.size:
             continue
-        atom_keys = _keys(draws[:, eligible, :order], n_e)
-        where = np.clip(np.searchsorted(keys, atom_keys), 0, max(len(keys) - 1, 0))
+        atom_keys = _keys(draws[:, eligible, :order], n_rows)
+        where = np.clip(np.searchsorted(keys, atom_keys), 0, len(keys) - 1)
         atom_counts = np.where(keys[where] == atom_keys, counts[where], 0)
         for percent in percents:
             cutoff = ranked[max(1, int(np.ceil(percent / 100 * ranked.size))) - 1]
@@ -119,6 +120,34 @@ def match_atoms(atoms_a, atoms_b) -> np.ndarray:
     jaccard = np.array([[len(a & b) / len(a | b) if a | b else 0.0 for b in sets_b] for a in sets_a])
     rows, cols = linear_sum_assignment(jaccard, maximize=True)
     return jaccard[rows, cols]
+
+
+def multi_expert_atoms(hsdl, threshold: float) -> list[tuple]:
+    """The expert rows of the level-1 atoms in use with two or more experts (the collaborations)."""
+    table = patterns.atom_table(hsdl, level=1, threshold=threshold)
+    return list(table.loc[table["alive"] & (table["n_experts"] >= 2), "rows"])
+
+
+def stability(hsdl, X, column_questions: np.ndarray, threshold: float, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Matched Jaccard (:func:`match_atoms`) of the multi-expert level-1 atoms of refits of
+    ``hsdl``'s parameters on X: the fit against a refit with another seed (another initial sample
+    and batch order), against a refit from random initial atoms (``init="random"``), and a fit on
+    one half of the questions against a fit on the other half (``column_questions``: the question
+    of each column of X)."""
+    from moe_utils.token_null import question_halves
+
+    params = hsdl.get_params()
+    base_seed = 0 if params["random_state"] is None else int(params["random_state"])
+
+    def refit(matrix, **changes):
+        return multi_expert_atoms(type(hsdl)(**{**params, **changes}).fit(matrix), threshold)
+
+    X = sp.csc_matrix(X)
+    in_a = question_halves(column_questions, seed)
+    base = multi_expert_atoms(hsdl, threshold)
+    return {"another seed": match_atoms(base, refit(X, random_state=base_seed + 1)),
+            "random initialisation": match_atoms(base, refit(X, init="random")),
+            "question halves": match_atoms(refit(X[:, in_a]), refit(X[:, ~in_a]))}
 
 
 def stability_summary(matched: dict[str, np.ndarray]) -> pd.DataFrame:

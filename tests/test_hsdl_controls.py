@@ -51,7 +51,8 @@ def test_coverage_chance_of_one_draw_is_patterns_coverage():
 
     selected = expert_matrix(store, "token", "binary")
     sizes = [2, 3, 4, 2, 1, 5]
-    chance = hc.coverage_chance(sizes, selected, percents=(1, 10, 50), n_draws=1, seed=3)
+    chance = hc.coverage_chance(sizes, hc.count_sets(selected), selected.shape[0], percents=(1, 10, 50),
+                                n_draws=1, seed=3)
     atoms = [a[a >= 0] for a in hc.random_atom_rows(sizes, selected.shape[0], n_draws=1, seed=3)[0]]
     truth = patterns.coverage(atoms, selected, orders=(2, 3), top_percent=(1, 10, 50))
     merged = chance.merge(truth, on=["order", "top_percent"])
@@ -92,13 +93,22 @@ def test_hierarchy_structure_counts_splits_and_copies():
     assert (out["edges_smaller"], out["edges_same"], out["edges_larger"]) == (0.5, 0.25, 0.25)
 
 
-def test_surrogate_fits_report_every_statistic():
+def test_surrogate_fits_and_stability_report_every_statistic():
+    from moe_utils.expert_matrix import expert_matrix
     from moe_utils.hsdl import HSDL
 
     store = synthetic_store(planted=True, n_questions=8, per_question=50)
     hsdl = HSDL(levels=[1.0, 2.0], n_steps=30, batch_size=128, layout=(store.n_layers, store.n_experts),
                 device="cpu", random_state=0)
+    hsdl.fit(expert_matrix(store, "token", "weight"))
     table = hc.surrogate_fits(hsdl, store, 0.5, n_surrogates=2)
     assert list(table["surrogate"]) == [0, 1]
     for column in ("rel_error", "n_live_1", "mean_experts_1", "cross_share_1", "cover_pairs_10"):
         assert np.isfinite(table[column]).all()
+    X = expert_matrix(store, "token", "weight")
+    matched = hc.stability(hsdl, X, store.tokens["sample_id"].to_numpy(), 0.5)
+    assert set(matched) == {"another seed", "random initialisation", "question halves"}
+    for jaccard in matched.values():
+        assert len(jaccard) and np.all((jaccard >= 0) & (jaccard <= 1))
+    same = hc.match_atoms(hc.multi_expert_atoms(hsdl, 0.5), hc.multi_expert_atoms(hsdl, 0.5))
+    assert np.all(same == 1.0)
