@@ -97,15 +97,24 @@ def _scale_rows(matrix: sp.csr_matrix, scale: np.ndarray) -> sp.csr_matrix:
                          shape=matrix.shape)
 
 
+def _strata(store: RoutingStore, strata: np.ndarray | None) -> np.ndarray:
+    """One key per token: ``strata``, or the token id."""
+    keys = store.tokens["token_id"].to_numpy() if strata is None else np.asarray(strata)
+    if keys.shape != (store.n_tokens,):
+        raise ValueError(f"strata needs one key per token ({store.n_tokens}), got shape {keys.shape}")
+    return keys
+
+
 class _Groups:
     """The tokens of a store grouped by (question, token type): everything the null model sums
     over tokens with per-question weights is a sum over these groups."""
 
-    def __init__(self, store: RoutingStore, seed: int):
+    def __init__(self, store: RoutingStore, seed: int, strata: np.ndarray | None = None):
         sample_ids = store.tokens["sample_id"].to_numpy()
         self.question = np.unique(sample_ids, return_inverse=True)[1]
         self.in_a = question_halves(sample_ids, seed)
-        _, type_of = np.unique(store.tokens["token_id"].to_numpy(), return_inverse=True)
+        keys = _strata(store, strata)
+        _, type_of = np.unique(keys, return_inverse=True)
         self.selected = _selection(store)  # (n_tokens, N_e)
         self.selected_t = self.selected.T.tocsr()
         group_key = self.question.astype(np.int64) * (type_of.max() + 1) + type_of
@@ -148,16 +157,18 @@ def _expected_given_type(groups: _Groups, weights: np.ndarray, fit: np.ndarray) 
 
 
 def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndarray | None = None,
-                _cache: dict | None = None) -> CoSelection:
+                strata: np.ndarray | None = None, _cache: dict | None = None) -> CoSelection:
     """Observed and expected cross-layer co-selection of ``store`` (see :class:`CoSelection`).
 
-    ``seed`` draws the question halves of the cross-fit (:func:`question_halves`).
+    ``seed`` draws the question halves of the cross-fit (:func:`question_halves`). ``strata``
+    (one key per token) conditions on something else than the token id, e.g. token id and
+    position (:func:`token_position_strata`); ``given_token`` then holds that expectation.
     ``question_weights`` (one per distinct ``sample_id``, in sorted order) weights every token of a
     question, as a bootstrap replicate does.
     """
     cache = _cache if _cache is not None else {}
     if "groups" not in cache:
-        cache["groups"] = _Groups(store, seed)
+        cache["groups"] = _Groups(store, seed, strata)
     groups = cache["groups"]
     n_questions = groups.question.max() + 1
     if question_weights is None:
@@ -206,20 +217,22 @@ def explained_share(co: CoSelection, pairs: np.ndarray | None = None) -> dict:
             "lift_token": observed / float(co.given_token[pairs].sum()) if excess > 0 else float("nan")}
 
 
-def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,
+                             strata: np.ndarray | None = None) -> dict:
     """:func:`explained_share` with a percentile bootstrap interval over questions.
 
     Each replicate weights the questions by a Bayesian bootstrap draw (Dirichlet(1, ..., 1)
     weights, Rubin 1981): every question keeps a positive weight, so no token type drops out of
     a cross-fit half, which with draws of whole questions would bias the share down. The halves
     stay fixed, and the counts are summed over the pairs the full sample selects (selecting them
-    anew in each replicate would add the replicate's noise to the excess). Returns the point estimate's values plus ``share_low``,
-    ``share_high``, ``remaining_low``, ``remaining_high`` and ``n_boot``.
+    anew in each replicate would add the replicate's noise to the excess). ``strata`` as in
+    :func:`coselection`. Returns the point estimate's values plus ``share_low``, ``share_high``,
+    ``remaining_low``, ``remaining_high`` and ``n_boot``.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     cache: dict = {}
-    co = coselection(store, seed=seed, _cache=cache)
+    co = coselection(store, seed=seed, strata=strata, _cache=cache)
     pairs = excess_pairs(co)
     point = explained_share(co, pairs)
     n_questions = cache["groups"].question.max() + 1
@@ -261,9 +274,7 @@ def surrogate_store(store: RoutingStore, seed: int = 0, strata: np.ndarray | Non
     removed. The token table is unchanged. ``strata`` (one key per token) gives other nulls, e.g.
     token id and position for a position null (:func:`token_position_strata`).
     """
-    keys = store.tokens["token_id"].to_numpy() if strata is None else np.asarray(strata)
-    if keys.shape != (store.n_tokens,):
-        raise ValueError(f"strata needs one key per token ({store.n_tokens}), got shape {keys.shape}")
+    keys = _strata(store, strata)
     rng = np.random.default_rng(seed)
     by_key = np.argsort(keys, kind="stable")
     indices = np.array(store.topk_indices)

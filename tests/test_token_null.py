@@ -153,6 +153,24 @@ def test_position_strata_keep_routing_per_token_and_position(planted):
         pd.testing.assert_frame_equal(before, pd.crosstab(strata, surrogate.topk_indices[:, layer, 0]))
 
 
+def test_position_null_explains_routing_that_depends_on_the_position():
+    store = synthetic_store(planted=False, seed=2)
+    early = (store.tokens["position"].to_numpy() % 8) < 2  # a quarter of the positions, whatever the token
+    indices = np.array(store.topk_indices)
+    for layer, expert in PLANTED:
+        clash = indices[early, layer, 1] == expert
+        indices[early, layer, 1] = np.where(clash, indices[early, layer, 0], indices[early, layer, 1])
+        indices[early, layer, 0] = expert
+    store = make_store(indices, store.tokens["token_id"].to_numpy(), store.tokens["sample_id"].to_numpy())
+    strata = store.tokens["token_id"].to_numpy() * 2 + early
+    by_token = tn.explained_share(tn.coselection(store))["share"]
+    by_token_and_position = tn.explained_share(tn.coselection(store, strata=strata))["share"]
+    assert by_token < 0.95 and by_token_and_position > 0.97
+    bins = tn.token_position_strata(store)
+    pairs = set(zip(store.tokens["token_id"], np.floor(np.log2(store.tokens["position"] + 1)).astype(int)))
+    assert len(np.unique(bins)) == len(pairs) > N_TYPES  # one stratum per (token, log2 position bin)
+
+
 def test_bad_input():
     store = synthetic_store(planted=False, n_questions=1, per_question=10)
     with pytest.raises(ValueError, match="two questions"):
