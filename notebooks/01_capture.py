@@ -22,8 +22,9 @@
 # store written here.
 #
 # **What you will see:** what was captured and from which model; how evenly each layer spreads
-# its tokens over its experts; how confident the routers are; and the paper's Fig 2, the
-# probability that two experts in different layers are chosen for the same token.
+# its tokens over its experts; how confident the routers are; the paper's Fig 2, the
+# probability that two experts in different layers are chosen for the same token; and its
+# control: how much of that co-activation the token's identity explains by itself.
 
 # %% tags=["parameters"]
 model = "embedded"
@@ -177,6 +178,8 @@ pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "l
 
 # %%
 null = tn.explained_share_interval(store, n_boot=null_bootstrap, seed=seed)
+null_position = tn.explained_share_interval(store, n_boot=null_bootstrap, seed=seed,
+                                            strata=tn.token_position_strata(store))
 co_null = tn.coselection(store, seed=seed)
 null_pairs = tn.pair_table(co_null, n=10)
 np.testing.assert_allclose(co_null.observed[co_null.cross_layer], co[co_null.cross_layer] * store.n_tokens, rtol=1e-6)
@@ -184,7 +187,9 @@ glue_values(
     null_bootstrap=null_bootstrap, token_share=null["share"] * 100, token_share_low=null["share_low"] * 100,
     token_share_high=null["share_high"] * 100, context_share=null["remaining"] * 100,
     context_share_low=null["remaining_low"] * 100, context_share_high=null["remaining_high"] * 100,
-    n_excess_pairs=null["n_pairs"], excess_lift_plain=null["lift_plain"], excess_lift_token=null["lift_token"],
+    position_share=null_position["share"] * 100, position_share_low=null_position["share_low"] * 100,
+    position_share_high=null_position["share_high"] * 100, n_excess_pairs=null["n_pairs"],
+    excess_lift_plain=null["lift_plain"], excess_lift_token=null["lift_token"],
     top10_lift_plain_min=float(null_pairs["lift_plain"].min()), top10_lift_plain_max=float(null_pairs["lift_plain"].max()),
     top10_lift_token_min=float(null_pairs["lift_token"].min()), top10_lift_token_max=float(null_pairs["lift_token"].max()),
     null_top_pair=f"{null_pairs.expert_a[0]} with {null_pairs.expert_b[0]}",
@@ -213,6 +218,13 @@ null_pairs.style.format({"observed": "{:.0f}", "expected_plain": "{:.0f}", "expe
 # {glue:text}`top_pair_expected_token:.0f` for independent layers given the token (lift
 # {glue:text}`top_pair_lift_token:.2f`). Most of what Fig 2 shows is the token, not collaboration;
 # later stages test their patterns against the same control.
+#
+# The position in the text is a second cause shared by all layers. Conditioning on the token and
+# its position (bins 0, 1, 2-3, 4-7, ... tokens from the start of the question) explains
+# {glue:text}`position_share:.0f`% [{glue:text}`position_share_low:.0f`,
+# {glue:text}`position_share_high:.0f`] of the excess: what position adds beyond the token is the
+# difference from {glue:text}`token_share:.0f`% (finer strata are also estimated from fewer
+# tokens each, which lowers what they can explain out of sample).
 #
 # ```{glue:figure} fig_coactivation_null
 # :name: fig-capture-coactivation-null

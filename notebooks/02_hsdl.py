@@ -25,8 +25,10 @@
 # **What you will see:** the fit and how its loss terms evolve; how many experts and layers the
 # atoms span at each level; the most used atoms drawn as layer x expert maps; how finer atoms
 # compose coarser ones; and the paper's Fig 6, whether the atoms are among the expert pairs and
-# triplets that exhaustive counting finds most often. The fitted model is saved for the
-# annotation and pruning stages.
+# triplets that exhaustive counting finds most often. Every statistic stands beside its control:
+# random atoms of the same sizes (chance), refits (stability) and HSDL on surrogate stores where
+# token identity alone couples the layers. The fitted model is saved for the annotation and
+# pruning stages.
 
 # %% tags=["parameters"]
 artifacts_dir = "artifacts/tiny"
@@ -131,15 +133,18 @@ cross_uniform = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=con
 cross_usage = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=control_draws, weights=usage, seed=hsdl_seed)
 glue_values(control_draws=control_draws, **{f"cross_chance_{name}{suffix}": chance[key] * 100
             for name, chance in (("uniform", cross_uniform), ("usage", cross_usage))
-            for suffix, key in (("", "mean"), ("_low", "low"), ("_high", "high"))})
+            for suffix, key in (("", "mean"), ("_low", "low"), ("_high", "high"))},
+            cross_vs_chance=hsdl_controls.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
+                                                  max(cross_uniform["high"], cross_usage["high"])))
 
 # %% [markdown]
 # Random atoms of the same sizes span several layers {glue:text}`cross_chance_uniform:.0f`%
 # [{glue:text}`cross_chance_uniform_low:.0f`, {glue:text}`cross_chance_uniform_high:.0f`] of the
 # time with experts drawn uniformly and {glue:text}`cross_chance_usage:.0f`%
 # [{glue:text}`cross_chance_usage_low:.0f`, {glue:text}`cross_chance_usage_high:.0f`] drawn by
-# usage, against {glue:text}`cross_share_1:.0f`% for the fitted atoms: spanning several layers is
-# what atoms of these sizes do by chance, not evidence of collaboration by itself.
+# usage, against {glue:text}`cross_share_1:.0f`% for the fitted atoms, {glue:text}`cross_vs_chance`
+# the 95% range of both chance levels. Most of the cross-layer share is what atoms of these sizes
+# do by chance; only the difference from chance says anything about collaboration.
 #
 # ```{glue:figure} fig_sizes
 # :name: fig-hsdl-sizes
@@ -310,7 +315,9 @@ comparison = {"real store": {k: real[k] for k in statistics},
               "surrogates, mean": surrogates[statistics].mean().to_dict(),
               "surrogates, min": surrogates[statistics].min().to_dict(),
               "surrogates, max": surrogates[statistics].max().to_dict()}
-glue_values(n_surrogates=n_surrogates, **{f"surr_{k}": float(v) for k, v in comparison["surrogates, mean"].items()},
+glue_values(n_surrogates=n_surrogates, **{f"surr_vs_{k}": hsdl_controls.against(
+                real[k], comparison["surrogates, min"][k], comparison["surrogates, max"][k]) for k in statistics},
+            **{f"surr_{k}": float(v) for k, v in comparison["surrogates, mean"].items()},
             **{f"surr_{k}_min": float(v) for k, v in comparison["surrogates, min"].items()},
             **{f"surr_{k}_max": float(v) for k, v in comparison["surrogates, max"].items()})
 pd.DataFrame(comparison).rename(index={
@@ -326,8 +333,13 @@ pd.DataFrame(comparison).rename(index={
 # {glue:text}`surr_cross_share_1:.0f`% of the atoms spanning several layers (real
 # {glue:text}`cross_share_1:.0f`%) and {glue:text}`surr_cover_pairs_10:.0f`% covered at 10%
 # ({glue:text}`surr_cover_pairs_10_min:.0f` to {glue:text}`surr_cover_pairs_10_max:.0f`; real
-# {glue:text}`cover_pairs_10:.0f`%). Statistics that come out alike on the real store and on
-# its surrogates describe what token identity produces, not collaboration through the context.
+# {glue:text}`cover_pairs_10:.0f`%). Against the range of the surrogates, the real store's
+# reconstruction error is {glue:text}`surr_vs_rel_error`, its atom size
+# {glue:text}`surr_vs_mean_experts_1`, its cross-layer share {glue:text}`surr_vs_cross_share_1` and
+# its coverage {glue:text}`surr_vs_cover_pairs_10` (pairs) and {glue:text}`surr_vs_cover_triplets_10`
+# (triplets). A statistic within or near the surrogates' range is what token identity produces
+# by itself; with {glue:text}`n_surrogates` surrogates the range is narrow, so "above" or "below"
+# by a small margin is weak evidence of collaboration through the context.
 #
 # ## 9. The artifact for the next stages
 #
@@ -382,6 +394,9 @@ else:
 #   10% of co-selected pairs (chance over {glue:text}`control_draws` draws:
 #   {glue:text}`cover_chance_uniform_2_10:.0f`% uniform, {glue:text}`cover_chance_usage_2_10:.0f`% by
 #   usage); HSDL on token-identity surrogates reaches {glue:text}`surr_cover_pairs_10:.0f`%.
+# - Level-2 atoms have {glue:text}`tree_mean_size_2:.2f` experts against {glue:text}`tree_mean_size_1:.2f`
+#   at level 1; {glue:text}`tree_n_split` of {glue:text}`tree_n_parents` level-1 atoms split,
+#   {glue:text}`tree_n_copied` are copied by one child.
 # - Another seed reproduces {glue:text}`stable_seed_exact:.0f`% of the multi-expert atoms exactly,
 #   random initial atoms {glue:text}`stable_init_exact:.0f`%, the other half of the questions
 #   {glue:text}`stable_halves_exact:.0f`%.
