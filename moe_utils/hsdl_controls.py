@@ -51,8 +51,9 @@ def random_atom_rows(sizes, n_rows: int, *, n_draws: int = 1000, weights: np.nda
     rng = np.random.default_rng(seed)
     width = int(sizes.max()) if sizes.size else 0
     out = np.full((n_draws, len(sizes), width), -1, dtype=np.int64)
-    for start in range(0, n_draws, 50):  # bounded memory: 50 draws x atoms x rows keys at a time
-        stop = min(n_draws, start + 50)
+    step = max(1, 4_000_000 // max(1, len(sizes) * n_rows))  # bounded memory: ~4M keys at a time
+    for start in range(0, n_draws, step):
+        stop = min(n_draws, start + step)
         keys = log_w + rng.gumbel(size=(stop - start, len(sizes), n_rows))
         top = np.argsort(-keys, axis=2)[:, :, :width]
         mask = np.arange(width)[None, None, :] < sizes[None, :, None]

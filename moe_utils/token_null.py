@@ -113,8 +113,7 @@ class _Groups:
         sample_ids = store.tokens["sample_id"].to_numpy()
         self.question = np.unique(sample_ids, return_inverse=True)[1]
         self.in_a = question_halves(sample_ids, seed)
-        keys = _strata(store, strata)
-        _, type_of = np.unique(keys, return_inverse=True)
+        _, type_of = np.unique(_strata(store, strata), return_inverse=True)
         self.selected = _selection(store)  # (n_tokens, N_e)
         self.selected_t = self.selected.T.tocsr()
         group_key = self.question.astype(np.int64) * (type_of.max() + 1) + type_of
@@ -129,9 +128,9 @@ class _Groups:
         order = np.argsort(group_type, kind="stable")  # groups by type: a (types, groups) CSR to refill
         self.by_type = sp.csr_matrix((np.ones(n_groups), order, np.searchsorted(group_type[order], np.arange(
             self.n_types + 1))), shape=(self.n_types, n_groups))
-        first_token = np.zeros(n_groups, np.int64)
-        first_token[group[::-1]] = np.arange(len(group))[::-1]
-        self.group_in_a = self.in_a[first_token]
+        question_in_a = np.zeros(self.question.max() + 1, bool)
+        question_in_a[self.question] = self.in_a
+        self.group_in_a = question_in_a[self.group_question]
 
     def per_type(self, group_weights: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
         """(types, N_e) weighted selection counts and (types,) weighted token counts."""
