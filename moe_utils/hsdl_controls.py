@@ -112,12 +112,6 @@ def coverage_chance(sizes, counted: dict, n_rows: int, *, percents, n_draws: int
     return pd.DataFrame(rows)
 
 
-def against(value: float, low: float, high: float) -> str:
-    """Where ``value`` lies against a null's range: ``"above"``, ``"within"`` or ``"below"``
-    ``[low, high]``, for the sentence a page builds from it."""
-    return "above" if value > high else "below" if value < low else "within"
-
-
 def match_atoms(atoms_a, atoms_b) -> np.ndarray:
     """Jaccard similarity of the expert sets of the atoms of two fits, matched one to one so that
     the total similarity is largest (Hungarian matching); one value per atom of the smaller fit."""

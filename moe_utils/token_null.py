@@ -20,6 +20,7 @@ the paper's sense. This module separates them, reading nothing but a routing sto
   permuted independently across the type's occurrences. Every layer's routing given the token
   is kept exactly; any coupling of layers through the context is destroyed. A statistic that is
   as large on the surrogates as on the real store is explained by token identity.
+* :func:`against`: where a statistic lies against its null's range, the word a page glues.
 
 Costs: one pass of sparse products over the (tokens x experts) selection matrix, about
 ``n_tokens * (n_layers * top_k)**2`` operations for ``O`` and less for the type-level products;
@@ -243,6 +244,12 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     low, high = np.nanpercentile(shares, [50 * (1 - level), 50 * (1 + level)])
     return {**point, "share_low": float(low), "share_high": float(high), "remaining_low": float(1 - high),
             "remaining_high": float(1 - low), "n_boot": int(n_boot)}
+
+
+def against(value: float, low: float, high: float) -> str:
+    """Where ``value`` lies against a null's range: ``"above"``, ``"within"`` or ``"below"``
+    ``[low, high]``, for the sentence a page builds from it."""
+    return "above" if value > high else "below" if value < low else "within"
 
 
 def pair_table(co: CoSelection, n: int = 10) -> pd.DataFrame:

@@ -189,6 +189,7 @@ glue_values(
     context_share_low=null["remaining_low"] * 100, context_share_high=null["remaining_high"] * 100,
     position_share=null_position["share"] * 100, position_share_low=null_position["share_low"] * 100,
     position_share_high=null_position["share_high"] * 100, n_excess_pairs=null["n_pairs"],
+    position_vs_token=tn.against(null_position["share"], null["share_low"], null["share_high"]),
     excess_lift_plain=null["lift_plain"], excess_lift_token=null["lift_token"],
     top10_lift_plain_min=float(null_pairs["lift_plain"].min()), top10_lift_plain_max=float(null_pairs["lift_plain"].max()),
     top10_lift_token_min=float(null_pairs["lift_token"].min()), top10_lift_token_max=float(null_pairs["lift_token"].max()),
@@ -222,9 +223,10 @@ null_pairs.style.format({"observed": "{:.0f}", "expected_plain": "{:.0f}", "expe
 # The position in the text is a second cause shared by all layers. Conditioning on the token and
 # its position (bins 0, 1, 2-3, 4-7, ... tokens from the start of the question) explains
 # {glue:text}`position_share:.0f`% [{glue:text}`position_share_low:.0f`,
-# {glue:text}`position_share_high:.0f`] of the excess: what position adds beyond the token is the
-# difference from {glue:text}`token_share:.0f`% (finer strata are also estimated from fewer
-# tokens each, which lowers what they can explain out of sample).
+# {glue:text}`position_share_high:.0f`] of the excess, {glue:text}`position_vs_token` the interval
+# of the token alone. Finer strata are estimated from fewer tokens each, so out of sample they can
+# explain less than the token alone even where position matters; the token-only control is the
+# one the later stages use.
 #
 # ```{glue:figure} fig_coactivation_null
 # :name: fig-capture-coactivation-null

@@ -52,6 +52,7 @@ from IPython.display import Markdown, display
 import numpy as np
 
 from moe_utils import hsdl_controls, hsdl_report, null_plots, plotting
+from moe_utils import token_null as tn
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
@@ -134,7 +135,7 @@ cross_usage = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=contr
 glue_values(control_draws=control_draws, **{f"cross_chance_{name}{suffix}": chance[key] * 100
             for name, chance in (("uniform", cross_uniform), ("usage", cross_usage))
             for suffix, key in (("", "mean"), ("_low", "low"), ("_high", "high"))},
-            cross_vs_chance=hsdl_controls.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
+            cross_vs_chance=tn.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
                                                   max(cross_uniform["high"], cross_usage["high"])))
 
 # %% [markdown]
@@ -315,7 +316,7 @@ comparison = {"real store": {k: real[k] for k in statistics},
               "surrogates, mean": surrogates[statistics].mean().to_dict(),
               "surrogates, min": surrogates[statistics].min().to_dict(),
               "surrogates, max": surrogates[statistics].max().to_dict()}
-glue_values(n_surrogates=n_surrogates, **{f"surr_vs_{k}": hsdl_controls.against(
+glue_values(n_surrogates=n_surrogates, **{f"surr_vs_{k}": tn.against(
                 real[k], comparison["surrogates, min"][k], comparison["surrogates, max"][k]) for k in statistics},
             **{f"surr_{k}": float(v) for k, v in comparison["surrogates, mean"].items()},
             **{f"surr_{k}_min": float(v) for k, v in comparison["surrogates, min"].items()},

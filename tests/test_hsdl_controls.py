@@ -112,8 +112,3 @@ def test_surrogate_fits_and_stability_report_every_statistic():
         assert len(jaccard) and np.all((jaccard >= 0) & (jaccard <= 1))
     same = hc.match_atoms(hc.multi_expert_atoms(hsdl, 0.5), hc.multi_expert_atoms(hsdl, 0.5))
     assert np.all(same == 1.0)
-
-
-def test_against_places_a_value_on_its_null_range():
-    assert [hc.against(v, 1.0, 2.0) for v in (0.5, 1.0, 1.5, 2.0, 2.5)] == ["below", "within", "within", "within",
-                                                                            "above"]

@@ -177,3 +177,8 @@ def test_bad_input():
         tn.coselection(store)
     with pytest.raises(ValueError, match="one key per token"):
         tn.surrogate_store(store, strata=np.zeros(3))
+
+
+def test_against_places_a_value_on_its_null_range():
+    assert [tn.against(v, 1.0, 2.0) for v in (0.5, 1.0, 1.5, 2.0, 2.5)] == ["below", "within", "within", "within",
+                                                                            "above"]
