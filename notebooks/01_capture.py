@@ -198,16 +198,16 @@ glue_values(
     top_pair_observed=int(null_pairs["observed"][0]), top_pair_expected_plain=float(null_pairs["expected_plain"][0]),
     top_pair_expected_token=float(null_pairs["expected_token"][0]))
 plotting.glue_figure("fig_coactivation_null", null_plots.lift_heatmaps(
-    {"plain: observed / independent layers": co_null.lift(),
-     "given the token: observed / independent layers given the token id": co_null.lift(given_token=True)},
+    {"plain (independent layers)": co_null.lift(),
+     "given the token (independent layers given the token id)": co_null.lift(given_token=True)},
     store.n_experts))
 null_pairs.style.format({"observed": "{:.0f}", "expected_plain": "{:.0f}", "expected_token": "{:.0f}",
                          "lift_plain": "{:.2f}", "lift_token": "{:.2f}", "token_share": "{:.0%}"}, escape="html")
 
 # %% [markdown]
 # Token identity explains {glue:text}`token_share:.0f`% [{glue:text}`token_share_low:.0f`,
-# {glue:text}`token_share_high:.0f`] of the cross-layer excess co-selection; the context-dependent
-# part, the collaboration, is {glue:text}`context_share:.0f`%
+# {glue:text}`token_share_high:.0f`] of the cross-layer excess co-selection; the part that depends
+# on the context, the only part that can be collaboration, is {glue:text}`context_share:.0f`%
 # [{glue:text}`context_share_low:.0f`, {glue:text}`context_share_high:.0f`]. Over the
 # {glue:text}`n_excess_pairs` cross-layer pairs chosen together more often than chance, the lift is
 # {glue:text}`excess_lift_plain:.2f` over independent layers but {glue:text}`excess_lift_token:.2f`
