@@ -96,6 +96,19 @@ def test_counts_against_brute_force():
     assert np.isnan(co.lift()[0, 1]) and np.isfinite(co.lift()[0, N_EXPERTS])
 
 
+def test_bootstrap_replicates_are_the_weighted_coselection():
+    store = synthetic_store(planted=True, n_questions=12, per_question=40, seed=4)
+    result = tn.explained_share_interval(store, n_boot=5, seed=2, level=0.5)
+    co = tn.coselection(store, seed=2)
+    pairs = tn.excess_pairs(co)
+    rng = np.random.default_rng(3)
+    shares = [tn.explained_share(tn.coselection(store, seed=2, question_weights=rng.dirichlet(np.ones(12)) * 12),
+                                 pairs)["share"] for _ in range(5)]
+    assert result["share_low"] == pytest.approx(np.percentile(shares, 25))
+    assert result["share_high"] == pytest.approx(np.percentile(shares, 75))
+    assert result["share"] == pytest.approx(tn.explained_share(co)["share"])
+
+
 def test_token_only_routing_is_explained(token_only):
     result = tn.explained_share_interval(token_only, n_boot=30, seed=0)
     assert result["excess"] > 0
