@@ -229,11 +229,14 @@ def explained_share(co: CoSelection, pairs: np.ndarray | None = None) -> dict:
     pairs = excess_pairs(co) if pairs is None else pairs
     excess = float((co.observed - co.plain)[pairs].sum())
     explained = float((co.given_token - co.plain)[pairs].sum())
-    share = explained / excess if excess > 0 else float("nan")
+    if not excess > 0:
+        nan = float("nan")
+        return {"share": nan, "remaining": nan, "excess": excess, "explained": explained, "n_pairs": int(pairs.sum()),
+                "lift_plain": nan, "lift_token": nan}
     observed = float(co.observed[pairs].sum())
-    return {"share": share, "remaining": 1.0 - share, "excess": excess, "explained": explained,
-            "n_pairs": int(pairs.sum()), "lift_plain": observed / float(co.plain[pairs].sum()) if excess > 0 else float("nan"),
-            "lift_token": observed / float(co.given_token[pairs].sum()) if excess > 0 else float("nan")}
+    return {"share": explained / excess, "remaining": 1.0 - explained / excess, "excess": excess,
+            "explained": explained, "n_pairs": int(pairs.sum()), "lift_plain": observed / float(co.plain[pairs].sum()),
+            "lift_token": observed / float(co.given_token[pairs].sum())}
 
 
 def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,

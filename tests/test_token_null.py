@@ -184,6 +184,14 @@ def test_position_null_explains_routing_that_depends_on_the_position():
     assert len(np.unique(bins)) == len(pairs) > N_TYPES  # one stratum per (token, log2 position bin)
 
 
+def test_no_excess_gives_no_share():
+    n = 40
+    indices = np.broadcast_to(np.arange(TOP_K), (n, N_LAYERS, TOP_K)).copy()  # every token routed alike
+    store = make_store(indices, np.arange(n) % 3, np.arange(n) // 10)
+    result = tn.explained_share(tn.coselection(store))
+    assert result["n_pairs"] == 0 and np.isnan(result["share"]) and result["excess"] == 0
+
+
 def test_bad_input():
     store = synthetic_store(planted=False, n_questions=1, per_question=10)
     with pytest.raises(ValueError, match="two questions"):
