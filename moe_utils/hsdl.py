@@ -203,6 +203,9 @@ class HSDL(BaseEstimator):
             ``n_layers * n_experts`` rows (catches a transposed X) and the pattern views use it.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` ...
         random_state: seed of initialisation and batch order; a fixed seed gives the same fit on CPU.
+        init: how level-1 atoms start: ``"pairs"``, the expert pairs that fire together most above
+            chance; ``"random"``, the experts of randomly drawn columns (the initialisation
+            control of the atoms' stability, :mod:`moe_utils.hsdl_controls`).
         verbose: log the loss terms at every logging point.
 
     Attributes:
@@ -226,7 +229,7 @@ class HSDL(BaseEstimator):
                  warmup: float = 0.1, smoothing: float = 1.0, smooth_fraction: float = 0.5,
                  resample_every: float = 0.05, tol: float = 1e-4, max_no_improvement: int = 10,
                  layout: tuple[int, int] | None = None, device: str = "auto", random_state=None,
-                 verbose: bool = False):
+                 init: str = "pairs", verbose: bool = False):
         self.levels = levels
         self.lambda_hier = lambda_hier
         self.lambda_rec = lambda_rec
@@ -243,6 +246,7 @@ class HSDL(BaseEstimator):
         self.layout = layout
         self.device = device
         self.random_state = random_state
+        self.init = init
         self.verbose = verbose
 
     # ------------------------------------------------------------------ validation
@@ -275,6 +279,8 @@ class HSDL(BaseEstimator):
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> "HSDL":
         """Learn the dictionaries and codes of every level from X (N_e, N_s); returns ``self``."""
+        if self.init not in ("pairs", "random"):
+            raise ValueError(f"init must be 'pairs' or 'random', got {self.init!r}")
         columns = _Columns(X)
         self._check_rows(columns, fitted=False)
         n_e, n_s = columns.n_rows, columns.n_cols
@@ -365,8 +371,11 @@ class HSDL(BaseEstimator):
         n_e = columns.n_rows
         picks = np.sort(order_rng.choice(columns.n_cols, size=min(columns.n_cols, 8192), replace=False))
         sample = columns.batch(picks, torch.device("cpu"))
-        d1 = _pair_seeds(sample / scale > 0.5, sizes[0], gen)  # (N_e, p_1)
-        w = (d1 / d1.pow(2).sum(0, keepdim=True)).T.contiguous()  # (p_1, N_e)
+        if self.init == "pairs":
+            d1 = _pair_seeds(sample / scale > 0.5, sizes[0], gen)  # (N_e, p_1)
+        else:
+            d1 = (sample[torch.randint(sample.shape[0], (sizes[0],), generator=gen)] > 0).T.float()
+        w = (d1 / d1.pow(2).sum(0, keepdim=True).clamp_min(1.0)).T.contiguous()  # (p_1, N_e)
         b = torch.zeros(sizes[0])
         dicts, codes = [d1], []
         for p_prev, p in zip(sizes[:-1], sizes[1:]):

@@ -22,8 +22,9 @@
 # store written here.
 #
 # **What you will see:** what was captured and from which model; how evenly each layer spreads
-# its tokens over its experts; how confident the routers are; and the paper's Fig 2, the
-# probability that two experts in different layers are chosen for the same token.
+# its tokens over its experts; how confident the routers are; the paper's Fig 2, the
+# probability that two experts in different layers are chosen for the same token; and its
+# control: how much of that co-activation the token's identity explains by itself.
 
 # %% tags=["parameters"]
 model = "embedded"
@@ -38,6 +39,7 @@ batch_size = 8
 max_length = 512
 record_probs = True
 artifacts_dir = "artifacts/tiny"
+null_bootstrap = 200
 
 # %% tags=["hide-input"]
 import numpy as np
@@ -45,12 +47,13 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from moe_utils import expert_matrix as xm
-from moe_utils import plotting
+from moe_utils import null_plots, plotting
+from moe_utils import token_null as tn
 from moe_utils.data import load_prompts
 from moe_utils.markup import code_span
 from moe_utils.models import load_model
 from moe_utils.routing import capture_routing
-from moe_utils.stages import show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 
 plotting.use_style()
 store_dir = stage_paths(artifacts_dir).store
@@ -161,7 +164,80 @@ glue("top_pair_lift", float(pairs.lift[0]), display=False)
 pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "lift": "{:.2f}"}, escape="html")
 
 # %% [markdown]
-# ## 5. Do domains use experts differently?
+# ## 5. Collaboration, or the token? (the token-identity control)
+#
+# A token's identity largely decides its experts in every layer, and that alone makes experts of
+# different layers fire together: "the" goes to the same experts in layer 1 and in layer 4 without
+# any collaboration between them. The control compares each cross-layer pair's co-selection with
+# what independent layers would give *given the token*: each expert's frequency per token id,
+# estimated on one half of the questions and applied to the tokens of the other half, both ways
+# round (cross-fitting: a token seen once cannot explain its own co-selection). Over the pairs
+# chosen together more often than plain independence predicts, the share of their excess that
+# token identity accounts for is what the token explains; the rest is what this page may call
+# collaboration, the part of co-activation that depends on the context. The interval is a
+# Bayesian bootstrap over questions ({glue:text}`null_bootstrap` replicates).
+
+# %%
+null = tn.explained_share_interval(store, n_boot=null_bootstrap, seed=seed)
+null_position = tn.explained_share_interval(store, n_boot=null_bootstrap, seed=seed,
+                                            strata=tn.token_position_strata(store))
+co_null = tn.coselection(store, seed=seed)
+null_pairs = tn.pair_table(co_null, n=10)
+np.testing.assert_allclose(co_null.observed[co_null.cross_layer], co[co_null.cross_layer] * store.n_tokens, rtol=1e-6)
+glue_values(
+    null_bootstrap=null_bootstrap, token_share=null["share"] * 100, token_share_low=null["share_low"] * 100,
+    token_share_high=null["share_high"] * 100, context_share=null["remaining"] * 100,
+    context_share_low=null["remaining_low"] * 100, context_share_high=null["remaining_high"] * 100,
+    position_share=null_position["share"] * 100, position_share_low=null_position["share_low"] * 100,
+    position_share_high=null_position["share_high"] * 100, n_excess_pairs=null["n_pairs"],
+    position_vs_token=tn.against(null_position["share"], null["share_low"], null["share_high"]),
+    excess_lift_plain=null["lift_plain"], excess_lift_token=null["lift_token"],
+    top10_lift_plain_min=float(null_pairs["lift_plain"].min()), top10_lift_plain_max=float(null_pairs["lift_plain"].max()),
+    top10_lift_token_min=float(null_pairs["lift_token"].min()), top10_lift_token_max=float(null_pairs["lift_token"].max()),
+    null_top_pair=f"{null_pairs.expert_a[0]} with {null_pairs.expert_b[0]}",
+    top_pair_lift_token=float(null_pairs["lift_token"][0]),
+    top_pair_observed=int(null_pairs["observed"][0]), top_pair_expected_plain=float(null_pairs["expected_plain"][0]),
+    top_pair_expected_token=float(null_pairs["expected_token"][0]))
+plotting.glue_figure("fig_coactivation_null", null_plots.lift_heatmaps(
+    {"plain (independent layers)": co_null.lift(),
+     "given the token (independent layers given the token id)": co_null.lift(given_token=True)},
+    store.n_experts))
+null_pairs.style.format({"observed": "{:.0f}", "expected_plain": "{:.0f}", "expected_token": "{:.0f}",
+                         "lift_plain": "{:.2f}", "lift_token": "{:.2f}", "token_share": "{:.0%}"}, escape="html")
+
+# %% [markdown]
+# Token identity explains {glue:text}`token_share:.0f`% [{glue:text}`token_share_low:.0f`,
+# {glue:text}`token_share_high:.0f`] of the cross-layer excess co-selection; the part that depends
+# on the context, the only part that can be collaboration, is {glue:text}`context_share:.0f`%
+# [{glue:text}`context_share_low:.0f`, {glue:text}`context_share_high:.0f`]. Over the
+# {glue:text}`n_excess_pairs` cross-layer pairs chosen together more often than chance, the lift is
+# {glue:text}`excess_lift_plain:.2f` over independent layers but {glue:text}`excess_lift_token:.2f`
+# over independent layers given the token. The ten most frequent pairs above have lift
+# {glue:text}`top10_lift_plain_min:.1f` to {glue:text}`top10_lift_plain_max:.1f`, and
+# {glue:text}`top10_lift_token_min:.2f` to {glue:text}`top10_lift_token_max:.2f` given the token:
+# {glue:text}`null_top_pair` is chosen together for {glue:text}`top_pair_observed` tokens, against
+# {glue:text}`top_pair_expected_plain:.0f` for independent layers and
+# {glue:text}`top_pair_expected_token:.0f` for independent layers given the token (lift
+# {glue:text}`top_pair_lift_token:.2f`). Most of what Fig 2 shows is the token, not collaboration;
+# later stages test their patterns against the same control.
+#
+# The position in the text is a second cause shared by all layers. Conditioning on the token and
+# its position (bins 0, 1, 2-3, 4-7, ... tokens from the start of the question) explains
+# {glue:text}`position_share:.0f`% [{glue:text}`position_share_low:.0f`,
+# {glue:text}`position_share_high:.0f`] of the excess, {glue:text}`position_vs_token` the interval
+# of the token alone. Finer strata are estimated from fewer tokens each, so out of sample they can
+# explain less than the token alone even where position matters; the token-only control is the
+# one the later stages use.
+#
+# ```{glue:figure} fig_coactivation_null
+# :name: fig-capture-coactivation-null
+#
+# The co-activation map of Fig 2 in its two forms, as log2 lift on one colour scale: over
+# independent layers (left, as above) and over independent layers given the token id
+# (right, cross-fitted over question halves). What stays red on the right depends on the context.
+# ```
+#
+# ## 6. Do domains use experts differently?
 #
 # The share of each category's tokens that select each expert: a first look at the domain view
 # the annotation stage develops (the paper's Fig 7).
@@ -181,5 +257,8 @@ plotting.glue_figure("fig_profiles", plotting.label_usage_profiles(profiles))
 #
 # - The routing of {glue:text}`n_tokens` tokens through {glue:text}`n_rows` experts is stored,
 #   verified by checksums, for the next stages.
-# - The co-activation map shows whether experts of different layers are chosen together more
-#   often than chance: the collaboration that the dictionary-learning stage turns into patterns.
+# - The co-activation map shows experts of different layers chosen together more often than
+#   independent layers would choose them, but token identity explains
+#   {glue:text}`token_share:.0f`% [{glue:text}`token_share_low:.0f`, {glue:text}`token_share_high:.0f`]
+#   of that excess: {glue:text}`context_share:.0f`% depends on the context, and only that part is
+#   collaboration between layers beyond what each layer does with the token.

@@ -25,8 +25,10 @@
 # **What you will see:** the fit and how its loss terms evolve; how many experts and layers the
 # atoms span at each level; the most used atoms drawn as layer x expert maps; how finer atoms
 # compose coarser ones; and the paper's Fig 6, whether the atoms are among the expert pairs and
-# triplets that exhaustive counting finds most often. The fitted model is saved for the
-# annotation and pruning stages.
+# triplets that exhaustive counting finds most often. Every statistic stands beside its control:
+# random atoms of the same sizes (chance), refits (stability) and HSDL on surrogate stores where
+# token identity alone couples the layers. The fitted model is saved for the annotation and
+# pruning stages.
 
 # %% tags=["parameters"]
 artifacts_dir = "artifacts/tiny"
@@ -40,11 +42,17 @@ hsdl_batch_size = 512
 hsdl_seed = 0
 device = None
 atom_threshold = 0.5
+control_draws = 1000
+n_surrogates = 3
 
 # %% tags=["hide-input"]
+import pandas as pd
 from IPython.display import Markdown, display
 
-from moe_utils import hsdl_report, plotting
+import numpy as np
+
+from moe_utils import hsdl_controls, hsdl_report, null_plots, plotting
+from moe_utils import token_null as tn
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
 from moe_utils.markup import code_span
@@ -114,6 +122,32 @@ summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_
 # At level 1, {glue:text}`n_live_1` atoms are in use, with {glue:text}`mean_experts_1:.1f` experts
 # each on average; {glue:text}`cross_share_1:.0f`% of them span more than one MoE layer.
 #
+# Is that a finding? An atom of several experts drawn at random also spans several layers most of
+# the time, since most of its experts lie in other layers than the first. The chance level below
+# draws {glue:text}`control_draws` sets of random atoms of the same sizes, experts drawn uniformly
+# or in proportion to how often each expert is selected (intervals: 95% of the draws).
+
+# %%
+selected = expert_matrix(store, granularity="token", value="binary")
+usage = np.asarray(selected.sum(axis=1)).ravel()
+live_sizes = hsdl_report.live_atoms(tables)["n_experts"].to_numpy()
+cross_uniform = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=control_draws, seed=hsdl_seed)
+cross_usage = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=control_draws, weights=usage, seed=hsdl_seed)
+glue_values(control_draws=control_draws, **{f"cross_chance_{name}{suffix}": chance[key] * 100
+            for name, chance in (("uniform", cross_uniform), ("usage", cross_usage))
+            for suffix, key in (("", "mean"), ("_low", "low"), ("_high", "high"))},
+            cross_vs_chance=tn.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
+                                                  max(cross_uniform["high"], cross_usage["high"])))
+
+# %% [markdown]
+# Random atoms of the same sizes span several layers {glue:text}`cross_chance_uniform:.0f`%
+# [{glue:text}`cross_chance_uniform_low:.0f`, {glue:text}`cross_chance_uniform_high:.0f`] of the
+# time with experts drawn uniformly and {glue:text}`cross_chance_usage:.0f`%
+# [{glue:text}`cross_chance_usage_low:.0f`, {glue:text}`cross_chance_usage_high:.0f`] drawn by
+# usage, against {glue:text}`cross_share_1:.0f`% for the fitted atoms, {glue:text}`cross_vs_chance`
+# the 95% range of both chance levels. Most of the cross-layer share is what atoms of these sizes
+# do by chance; only the difference from chance says anything about collaboration.
+#
 # ```{glue:figure} fig_sizes
 # :name: fig-hsdl-sizes
 #
@@ -168,37 +202,148 @@ plotting.glue_figure("fig_tree", plotting.hierarchy_tree(edges, usages) if edges
 #
 # Under the paper's loss a deeper level may simply copy the atoms above it (one child with
 # share 1): copying costs no more than splitting, so finer sub-patterns appear only where several
-# atoms share them. The method page discusses this.
+# atoms share them. The method page discusses this. What this fit shows:
+
+# %%
+structure = hsdl_controls.hierarchy_structure(tables, edges[0]) if edges else {}
+glue_values(**{f"tree_{key}": (value * 100 if key.startswith("edges_") else value) for key, value in structure.items()})
+structure
+
+# %% [markdown]
+# Level-2 atoms have {glue:text}`tree_mean_size_2:.2f` experts on average against
+# {glue:text}`tree_mean_size_1:.2f` at level 1. Of the {glue:text}`tree_n_parents` level-1 atoms
+# with children, {glue:text}`tree_n_split` split into two or more finer atoms and
+# {glue:text}`tree_n_copied` are copied by one child holding at least 90% of their weight
+# ({glue:text}`tree_n_copied_exact` of these with exactly the parent's experts). Of the edges,
+# {glue:text}`tree_edges_smaller:.0f`% lead to a child with fewer experts than its parent,
+# {glue:text}`tree_edges_same:.0f`% to one as large and {glue:text}`tree_edges_larger:.0f`% to a
+# larger one. The paper describes level 2 as finer than level 1; where the children are not
+# smaller, this fit's second level is not that coarse-to-fine refinement.
 #
 # ## 6. Do the atoms match exhaustive counting? (the paper's Fig 6)
 #
 # Exhaustive counting ranks every pair (triplet) of experts by how many tokens select all of them.
 # An atom is *covered* at k% if its strongest pair (triplet) is among the top k% of the observed
-# pairs (triplets). Random atoms of the same sizes give the chance level.
+# pairs (triplets). Random atoms of the same sizes give the chance level, averaged over
+# {glue:text}`control_draws` draws, experts drawn uniformly or by usage.
 
 # %%
-observed, chance, coverage = hsdl_report.coverage_against_chance(
-    tables, expert_matrix(store, granularity="token", value="binary"), random_state=hsdl_seed)
+observed, chance, coverage = hsdl_report.coverage_against_chance(tables, selected, random_state=hsdl_seed)
 glue_values(**coverage)
-plotting.glue_figure("fig_coverage", plotting.coverage_curves(observed, chance))
+counted = hsdl_controls.count_sets(selected)
+chances = {f"random atoms, {name}": hsdl_controls.coverage_chance(
+    live_sizes, counted, selected.shape[0], percents=hsdl_report.COVERAGE_PERCENTS, n_draws=control_draws,
+    weights=weights, seed=hsdl_seed) for name, weights in (("uniform", None), ("by usage", usage))}
+for (name, frame), key in zip(chances.items(), ("uniform", "usage")):
+    at10 = frame[frame["top_percent"] == 10].set_index("order")
+    glue_values(**{f"cover_chance_{key}_{order}_10{suffix}": float(at10.loc[order, column] * 100)
+                   for order in (2, 3) if order in at10.index
+                   for suffix, column in (("", "mean"), ("_low", "low"), ("_high", "high"))})
+plotting.glue_figure("fig_coverage", null_plots.coverage_with_chance(observed, chances))
 observed.pivot(index="top_percent", columns="order", values="coverage").rename(
     columns={2: "pairs", 3: "triplets"}).style.format("{:.0%}", escape="html")
 
 # %% [markdown]
 # {glue:text}`cover_pairs_10:.0f`% of the level-1 atoms have their strongest pair among the top
 # 10% of co-selected pairs ({glue:text}`cover_triplets_10:.0f`% for triplets), against
-# {glue:text}`chance_pairs_10:.0f`% for random atoms of the same sizes. The paper reports about 60%
-# at 10% for Phi-3.5-MoE.
+# {glue:text}`cover_chance_uniform_2_10:.0f`% [{glue:text}`cover_chance_uniform_2_10_low:.0f`,
+# {glue:text}`cover_chance_uniform_2_10_high:.0f`] for random atoms of the same sizes drawn
+# uniformly and {glue:text}`cover_chance_usage_2_10:.0f`% [{glue:text}`cover_chance_usage_2_10_low:.0f`,
+# {glue:text}`cover_chance_usage_2_10_high:.0f`] drawn by usage (triplets:
+# {glue:text}`cover_chance_uniform_3_10:.0f`% and {glue:text}`cover_chance_usage_3_10:.0f`%). The
+# paper reports about 60% at 10% for Phi-3.5-MoE. Coverage says the atoms are frequent sets; the
+# next two sections ask whether they are stable, and whether they are more than token identity.
 #
 # ```{glue:figure} fig_coverage
 # :name: fig-hsdl-coverage
 #
 # Share of level-1 atoms whose strongest expert pair (triplet) is among the top k% most frequently
-# co-selected pairs (triplets) of exhaustive counting over all tokens; dashed: random atoms of the
-# same sizes; star: the paper's reported point.
+# co-selected pairs (triplets) of exhaustive counting over all tokens; dashed and dotted: random
+# atoms of the same sizes, experts drawn uniformly or by usage (mean of the draws, shaded: 95% of
+# the draws); star: the paper's reported point.
 # ```
 #
-# ## 7. The artifact for the next stages
+# ## 7. Are the atoms stable?
+#
+# A label given to an atom describes the model only if another fit finds the atom again. The
+# multi-expert level-1 atoms are refitted three ways, and the atoms of two fits are matched one
+# to one (Hungarian matching on the Jaccard similarity of their experts): with another seed
+# (another initial sample and batch order), from random initial atoms instead of the most
+# co-selected pairs, and on one half of the questions against the other half.
+
+# %%
+column_questions = (store.tokens["sample_id"].to_numpy() if granularity == "token"
+                    else np.unique(store.tokens["sample_id"].to_numpy()))
+matched = hsdl_controls.stability(hsdl, X, column_questions, atom_threshold, seed=hsdl_seed)
+stable = hsdl_controls.stability_summary(matched).set_index("comparison")
+glue_values(**{f"stable_{key}_{column}": float(stable.loc[name, column] * (100 if column == "exact" else 1))
+               for name, key in (("another seed", "seed"), ("random initialisation", "init"),
+                                 ("question halves", "halves"))
+               for column in ("exact", "median_jaccard")})
+plotting.glue_figure("fig_stability", null_plots.atom_stability(matched))
+stable.style.format({"exact": "{:.0%}", "median_jaccard": "{:.2f}"}, escape="html")
+
+# %% [markdown]
+# A refit with another seed reproduces {glue:text}`stable_seed_exact:.0f`% of the multi-expert
+# atoms exactly (median Jaccard {glue:text}`stable_seed_median_jaccard:.2f`), one from random
+# initial atoms {glue:text}`stable_init_exact:.0f`% (median {glue:text}`stable_init_median_jaccard:.2f`),
+# and fits on the two halves of the questions share {glue:text}`stable_halves_exact:.0f`%
+# (median {glue:text}`stable_halves_median_jaccard:.2f`). Atoms that are not reproduced describe
+# one fit rather than the model; the labels of stage 3 are read with that in mind.
+#
+# ```{glue:figure} fig_stability
+# :name: fig-hsdl-stability
+#
+# Share of the multi-expert level-1 atoms whose one-to-one match in another fit has at least a
+# given Jaccard similarity (1: the same experts), per comparison.
+# ```
+#
+# ## 8. Are the atoms more than token identity? (surrogate stores)
+#
+# The token-identity control of stage 1, applied to the whole fit: in a surrogate store, each
+# layer's routing is permuted among the occurrences of the same token, independently per layer.
+# Every layer's routing given the token is kept exactly; whatever couples the layers through the
+# context is gone. HSDL is refitted on {glue:text}`n_surrogates` surrogates with the same
+# parameters; where a statistic is as large on the surrogates as on the real store, token
+# identity explains it.
+
+# %%
+surrogates = hsdl_controls.surrogate_fits(hsdl, store, atom_threshold, n_surrogates=n_surrogates,
+                                          granularity=granularity, value=value, seed=hsdl_seed)
+real = {"rel_error": hsdl_report.fit_summary(hsdl, X)["rel_error"], **sizes,
+        "cover_pairs_10": coverage["cover_pairs_10"], "cover_triplets_10": coverage["cover_triplets_10"]}
+statistics = ["rel_error", "n_live_1", "mean_experts_1", "cross_share_1", "cover_pairs_10", "cover_triplets_10"]
+comparison = {"real store": {k: real[k] for k in statistics},
+              "surrogates, mean": surrogates[statistics].mean().to_dict(),
+              "surrogates, min": surrogates[statistics].min().to_dict(),
+              "surrogates, max": surrogates[statistics].max().to_dict()}
+glue_values(n_surrogates=n_surrogates, **{f"surr_vs_{k}": tn.against(
+                real[k], comparison["surrogates, min"][k], comparison["surrogates, max"][k]) for k in statistics},
+            **{f"surr_{k}": float(v) for k, v in comparison["surrogates, mean"].items()},
+            **{f"surr_{k}_min": float(v) for k, v in comparison["surrogates, min"].items()},
+            **{f"surr_{k}_max": float(v) for k, v in comparison["surrogates, max"].items()})
+pd.DataFrame(comparison).rename(index={
+    "rel_error": "relative L1 error", "n_live_1": "level-1 atoms in use", "mean_experts_1": "experts per atom",
+    "cross_share_1": "% spanning several layers", "cover_pairs_10": "% covered at 10% (pairs)",
+    "cover_triplets_10": "% covered at 10% (triplets)"}).style.format("{:.2f}", escape="html")
+
+# %% [markdown]
+# On the surrogates, where only token identity couples the layers, HSDL reconstructs X with a
+# relative L1 error of {glue:text}`surr_rel_error:.3f` ({glue:text}`surr_rel_error_min:.3f` to
+# {glue:text}`surr_rel_error_max:.3f`; real store {glue:text}`rel_error:.3f`), with
+# {glue:text}`surr_mean_experts_1:.2f` experts per atom (real {glue:text}`mean_experts_1:.2f`),
+# {glue:text}`surr_cross_share_1:.0f`% of the atoms spanning several layers (real
+# {glue:text}`cross_share_1:.0f`%) and {glue:text}`surr_cover_pairs_10:.0f`% covered at 10%
+# ({glue:text}`surr_cover_pairs_10_min:.0f` to {glue:text}`surr_cover_pairs_10_max:.0f`; real
+# {glue:text}`cover_pairs_10:.0f`%). Against the range of the surrogates, the real store's
+# reconstruction error is {glue:text}`surr_vs_rel_error`, its atom size
+# {glue:text}`surr_vs_mean_experts_1`, its cross-layer share {glue:text}`surr_vs_cross_share_1` and
+# its coverage {glue:text}`surr_vs_cover_pairs_10` (pairs) and {glue:text}`surr_vs_cover_triplets_10`
+# (triplets). A statistic within or near the surrogates' range is what token identity produces
+# by itself; with {glue:text}`n_surrogates` surrogates the range is narrow, so "above" or "below"
+# by a small margin is weak evidence of collaboration through the context.
+#
+# ## 9. The artifact for the next stages
 #
 # The model is written with a manifest naming its parameters, the matrix it was fitted on and the
 # routing store (by the checksum of its manifest), and is read back through that manifest.
@@ -211,7 +356,7 @@ glue_values(artifact_dir=str(paths.hsdl))
 sorted(p.name for p in paths.hsdl.iterdir())
 
 # %% [markdown]
-# ## 8. How fast is it? (benchmark)
+# ## 10. How fast is it? (benchmark)
 #
 # `bench/hsdl.py` times HSDL's level 1 against scikit-learn's `NMF` (coordinate descent and
 # multiplicative updates) and `MiniBatchDictionaryLearning` on the same matrix and number of
@@ -243,8 +388,18 @@ else:
 # - HSDL factorised the {glue:text}`n_rows` x {glue:text}`n_cols` activation matrix into levels of
 #   {glue:text}`level_sizes` atoms; level 1 reconstructs X with a relative L1 error of
 #   {glue:text}`rel_error:.3f` using {glue:text}`nnz_per_code:.2f` atoms per column.
-# - {glue:text}`cross_share_1:.0f`% of the level-1 atoms in use span several MoE layers: the
-#   cross-layer collaboration the paper describes.
+# - {glue:text}`cross_share_1:.0f`% of the level-1 atoms in use span several MoE layers, but random
+#   atoms of the same sizes do so {glue:text}`cross_chance_uniform:.0f`% (uniform) to
+#   {glue:text}`cross_chance_usage:.0f`% (by usage) of the time: crossing layers is not by itself
+#   evidence of collaboration.
 # - Against exhaustive counting, {glue:text}`cover_pairs_10:.0f`% of the atoms fall in the top
-#   10% of co-selected pairs (chance: {glue:text}`chance_pairs_10:.0f`%).
+#   10% of co-selected pairs (chance over {glue:text}`control_draws` draws:
+#   {glue:text}`cover_chance_uniform_2_10:.0f`% uniform, {glue:text}`cover_chance_usage_2_10:.0f`% by
+#   usage); HSDL on token-identity surrogates reaches {glue:text}`surr_cover_pairs_10:.0f`%.
+# - Level-2 atoms have {glue:text}`tree_mean_size_2:.2f` experts against {glue:text}`tree_mean_size_1:.2f`
+#   at level 1; {glue:text}`tree_n_split` of {glue:text}`tree_n_parents` level-1 atoms split,
+#   {glue:text}`tree_n_copied` are copied by one child.
+# - Another seed reproduces {glue:text}`stable_seed_exact:.0f`% of the multi-expert atoms exactly,
+#   random initial atoms {glue:text}`stable_init_exact:.0f`%, the other half of the questions
+#   {glue:text}`stable_halves_exact:.0f`%.
 # - The model is saved in {glue:text}`artifact_dir` for annotation (stage 3) and pruning (stage 4).

@@ -253,3 +253,12 @@ def test_transform_checks_fit_and_orientation(data, fitted):
         HSDL(levels=[4]).transform(x)
     with pytest.raises(ValueError, match="N_e = 32"):
         fitted.transform(x[:16])
+
+
+def test_random_initialisation_also_recovers_the_planted_atoms(data, fitted):
+    x, d, _ = data
+    other = HSDL(levels=[12], layout=LAYOUT, random_state=0, init="random", **FAST).fit(sp.csr_matrix(x))
+    assert (matched_cosines(d, other.dictionaries_[0]) > 0.95).sum() >= 10  # most atoms, from random starts
+    assert not np.allclose(other.dictionaries_[0], fitted.dictionaries_[0])
+    with pytest.raises(ValueError, match="init must be"):
+        HSDL(levels=[12], init="kmeans").fit(x)

@@ -1,0 +1,114 @@
+"""Chance levels, atom matching and the hierarchy's shape (moe_utils.hsdl_controls)."""
+
+from __future__ import annotations
+
+from itertools import permutations
+from math import comb
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moe_utils import hsdl_controls as hc
+from moe_utils import patterns
+from tests.test_token_null import synthetic_store
+
+
+def test_random_atoms_are_distinct_rows_of_the_right_sizes():
+    sizes = [1, 3, 5, 2]
+    draws = hc.random_atom_rows(sizes, 12, n_draws=40, seed=1)
+    assert draws.shape == (40, 4, 5)
+    for draw in draws:
+        for atom, size in zip(draw, sizes):
+            rows = atom[atom >= 0]
+            assert len(rows) == size == len(set(rows.tolist())) and rows.max() < 12
+            assert np.all(atom[size:] == -1)
+
+
+def test_weighted_draws_follow_the_weights():
+    weights = np.array([0, 1, 0, 3, 0, 6, 0, 0], dtype=float)
+    draws = hc.random_atom_rows([1, 2], 8, n_draws=4000, weights=weights, seed=0)
+    assert set(np.unique(draws[:, 1])) <= {1, 3, 5}
+    first = np.bincount(draws[:, 0, 0], minlength=8) / 4000
+    np.testing.assert_allclose(first, weights / weights.sum(), atol=0.025)
+    with pytest.raises(ValueError, match="non-negative"):
+        hc.random_atom_rows([1], 8, weights=-weights)
+
+
+def test_cross_layer_chance_matches_the_exact_probability():
+    n_layers, n_experts = 4, 6
+    sizes = [2, 3, 3, 4, 1]
+    exact = np.mean([1 - n_layers * comb(n_experts, m) / comb(n_layers * n_experts, m) if m > 1 else 0.0
+                     for m in sizes])
+    chance = hc.cross_layer_chance(sizes, (n_layers, n_experts), n_draws=3000, seed=2)
+    assert abs(chance["mean"] - exact) < 0.01
+    assert chance["low"] <= exact <= chance["high"]
+
+
+def test_coverage_chance_of_one_draw_is_patterns_coverage():
+    store = synthetic_store(planted=True, n_questions=10, per_question=40)
+    from moe_utils.expert_matrix import expert_matrix
+
+    selected = expert_matrix(store, "token", "binary")
+    sizes = [2, 3, 4, 2, 1, 5]
+    chance = hc.coverage_chance(sizes, hc.count_sets(selected), selected.shape[0], percents=(1, 10, 50),
+                                n_draws=1, seed=3)
+    atoms = [a[a >= 0] for a in hc.random_atom_rows(sizes, selected.shape[0], n_draws=1, seed=3)[0]]
+    truth = patterns.coverage(atoms, selected, orders=(2, 3), top_percent=(1, 10, 50))
+    merged = chance.merge(truth, on=["order", "top_percent"])
+    assert len(merged) == 6
+    np.testing.assert_allclose(merged["mean"], merged["coverage"])
+
+
+def test_match_atoms_is_the_best_one_to_one_matching():
+    a = [[0, 1], [2, 3, 4], [5], [1, 2]]
+    b = [[2, 3], [0, 1], [5, 6], [1, 2, 3], [7]]
+    matched = hc.match_atoms(a, b)
+
+    def jac(x, y):
+        return len(set(x) & set(y)) / len(set(x) | set(y))
+    best = max(sum(jac(x, b[j]) for x, j in zip(a, perm)) for perm in permutations(range(len(b)), len(a)))
+    assert len(matched) == 4 and matched.sum() == pytest.approx(best)
+    np.testing.assert_array_equal(hc.match_atoms(a, a[::-1]), np.ones(4))
+    summary = hc.stability_summary({"same": hc.match_atoms(a, a), "other": matched})
+    assert summary.set_index("comparison").loc["same", "exact"] == 1.0
+    assert summary.set_index("comparison").loc["other", "exact"] == 0.25
+
+
+def test_hierarchy_structure_counts_splits_and_copies():
+    tables = pd.DataFrame([
+        {"level": 1, "atom": 0, "n_experts": 3, "rows": (0, 1, 2), "alive": True},
+        {"level": 1, "atom": 1, "n_experts": 2, "rows": (3, 4), "alive": True},
+        {"level": 1, "atom": 2, "n_experts": 2, "rows": (5, 6), "alive": True},
+        {"level": 2, "atom": 0, "n_experts": 2, "rows": (0, 1), "alive": True},
+        {"level": 2, "atom": 1, "n_experts": 1, "rows": (2,), "alive": True},
+        {"level": 2, "atom": 2, "n_experts": 2, "rows": (3, 4), "alive": True},
+        {"level": 2, "atom": 3, "n_experts": 3, "rows": (5, 6, 7), "alive": True},
+    ])
+    edges = pd.DataFrame({"parent": [0, 0, 1, 2], "child": [0, 1, 2, 3], "weight": [1, 1, 1, 1],
+                          "share": [0.6, 0.4, 1.0, 0.95]})
+    out = hc.hierarchy_structure(tables, edges)
+    assert out["n_parents"] == 3 and out["n_split"] == 1 and out["n_copied"] == 2 and out["n_copied_exact"] == 1
+    assert out["mean_size_1"] == pytest.approx(7 / 3) and out["mean_size_2"] == 2.0
+    assert (out["edges_smaller"], out["edges_same"], out["edges_larger"]) == (0.5, 0.25, 0.25)
+
+
+def test_surrogate_fits_and_stability_report_every_statistic():
+    from moe_utils.expert_matrix import expert_matrix
+    from moe_utils.hsdl import HSDL
+
+    store = synthetic_store(planted=True, n_questions=8, per_question=50)
+    hsdl = HSDL(levels=[1.0, 2.0], n_steps=30, batch_size=128, layout=(store.n_layers, store.n_experts),
+                device="cpu", random_state=0)
+    hsdl.fit(expert_matrix(store, "token", "weight"))
+    table = hc.surrogate_fits(hsdl, store, 0.5, n_surrogates=2)
+    assert list(table["surrogate"]) == [0, 1]
+    for column in ("rel_error", "n_live_1", "mean_experts_1", "cross_share_1", "cover_pairs_10"):
+        assert np.isfinite(table[column]).all()
+    X = expert_matrix(store, "token", "weight")
+    matched = hc.stability(hsdl, X, store.tokens["sample_id"].to_numpy(), 0.5)
+    assert set(matched) == {"another seed", "random initialisation", "question halves"}
+    for jaccard in matched.values():
+        assert len(jaccard) and np.all((jaccard >= 0) & (jaccard <= 1))
+    same = hc.match_atoms(hc.multi_expert_atoms(hsdl, 0.5), hc.multi_expert_atoms(hsdl, 0.5))
+    assert np.all(same == 1.0)
