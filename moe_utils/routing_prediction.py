@@ -273,6 +273,19 @@ def ratio_interval(values: np.ndarray, sample_ids: np.ndarray, scale: float, *, 
                               random_state=random_state, vectorized=True)
 
 
+def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, sample_ids: np.ndarray, layers: np.ndarray, k: int, *,
+                      confidence: float = 0.95, n_boot: int = 1000) -> Interval:
+    """Recall of predictor a minus that of predictor b (:func:`hit_counts` of each at the same m) over
+    the tokens and target ``layers``, on the same tokens, with an interval resampling prompts."""
+    gain = (np.asarray(hits_a) - np.asarray(hits_b))[:, layers].sum(axis=1)
+    return ratio_interval(gain, sample_ids, k * len(layers), confidence=confidence, n_boot=n_boot)
+
+
+def verdict(difference: Interval) -> str:
+    """"better than", "worse than" or "not distinguishable from", by the sign of the interval."""
+    return "better than" if difference.low > 0 else "worse than" if difference.high < 0 else "not distinguishable from"
+
+
 def recall_summary(hits: dict[str, dict[int, np.ndarray]], sample_ids: np.ndarray, layers: np.ndarray, k: int,
                    *, confidence: float = 0.95, n_boot: int = 1000) -> pd.DataFrame:
     """One row per (predictor, m): recall@m and precision@m over the tokens and the target
