@@ -128,8 +128,9 @@ def similarity_intervals(store: RoutingStore, *, n_boot: int = 1000,
     counts, labels = domain_intervals.question_selections(store)
     pairs = domain_intervals.similarity_bootstrap(counts, labels, n_boot=n_boot, confidence=confidence)
     within, cross = domain_intervals.split_half(counts, labels, n_splits=n_boot, confidence=confidence)
-    table = pairs.join(cross.set_index(["a", "b"])["cosine"].rename("cosine at half size"), on=["a", "b"])
-    return table, within, domain_intervals.closeness_values(pairs, within, cross)
+    table = pairs.join(cross.set_index(["a", "b"])[["cosine", "below_within"]].rename(
+        columns={"cosine": "cosine at half size", "below_within": "below both domains' halves"}), on=["a", "b"])
+    return table, within, domain_intervals.closeness_values(pairs, within, cross, confidence=confidence)
 
 
 def enrichment_summary(level: annotation.LevelAnnotation, categories, *, correction: str,

@@ -12,8 +12,8 @@ share its topic and words):
   resamples in which each pair is the closest;
 * :func:`split_half`: each domain's questions split at random into two halves, the cosine of the
   two halves (within-domain) and, at the same sample size, of halves of different domains: two
-  domains whose cross-domain cosine reaches the within-domain one are as alike as one domain with
-  itself, and their closeness says nothing about the domains.
+  domains whose cross-domain cosine reaches the within-domain one, in a good share of the splits,
+  are as alike as one domain with itself, and their closeness says nothing about the domains.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def split_half(counts: np.ndarray, labels, *, n_splits: int = 1000, confidence: 
     """Random halves of each domain's questions (``n_splits`` times; an odd question out is left
     out so that both halves have the same size): per domain the cosine of its two halves
     (``within``, mean and the central ``confidence`` range over the splits), and per pair of domains
-    the cosine of their first halves (``cross``, the same sample size). Domains need two questions."""
+    the cosine of their first halves (``cross``, the same sample size) with ``below_within``, the
+    share of splits in which it is lower than both domains' split-half cosines of the same split.
+    Domains need two questions."""
     check_confidence(confidence)
     counts = np.asarray(counts, dtype=np.float64)
     categories, groups = _groups(labels)
@@ -105,6 +107,7 @@ def split_half(counts: np.ndarray, labels, *, n_splits: int = 1000, confidence: 
     within = np.divide((first * second).sum(axis=-1), norms, out=np.zeros(norms.shape), where=norms > 0)
     a, b = _pair_index(len(categories))
     cross = _cosines(first)[:, a, b]
+    below = (cross < np.minimum(within[:, a], within[:, b])).mean(axis=0)
     alpha = (1 - confidence) / 2
 
     def summary(values):
@@ -113,23 +116,25 @@ def split_half(counts: np.ndarray, labels, *, n_splits: int = 1000, confidence: 
 
     names = np.asarray(categories, dtype=object)
     within_frame = pd.DataFrame({"domain": names, **summary(within)})
-    cross_frame = pd.DataFrame({"a": names[a], "b": names[b], **summary(cross)})
+    cross_frame = pd.DataFrame({"a": names[a], "b": names[b], **summary(cross), "below_within": below})
     return within_frame, cross_frame
 
 
-def closeness_values(pairs: pd.DataFrame, within: pd.DataFrame, cross: pd.DataFrame) -> dict:
+def closeness_values(pairs: pd.DataFrame, within: pd.DataFrame, cross: pd.DataFrame, *,
+                     confidence: float = 0.95) -> dict:
     """The numbers a page glues: the closest pair's cosine with its interval and the share of
-    resamples in which it is closest (%), its cosine at half size beside the lowest within-domain
-    split-half cosine, and a verdict: does any domain resemble itself less than the closest pair
-    resembles each other?"""
+    resamples in which it is closest (%); at half size, its cosine beside the lower of its two
+    domains' split-half cosines and the share of splits (%) in which it stays below both; and a
+    verdict: the pair is told apart from a domain's likeness with itself only when it stays below
+    in at least ``confidence`` of the splits."""
     top = pairs.iloc[0]
     half = cross.set_index(["a", "b"]).loc[(top["a"], top["b"])]
-    weakest = within.sort_values(["cosine", "domain"]).iloc[0]
-    reached = bool(half["cosine"] >= weakest["cosine"])
-    verdict = (f"two random halves of {weakest['domain']} are no more alike than the closest pair of domains"
-               if reached else "every domain's two random halves are more alike than the closest pair of domains")
+    own = within.set_index("domain").loc[[top["a"], top["b"]]].sort_values("cosine").iloc[0]
+    below = float(half["below_within"])
+    verdict = ("both domains are more alike to themselves than to each other" if below >= confidence else
+               "the two domains are not more different from each other than each is from itself")
     return {"closest_low": float(top["low"]), "closest_high": float(top["high"]),
             "closest_share": float(top["closest_share"] * 100), "closest_half_cos": float(half["cosine"]),
-            "within_min_domain": str(weakest["domain"]), "within_min_cos": float(weakest["cosine"]),
-            "within_min_low": float(weakest["low"]), "within_min_high": float(weakest["high"]),
-            "within_verdict": verdict}
+            "within_pair_domain": str(own.name), "within_pair_cos": float(own["cosine"]),
+            "within_pair_low": float(own["low"]), "within_pair_high": float(own["high"]),
+            "below_within_share": below * 100, "within_verdict": verdict}

@@ -201,8 +201,9 @@ plotting.glue_figure("fig_domains", plotting.domain_similarity(profiles, similar
 # ({glue:text}`n_bootstrap` times): each pair's cosine gets a {glue:text}`confidence_pct:.0f`%
 # interval, and we count how often each pair comes out closest. As a reference, each domain's
 # questions are split at random into two halves: two halves of one domain differ only by the
-# question sample, so a cross-domain pair (compared at the same half size) is only distinguishable
-# from one domain with itself if its cosine stays below the domain's split-half cosine.
+# question sample, so a pair of domains (compared at the same half size) is told apart from a domain
+# with itself only if its cosine stays below both domains' split-half cosines in at least
+# {glue:text}`confidence_pct:.0f`% of the random splits.
 
 # %%
 interval_pairs, within, stability = annotation_report.similarity_intervals(store, n_boot=n_bootstrap,
@@ -211,15 +212,17 @@ glue_values(**stability, n_bootstrap=n_bootstrap, confidence_pct=confidence * 10
 plotting.glue_figure("fig_domain_intervals", plotting.domain_similarity_intervals(interval_pairs, within,
                                                                                   confidence=confidence))
 interval_pairs.style.format({c: "{:.3f}" for c in ("cosine", "low", "high", "cosine at half size")} | {
-    "closest_share": "{:.0%}", "farthest_share": "{:.0%}"}, escape="html").hide(axis="index")
+    c: "{:.0%}" for c in ("closest_share", "farthest_share", "below both domains' halves")}, escape="html").hide(
+    axis="index")
 
 # %% [markdown]
 # The closest pair, {glue:text}`closest_pair`, has cosine {glue:text}`closest_cos:.3f`
 # [{glue:text}`closest_low:.3f`, {glue:text}`closest_high:.3f`] and is the closest in
 # {glue:text}`closest_share:.0f`% of the resamples. At half the questions its cosine is
-# {glue:text}`closest_half_cos:.3f`, against {glue:text}`within_min_cos:.3f`
-# [{glue:text}`within_min_low:.3f`, {glue:text}`within_min_high:.3f`] between two random halves of
-# {glue:text}`within_min_domain`, the domain least alike itself: {glue:text}`within_verdict`.
+# {glue:text}`closest_half_cos:.3f`, against {glue:text}`within_pair_cos:.3f`
+# [{glue:text}`within_pair_low:.3f`, {glue:text}`within_pair_high:.3f`] between two random halves of
+# {glue:text}`within_pair_domain`, the one of the two least alike itself; the pair stays below both
+# domains' halves in {glue:text}`below_within_share:.0f`% of the splits: {glue:text}`within_verdict`.
 #
 # ```{glue:figure} fig_domain_intervals
 # :name: fig-annotation-domain-intervals
@@ -289,7 +292,7 @@ enriched.style.hide(axis="index").format({"lift": "{:.2f}", "lift given the toke
 # - Domains: {glue:text}`closest_pair` use experts most alike (cosine {glue:text}`closest_cos:.3f`
 #   [{glue:text}`closest_low:.3f`, {glue:text}`closest_high:.3f`], closest in
 #   {glue:text}`closest_share:.0f`% of the resamples), {glue:text}`farthest_pair` least
-#   ({glue:text}`farthest_cos:.3f`); {glue:text}`within_verdict`.
+#   ({glue:text}`farthest_cos:.3f`); for the closest pair, {glue:text}`within_verdict`.
 #
 # **Exercise.** Re-run this notebook with `annotation_correction = "bonferroni"` and compare the
 # number of domain-specific atoms; then colour a question of your own choice with

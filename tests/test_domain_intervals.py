@@ -48,8 +48,8 @@ def test_a_truly_closest_pair_is_closest_in_every_resample():
     assert pairs.loc[0, "closest_share"] > 0.99
     within, cross = di.split_half(counts, labels, n_splits=200)
     values = di.closeness_values(pairs, within, cross)
-    assert values["within_verdict"].startswith("every domain")
-    assert values["closest_half_cos"] < values["within_min_cos"]
+    assert values["within_verdict"].startswith("both domains are more alike")
+    assert values["closest_half_cos"] < values["within_pair_cos"] and values["below_within_share"] > 95
 
 
 def test_identical_domains_give_an_unstable_closest_pair_and_a_within_reference_as_high():
@@ -59,7 +59,9 @@ def test_identical_domains_give_an_unstable_closest_pair_and_a_within_reference_
     assert pairs.loc[0, "closest_share"] < 0.7  # one of three exchangeable pairs: about a third each
     within, cross = di.split_half(counts, labels, n_splits=400)
     assert abs(within["cosine"].mean() - cross["cosine"].mean()) < 0.03
-    assert di.closeness_values(pairs, within, cross)["within_verdict"].startswith("two random halves")
+    values = di.closeness_values(pairs, within, cross)
+    assert values["within_verdict"].startswith("the two domains are not more different")
+    assert values["below_within_share"] < 50  # below both of two exchangeable halves: about a third
 
 
 def test_split_half_by_hand_with_two_questions_per_domain():
@@ -69,6 +71,7 @@ def test_split_half_by_hand_with_two_questions_per_domain():
     assert within.set_index("domain").loc["a", "cosine"] == pytest.approx(0.0)
     assert within.set_index("domain").loc["b", "cosine"] == pytest.approx(1.0)
     assert cross.loc[0, "cosine"] == pytest.approx(np.sqrt(0.5))  # [1,0] or [0,1] against [1,1]
+    assert cross.loc[0, "below_within"] == 0.0  # never below a's within-domain cosine of 0
     with pytest.raises(ValueError, match="two questions"):
         di.split_half(counts[:3], ["a", "a", "b"])
 
