@@ -5,8 +5,8 @@ Each function takes the :class:`moe_utils.annotation.Annotation` of a routing st
 text: :func:`levels_table` (how well atoms explain tokens), :func:`atom_view` (the labelled atoms
 of a level), :func:`hierarchy_findings` (do finer atoms refine coarser ones),
 :func:`shortest_questions` (what the coloured prompts show), :func:`domain_summary` (how alike the
-domains use experts), :func:`similarity_intervals` (how sure that is, questions resampled) and
-:func:`enrichment_summary` (which atoms prefer a domain).
+domains use experts), :func:`similarity_intervals` (how sure that is, questions resampled),
+:func:`enrichment_summary` (which atoms prefer a domain) and :func:`findings` (the stage's verdicts).
 """
 
 from __future__ import annotations
@@ -165,3 +165,35 @@ def enrichment_summary(level: annotation.LevelAnnotation, categories, *, correct
              [["atom", "category", "n_atom", "lift", "q", "q (tokens)", "lift given the token", "q (given the token)",
                "label"]].rename(columns={"q": "q (questions)"}))
     return shown["atom"].tolist(), table, values
+
+
+def findings(model: str, specific: dict, closeness: dict, stability: dict, *, alpha: float) -> dict[str, str]:
+    """Stage 3's findings for the book's introduction, each opening with a plain sentence that says
+    what was found, followed by its numbers: ``finding_domain_atoms`` (which atoms prefer a domain
+    with questions as the unit, and how many stay so holding the token fixed; the values of
+    :func:`enrichment_summary`) and ``finding_domain_similarity`` (Fig 7: the closest pair, how
+    stable it is and how it compares with a domain's likeness with itself; the values of
+    :func:`domain_summary` and :func:`similarity_intervals`)."""
+    n, by_question, beyond = specific["n_tested_1"], specific["n_specific_sample_1"], specific["n_specific_sample_type_1"]
+    if by_question == 0:
+        verdict = "No level-1 atom prefers a domain once questions, not tokens, are the unit."
+    elif beyond == 0:
+        verdict = "Every domain preference of the atoms goes with the tokens the domains use: none survives holding the token fixed."
+    elif 2 * beyond < by_question:
+        verdict = "Most domain preferences of the atoms go with the tokens the domains use; a minority survives holding the token fixed."
+    else:
+        verdict = "Most atoms that prefer a domain keep that preference when the token is held fixed."
+    atoms = (f"{verdict} On {model}, {by_question} of {n} level-1 atoms are enriched in an MMLU-Pro domain with "
+             f"questions as the unit (q < {alpha:g}, {specific['correction']}), {beyond} of them also among "
+             f"occurrences of the same token; {specific['n_token_only_1']} more pass the token-level test only, "
+             f"carried by a few questions.")
+    pair, share = closeness["closest_pair"], stability["closest_share"]
+    settled = share >= 95 and stability["within_verdict"].startswith("both domains are more alike")
+    opening = (f"{pair[0].upper()}{pair[1:]} use experts most alike, and the sample settles it." if settled else
+               "Which domains use experts most alike is not settled by this sample of questions.")
+    similarity = (f"{opening} The closest pair, {pair}, has cosine {closeness['closest_cos']:.3f} "
+                  f"[{stability['closest_low']:.3f}, {stability['closest_high']:.3f}] and is the closest in "
+                  f"{share:.0f}% of the question resamples; at half the questions it stays below both domains' "
+                  f"split-half cosines in {stability['below_within_share']:.0f}% of the random splits; the farthest "
+                  f"pair is {closeness['farthest_pair']} ({closeness['farthest_cos']:.3f}).")
+    return {"finding_domain_atoms": atoms, "finding_domain_similarity": similarity}

@@ -54,7 +54,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import expert_cache, plotting
+from moe_utils import expert_cache, plotting, prediction_report
 from moe_utils.artifacts import write_artifact
 from moe_utils import routing_prediction as rp
 from moe_utils.data import load_prompts
@@ -64,6 +64,7 @@ from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model
 from moe_utils.routing import router_fingerprint
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stats import Interval
 from moe_utils.store import RoutingStore
 
 plotting.use_style()
@@ -253,6 +254,13 @@ table.style.format("{:.3f}", escape="html")
 # only where it loads less than LRU alone; otherwise it buys hits, which hide latency, with bandwidth.
 
 # %%
+at_k = {key: Interval(*by_m.loc[(k, name), ["recall", "recall_low", "recall_high"]], confidence)
+        for key, name in rp.KEYS.items()}
+glue_values(**prediction_report.findings(
+    model, store.n_tokens, at_k, {o: differences[f"hsdl_minus_{o}_m{k}"] for o in ("affinity", "bayes", "token")},
+    loads={key: table.loc[s, ("loads_per_token", sizes[-1])] for key, s in strategies.items()},
+    hits={key: table.loc[s, ("hit_rate", sizes[-1])] for key, s in strategies.items()},
+    cache_size=sizes[-1], n_experts=n_experts))
 write_artifact(out_dir, {"results.json": json.dumps({
     "recall": summary.to_dict(orient="records"), "ahead": ahead.to_dict(orient="records"),
     "differences": {name: vars(d) for name, d in differences.items()}, "cache": cache.to_dict(orient="records"),

@@ -97,3 +97,24 @@ def test_domain_summary_of_a_store(olmoe, tmp_path):
         assert row.cosine == pytest.approx(similarity.loc[row.a, row.b])
     assert (intervals.loc[0, "a"], intervals.loc[0, "b"]) == best and within["domain"].tolist() == list("abc")
     assert stability["closest_share"] == pytest.approx(intervals.loc[0, "closest_share"] * 100)
+
+
+def test_findings_open_with_the_verdict_the_numbers_support():
+    specific = {"n_tested_1": 94, "n_specific_sample_1": 40, "n_specific_sample_type_1": 21, "n_token_only_1": 29,
+                "correction": "Benjamini-Hochberg"}
+    closeness = {"closest_pair": "math and physics", "closest_cos": 0.97, "farthest_pair": "law and math",
+                 "farthest_cos": 0.73}
+    stable = {"closest_share": 99.0, "closest_low": 0.96, "closest_high": 0.98, "below_within_share": 97.0,
+              "within_verdict": "both domains are more alike to themselves than to each other"}
+    found = annotation_report.findings("embedded", specific, closeness, stable, alpha=0.01)
+    assert found["finding_domain_atoms"].startswith("Most atoms that prefer a domain keep")
+    assert "40 of 94 level-1 atoms" in found["finding_domain_atoms"] and "21 of them" in found["finding_domain_atoms"]
+    assert found["finding_domain_similarity"].startswith("Math and physics use experts most alike")
+    assert "closest in 99% of the question resamples" in found["finding_domain_similarity"]
+    unstable = {**stable, "closest_share": 50.5}
+    found = annotation_report.findings("embedded", {**specific, "n_specific_sample_type_1": 5}, closeness, unstable,
+                                       alpha=0.01)
+    assert found["finding_domain_atoms"].startswith("Most domain preferences of the atoms go with the tokens")
+    assert found["finding_domain_similarity"].startswith("Which domains use experts most alike is not settled")
+    none = annotation_report.findings("embedded", {**specific, "n_specific_sample_1": 0}, closeness, stable, alpha=0.01)
+    assert none["finding_domain_atoms"].startswith("No level-1 atom prefers a domain")
