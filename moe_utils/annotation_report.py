@@ -149,7 +149,7 @@ def enrichment_summary(level: annotation.LevelAnnotation, categories, *, correct
     tested = level.atoms[level.atoms["n_tokens"] > 0]
     by_sample = level.enrichment_by_sample
     per_category = by_sample[by_sample["significant"]].groupby("category").size().reindex(categories, fill_value=0)
-    token, sample, typed = (tested[c] for c in ("domain_specific", "domain_specific_by_sample", "domain_specific_by_type"))
+    token, sample, typed = (tested[f"domain_specific{c}"] for c in ("", "_by_sample", "_by_type"))
     values = {"n_tested_1": int(len(tested)), "n_specific_1": int(token.sum()),
               "n_specific_sample_1": int(sample.sum()), "n_specific_both_1": int((token & sample).sum()),
               "n_specific_type_1": int(typed.sum()), "n_specific_sample_type_1": int((sample & typed).sum()),
@@ -174,13 +174,19 @@ def findings(model: str, specific: dict, closeness: dict, stability: dict, *, al
     :func:`enrichment_summary`) and ``finding_domain_similarity`` (Fig 7: the closest pair, how
     stable it is and how it compares with a domain's likeness with itself; the values of
     :func:`domain_summary` and :func:`similarity_intervals`)."""
-    n, by_question, beyond = specific["n_tested_1"], specific["n_specific_sample_1"], specific["n_specific_sample_type_1"]
+    n, by_question = specific["n_tested_1"], specific["n_specific_sample_1"]
+    beyond = specific["n_specific_sample_type_1"]
     if by_question == 0:
         verdict = "No level-1 atom prefers a domain once questions, not tokens, are the unit."
     elif beyond == 0:
-        verdict = "Every domain preference of the atoms goes with the tokens the domains use: none survives holding the token fixed."
-    elif 2 * beyond < by_question:
-        verdict = "Most domain preferences of the atoms go with the tokens the domains use; a minority survives holding the token fixed."
+        verdict = ("Every domain preference of the atoms goes with the tokens the domains use: none survives "
+                   "holding the token fixed.")
+    elif 3 * beyond < by_question:
+        verdict = ("Most domain preferences of the atoms go with the tokens the domains use; a minority survives "
+                   "holding the token fixed.")
+    elif 3 * beyond <= 2 * by_question:
+        verdict = ("About half of the atoms that prefer a domain keep that preference when the token is held "
+                   "fixed; the rest go with the tokens the domains use.")
     else:
         verdict = "Most atoms that prefer a domain keep that preference when the token is held fixed."
     atoms = (f"{verdict} On {model}, {by_question} of {n} level-1 atoms are enriched in an MMLU-Pro domain with "

@@ -298,7 +298,8 @@ def domain_similarity_intervals(pairs: pd.DataFrame, within: pd.DataFrame, *, co
     y = np.arange(len(pairs))[::-1] + len(within) + 1
     ax.errorbar(pairs["cosine"], y, xerr=[pairs["cosine"] - pairs["low"], pairs["high"] - pairs["cosine"]], fmt="o",
                 color="C0", ms=4, capsize=2, label=f"pair, all questions ({confidence:.0%} interval)")
-    ax.scatter(pairs["cosine at half size"], y, facecolors="none", edgecolors="C0", s=22, label="pair, half the questions")
+    ax.scatter(pairs["cosine at half size"], y, facecolors="none", edgecolors="C0", s=22,
+               label="pair, half the questions")
     for yy, (_, row) in zip(y, pairs.iterrows()):
         ax.annotate(f"closest in {row['closest_share']:.0%}", (row["high"], yy), xytext=(4, -3),
                     textcoords="offset points", fontsize=6.5, color="C0")
@@ -315,7 +316,8 @@ def domain_similarity_intervals(pairs: pd.DataFrame, within: pd.DataFrame, *, co
 
 
 def enrichment_heatmap(enrichment: pd.DataFrame, atoms, *, labels: dict | None = None, alpha: float = 0.01,
-                       title: str = "Which domains each atom prefers", given_token: pd.DataFrame | None = None) -> Figure:
+                       title: str = "Which domains each atom prefers",
+                       given_token: pd.DataFrame | None = None) -> Figure:
     """Atoms (rows, in the given order) x categories: log2 lift of the category for the atom
     (``annotation.enrichment``, any unit), with a dot where the corrected q-value is below ``alpha``;
     with ``given_token`` (the same test holding the token fixed) a ring where that one is too."""

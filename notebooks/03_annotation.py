@@ -252,7 +252,8 @@ level1 = result.level(1)
 shown_atoms, enriched, specific = annotation_report.enrichment_summary(level1, categories,
                                                                        correction=annotation_correction,
                                                                        n=annotation_rows)
-glue_values(**specific, **annotation_report.findings(model_name, specific, closeness, stability, alpha=annotation_alpha))
+glue_values(**specific, **annotation_report.findings(model_name, specific, closeness, stability,
+                                                     alpha=annotation_alpha))
 plotting.glue_figure("fig_enrichment", plotting.enrichment_heatmap(
     level1.enrichment_by_sample, shown_atoms, labels=level1.labels, alpha=annotation_alpha,
     title="Domain enrichment of the most significant level-1 atoms (questions as the unit)",

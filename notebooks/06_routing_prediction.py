@@ -169,7 +169,8 @@ for m, suffix in zip(m_values, ("", "_2k")):
                                  confidence=confidence, n_boot=n_bootstrap)
         differences[f"hsdl_minus_{other}_m{m}"] = d
         glue_values(**{f"{prefix}diff{suffix}": d.estimate * 100, f"{prefix}diff_low{suffix}": d.low * 100,
-                       f"{prefix}diff_high{suffix}": d.high * 100, f"{prefix or 'hsdl_'}verdict{suffix}": rp.verdict(d)})
+                       f"{prefix}diff_high{suffix}": d.high * 100,
+                       f"{prefix or 'hsdl_'}verdict{suffix}": rp.verdict(d)})
 
 # %% [markdown]
 # HSDL's recall@k is {glue:text}`hsdl_recall:.1f`% [{glue:text}`hsdl_recall_low:.1f`,

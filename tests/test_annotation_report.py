@@ -107,7 +107,10 @@ def test_findings_open_with_the_verdict_the_numbers_support():
     stable = {"closest_share": 99.0, "closest_low": 0.96, "closest_high": 0.98, "below_within_share": 97.0,
               "within_verdict": "both domains are more alike to themselves than to each other"}
     found = annotation_report.findings("embedded", specific, closeness, stable, alpha=0.01)
-    assert found["finding_domain_atoms"].startswith("Most atoms that prefer a domain keep")
+    assert found["finding_domain_atoms"].startswith("About half of the atoms that prefer a domain keep")
+    most = annotation_report.findings("embedded", {**specific, "n_specific_sample_type_1": 30}, closeness, stable,
+                                      alpha=0.01)
+    assert most["finding_domain_atoms"].startswith("Most atoms that prefer a domain keep")
     assert "40 of 94 level-1 atoms" in found["finding_domain_atoms"] and "21 of them" in found["finding_domain_atoms"]
     assert found["finding_domain_similarity"].startswith("Math and physics use experts most alike")
     assert "closest in 99% of the question resamples" in found["finding_domain_similarity"]
