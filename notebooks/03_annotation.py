@@ -26,7 +26,8 @@
 # **What you will see:** the labelled atoms of each level; the hierarchy as a tree of labelled
 # atoms, with a check of whether finer atoms refine coarser ones; the prompts of one question
 # per domain coloured by their level-1 and level-2 atoms; how similar the domains' expert usage
-# is; and which atoms are specific to a domain.
+# is, with intervals over questions and each domain's likeness with itself as the reference; and
+# which atoms are specific to a domain, with questions as the unit and holding the token fixed.
 
 # %% tags=["parameters"]
 artifacts_dir = "artifacts/tiny"
