@@ -311,7 +311,6 @@ def domain_similarity_intervals(pairs: pd.DataFrame, within: pd.DataFrame, *, co
     ax.set_xlabel("cosine similarity of expert-selection frequencies")
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2)
     ax.set_title(title, pad=40)
-    fig.tight_layout()
     return fig
 
 
