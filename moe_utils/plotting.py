@@ -296,7 +296,11 @@ def domain_similarity_intervals(pairs: pd.DataFrame, within: pd.DataFrame, *, co
     rows = len(pairs) + len(within)
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.28 * rows))
     y = np.arange(len(pairs))[::-1] + len(within) + 1
-    ax.errorbar(pairs["cosine"], y, xerr=[pairs["cosine"] - pairs["low"], pairs["high"] - pairs["cosine"]], fmt="o",
+
+    def spread(frame):  # a percentile interval need not hold its point estimate: bars never negative
+        return np.clip([frame["cosine"] - frame["low"], frame["high"] - frame["cosine"]], 0, None)
+
+    ax.errorbar(pairs["cosine"], y, xerr=spread(pairs), fmt="o",
                 color="C0", ms=4, capsize=2, label=f"pair, all questions ({confidence:.0%} interval)")
     ax.scatter(pairs["cosine at half size"], y, facecolors="none", edgecolors="C0", s=22,
                label="pair, half the questions")
@@ -304,8 +308,7 @@ def domain_similarity_intervals(pairs: pd.DataFrame, within: pd.DataFrame, *, co
         ax.annotate(f"closest in {row['closest_share']:.0%}", (row["high"], yy), xytext=(4, -3),
                     textcoords="offset points", fontsize=6.5, color="C0")
     y_within = np.arange(len(within))[::-1]
-    ax.errorbar(within["cosine"], y_within, xerr=[within["cosine"] - within["low"], within["high"] - within["cosine"]],
-                fmt="s", color="0.4", ms=4, capsize=2, label="domain with itself: two random halves")
+    ax.errorbar(within["cosine"], y_within, xerr=spread(within), fmt="s", color="0.4", ms=4, capsize=2, label="domain with itself: two random halves")
     labels = [f"{a} / {b}" for a, b in zip(pairs["a"], pairs["b"])] + [f"{d} (split half)" for d in within["domain"]]
     ax.set_yticks(list(y) + list(y_within), labels, fontsize=7)
     ax.set_xlabel("cosine similarity of expert-selection frequencies")

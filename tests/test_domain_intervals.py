@@ -92,3 +92,17 @@ def test_question_selections_of_a_store(tmp_path):
         for layer in range(n_layers):
             expected = np.bincount(chosen[:, layer].ravel(), minlength=n_experts)
             assert np.array_equal(counts[row, layer * n_experts:(layer + 1) * n_experts], expected)
+
+
+def test_interval_figure_draws_estimates_outside_their_percentile_interval():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from moe_utils import plotting
+
+    pairs = pd.DataFrame({"a": ["x"], "b": ["y"], "cosine": [0.9], "low": [0.92], "high": [0.95],
+                          "closest_share": [1.0], "cosine at half size": [0.88]})
+    within = pd.DataFrame({"domain": ["x", "y"], "cosine": [0.97, 0.96], "low": [0.95, 0.97], "high": [0.99, 0.98]})
+    figure = plotting.domain_similarity_intervals(pairs, within)
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert labels == ["x / y", "x (split half)", "y (split half)"]
