@@ -18,7 +18,9 @@ of every HSDL level is annotated from the captured tokens, automatically:
   Benjamini-Hochberg (default) or Bonferroni correction over all atoms and categories of the level.
   ``unit="sample"`` repeats the test with questions, not tokens, as the unit (one-sided
   Mann-Whitney U on each question's share of tokens assigned to the atom), since the tokens of a
-  question are not independent. From these, a short automatic label (:func:`auto_label`).
+  question are not independent; ``unit="token_type"`` holds the token id fixed
+  (:mod:`moe_utils.stratified`), since domains differ in their tokens. From these, a short automatic
+  label (:func:`auto_label`), whose categories are those enriched with questions as the unit.
 * **Hierarchy** (:func:`hierarchy_tree`): each level-k atom with the level-(k+1) atoms composing it
   (edges from :func:`moe_utils.patterns.hierarchy`), their labels, and whether the child's tokens
   nest in the parent's and its token classes are purer than the parent's.
@@ -38,6 +40,7 @@ from scipy import stats
 from moe_utils import patterns
 from moe_utils.expert_matrix import label_profiles
 from moe_utils.store import RoutingStore
+from moe_utils.stratified import cmh_enrichment
 from moe_utils.token_text import CLASSES, classify_tokens, detect_scheme, render_prompt
 
 CORRECTIONS = ("bh", "bonferroni")
@@ -150,7 +153,7 @@ def _correct(p: np.ndarray, correction: str) -> np.ndarray:
     raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
 
 
-def enrichment(atoms, labels, n_atoms: int, *, sample_ids=None, unit: str = "token",
+def enrichment(atoms, labels, n_atoms: int, *, sample_ids=None, strata=None, unit: str = "token",
                correction: str = "bh", alpha: float = 0.01) -> pd.DataFrame:
     """One-sided over-representation of each category among each atom's tokens.
 
@@ -159,7 +162,10 @@ def enrichment(atoms, labels, n_atoms: int, *, sample_ids=None, unit: str = "tok
     expected overlap. ``unit="sample"``: for each question the share of its tokens assigned to the
     atom, compared between the category's questions and the others with a one-sided Mann-Whitney U
     test; ``lift`` = mean share in the category / mean share over all questions (needs
-    ``sample_ids``). Atoms assigned no token are not tested. ``q`` corrects ``p`` over all tests of
+    ``sample_ids``). ``unit="token_type"``: the same over tokens, holding the token fixed (a
+    Cochran-Mantel-Haenszel test stratified by ``strata``, the token ids:
+    :func:`moe_utils.stratified.cmh_enrichment`); ``lift`` = observed / expected given the tokens.
+    Atoms assigned no token are not tested. ``q`` corrects ``p`` over all tests of
     the call (atoms x categories) with ``correction``; ``significant`` is ``q < alpha``.
     """
     atoms = np.asarray(atoms)
@@ -202,8 +208,12 @@ def enrichment(atoms, labels, n_atoms: int, *, sample_ids=None, unit: str = "tok
                                       "n_category": int(member.sum()), "lift": np.divide(
                                           shares[member].mean(axis=0), mean_all, out=np.zeros(len(tested)),
                                           where=mean_all > 0), "p": np.nan_to_num(p, nan=1.0)}))
+    elif unit == "token_type":
+        if strata is None:
+            raise ValueError("unit='token_type' needs strata (each token's id)")
+        rows.append(cmh_enrichment(atoms, labels, strata, n_atoms))
     else:
-        raise ValueError(f"unit must be 'token' or 'sample', got {unit!r}")
+        raise ValueError(f"unit must be 'token', 'sample' or 'token_type', got {unit!r}")
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["atom", "category", "p"])
     table["q"] = _correct(table["p"].to_numpy(dtype=float), correction)
     table["significant"] = table["q"] < alpha
@@ -239,10 +249,13 @@ class LevelAnnotation:
         level: 1-based HSDL level.
         atoms: one row per atom: the pattern view of :func:`moe_utils.patterns.atom_table` plus
             ``n_tokens`` assigned, ``token_share``, ``top_class``, ``top_tokens``, ``categories``
-            (significant ones), ``min_q`` and ``domain_specific`` (tokens as the unit),
-            ``min_q_by_sample`` and ``domain_specific_by_sample`` (questions), and ``label``.
+            (significant with questions as the unit: the ones the label names), ``min_q`` and
+            ``domain_specific`` (tokens as the unit), ``min_q_by_sample`` and
+            ``domain_specific_by_sample`` (questions), ``min_q_by_type`` and ``domain_specific_by_type``
+            (tokens, holding the token id fixed), and ``label``.
         top_tokens: :func:`top_tokens`. classes: :func:`class_profile`. enrichment: :func:`enrichment`
-            with tokens as the unit; enrichment_by_sample: the same with questions as the unit.
+            with tokens as the unit; enrichment_by_sample: the same with questions as the unit;
+            enrichment_by_type: stratified by token id.
     """
 
     level: int
@@ -251,6 +264,7 @@ class LevelAnnotation:
     classes: pd.DataFrame
     enrichment: pd.DataFrame
     enrichment_by_sample: pd.DataFrame
+    enrichment_by_type: pd.DataFrame
 
     @property
     def labels(self) -> dict[int, str]:
@@ -268,14 +282,16 @@ def annotate_level(tokens: pd.DataFrame, model, level: int, *, alpha: float = 0.
     by_token = enrichment(atoms, tokens["label"], n_atoms, unit="token", correction=correction, alpha=alpha)
     by_sample = enrichment(atoms, tokens["label"], n_atoms, sample_ids=tokens["sample_id"], unit="sample",
                            correction=correction, alpha=alpha)
+    by_type = enrichment(atoms, tokens["label"], n_atoms, strata=tokens["token_id"], unit="token_type",
+                         correction=correction, alpha=alpha)
     table = patterns.atom_table(model, level=level, threshold=threshold)
     n_tokens = np.bincount(atoms[atoms >= 0], minlength=n_atoms)
     table["n_tokens"] = n_tokens
     table["token_share"] = n_tokens / max(1, len(atoms))
     top_by_atom = dict(iter(top.groupby("atom")))
-    enrich_by_atom = dict(iter(by_token.groupby("atom")))
-    empty_top, empty_enrich = top.iloc[:0], by_token.iloc[:0]
-    labels, top_class, top_keys, categories, min_q = [], [], [], [], []
+    enrich_by_atom = dict(iter(by_sample.groupby("atom")))  # labels name question-level enrichment
+    empty_top, empty_enrich = top.iloc[:0], by_sample.iloc[:0]
+    labels, top_class, top_keys, categories = [], [], [], []
     for atom in range(n_atoms):
         atom_top = top_by_atom.get(atom, empty_top)
         atom_enrich = enrich_by_atom.get(atom, empty_enrich)
@@ -285,15 +301,12 @@ def annotate_level(tokens: pd.DataFrame, model, level: int, *, alpha: float = 0.
         top_keys.append(tuple(atom_top["key"]))
         significant = atom_enrich[atom_enrich["significant"]].sort_values("lift", ascending=False)
         categories.append(tuple(significant["category"]))
-        min_q.append(float(atom_enrich["q"].min()) if len(atom_enrich) else 1.0)
     table["top_class"], table["top_tokens"], table["categories"] = top_class, top_keys, categories
-    table["min_q"] = min_q
-    table["domain_specific"] = table["min_q"] < alpha
-    by_sample_q = by_sample.groupby("atom")["q"].min().reindex(range(n_atoms), fill_value=1.0)
-    table["min_q_by_sample"] = by_sample_q.to_numpy()
-    table["domain_specific_by_sample"] = table["min_q_by_sample"] < alpha
+    for suffix, tests in (("", by_token), ("_by_sample", by_sample), ("_by_type", by_type)):
+        table[f"min_q{suffix}"] = tests.groupby("atom")["q"].min().reindex(range(n_atoms), fill_value=1.0).to_numpy()
+        table[f"domain_specific{suffix}"] = table[f"min_q{suffix}"] < alpha
     table["label"] = labels
-    return LevelAnnotation(level, table, top, classes, by_token, by_sample)
+    return LevelAnnotation(level, table, top, classes, by_token, by_sample, by_type)
 
 
 @dataclass

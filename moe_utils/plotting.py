@@ -286,10 +286,43 @@ def domain_similarity(profiles: pd.DataFrame, similarity: pd.DataFrame, centered
     return fig
 
 
+def domain_similarity_intervals(pairs: pd.DataFrame, within: pd.DataFrame, *, confidence: float = 0.95,
+                                title: str = "How sure is the ranking of domain pairs?") -> Figure:
+    """Fig 7's pairs with questions resampled (:func:`moe_utils.annotation_report.similarity_intervals`):
+    each pair's cosine with its interval (filled dot, labelled with the share of resamples in which it
+    is the closest), its cosine at half the questions (open dot), and below them each domain's
+    split-half cosine with its range over splits (grey squares): the reference a cross-domain cosine
+    at half size has to stay under to say the two domains differ."""
+    rows = len(pairs) + len(within)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.28 * rows))
+    y = np.arange(len(pairs))[::-1] + len(within) + 1
+
+    def spread(frame):  # a percentile interval need not hold its point estimate: bars never negative
+        return np.clip([frame["cosine"] - frame["low"], frame["high"] - frame["cosine"]], 0, None)
+
+    ax.errorbar(pairs["cosine"], y, xerr=spread(pairs), fmt="o",
+                color="C0", ms=4, capsize=2, label=f"pair, all questions ({confidence:.0%} interval)")
+    ax.scatter(pairs["cosine at half size"], y, facecolors="none", edgecolors="C0", s=22,
+               label="pair, half the questions")
+    for yy, (_, row) in zip(y, pairs.iterrows()):
+        ax.annotate(f"closest in {row['closest_share']:.0%}", (row["high"], yy), xytext=(4, -3),
+                    textcoords="offset points", fontsize=6.5, color="C0")
+    y_within = np.arange(len(within))[::-1]
+    ax.errorbar(within["cosine"], y_within, xerr=spread(within), fmt="s", color="0.4", ms=4, capsize=2, label="domain with itself: two random halves")
+    labels = [f"{a} / {b}" for a, b in zip(pairs["a"], pairs["b"])] + [f"{d} (split half)" for d in within["domain"]]
+    ax.set_yticks(list(y) + list(y_within), labels, fontsize=7)
+    ax.set_xlabel("cosine similarity of expert-selection frequencies")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2)
+    ax.set_title(title, pad=40)
+    return fig
+
+
 def enrichment_heatmap(enrichment: pd.DataFrame, atoms, *, labels: dict | None = None, alpha: float = 0.01,
-                       title: str = "Which domains each atom prefers") -> Figure:
-    """Atoms (rows, in the given order) x categories: log2 lift of the category among the atom's tokens
-    (``annotation.enrichment``), with a dot where the corrected q-value is below ``alpha``."""
+                       title: str = "Which domains each atom prefers",
+                       given_token: pd.DataFrame | None = None) -> Figure:
+    """Atoms (rows, in the given order) x categories: log2 lift of the category for the atom
+    (``annotation.enrichment``, any unit), with a dot where the corrected q-value is below ``alpha``;
+    with ``given_token`` (the same test holding the token fixed) a ring where that one is too."""
     atoms = list(atoms)
     table = enrichment[enrichment["atom"].isin(atoms)]
     lift = table.pivot(index="atom", columns="category", values="lift").reindex(atoms)
@@ -301,12 +334,18 @@ def enrichment_heatmap(enrichment: pd.DataFrame, atoms, *, labels: dict | None =
     image = ax.imshow(values, cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
     rows, cols = np.nonzero(q.to_numpy(dtype=float) < alpha)
     ax.scatter(cols, rows, s=9, color="k")
+    if given_token is not None:
+        q_type = (given_token[given_token["atom"].isin(atoms)].pivot(index="atom", columns="category", values="q")
+                  .reindex(index=atoms, columns=lift.columns))
+        rows, cols = np.nonzero(q_type.to_numpy(dtype=float) < alpha)
+        ax.scatter(cols, rows, s=60, facecolors="none", edgecolors="k", linewidths=0.8)
     names = [f"{a}: {labels.get(a, '')[:42]}" if labels else str(a) for a in atoms]
     ax.set_yticks(range(len(atoms)), names, fontsize=7)
     ax.set_xticks(range(lift.shape[1]), lift.columns, rotation=35, ha="right")
     ax.set_ylabel("atom")
     fig.colorbar(image, ax=ax, label="log2 lift (clipped to ±3)", shrink=0.6)
-    ax.set_title(f"{title}\n(dots: q < {alpha:g})")
+    rings = "; rings: also holding the token fixed" if given_token is not None else ""
+    ax.set_title(f"{title}\n(dots: q < {alpha:g}{rings})")
     return fig
 
 

@@ -252,6 +252,7 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
         text = diff("caep", measure, "random")
         if text is not None:
             sentences.append(f"{pruning_eval.measure_spec(measure)[1]} {text}")
+    out["finding_pruning_verdict"] = verdict_vs_random(cmp, measures, pct)
     out["finding_pruning_vs_random"] = (f"CAEP minus random masks at {pct} pruned, paired on the same documents "
                                         "(95% intervals; perplexity as a relative change): "
                                         + "; ".join(sentences) + ".")
@@ -269,6 +270,30 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
     return out
 
 
+def verdict_vs_random(compared: pd.DataFrame, measures: Sequence[str], pct: str) -> str:
+    """One plain sentence: on which measures CAEP is better than random masks at the same ratio, on
+    which worse, and on which the paired interval cannot tell them apart (rows of ``compared`` with
+    ``reference == "random"`` at one ratio)."""
+    groups = {"better": [], "worse": [], "level": []}
+    for measure in measures:
+        hit = compared[(compared["method"] == "caep") & (compared["measure"] == measure)
+                       & (compared["reference"] == "random")]
+        if hit.empty:
+            continue
+        r = hit.iloc[0]
+        kind, label = pruning_eval.measure_spec(measure)[:2]
+        good, bad = (r.low > 0, r.high < 0) if kind == "acc" else (r.high < 0, r.low > 0)
+        groups["better" if good else "worse" if bad else "level"].append(label)
+    if not any(groups.values()):
+        return "CAEP was not compared with random masks in this run."
+    if not groups["better"] and not groups["worse"]:
+        return f"At {pct} pruned, CAEP cannot be told apart from random masks on any measure."
+    parts = [f"{word} random masks on {', '.join(names)}" for word, names in
+             (("better than", groups["better"]), ("worse than", groups["worse"]),
+              ("not distinguishable from", groups["level"])) if names]
+    return f"At {pct} pruned, CAEP is " + "; ".join(parts) + "."
+
+
 def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> str:
     """The ablation in one sentence per measure: the reference CAEP minus random masks, and the
     single change of its settings that moves it furthest in the good direction, with intervals;
@@ -279,7 +304,7 @@ def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measur
     names = {m.method: f"{f}: {s}" for f, s, m in ablation_rows.itertuples(index=False)}
     names["caep_layer"] = "scope: per layer"
     f = pruning_eval.format_value
-    sentences = []
+    sentences, n_better = [], 0
     for measure in measures:
         kind, label = pruning_eval.measure_spec(measure)[:2]
         part = compared[(compared["measure"] == measure) & (compared["reference"] == "random")
@@ -292,11 +317,14 @@ def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measur
         ref = part[part["method"] == reference].iloc[0]
         best = part[part["method"] != reference].sort_values("good", ascending=False).iloc[0]
         unit = " points" if kind == "acc" else ""
+        n_better += int(better[part["method"] != reference].sum())
         sentences.append(
             f"{label}: reference CAEP {f(kind, ref.estimate, True)}{unit} [{f(kind, ref.low, True)}, "
             f"{f(kind, ref.high, True)}], best single change '{names[best.method]}' "
             f"{f(kind, best.estimate, True)}{unit} "
             f"[{f(kind, best.low, True)}, {f(kind, best.high, True)}] ({int(better.sum())} of {len(part)} variants "
             f"better than random, {int(worse.sum())} worse)")
-    return ("CAEP's variants minus random masks at the same ratio (paired, 95% intervals; perplexity as a relative "
-            "change, lower is better): " + "; ".join(sentences) + ".")
+    opening = ("Some single changes of CAEP's settings make it better than random masks on a measure." if n_better
+               else "No single change of CAEP's settings makes it better than random masks on any measure.")
+    return (f"{opening} CAEP's variants minus random masks at the same ratio (paired, 95% intervals; perplexity as "
+            "a relative change, lower is better): " + "; ".join(sentences) + ".")

@@ -11,6 +11,11 @@ to predict from) are -1. The predictors that read the routing alone:
 * :func:`affinity_rankings`: first-order affinity. With ``S`` the token's experts at layer t-h, expert
   b of layer t scores ``mean_{a in S} P(b at t | a at t-h)``, the conditional frequencies counted on the
   fitting tokens (pairwise co-activation between two layers; ExFlow's inter-layer affinity);
+* :func:`token_rankings`: token identity, each token type's most frequent experts at layer t on the
+  fitting tokens (the control for the token itself: in a small vocabulary the token largely fixes
+  its experts);
+* :func:`bayes_rankings`: pairwise statistics of every layer <= t-h (Bernoulli naive Bayes), the
+  information HSDL reads, without its patterns;
 * :func:`hsdl_rankings`: the token's HSDL level-1 code inferred from its routing in layers <= t-h
   only (:func:`masked_codes`: the rows of the later layers are left out of the fit), and layer t's
   experts read from ``D_1 r``;
@@ -92,6 +97,70 @@ def affinity_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, ho
     for target in range(horizon, topk.shape[1]):
         conditional = affinity(fit_topk, n_experts, target - horizon, target)
         scores = conditional[topk[:, target - horizon]].mean(axis=1)  # (N, E)
+        out[:, target] = rank_scores(scores, prior[target], n_ranked)
+    return out
+
+
+def token_rankings(fit_topk: np.ndarray, fit_token_ids, token_ids, n_experts: int, horizon: int,
+                   n_ranked: int) -> np.ndarray:
+    """Token identity: expert b of layer t scores how often the token's type (its id) chose b at
+    layer t on the fitting tokens; a type never seen there gets the prior's order. Known before any
+    layer runs, so the same for every horizon (rows t < h stay -1, as for every predictor)."""
+    fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
+    fit_token_ids, token_ids = np.asarray(fit_token_ids), np.asarray(token_ids)
+    if len(fit_token_ids) != len(fit_topk):
+        raise ValueError(f"fit_token_ids has {len(fit_token_ids)} entries for {len(fit_topk)} fitting tokens")
+    prior = usage_counts(fit_topk, n_experts)
+    types, fit_type = np.unique(fit_token_ids, return_inverse=True)
+    where = np.clip(np.searchsorted(types, token_ids), 0, len(types) - 1)
+    seen = types[where] == token_ids
+    k = fit_topk.shape[2]
+    out = _empty(len(token_ids), fit_topk.shape[1], n_ranked)
+    for target in range(horizon, fit_topk.shape[1]):
+        counts = np.zeros((len(types), n_experts))
+        np.add.at(counts, (np.repeat(fit_type, k), fit_topk[:, target].ravel()), 1.0)
+        out[:, target] = rank_scores(np.where(seen[:, None], counts[where], 0.0), prior[target], n_ranked)
+    return out
+
+
+def _one_hot(topk: np.ndarray, n_experts: int) -> np.ndarray:
+    """(N, n_layers * E) 0/1: expert e of layer s chosen, column s * E + e."""
+    n, n_layers, _ = topk.shape
+    out = np.zeros((n, n_layers * n_experts))
+    np.put_along_axis(out, (topk + (np.arange(n_layers) * n_experts)[None, :, None]).reshape(n, -1), 1.0, axis=1)
+    return out
+
+
+def naive_bayes_scores(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, n_observed: int, target: int, *,
+                       alpha: float = 1.0) -> np.ndarray:
+    """(N, E) Bernoulli naive Bayes scores of layer ``target``'s experts from the experts chosen in
+    the first ``n_observed`` layers: ``log P(b) + sum_f [x_f log p_fb + (1 - x_f) log(1 - p_fb)]`` over
+    the features f (expert e of layer s < n_observed chosen), with ``P(b)`` the share of layer
+    ``target``'s choices that go to b and ``p_fb = (n(f, b) + alpha) / (n(b) + 2 alpha)``, counted on
+    the fitting tokens (scikit-learn's ``BernoulliNB`` with one sample per chosen expert). Experts
+    never chosen at ``target`` score -inf."""
+    fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
+    topk = _check_topk(topk, n_experts, "topk")
+    features = _one_hot(fit_topk[:, :n_observed], n_experts)
+    chosen = _one_hot(fit_topk[:, target:target + 1], n_experts)
+    n_b = chosen.sum(axis=0)
+    p = (features.T @ chosen + alpha) / (n_b + 2 * alpha)  # (F, E)
+    log_p, log_not = np.log(p), np.log1p(-p)
+    with np.errstate(divide="ignore"):
+        log_prior = np.log(n_b / n_b.sum())
+    scores = log_prior + _one_hot(topk[:, :n_observed], n_experts) @ (log_p - log_not) + log_not.sum(axis=0)
+    return np.where(n_b > 0, scores, -np.inf)
+
+
+def bayes_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizon: int, n_ranked: int, *,
+                   alpha: float = 1.0) -> np.ndarray:
+    """Pairwise statistics of every layer <= t-h, the information HSDL reads: layer t's experts
+    ranked by :func:`naive_bayes_scores` from the token's experts in layers 0 .. t-h."""
+    topk = _check_topk(topk, n_experts, "topk")
+    prior = usage_counts(fit_topk, n_experts)
+    out = _empty(topk.shape[0], topk.shape[1], n_ranked)
+    for target in range(horizon, topk.shape[1]):
+        scores = naive_bayes_scores(fit_topk, topk, n_experts, target - horizon + 1, target, alpha=alpha)
         out[:, target] = rank_scores(scores, prior[target], n_ranked)
     return out
 
@@ -204,6 +273,19 @@ def ratio_interval(values: np.ndarray, sample_ids: np.ndarray, scale: float, *, 
                               random_state=random_state, vectorized=True)
 
 
+def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, sample_ids: np.ndarray, layers: np.ndarray, k: int, *,
+                      confidence: float = 0.95, n_boot: int = 1000) -> Interval:
+    """Recall of predictor a minus that of predictor b (:func:`hit_counts` of each at the same m) over
+    the tokens and target ``layers``, on the same tokens, with an interval resampling prompts."""
+    gain = (np.asarray(hits_a) - np.asarray(hits_b))[:, layers].sum(axis=1)
+    return ratio_interval(gain, sample_ids, k * len(layers), confidence=confidence, n_boot=n_boot)
+
+
+def verdict(difference: Interval) -> str:
+    """"better than", "worse than" or "not distinguishable from", by the sign of the interval."""
+    return "better than" if difference.low > 0 else "worse than" if difference.high < 0 else "not distinguishable from"
+
+
 def recall_summary(hits: dict[str, dict[int, np.ndarray]], sample_ids: np.ndarray, layers: np.ndarray, k: int,
                    *, confidence: float = 0.95, n_boot: int = 1000) -> pd.DataFrame:
     """One row per (predictor, m): recall@m and precision@m over the tokens and the target
@@ -232,17 +314,24 @@ def recall_by_layer(hits: dict[str, np.ndarray], sample_ids: np.ndarray, layers:
     return pd.DataFrame(rows)
 
 
-#: The predictors the stage compares, in the order its tables and figures show them.
-PREDICTORS = ("usage prior", "first-order affinity", "HSDL (layers <= l)", "hidden state (next router)", "oracle")
+#: The predictors the stage compares, in the order its tables and figures show them, and the short
+#: names its glued values use.
+PREDICTORS = ("usage prior", "token id", "first-order affinity", "naive Bayes (layers <= l)", "HSDL (layers <= l)",
+              "hidden state (next router)", "oracle")
+KEYS = dict(zip(("prior", "token", "affinity", "bayes", "hsdl", "hidden", "oracle"), PREDICTORS))
 
 
 def all_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizons, n_ranked: int, *, hsdl, x,
-                 hidden: dict[int, np.ndarray], n_steps: int = 100) -> dict[int, dict[str, np.ndarray]]:
+                 hidden: dict[int, np.ndarray], fit_token_ids, token_ids,
+                 n_steps: int = 100) -> dict[int, dict[str, np.ndarray]]:
     """Every predictor of :data:`PREDICTORS` for every horizon: ``{h: {name: rankings}}``; ``hidden``
-    holds the hidden-state predictor's rankings (:mod:`moe_utils.hidden_prediction`)."""
+    holds the hidden-state predictor's rankings (:mod:`moe_utils.hidden_prediction`), the token ids
+    those of the fitting and the scored tokens."""
     n_layers = np.asarray(topk).shape[1]
     from_hsdl = hsdl_rankings(hsdl, x, fit_topk, n_layers, n_experts, horizons, n_ranked, n_steps=n_steps)
     return {h: dict(zip(PREDICTORS, (
         prior_rankings(fit_topk, len(topk), n_experts, h, n_ranked),
-        affinity_rankings(fit_topk, topk, n_experts, h, n_ranked), from_hsdl[h], hidden[h][:, :, :n_ranked],
+        token_rankings(fit_topk, fit_token_ids, token_ids, n_experts, h, n_ranked),
+        affinity_rankings(fit_topk, topk, n_experts, h, n_ranked),
+        bayes_rankings(fit_topk, topk, n_experts, h, n_ranked), from_hsdl[h], hidden[h][:, :, :n_ranked],
         oracle_rankings(topk, fit_topk, n_experts, h, n_ranked)))) for h in horizons}

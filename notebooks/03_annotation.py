@@ -26,7 +26,8 @@
 # **What you will see:** the labelled atoms of each level; the hierarchy as a tree of labelled
 # atoms, with a check of whether finer atoms refine coarser ones; the prompts of one question
 # per domain coloured by their level-1 and level-2 atoms; how similar the domains' expert usage
-# is; and which atoms are specific to a domain.
+# is, with intervals over questions and each domain's likeness with itself as the reference; and
+# which atoms are specific to a domain, with questions as the unit and holding the token fixed.
 
 # %% tags=["parameters"]
 artifacts_dir = "artifacts/tiny"
@@ -35,6 +36,8 @@ annotation_alpha = 0.01
 annotation_correction = "bh"
 annotation_rows = 20
 render_max_tokens = 160
+n_bootstrap = 1000
+confidence = 0.95
 
 # %% tags=["hide-input"]
 import pandas as pd
@@ -106,10 +109,10 @@ levels_table.style.format({"median share of the best atom": "{:.0%}", "tokens no
 #
 # A label joins the atom's dominant token classes (share at least 20% and 1.5 times their base
 # rate), its most characteristic tokens (ranked by count x log2 lift) and, in brackets, the
-# categories in which it is significantly over-represented (one-sided hypergeometric test over
-# tokens, q < {glue:text}`alpha` after correction over all atoms and categories of the level).
-# The tables list the atoms explaining the most tokens, with the smallest q-value of the same test
-# over questions (section 7).
+# categories in which it is significantly over-represented with questions as the unit (one-sided
+# Mann-Whitney test of each question's share of tokens the atom explains, q < {glue:text}`alpha`
+# after correction over all atoms and categories of the level; section 7). The tables list the
+# atoms explaining the most tokens, with the smallest q-value of that test.
 
 # %%
 for level in result.levels[:2]:
@@ -178,11 +181,10 @@ for sample, caption in annotation_report.shortest_questions(tokens, categories):
 # mean distribution over domains first and shows what sets each domain apart.
 
 # %%
-profiles, similarity, centered, pairs, closeness = annotation_report.domain_summary(store)
+profiles, similarity, centered, _, closeness = annotation_report.domain_summary(store)
 glue_values(**closeness)
 plotting.glue_figure("fig_domains", plotting.domain_similarity(profiles, similarity, centered,
                                                                n_experts=store.n_experts))
-pairs.style.format({"cosine": "{:.3f}"}, escape="html").hide(axis="index")
 
 # %% [markdown]
 # The closest domains are {glue:text}`closest_pair` (cosine {glue:text}`closest_cos:.3f`), the
@@ -197,52 +199,103 @@ pairs.style.format({"cosine": "{:.3f}"}, escape="html").hide(axis="index")
 # removing the mean distribution over domains.
 # ```
 #
+# **How sure is that ranking?** The questions of each domain are resampled with replacement
+# ({glue:text}`n_bootstrap` times): each pair's cosine gets a {glue:text}`confidence_pct:.0f`%
+# interval, and we count how often each pair comes out closest. As a reference, each domain's
+# questions are split at random into two halves: two halves of one domain differ only by the
+# question sample, so a pair of domains (compared at the same half size) is told apart from a domain
+# with itself only if its cosine stays below both domains' split-half cosines in at least
+# {glue:text}`confidence_pct:.0f`% of the random splits.
+
+# %%
+interval_pairs, within, stability = annotation_report.similarity_intervals(store, n_boot=n_bootstrap,
+                                                                           confidence=confidence)
+glue_values(**stability, n_bootstrap=n_bootstrap, confidence_pct=confidence * 100)
+plotting.glue_figure("fig_domain_intervals", plotting.domain_similarity_intervals(interval_pairs, within,
+                                                                                  confidence=confidence))
+interval_pairs.style.format({c: "{:.3f}" for c in ("cosine", "low", "high", "cosine at half size")} | {
+    c: "{:.0%}" for c in ("closest_share", "farthest_share", "below both domains' halves")}, escape="html").hide(
+    axis="index")
+
+# %% [markdown]
+# The closest pair, {glue:text}`closest_pair`, has cosine {glue:text}`closest_cos:.3f`
+# [{glue:text}`closest_low:.3f`, {glue:text}`closest_high:.3f`] and is the closest in
+# {glue:text}`closest_share:.0f`% of the resamples. At half the questions its cosine is
+# {glue:text}`closest_half_cos:.3f`, against {glue:text}`within_pair_cos:.3f`
+# [{glue:text}`within_pair_low:.3f`, {glue:text}`within_pair_high:.3f`] between two random halves of
+# {glue:text}`within_pair_domain`, the one of the two least alike itself; the pair stays below both
+# domains' halves in {glue:text}`below_within_share:.0f`% of the splits: {glue:text}`within_verdict`.
+#
+# ```{glue:figure} fig_domain_intervals
+# :name: fig-annotation-domain-intervals
+#
+# Every pair of domains: cosine of their expert-selection frequencies (filled dots, with the
+# interval over resampled questions and the share of resamples in which the pair is the closest)
+# and at half the questions (open dots); below, each domain against itself, two random halves of
+# its questions (grey squares, with the range over random splits).
+# ```
+#
 # ## 7. Which atoms are specific to a domain?
 #
-# For every level-1 atom and category, the lift is the category's share among the atom's tokens
-# over its share among all tokens; a dot marks q < {glue:text}`alpha` (one-sided hypergeometric
-# test, corrected over all atoms and categories). Tokens of one question are not independent, so
-# the test is repeated with questions as the unit (Mann-Whitney U on each question's share of
-# tokens explained by the atom): an atom specific to a domain in both tests is not carried by a
-# few long questions.
+# Tokens of one question are not independent (a long question repeats its words), so the unit
+# of the test is the question: for every level-1 atom and category, each question's share of
+# tokens explained by the atom, the category's questions against the others (one-sided
+# Mann-Whitney U, corrected over all atoms and categories). The lift is the category's mean share
+# over the mean share of all questions; a dot marks q < {glue:text}`alpha`. The same over tokens
+# (hypergeometric test) is shown for comparison: an atom specific to a domain over tokens but not
+# over questions is carried by a few long questions. Domains also differ in their tokens (digits in
+# math, legal words in law), and a token largely fixes its experts; so the test is repeated holding
+# the token fixed (a Mantel-Haenszel test over the occurrences of each token id: are the category's
+# occurrences of a token assigned to the atom more often than the other occurrences of the same
+# token?). A ring marks an enrichment that survives it.
 
 # %%
 level1 = result.level(1)
 shown_atoms, enriched, specific = annotation_report.enrichment_summary(level1, categories,
                                                                        correction=annotation_correction,
                                                                        n=annotation_rows)
-glue_values(**specific)
+glue_values(**specific, **annotation_report.findings(model_name, specific, closeness, stability,
+                                                     alpha=annotation_alpha))
 plotting.glue_figure("fig_enrichment", plotting.enrichment_heatmap(
-    level1.enrichment, shown_atoms, labels=level1.labels, alpha=annotation_alpha,
-    title="Domain enrichment of the most significant level-1 atoms"))
-enriched.style.hide(axis="index").format({"expected": "{:.1f}", "lift": "{:.2f}", "q": "{:.1e}"}, escape="html")
+    level1.enrichment_by_sample, shown_atoms, labels=level1.labels, alpha=annotation_alpha,
+    title="Domain enrichment of the most significant level-1 atoms (questions as the unit)",
+    given_token=level1.enrichment_by_type))
+enriched.style.hide(axis="index").format({"lift": "{:.2f}", "lift given the token": "{:.2f}", "q (questions)": "{:.1e}",
+                                          "q (tokens)": "{:.1e}", "q (given the token)": "{:.1e}"}, escape="html")
 
 # %% [markdown]
 # Of the {glue:text}`n_tested_1` level-1 atoms that explain at least one token,
-# {glue:text}`n_specific_1` are domain-specific at q < {glue:text}`alpha`
-# ({glue:text}`correction` correction over atoms and categories; per category:
-# {glue:text}`specific_per_category`). With questions as the unit, {glue:text}`n_specific_sample_1`
-# are, {glue:text}`n_specific_both_1` in both tests.
+# {glue:text}`n_specific_sample_1` are domain-specific with questions as the unit at
+# q < {glue:text}`alpha` ({glue:text}`correction` correction over atoms and categories; per
+# category: {glue:text}`specific_per_category`); {glue:text}`n_specific_sample_type_1` of them stay
+# so holding the token fixed. Over tokens {glue:text}`n_specific_1` atoms pass the test, and
+# {glue:text}`n_token_only_1` of those fail it over questions: their enrichment comes from a few
+# questions. Holding the token fixed (over tokens), {glue:text}`n_specific_type_1` atoms are
+# domain-specific.
 #
 # ```{glue:figure} fig_enrichment
 # :name: fig-annotation-enrichment
 #
-# Level-1 atoms with the smallest corrected q-values (rows, with their labels) against the
-# MMLU-Pro categories: log2 lift of the category among the atom's tokens; dots mark q below the
-# threshold.
+# Level-1 atoms with the smallest question-level q-values (rows, with their labels) against the
+# MMLU-Pro categories: log2 of the category's mean share of tokens the atom explains over the mean
+# of all questions; dots mark q below the threshold with questions as the unit, rings an enrichment
+# that also holds with the token fixed.
 # ```
 #
 # ## Summary
 #
 # - Every atom of every level carries an automatic label built from the tokens it explains: token
 #   classes, characteristic tokens and significantly enriched categories.
-# - {glue:text}`n_specific_1` of {glue:text}`n_tested_1` level-1 atoms prefer a domain at
-#   q < {glue:text}`alpha` over tokens, {glue:text}`n_specific_sample_1` with questions as the
-#   unit.
+# - {glue:text}`n_specific_sample_1` of {glue:text}`n_tested_1` level-1 atoms prefer a domain with
+#   questions as the unit (q < {glue:text}`alpha`), {glue:text}`n_specific_sample_type_1` of them
+#   also holding the token fixed; {glue:text}`n_token_only_1` atoms that pass over tokens fail over
+#   questions.
 # - Finer atoms: {glue:text}`copy_share:.0f`% of level-1 atoms are copied by one child;
 #   {glue:text}`purer_share:.0f`% of the children are purer in token classes than their parent.
-# - Domains: {glue:text}`closest_pair` use experts most alike (cosine {glue:text}`closest_cos:.3f`),
-#   {glue:text}`farthest_pair` least ({glue:text}`farthest_cos:.3f`).
+# - Domains: {glue:text}`closest_pair` use experts most alike (cosine {glue:text}`closest_cos:.3f`
+#   [{glue:text}`closest_low:.3f`, {glue:text}`closest_high:.3f`], closest in
+#   {glue:text}`closest_share:.0f`% of the resamples), {glue:text}`farthest_pair` least
+#   ({glue:text}`farthest_cos:.3f`); for the closest pair, {glue:text}`within_verdict`.
 #
 # **Exercise.** Re-run this notebook with `annotation_correction = "bonferroni"` and compare the
 # number of domain-specific atoms; then colour a question of your own choice with

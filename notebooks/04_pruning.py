@@ -271,6 +271,7 @@ glue_values(artifact_dir=str(out_dir), middle_pct=f"{middle:.0%}",
 # %% [markdown]
 # ## Summary
 #
+# - {glue:text}`finding_pruning_verdict`
 # - {glue:text}`finding_pruning_blimp`
 # - {glue:text}`finding_pruning_vs_random`
 # - {glue:text}`finding_pruning_mde`

@@ -23,9 +23,11 @@
 # between consecutive layers' experts. The paper {cite}`tang2025unveiling` does not test whether its
 # cross-layer patterns carry information beyond pairwise co-activation. This stage does.
 #
-# **What you will see:** five predictors of a token's top-k experts at MoE layer l+1, given what is
-# known once layer l has run, scored on held-out tokens; how the scores change with depth and when
-# predicting two and three layers ahead; and what each predictor is worth to an LRU expert cache.
+# **What you will see:** seven predictors of a token's top-k experts at MoE layer l+1, given what is
+# known once layer l has run, scored on held-out tokens, among them two controls for HSDL: the token's
+# identity alone, and pairwise statistics of the same layers HSDL reads; how the scores change with
+# depth and when predicting two and three layers ahead; and what each predictor is worth to an LRU
+# expert cache, in hits and in the expert loads that prefetching costs.
 
 # %% tags=["parameters"]
 model = "embedded"
@@ -52,7 +54,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import expert_cache, plotting
+from moe_utils import expert_cache, plotting, prediction_report
 from moe_utils.artifacts import write_artifact
 from moe_utils import routing_prediction as rp
 from moe_utils.data import load_prompts
@@ -62,7 +64,8 @@ from moe_utils.markup import code_span
 from moe_utils.hsdl import HSDL
 from moe_utils.models import load_model
 from moe_utils.routing import router_fingerprint
-from moe_utils.stages import show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stats import Interval
 from moe_utils.store import RoutingStore
 
 plotting.use_style()
@@ -113,24 +116,28 @@ show_model_caveat(model, "These predictions are not those of the paper's Phi-3.5
 #
 # ## 2. Recall and precision one layer ahead
 #
-# Every predictor ranks the experts of layer l+1: the usage prior (layer l+1's most used experts), the
-# first-order affinity P(e at l+1 | the token's experts at l), HSDL (the token's code fitted to its
-# routing in layers <= l only, with the dictionary rows of later layers masked out, and layer l+1 read
-# from D r), the next router on the hidden state, and the oracle. Recall@m is the share of the true
+# Every predictor ranks the experts of layer l+1: the usage prior (layer l+1's most used experts); the
+# token id (the experts the token's type chose most often at layer l+1 on the fitting tokens: in a
+# vocabulary this small a token largely fixes its experts); the first-order affinity P(e at l+1 | the
+# token's experts at l); naive Bayes over the token's experts in every layer <= l (pairwise
+# statistics of exactly the layers HSDL reads, without its patterns); HSDL (the token's code fitted
+# to its routing in layers <= l only, with the dictionary rows of later layers masked out, and layer
+# l+1 read from D r); the next router on the hidden state; and the oracle. Recall@m is the share of the true
 # top-k among the m best ranked; precision@m the share of those m that are true (at m = k the two are
 # equal). Intervals: {glue:text}`confidence_pct:.0f`% bootstrap over the held-out questions.
 
 # %%
 m_values = sorted({k, min(2 * k, n_experts)})
 ranked = rp.all_rankings(fit, test, n_experts, prediction_horizons, m_values[-1], hsdl=hsdl, hidden=hidden,
-                         x=expert_matrix(store, "token", x_spec["value"]), n_steps=hsdl_inference_steps)
+                         x=expert_matrix(store, "token", x_spec["value"]), n_steps=hsdl_inference_steps,
+                         fit_token_ids=fit_store.tokens["token_id"], token_ids=store.tokens["token_id"])
 hits = {h: {name: {m: rp.hit_counts(r, test, m) for m in m_values} for name, r in ranked[h].items()}
         for h in prediction_horizons}
 targets = {h: np.arange(h, n_layers) for h in prediction_horizons}
 summary = rp.recall_summary(hits[1], samples, targets[1], k, confidence=confidence, n_boot=n_bootstrap)
 by_m = summary.set_index(["m", "predictor"])
-for (m, suffix), (key, name), column in product(zip(m_values, ("", "_2k")), zip(
-        ("prior", "affinity", "hsdl", "hidden"), rp.PREDICTORS), ("recall", "recall_low", "recall_high")):
+for (m, suffix), (key, name), column in product(zip(m_values, ("", "_2k")), rp.KEYS.items(),
+                                                ("recall", "recall_low", "recall_high")):
     glue(f"{key}_{column}{suffix}", float(by_m.loc[(m, name), column] * 100), display=False)
 summary.style.format({c: "{:.3f}" for c in summary.columns if c not in ("predictor", "m")}, escape="html").hide(
     axis="index")
@@ -147,22 +154,24 @@ plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(rp.recall_by_
 # bootstrap intervals over the questions. The oracle is 100% by construction.
 # ```
 #
-# ## 3. Does HSDL predict better than first-order affinity?
+# ## 3. Does HSDL predict better than first-order affinity, and than its controls?
 #
 # The paired difference of recall@k, HSDL minus affinity, on the same tokens, resampling questions.
-# The comparison is the one an offloading system faces, not a controlled one: HSDL reads the token's
-# routing in every layer up to l, affinity only layer l, so a gain may come from the earlier layers
-# as much as from the structure of the patterns.
+# This is the comparison an offloading system faces, not a controlled one: HSDL reads the token's
+# routing in every layer up to l, affinity only layer l. The controlled comparisons are HSDL minus
+# naive Bayes, which reads the same layers through pairwise statistics only, and HSDL minus the
+# token id, which reads no routing at all.
 
 # %%
 differences = {}
 for m, suffix in zip(m_values, ("", "_2k")):
-    gain = (hits[1][rp.PREDICTORS[2]][m] - hits[1][rp.PREDICTORS[1]][m])[:, targets[1]].sum(axis=1)
-    differences[m] = d = rp.ratio_interval(gain, samples, k * len(targets[1]), confidence=confidence, n_boot=n_bootstrap)
-    verdict = "better than" if d.low > 0 else "worse than" if d.high < 0 else "not distinguishable from"
-    for name, value in (("diff", d.estimate * 100), ("diff_low", d.low * 100), ("diff_high", d.high * 100),
-                        ("hsdl_verdict", verdict)):
-        glue(name + suffix, value, display=False)
+    for prefix, other in (("", "affinity"), ("bayes_", "bayes"), ("token_", "token")):
+        d = rp.paired_difference(hits[1][rp.KEYS["hsdl"]][m], hits[1][rp.KEYS[other]][m], samples, targets[1], k,
+                                 confidence=confidence, n_boot=n_bootstrap)
+        differences[f"hsdl_minus_{other}_m{m}"] = d
+        glue_values(**{f"{prefix}diff{suffix}": d.estimate * 100, f"{prefix}diff_low{suffix}": d.low * 100,
+                       f"{prefix}diff_high{suffix}": d.high * 100,
+                       f"{prefix or 'hsdl_'}verdict{suffix}": rp.verdict(d)})
 
 # %% [markdown]
 # HSDL's recall@k is {glue:text}`hsdl_recall:.1f`% [{glue:text}`hsdl_recall_low:.1f`,
@@ -178,6 +187,15 @@ for m, suffix in zip(m_values, ("", "_2k")):
 # of {glue:text}`diff_2k:+.1f` points [{glue:text}`diff_low_2k:+.1f`, {glue:text}`diff_high_2k:+.1f`], HSDL
 # **{glue:text}`hsdl_verdict_2k`** affinity. Which predictor ranks better can depend on how many experts a
 # prefetcher can afford to load.
+#
+# Given the same layers, naive Bayes recovers {glue:text}`bayes_recall:.1f`%
+# [{glue:text}`bayes_recall_low:.1f`, {glue:text}`bayes_recall_high:.1f`]: HSDL minus naive Bayes is
+# {glue:text}`bayes_diff:+.1f` points [{glue:text}`bayes_diff_low:+.1f`, {glue:text}`bayes_diff_high:+.1f`],
+# HSDL is {glue:text}`bayes_verdict` pairwise statistics of the same layers. The token's identity alone
+# recovers {glue:text}`token_recall:.1f`% [{glue:text}`token_recall_low:.1f`,
+# {glue:text}`token_recall_high:.1f`]: HSDL minus the token id is {glue:text}`token_diff:+.1f` points
+# [{glue:text}`token_diff_low:+.1f`, {glue:text}`token_diff_high:+.1f`], HSDL is
+# {glue:text}`token_verdict` a lookup of the token's usual experts.
 #
 # ## 4. Two and three layers ahead
 #
@@ -206,10 +224,13 @@ plotting.glue_figure("fig_cache", plotting.cache_hit_rates(cache, n_experts=n_ex
 sizes = sorted({max(k, n_experts // 4), max(k, n_experts // 2)})
 table = cache[cache["cache_size"].isin(sizes)].pivot(index="strategy", columns="cache_size",
                                                      values=["hit_rate", "loads_per_token"])
-for key, hit_rate in zip(("lru", "prior", "affinity", "hsdl", "hidden"), table[("hit_rate", sizes[-1])].loc[
-        ["LRU alone"] + [f"LRU + {n}" for n in rp.PREDICTORS[:4]]]):
-    glue(f"hit_{key}", float(hit_rate * 100), display=False)
-glue("cache_size", sizes[-1], display=False)
+strategies = {"lru": "LRU alone", **{key: f"LRU + {name}" for key, name in rp.KEYS.items()}}
+for key, strategy in strategies.items():
+    glue_values(**{f"hit_{key}": float(table.loc[strategy, ("hit_rate", sizes[-1])] * 100),
+                   f"loads_{key}": float(table.loc[strategy, ("loads_per_token", sizes[-1])])})
+glue_values(cache_size=sizes[-1], cache_size_small=sizes[0],
+            loads_small_lru=float(table.loc["LRU alone", ("loads_per_token", sizes[0])]),
+            loads_small_hsdl=float(table.loc[strategies["hsdl"], ("loads_per_token", sizes[0])]))
 table.style.format("{:.3f}", escape="html")
 
 # %% [markdown]
@@ -223,13 +244,28 @@ table.style.format("{:.3f}", escape="html")
 # ```
 #
 # With {glue:text}`cache_size` of {glue:text}`n_experts` experts resident per layer, LRU alone hits
-# {glue:text}`hit_lru:.1f`% of requests; prefetching by affinity {glue:text}`hit_affinity:.1f`%, by HSDL
-# {glue:text}`hit_hsdl:.1f`%, by the next router {glue:text}`hit_hidden:.1f`%.
+# {glue:text}`hit_lru:.1f`% of requests and loads {glue:text}`loads_lru:.2f` experts per token and
+# layer. Prefetching raises the hit rate and pays for it in loads whenever it guesses wrong: by the
+# token id {glue:text}`hit_token:.1f`% at {glue:text}`loads_token:.2f` loads, by affinity
+# {glue:text}`hit_affinity:.1f`% at {glue:text}`loads_affinity:.2f`, by naive Bayes
+# {glue:text}`hit_bayes:.1f`% at {glue:text}`loads_bayes:.2f`, by HSDL {glue:text}`hit_hsdl:.1f`% at
+# {glue:text}`loads_hsdl:.2f`, by the next router {glue:text}`hit_hidden:.1f`% at
+# {glue:text}`loads_hidden:.2f` (the oracle: {glue:text}`loads_oracle:.2f`, what LRU alone loads). With
+# {glue:text}`cache_size_small` experts per layer, HSDL prefetching takes the loads from
+# {glue:text}`loads_small_lru:.2f` to {glue:text}`loads_small_hsdl:.2f`. A prefetcher saves transfers
+# only where it loads less than LRU alone; otherwise it buys hits, which hide latency, with bandwidth.
 
 # %%
+at_k = {key: Interval(*by_m.loc[(k, name), ["recall", "recall_low", "recall_high"]], confidence)
+        for key, name in rp.KEYS.items()}
+glue_values(**prediction_report.findings(
+    model, store.n_tokens, at_k, {o: differences[f"hsdl_minus_{o}_m{k}"] for o in ("affinity", "bayes", "token")},
+    loads={key: table.loc[s, ("loads_per_token", sizes[-1])] for key, s in strategies.items()},
+    hits={key: table.loc[s, ("hit_rate", sizes[-1])] for key, s in strategies.items()},
+    cache_size=sizes[-1], n_experts=n_experts))
 write_artifact(out_dir, {"results.json": json.dumps({
     "recall": summary.to_dict(orient="records"), "ahead": ahead.to_dict(orient="records"),
-    "hsdl_minus_affinity": {m: vars(d) for m, d in differences.items()}, "cache": cache.to_dict(orient="records"),
+    "differences": {name: vars(d) for name, d in differences.items()}, "cache": cache.to_dict(orient="records"),
     "n_test_tokens": store.n_tokens, "heldout_question_ids": questions["question_id"].tolist()},
     indent=1, sort_keys=True, default=str).encode()}, {"format": "moe-routing-prediction/1", "model": model})
 
@@ -237,12 +273,19 @@ write_artifact(out_dir, {"results.json": json.dumps({
 # ## Summary
 #
 # - On {glue:text}`n_test_tokens` held-out tokens of {glue:text}`model_name`, recall@k one layer ahead:
-#   usage prior {glue:text}`prior_recall:.1f`%, first-order affinity {glue:text}`affinity_recall:.1f`%,
+#   usage prior {glue:text}`prior_recall:.1f`%, token id {glue:text}`token_recall:.1f`%, first-order
+#   affinity {glue:text}`affinity_recall:.1f`%, naive Bayes over layers <= l {glue:text}`bayes_recall:.1f`%,
 #   HSDL {glue:text}`hsdl_recall:.1f`%, the next router on the hidden state {glue:text}`hidden_recall:.1f`%.
 # - HSDL minus affinity, recall@k: {glue:text}`diff:+.1f` points [{glue:text}`diff_low:+.1f`,
 #   {glue:text}`diff_high:+.1f`]: at the top-k the patterns are {glue:text}`hsdl_verdict` pairwise
 #   affinity as a predictor of the next layer's experts; ranking 2k experts, HSDL is
 #   {glue:text}`hsdl_verdict_2k` affinity ({glue:text}`diff_2k:+.1f` points [{glue:text}`diff_low_2k:+.1f`,
-#   {glue:text}`diff_high_2k:+.1f`]). Both stay far below the next router on the hidden state.
-# - An LRU cache of {glue:text}`cache_size` experts per layer hits {glue:text}`hit_lru:.1f`% alone and
-#   {glue:text}`hit_hidden:.1f`% with hidden-state prefetching.
+#   {glue:text}`diff_high_2k:+.1f`]).
+# - Against its controls, HSDL is {glue:text}`bayes_verdict` naive Bayes over the same layers
+#   ({glue:text}`bayes_diff:+.1f` points [{glue:text}`bayes_diff_low:+.1f`, {glue:text}`bayes_diff_high:+.1f`])
+#   and {glue:text}`token_verdict` the token-id lookup ({glue:text}`token_diff:+.1f` points
+#   [{glue:text}`token_diff_low:+.1f`, {glue:text}`token_diff_high:+.1f`]).
+# - An LRU cache of {glue:text}`cache_size` experts per layer hits {glue:text}`hit_lru:.1f`% alone at
+#   {glue:text}`loads_lru:.2f` expert loads per token and layer; HSDL prefetching hits
+#   {glue:text}`hit_hsdl:.1f`% at {glue:text}`loads_hsdl:.2f` loads, hidden-state prefetching
+#   {glue:text}`hit_hidden:.1f`% at {glue:text}`loads_hidden:.2f`.

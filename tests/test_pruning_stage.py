@@ -49,3 +49,20 @@ def test_findings_read_the_tables():
     assert "reference CAEP -2.0 points [-3.5, -0.5]" in verdict
     assert "best single change 'threshold k1: k1 0.8' +0.4 points [-1.0, +1.8]" in verdict
     assert "(0 of 3 variants better than random, 1 worse)" in verdict
+
+
+def test_verdict_against_random_masks_by_hand():
+    def row(measure, estimate, low, high, method="caep", reference="random"):
+        return {"method": method, "measure": measure, "reference": reference, "estimate": estimate, "low": low,
+                "high": high}
+
+    compared = pd.DataFrame([row("blimp", 0.02, 0.01, 0.03), row("wikitext", 0.05, 0.01, 0.09),
+                             row("mmlu_pro", -0.01, -0.03, 0.01), row("blimp", -0.5, -0.6, -0.4, method="reap")])
+    verdict = pruning_stage.verdict_vs_random(compared, ["blimp", "wikitext", "mmlu_pro"], "50%")
+    # BLiMP accuracy higher (better); WikiText perplexity higher (worse); MMLU-Pro's interval holds 0
+    assert verdict == ("At 50% pruned, CAEP is better than random masks on BLiMP accuracy; worse than random masks "
+                       "on WikiText-2 word perplexity; not distinguishable from random masks on MMLU-Pro question "
+                       "word perplexity.")
+    level = pruning_stage.verdict_vs_random(compared.iloc[[2]], ["mmlu_pro"], "25%")
+    assert level == "At 25% pruned, CAEP cannot be told apart from random masks on any measure."
+    assert pruning_stage.verdict_vs_random(compared.iloc[:0], ["blimp"], "25%").startswith("CAEP was not compared")

@@ -206,7 +206,8 @@ def test_stage_runs_on_the_smoke_profile(tmp_path, monkeypatch):
         "01_capture", "02_hsdl", "06_routing_prediction"]
     results = json.loads((artifacts / "06_routing_prediction" / "results.json").read_text())
     recall = {(row["predictor"], row["m"]): row["recall"] for row in results["recall"]}
-    assert {name for name, _ in recall} == {"usage prior", "first-order affinity", "HSDL (layers <= l)",
+    assert {name for name, _ in recall} == {"usage prior", "token id", "first-order affinity",
+                                            "naive Bayes (layers <= l)", "HSDL (layers <= l)",
                                             "hidden state (next router)", "oracle"}
     assert recall[("oracle", 2)] == 1.0
     fitted = RoutingStore.open(artifacts / "01_capture" / "store")
