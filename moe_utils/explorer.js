@@ -50,7 +50,7 @@
   app.appendChild(about);
   var sample = "Showing " + M.n_questions_shown + " of the run's " + M.n_questions + " questions (" +
     M.n_tokens_shown + " of " + M.n_tokens + " tokens)";
-  if (M.subsampled) sample += "; the questions shown are a random sample, the same number per domain";
+  if (M.subsampled) sample += "; the questions shown are a random sample taken from each domain in turn";
   if (M.truncated) sample += "; each question is cut after its first " + M.max_tokens + " tokens";
   sample += ". Statistics of atoms and experts (labels, enrichment, partners, usage) are over all captured tokens.";
   app.appendChild(el("p", "mx-sample", sample));
@@ -158,11 +158,11 @@
     "per domain."));
   var gridTitle = el("p", "mx-grid-title");
   right.appendChild(gridTitle);
-  var grid = el("table", "mx-grid");
+  var grid = el("table", E > 32 ? "mx-grid mx-dense" : "mx-grid");  // many experts: no weights in the cells
   var cells = [];
   var headRow = el("tr");
   headRow.appendChild(el("th"));
-  for (var e = 0; e < E; e++) headRow.appendChild(el("th", null, e));
+  for (var e = 0; e < E; e++) headRow.appendChild(el("th", null, E > 32 && e % 8 ? "" : e));
   grid.appendChild(headRow);
   for (var l = 0; l < L; l++) {
     var tr = el("tr");
@@ -281,7 +281,8 @@
     legend.appendChild(swatchItem("#ffffff", "no atom", "mx-none"));
     legend.appendChild(el("br"));
     legend.appendChild(el("strong", null, "Grid: "));
-    legend.appendChild(swatchItem("#2b6cb0", "routed (darker = larger weight; the number is the weight)"));
+    legend.appendChild(swatchItem("#2b6cb0", "routed (darker = larger weight" +
+      (E <= 32 ? "; the number is the weight)" : "; hover a cell for its weight)")));
     legend.appendChild(swatchItem(null, "experts of the selected atom", "mx-legend-atom"));
     legend.appendChild(swatchItem(null, "selected expert", "mx-legend-selected"));
     legend.appendChild(swatchItem(null, "its partners", "mx-legend-partner"));

@@ -48,23 +48,20 @@ TOKEN_ATOMS = 3
 
 
 def choose_questions(tokens: pd.DataFrame, max_questions: int | None, seed: int = 0) -> list:
-    """Sample ids of the questions to show: all of them when there are at most ``max_questions``,
-    else as many from every label (domain) in turn, each label's questions in a random order."""
-    samples = tokens.drop_duplicates("sample_id")[["sample_id", "label"]]
-    if max_questions is None or len(samples) <= max_questions:
-        return samples["sample_id"].tolist()
-    if max_questions < 1:
+    """Sample ids of the questions to show, in the order they are taken: one from every label
+    (domain) in turn, each label's questions in a random order, until ``max_questions`` (None: all)."""
+    if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be at least 1 or None, got {max_questions}")
+    samples = tokens.drop_duplicates("sample_id")[["sample_id", "label"]]
     rng = np.random.default_rng(seed)
     queues = [list(rng.permutation(group["sample_id"].to_numpy()))
               for _, group in samples.groupby(samples["label"].astype(str), sort=True)]
     chosen = []
-    while len(chosen) < max_questions:
+    while any(queues) and (max_questions is None or len(chosen) < max_questions):
         for queue in queues:
-            if queue and len(chosen) < max_questions:
+            if queue and (max_questions is None or len(chosen) < max_questions):
                 chosen.append(queue.pop(0))
-    order = {sample: i for i, sample in enumerate(samples["sample_id"])}
-    return sorted(chosen, key=order.get)
+    return chosen
 
 
 def _rounded(values, digits: int) -> list:
@@ -136,7 +133,7 @@ def _experts(store: RoutingStore, n_partners: int, min_together: int,
 
 def explorer_data(store: RoutingStore, hsdl, result: Annotation, masks: Sequence = (), *, run: dict,
                   max_questions: int | None = 30, max_tokens: int | None = 160, seed: int = 0,
-                  n_partners: int = 5, min_together: int = 5,
+                  max_entries: int = 250_000, n_partners: int = 5, min_together: int = 5,
                   lift_given_token: np.ndarray | None = None) -> dict:
     """Everything the widget shows, as JSON-ready data.
 
@@ -147,6 +144,9 @@ def explorer_data(store: RoutingStore, hsdl, result: Annotation, masks: Sequence
         run: what produced the run, shown on the page (e.g. ``{"artifacts": ..., "profile": ...}``).
         max_questions: questions shown (:func:`choose_questions`); None shows all.
         max_tokens: the first tokens of each shown question; None shows whole questions.
+        seed: of the question sample.
+        max_entries: at most this many routing entries (tokens x layers x top-k) on the page, which
+            keeps it within a few MB for large models: fewer questions are shown when needed.
         n_partners, min_together: partners listed per expert, among those selected together with
             it for at least ``min_together`` tokens.
         lift_given_token: optional (N_e, N_e) co-activation lift given the token (the token-identity null).
@@ -155,10 +155,16 @@ def explorer_data(store: RoutingStore, hsdl, result: Annotation, masks: Sequence
     if len(tokens) != store.n_tokens:
         raise ValueError(f"the annotation has {len(tokens)} tokens, the store {store.n_tokens}: annotate this "
                          "store's HSDL (re-run stages 2 and 3)")
-    chosen = choose_questions(tokens, max_questions, seed)
-    shown = tokens[tokens["sample_id"].isin(chosen)].copy()
-    shown["row"] = np.arange(len(tokens))[tokens["sample_id"].isin(chosen).to_numpy()]
-    shown = shown.sort_values(["sample_id", "position"], kind="stable")
+    lengths = tokens.groupby("sample_id", sort=False).size()
+    per_token = store.n_layers * store.top_k  # routing entries of one token
+    chosen, entries = [], 0
+    for sample in choose_questions(tokens, max_questions, seed):
+        entries += min(int(lengths[sample]), max_tokens or int(lengths[sample])) * per_token
+        if chosen and entries > max_entries:
+            break
+        chosen.append(sample)
+    member = tokens["sample_id"].isin(chosen).to_numpy()
+    shown = tokens[member].assign(row=np.nonzero(member)[0]).sort_values(["sample_id", "position"], kind="stable")
     if max_tokens is not None:
         shown = shown.groupby("sample_id", sort=False).head(max_tokens)
     rows = shown["row"].to_numpy()

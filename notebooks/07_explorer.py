@@ -83,7 +83,7 @@ glue_values(explorer_model=model_name, explorer_questions_shown=meta["n_question
 display(Markdown(
     f"**Model:** `{model_name}`. **Shown:** {meta['n_tokens_shown']} tokens of {meta['n_questions_shown']} of the "
     f"run's {meta['n_questions']} questions"
-    + (" (a random sample with the same number per domain)" if meta["subsampled"] else "")
+    + (" (a random sample taken from each domain in turn)" if meta["subsampled"] else "")
     + (f", each cut after its first {explorer_max_tokens} tokens" if meta["truncated"] else "")
     + f". **HSDL:** {len(data['levels'])} levels. **Pruning masks:** {len(data['masks'])}."))
 show_model_caveat(model_name)

@@ -329,7 +329,7 @@ def test_offline_external_resources_are_only_known_cdns(visits):
     assert hosts <= {"cdn.jsdelivr.net", "cdnjs.cloudflare.com", "unpkg.com"}, hosts
 
 
-def test_a_planted_token_renders_as_text_in_the_browser(tmp_path):
+def test_a_planted_token_renders_as_text_in_the_browser(tmp_path, browser):
     """Model text carrying markup, shown the way the stage pages show it (a stage table through pandas'
     Styler after ``plotting.use_style()``, and the coloured-token rendering), is text in Chromium:
     no element is created from it and its handler never runs."""
@@ -345,11 +345,11 @@ def test_a_planted_token_renders_as_text_in_the_browser(tmp_path):
     tokens = render_prompt(["Q", planted, "!"], [("level 1", [0, 1, -1], {0: "a", 1: planted})])
     page = tmp_path / "planted.html"
     page.write_text(f"<!doctype html><html><head><title>planted</title></head><body>{table}{tokens}</body></html>")
-    with launch_browser() as chromium:
-        tab = chromium.new_page()
-        tab.goto(page.as_uri())
-        found = tab.evaluate("({images: document.images.length, fired: window.__planted === 1, "
-                             "text: document.body.textContent})")
+    tab = browser.new_page()
+    tab.goto(page.as_uri())
+    found = tab.evaluate("({images: document.images.length, fired: window.__planted === 1, "
+                         "text: document.body.textContent})")
+    tab.close()
     assert found["images"] == 0 and not found["fired"]
     assert found["text"].count(planted) >= 2  # in the table and in the token rendering, as text
 
@@ -379,7 +379,7 @@ def test_the_explorer_loads_from_disk_and_its_views_work(browser):
     once and photographed (explorer-<view>.png). The load time goes to explorer-load.json."""
     page = _book_dir() / EXPLORER_PAGE
     assert page.is_file(), f"{EXPLORER_PAGE} was not built (stale build? run `make book`)"
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context = browser.new_context(viewport={"width": 1280, "height": 3200})  # the whole widget in view
     tab = context.new_page()
     seen = watch(context, tab, local_prefixes=("file://",))
     try:

@@ -79,6 +79,12 @@ def test_questions_are_sampled_evenly_per_domain(run):
     assert data["tokens"]["text"] == shown["token"].tolist()
     with pytest.raises(ValueError, match="at least 1"):
         explorer.choose_questions(tokens, 0)
+    per_question = MAX_TOKENS * LAYOUT[0] * 2  # routing entries of a shown question (top-2)
+    small = explorer.explorer_data(run["store"], run["hsdl"], run["result"], run={}, max_questions=MAX_QUESTIONS,
+                                   max_tokens=MAX_TOKENS, max_entries=3 * per_question + 1)
+    assert small["meta"]["n_questions_shown"] == 3 and small["tokens"]["text"] == [
+        t for t, q in zip(data["tokens"]["text"], data["tokens"]["question"])
+        if data["questions"][q]["sample"] in {s["sample"] for s in small["questions"]}]
 
 
 def test_the_all_kept_mask_is_not_offered(run):
