@@ -168,9 +168,8 @@ def explorer_data(store: RoutingStore, hsdl, result: Annotation, masks: Sequence
     if max_tokens is not None:
         shown = shown.groupby("sample_id", sort=False).head(max_tokens)
     rows = shown["row"].to_numpy()
-    questions = [{"sample": str(sample), "label": str(group["label"].iloc[0]), "n_tokens": int(
-        (tokens["sample_id"] == sample).sum()), "n_shown": len(group)}
-        for sample, group in shown.groupby("sample_id", sort=False)]
+    questions = [{"sample": str(sample), "label": str(group["label"].iloc[0]), "n_tokens": int(lengths[sample]),
+                  "n_shown": len(group)} for sample, group in shown.groupby("sample_id", sort=False)]
     n_levels = len(result.levels)
     contributions = level_contributions(hsdl)
     levels = []

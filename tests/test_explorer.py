@@ -87,6 +87,28 @@ def test_questions_are_sampled_evenly_per_domain(run):
         if data["questions"][q]["sample"] in {s["sample"] for s in small["questions"]}]
 
 
+def test_a_lift_given_the_token_is_shown_when_given(run, browser, tmp_path):
+    """The hook for the token-identity null: an (N_e, N_e) lift given the token becomes a column of
+    the partners table; a matrix of another shape is refused."""
+    n_e = LAYOUT[0] * LAYOUT[1]
+    given = np.arange(n_e * n_e, dtype=float).reshape(n_e, n_e) / 100
+    data = explorer.explorer_data(run["store"], run["hsdl"], run["result"], run={}, max_questions=2,
+                                  lift_given_token=given)
+    partners = data["experts"]["partners"]
+    assert data["meta"]["lift_given_token"] and all(
+        p["lift_given_token"] == round(given[a, p["expert"]], 3) for a in range(n_e) for p in partners[a])
+    with pytest.raises(ValueError, match=r"\(24, 24\)"):
+        explorer.explorer_data(run["store"], run["hsdl"], run["result"], run={}, lift_given_token=given[:3])
+    tab = browser.new_page()
+    tab.goto(explorer.write_page(tmp_path / "given.html", data).as_uri())
+    tab.locator(".mx-cell[data-layer='0'][data-expert='1']").click()
+    header = tab.locator(".mx-expert-panel table").first.locator("th").all_text_contents()
+    first = partners[1][0]
+    row = tab.locator(".mx-expert-panel table").first.locator("tr").nth(1).locator("td").all_text_contents()
+    tab.close()
+    assert header[-1] == "lift given the token" and row[-1] == f"{first['lift_given_token']:.2f}"
+
+
 def test_the_all_kept_mask_is_not_offered(run):
     assert [m["method"] for m in run["data"]["masks"]] == ["random", "frequency"]
 
