@@ -22,6 +22,11 @@ widget (the data in a ``<script type="application/json">`` block with ``<``, ``>
 escaped, read by ``explorer.js``, which inserts all model and dataset text with ``textContent``
 only), and :func:`write_page` writes it as a standalone HTML document. No library loads from the
 network: the script and the style sheet are read from this package and inlined.
+
+The script is plain DOM code (about 400 lines), not a plotting library's output: what the reader
+works with is text (tokens that take keyboard focus, labels, tables) linked to one small grid of
+buttons, which a canvas-drawing library such as Bokeh or Plotly would render as glyphs, without
+focusable text, while adding about a megabyte of library code to the page.
 """
 
 from __future__ import annotations
