@@ -182,7 +182,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     **{name: (_positive_int, "a positive integer") for name in (
         "batch_size", "eval_batch_size", "hsdl_batch_size", "hsdl_steps", "max_length", "output_tokens",
         "annotation_rows", "render_max_tokens", "domain_mc_limit", "domain_ppl_limit", "heldout_per_category",
-        "hsdl_inference_steps", "card_paragraphs", "blimp_pairs")},
+        "hsdl_inference_steps", "card_paragraphs", "blimp_pairs", "explorer_questions", "explorer_max_tokens",
+        "explorer_partners")},
     "prediction_horizons": (lambda v: isinstance(v, list) and v and all(_positive_int(x) for x in v),
                             "a non-empty list of positive layer counts (1 = the next MoE layer)"),
     "random_seeds": (lambda v: isinstance(v, list) and v and all(isinstance(x, int) for x in v),

@@ -18,7 +18,7 @@ from moe_utils.models import EMBEDDED, RANDOM_PREFIX
 
 #: The stage notebooks, in order (``notebooks/<stage>.py``).
 STAGES = ("00_model_card", "01_capture", "02_hsdl", "03_annotation", "04_pruning", "05_mmlu_pro_results",
-          "06_routing_prediction")
+          "06_routing_prediction", "07_explorer")
 
 
 @dataclass(frozen=True)

@@ -3,26 +3,26 @@ is there and not empty, formulas are typeset, the coloured-token annotation rend
 are saved.
 
 Runs against ``_build/html`` (``make book`` writes it; this test never builds it). Headless Chromium
-(Debian's ``chromium`` package, installed here when missing) is driven through the DevTools protocol
-over a websocket, while the book is served over HTTP on 127.0.0.1 as a reader's browser would get
-it. Screenshots of the introduction and a stage page go to ``_build/screenshots/`` (the CI artifact).
+(Debian's ``chromium`` package, installed here when missing) is driven by Playwright for Python
+(:func:`launch_browser`), while the book is served over HTTP on 127.0.0.1 as a reader's browser
+would get it; every request to another host is aborted and listed. The explorer page is also opened
+from disk, timed and used (its views photographed). Screenshots go to ``_build/screenshots/`` (the
+CI artifact).
 
 Without ``_build/html`` the tests skip, unless ``MOE_REQUIRE_BOOK=1`` (CI), where they fail.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import functools
 import http.server
-import itertools
 import json
 import os
 import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,13 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 #: Pages photographed for the CI artifact: the introduction and one stage page.
-SCREENSHOT_PAGES = {"book/intro.html": "intro.png", "book/executed/01_capture.html": "01_capture.png"}
+SCREENSHOT_PAGES = {"book/intro.html": "intro.png", "book/executed/01_capture.html": "01_capture.png",
+                    "book/executed/07_explorer.html": "07_explorer.png"}
 SCREENSHOT_MAX_HEIGHT = 8000
 #: The page that states the paper's equations.
 METHOD_PAGE = "book/method.html"
 #: The annotation page and the class of its coloured-token rendering (moe_utils.token_text.CSS_CLASS).
 ANNOTATION_PAGE = "book/executed/03_annotation.html"
 TOKEN_RENDER_CLASS = "moe-token-render"
+#: The explorer page (moe_utils.explorer) and the most seconds it may take to load from disk.
+EXPLORER_PAGE = "book/executed/07_explorer.html"
+EXPLORER_LOAD_S = 2.0
 #: Whether the annotation page must show a coloured-token rendering (True once stage 3 renders one).
 TOKEN_RENDER_REQUIRED = True
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -111,87 +115,81 @@ def book_url():
     server.server_close()
 
 
-class DevTools:
-    """A minimal Chrome DevTools protocol client for one headless Chromium tab."""
+#: Chromium's switches: headless, no sandbox (containers), and none of its own traffic to Google.
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--no-default-browser-check", "--hide-scrollbars")
+#: URL schemes that never leave the machine.
+LOCAL_SCHEMES = ("data:", "blob:", "about:")
 
-    def __init__(self, executable: str, profile_dir: Path):
-        import websocket  # the `websocket-client` package (test extra)
 
-        log = profile_dir / "chromium.log"  # a file, not a pipe: nobody reads Chromium's chatter while it runs
-        with log.open("w") as stderr:
-            self.process = subprocess.Popen(
-                [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--no-default-browser-check", "--hide-scrollbars", "--remote-debugging-port=0",
-                 f"--user-data-dir={profile_dir}", "--window-size=1280,900", "about:blank"],
-                stdout=subprocess.DEVNULL, stderr=stderr)
-        port_file = profile_dir / "DevToolsActivePort"
-        deadline = time.monotonic() + PAGE_TIMEOUT_S
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise RuntimeError(f"{executable} did not start its DevTools server: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-            tab = next(t for t in json.load(response) if t["type"] == "page")
-        self.socket = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=PAGE_TIMEOUT_S,
-                                                  suppress_origin=True)
-        self.ids = itertools.count(1)
-        self.events: list[dict] = []
-        for domain in ("Page", "Runtime", "Network", "Log"):
-            self.send(f"{domain}.enable")
+@contextlib.contextmanager
+def launch_browser():
+    """The system Chromium (:func:`chromium_executable`), driven by Playwright for Python; Playwright's
+    own browser download is not needed."""
+    from playwright.sync_api import sync_playwright
 
-    def send(self, method: str, **params) -> dict:
-        """Call a protocol method and return its result; events that arrive meanwhile are kept."""
-        call_id = next(self.ids)
-        self.socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.socket.recv())
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-            self.events.append(message)
-
-    def wait_for(self, event: str, since: int = 0) -> None:
-        """Until ``event`` is among the events received from position ``since`` on."""
-        deadline = time.monotonic() + PAGE_TIMEOUT_S
-        while not any(e.get("method") == event for e in self.events[since:]):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {event} within {PAGE_TIMEOUT_S} s")
-            self.events.append(json.loads(self.socket.recv()))
-
-    def open(self, url: str) -> dict:
-        """Load ``url``, following redirects (the book's index.html is one), and return PAGE_REPORT_JS's report."""
-        self.events.clear()
-        self.send("Page.navigate", url=url)
-        self.wait_for("Page.loadEventFired")
-        for _ in range(3):
-            seen = len(self.events)
-            try:
-                report = self.evaluate(PAGE_REPORT_JS)
-            except RuntimeError as err:  # the page navigated on (a redirect) while being read
-                if "navigated" not in str(err):
-                    raise
-                report = {"redirects": True}
-            if not report["redirects"]:
-                return report
-            self.wait_for("Page.loadEventFired", since=seen)
-        raise RuntimeError(f"{url} keeps navigating")
-
-    def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
-        return result["result"]["value"]
-
-    def close(self) -> None:
-        self.socket.close()
-        self.process.terminate()
+    executable = chromium_executable()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS), headless=True,
+                                             timeout=PAGE_TIMEOUT_S * 1000)
         try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+            yield browser
+        finally:
+            browser.close()
+
+
+def watch(context, page, local_prefixes: tuple[str, ...]) -> dict[str, list[str]]:
+    """Collect what goes wrong in ``page`` and keep every request on the machine: requests to URLs
+    outside ``local_prefixes`` are aborted and listed under ``blocked``; ``errors`` holds uncaught
+    exceptions, ``console.error`` calls (except :data:`UPSTREAM_JS_ERRORS` and failed loads, which
+    are listed by URL) and HTTP errors of the book's own files."""
+    seen: dict[str, list[str]] = {"errors": [], "blocked": []}
+
+    def route(handle):
+        url = handle.request.url
+        if url.startswith(local_prefixes + LOCAL_SCHEMES):
+            handle.continue_()
+        else:
+            seen["blocked"].append(url)
+            handle.abort()
+
+    def exception(error):
+        description = f"{error.name}: {error.message}" if error.name else error.message
+        if description not in UPSTREAM_JS_ERRORS:
+            seen["errors"].append(f"uncaught exception: {description}")
+
+    def console(message):
+        if message.type == "error" and message.text not in UPSTREAM_JS_ERRORS \
+                and not message.text.startswith("Failed to load resource"):
+            seen["errors"].append(f"console.error: {message.text}")
+
+    def response(answer):
+        if answer.url.startswith(local_prefixes) and answer.status >= 400 \
+                and urlparse(answer.url).path != "/favicon.ico":
+            seen["errors"].append(f"HTTP {answer.status} for {answer.url}")
+
+    context.route("**/*", route)
+    page.on("pageerror", exception)
+    page.on("console", console)
+    page.on("response", response)
+    return seen
+
+
+def open_page(page, url: str) -> dict:
+    """Load ``url`` (following a redirect) and return PAGE_REPORT_JS's report."""
+    page.goto(url, wait_until="load", timeout=PAGE_TIMEOUT_S * 1000)
+    for _ in range(3):
+        try:
+            report = page.evaluate(PAGE_REPORT_JS)
+        except Exception as err:  # noqa: BLE001 - the page navigated on (a redirect) while being read
+            if "navigat" not in str(err) and "context was destroyed" not in str(err):
+                raise
+            report = {"redirects": True}
+        if not report["redirects"]:
+            return report
+        page.wait_for_load_state("load")
+    raise RuntimeError(f"{url} keeps navigating")
 
 
 # What the page reports once loaded: images (after waiting for every one to load or fail), the
@@ -225,38 +223,6 @@ PAGE_REPORT_JS = """(async () => {
 })()""" % {"cls": TOKEN_RENDER_CLASS}
 
 
-def _page_problems(events: list[dict], origin: str) -> list[str]:
-    """JavaScript errors, and failed loads of the book's own files, from one page's DevTools events."""
-    problems = []
-    for event in events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            description = details.get("exception", {}).get("description") or details["text"]
-            if description not in UPSTREAM_JS_ERRORS:
-                problems.append(f"uncaught exception: {description}")
-        elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
-            message = " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
-            if message not in UPSTREAM_JS_ERRORS:
-                problems.append(f"console.error: {message}")
-        elif method == "Network.responseReceived" and params["response"]["url"].startswith(origin) \
-                and params["response"]["status"] >= 400 and urlparse(params["response"]["url"]).path != "/favicon.ico":
-            problems.append(f"HTTP {params['response']['status']} for {params['response']['url']}")
-        elif method == "Log.entryAdded" and params["entry"]["level"] == "error" \
-                and params["entry"].get("source") != "network":
-            problems.append(f"browser log: {params['entry']['text']}")
-    return problems
-
-
-def _external_failures(events: list[dict], origin: str) -> set[str]:
-    """Resources from other hosts that did not load (e.g. MathJax's CDN on an offline machine)."""
-    requested = {e["params"]["requestId"]: e["params"]["request"]["url"] for e in events
-                 if e.get("method") == "Network.requestWillBeSent"}
-    return {requested.get(e["params"]["requestId"], "?") for e in events
-            if e.get("method") == "Network.loadingFailed"
-            and not requested.get(e["params"]["requestId"], origin).startswith(origin)}
-
-
 def _is_redirect(page: Path) -> bool:
     """A stub such as the root ``index.html`` that Jupyter Book writes as an immediate meta refresh:
     the browser leaves it at once, so its title is a race; its target is one of the pages visited."""
@@ -272,24 +238,30 @@ def _pages(book: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def visits(book_url, tmp_path_factory):
+def browser():
+    with launch_browser() as chromium:
+        yield chromium
+
+
+@pytest.fixture(scope="module")
+def visits(book_url, browser):
     """Open every page once; returns ``{page: {"report", "problems", "external_failures"}}``."""
     book = _book_dir()
-    browser = DevTools(chromium_executable(), tmp_path_factory.mktemp("chromium-profile"))
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     results = {}
-    try:
-        for page in _pages(book):
-            report = browser.open(book_url + page)
+    for page in _pages(book):
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        tab = context.new_page()
+        seen = watch(context, tab, local_prefixes=(book_url,))
+        try:
+            report = open_page(tab, book_url + page)
             if page in SCREENSHOT_PAGES:  # the whole page, up to SCREENSHOT_MAX_HEIGHT pixels
-                height = min(browser.evaluate("document.documentElement.scrollHeight"), SCREENSHOT_MAX_HEIGHT)
-                shot = browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                                    clip={"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1})
-                (SCREENSHOTS / SCREENSHOT_PAGES[page]).write_bytes(base64.b64decode(shot["data"]))
-            results[page] = {"report": report, "problems": _page_problems(browser.events, book_url),
-                             "external_failures": _external_failures(browser.events, book_url)}
-    finally:
-        browser.close()
+                height = min(tab.evaluate("document.documentElement.scrollHeight"), SCREENSHOT_MAX_HEIGHT)
+                tab.screenshot(path=str(SCREENSHOTS / SCREENSHOT_PAGES[page]), full_page=True,
+                               clip={"x": 0, "y": 0, "width": 1280, "height": height})
+        finally:
+            context.close()
+        results[page] = {"report": report, "problems": seen["errors"], "external_failures": set(seen["blocked"])}
     return results
 
 
@@ -357,7 +329,7 @@ def test_offline_external_resources_are_only_known_cdns(visits):
     assert hosts <= {"cdn.jsdelivr.net", "cdnjs.cloudflare.com", "unpkg.com"}, hosts
 
 
-def test_a_planted_token_renders_as_text_in_the_browser(tmp_path):
+def test_a_planted_token_renders_as_text_in_the_browser(tmp_path, browser):
     """Model text carrying markup, shown the way the stage pages show it (a stage table through pandas'
     Styler after ``plotting.use_style()``, and the coloured-token rendering), is text in Chromium:
     no element is created from it and its handler never runs."""
@@ -373,21 +345,18 @@ def test_a_planted_token_renders_as_text_in_the_browser(tmp_path):
     tokens = render_prompt(["Q", planted, "!"], [("level 1", [0, 1, -1], {0: "a", 1: planted})])
     page = tmp_path / "planted.html"
     page.write_text(f"<!doctype html><html><head><title>planted</title></head><body>{table}{tokens}</body></html>")
-    (tmp_path / "chromium-profile").mkdir()
-    browser = DevTools(chromium_executable(), tmp_path / "chromium-profile")
-    try:
-        browser.open(page.as_uri())
-        found = browser.evaluate("({images: document.images.length, fired: window.__planted === 1, "
-                                 "text: document.body.textContent})")
-    finally:
-        browser.close()
+    tab = browser.new_page()
+    tab.goto(page.as_uri())
+    found = tab.evaluate("({images: document.images.length, fired: window.__planted === 1, "
+                         "text: document.body.textContent})")
+    tab.close()
     assert found["images"] == 0 and not found["fired"]
     assert found["text"].count(planted) >= 2  # in the table and in the token rendering, as text
 
 
 #: The teaching page and how many exercises it sets (sphinx-exercise), each with a folded solution.
 TEACHING_PAGE = "book/teaching.html"
-N_EXERCISES = 8
+N_EXERCISES = 10
 
 
 def test_exercises_are_numbered_with_folded_solutions():
@@ -402,3 +371,39 @@ def test_exercises_are_numbered_with_folded_solutions():
     assert len(exercises) == N_EXERCISES and sorted(solutions) == sorted(exercises)
     assert [int(n) for n in re.findall(r'<span class="caption-number">Exercise (\d+) </span>', page)] == list(
         range(1, N_EXERCISES + 1))
+
+
+def test_the_explorer_loads_from_disk_and_its_views_work(browser):
+    """The explorer of the built book, opened from disk as a reader would open a downloaded book:
+    ready within EXPLORER_LOAD_S, no script error, no request leaving the machine; each view is used
+    once and photographed (explorer-<view>.png). The load time goes to explorer-load.json."""
+    page = _book_dir() / EXPLORER_PAGE
+    assert page.is_file(), f"{EXPLORER_PAGE} was not built (stale build? run `make book`)"
+    context = browser.new_context(viewport={"width": 1280, "height": 3200})  # the whole widget in view
+    tab = context.new_page()
+    seen = watch(context, tab, local_prefixes=("file://",))
+    try:
+        start = time.perf_counter()
+        tab.goto(page.as_uri(), wait_until="load", timeout=PAGE_TIMEOUT_S * 1000)
+        tab.wait_for_selector(".moe-explorer[data-ready='1']", timeout=PAGE_TIMEOUT_S * 1000)
+        seconds = time.perf_counter() - start
+        ready_ms = int(tab.get_attribute(".moe-explorer", "data-ready-ms"))
+        widget = tab.locator(".moe-explorer")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        views = {"token": lambda: tab.locator(".mx-token").nth(5).click(),  # kept: it stays on the grid
+                 "atom": lambda: tab.locator(".mx-atom").first.click(),
+                 "expert": lambda: tab.locator(".mx-cell").nth(3).click(),
+                 "pruning": lambda: tab.select_option(".mx-mask", index=1)}
+        for view, act in views.items():
+            act()
+            widget.screenshot(path=str(SCREENSHOTS / f"explorer-{view}.png"))
+        routed = tab.locator(".mx-cell.mx-routed").count()
+        pruned = tab.locator(".mx-cell.mx-pruned").count()
+    finally:
+        context.close()
+    (SCREENSHOTS / "explorer-load.json").write_text(json.dumps(
+        {"page": EXPLORER_PAGE, "seconds_to_ready": round(seconds, 3), "ready_ms_since_navigation": ready_ms,
+         "bytes": page.stat().st_size}, indent=1))
+    assert not seen["errors"] and not seen["blocked"], seen
+    assert seconds < EXPLORER_LOAD_S, f"the explorer took {seconds:.2f} s to load from disk"
+    assert routed > 0 and pruned > 0, "hovering a token or choosing a mask changed nothing on the grid"

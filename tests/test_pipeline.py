@@ -41,7 +41,7 @@ def test_every_profile_is_valid(stages):
 
 def test_every_stage_shares_the_artifacts_dir(stages):
     assert [s.name for s in stages] == ["00_model_card", "01_capture", "02_hsdl", "03_annotation", "04_pruning",
-                                        "05_mmlu_pro_results", "06_routing_prediction"]
+                                        "05_mmlu_pro_results", "06_routing_prediction", "07_explorer"]
     assert all("artifacts_dir" in s.defaults for s in stages)
 
 
@@ -54,6 +54,7 @@ def test_every_stage_shares_the_artifacts_dir(stages):
     ({"batch_size": 0}, "batch_size' = 0 must be a positive integer"),
     ({"prediction_horizons": [1, 0]}, "prediction_horizons.*non-empty list of positive layer counts"),
     ({"heldout_per_category": 0}, "heldout_per_category' = 0 must be a positive integer"),
+    ({"explorer_questions": 0}, "explorer_questions' = 0 must be a positive integer"),
     ({"n_per_category": None}, "n_per_category' = None is NoneType"),
     ({"model": "/no/such/checkpoint"}, "neither an existing directory nor a Hub id"),
     ({"model": "random:not_a_type"}, "'not_a_type' is no transformers model type"),
