@@ -15,7 +15,7 @@
     return node;
   }
   function expertName(row) { return "L" + Math.floor(row / E) + "E" + (row % E); }
-  function fmt(x, digits) { return Number(x).toFixed(digits); }
+  function fmt(x, digits) { return x === null || x === undefined ? "n/a" : Number(x).toFixed(digits); }
   function displayText(text) {  // a newline shows as a return sign, a tab as an arrow
     return text.replace(/\r/g, "").replace(/\n/g, "\u23ce\n").replace(/\t/g, "\u21e5");
   }

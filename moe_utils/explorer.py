@@ -111,6 +111,11 @@ def _atoms(result: Annotation, level: int) -> list[dict]:
     return out
 
 
+def _finite_or_none(value: float, digits: int) -> float | None:
+    """``value`` rounded, or ``None`` (shown as "n/a") where it is not finite: JSON has no NaN."""
+    return round(float(value), digits) if np.isfinite(value) else None
+
+
 def _experts(store: RoutingStore, n_partners: int, min_together: int,
              lift_given_token: np.ndarray | None) -> dict:
     """Per expert (row of X): partners in other layers by lift, and usage per domain."""
@@ -129,7 +134,7 @@ def _experts(store: RoutingStore, n_partners: int, min_together: int,
         best = eligible[np.lexsort((eligible, -lift[a, eligible]))][:n_partners]
         partners.append([{"expert": int(b), "lift": round(float(lift[a, b]), 3),
                           "together": round(float(co[a, b]), 5),
-                          **({"lift_given_token": round(float(lift_given_token[a, b]), 3)}
+                          **({"lift_given_token": _finite_or_none(lift_given_token[a, b], 3)}
                              if lift_given_token is not None else {})} for b in best])
     profiles = label_profiles(store).sort_index()
     return {"usage": _rounded(p, 5), "partners": partners, "domains": [str(d) for d in profiles.index],

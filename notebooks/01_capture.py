@@ -198,6 +198,7 @@ glue_values(
     top_pair_lift_token=float(null_pairs["lift_token"][0]),
     top_pair_observed=int(null_pairs["observed"][0]), top_pair_expected_plain=float(null_pairs["expected_plain"][0]),
     top_pair_expected_token=float(null_pairs["expected_token"][0]))
+glue_values(finding_token_null=tn.finding(null))
 plotting.glue_figure("fig_coactivation_null", null_plots.lift_heatmaps(
     {"plain (independent layers)": co_null.lift(),
      "given the token (independent layers given the token id)": co_null.lift(given_token=True)},

@@ -49,6 +49,7 @@ explorer_partners = 5
 from IPython.display import HTML, Markdown, display
 
 from moe_utils import annotation, explorer
+from moe_utils import token_null as tn
 from moe_utils.artifacts import ArtifactMissing
 from moe_utils.hsdl import HSDL
 from moe_utils.pruning import load_pruning
@@ -75,7 +76,8 @@ except ArtifactMissing:
     masks = []
 data = explorer.explorer_data(store, hsdl, result, masks, run={"artifacts": artifacts_dir},
                               max_questions=explorer_questions, max_tokens=explorer_max_tokens, seed=seed,
-                              n_partners=explorer_partners)
+                              n_partners=explorer_partners,
+                              lift_given_token=tn.coselection(store, seed=seed).lift(given_token=True))
 meta = data["meta"]
 assert meta["n_tokens_shown"] == len(data["tokens"]["row"]) > 0
 glue_values(explorer_model=model_name, explorer_questions_shown=meta["n_questions_shown"],
@@ -102,4 +104,6 @@ HTML(explorer.explorer_html(data))
 # - The atom of a token is the one that reconstructs the largest part of its routing; the panel lists
 #   the next ones too, and a token is often explained by several atoms together.
 # - Lifts above 1 mean two experts of different layers are chosen together more often than if the
-#   layers chose independently; they do not say whether the token's identity alone explains that.
+#   layers chose independently. The lift given the token (stage 1, section 5) asks the same of layers
+#   that know the token: a partner whose lift given the token is near 1 is explained by the token
+#   alone, not by collaboration.

@@ -19,6 +19,7 @@ import pytest
 
 from moe_utils import annotation as an
 from moe_utils import explorer
+from moe_utils import token_null
 from moe_utils.patterns import atom_experts
 from moe_utils.pruning import PruningMask
 from moe_utils.store import RoutingStore, write_store
@@ -107,6 +108,26 @@ def test_a_lift_given_the_token_is_shown_when_given(run, browser, tmp_path):
     row = tab.locator(".mx-expert-panel table").first.locator("tr").nth(1).locator("td").all_text_contents()
     tab.close()
     assert header[-1] == "lift given the token" and row[-1] == f"{first['lift_given_token']:.2f}"
+
+
+def test_the_token_null_lift_reaches_the_page_and_undefined_lifts_read_na(run, browser, tmp_path):
+    """Stage 7 passes the token-identity null's lift (moe_utils.token_null); a lift that is not
+    defined (no expectation) is written as null and shown as "n/a", never as invalid JSON."""
+    given = token_null.coselection(run["store"]).lift(given_token=True)
+    data = explorer.explorer_data(run["store"], run["hsdl"], run["result"], run={}, max_questions=2,
+                                  lift_given_token=given)
+    first = data["experts"]["partners"][1][0]
+    assert first["lift_given_token"] == pytest.approx(given[1, first["expert"]], abs=1e-3)
+    given[1, first["expert"]] = np.nan
+    data = explorer.explorer_data(run["store"], run["hsdl"], run["result"], run={}, max_questions=2,
+                                  lift_given_token=given)
+    assert data["experts"]["partners"][1][0]["lift_given_token"] is None
+    tab = browser.new_page()
+    tab.goto(explorer.write_page(tmp_path / "na.html", data).as_uri())
+    tab.locator(".mx-cell[data-layer='0'][data-expert='1']").click()
+    row = tab.locator(".mx-expert-panel table").first.locator("tr").nth(1).locator("td").all_text_contents()
+    tab.close()
+    assert row[-1] == "n/a"
 
 
 def test_the_all_kept_mask_is_not_offered(run):

@@ -203,3 +203,16 @@ def test_bad_input():
 def test_against_places_a_value_on_its_null_range():
     assert [tn.against(v, 1.0, 2.0) for v in (0.5, 1.0, 1.5, 2.0, 2.5)] == ["below", "within", "within", "within",
                                                                             "above"]
+
+
+def test_finding_follows_the_interval(token_only):
+    result = tn.explained_share_interval(token_only, n_boot=30, seed=0)
+    sentence = tn.finding(result)
+    assert sentence.startswith("Token identity explains most of the cross-layer co-activation")
+    assert f"{result['share'] * 100:.0f}% [{result['share_low'] * 100:.0f}, {result['share_high'] * 100:.0f}]" in sentence
+    low = {"share": 0.3, "share_low": 0.2, "share_high": 0.4, "remaining": 0.7, "remaining_low": 0.6,
+           "remaining_high": 0.8}
+    assert tn.finding(low).startswith("Token identity explains less than half")
+    assert "70% [60, 80] depends on the context" in tn.finding(low)
+    straddling = {**low, "share": 0.5, "share_low": 0.45, "share_high": 0.55}
+    assert tn.finding(straddling).startswith("Token identity explains about half")
