@@ -327,6 +327,21 @@ pd.DataFrame(comparison).rename(index={
     "cross_share_1": "% spanning several layers", "cover_pairs_10": "% covered at 10% (pairs)",
     "cover_triplets_10": "% covered at 10% (triplets)"}).style.format("{:.2f}", escape="html")
 
+# %%
+chance_pairs_at10 = {key: float(frame[(frame["top_percent"] == 10) & (frame["order"] == 2)]["mean"].iloc[0] * 100)
+                     for key, frame in zip(("uniform", "usage"), chances.values())}
+glue_values(finding_hsdl=hsdl_controls.finding(
+    cover_pairs_10=coverage["cover_pairs_10"], cover_chance_uniform_2_10=chance_pairs_at10["uniform"],
+    cover_chance_usage_2_10=chance_pairs_at10["usage"],
+    surr_cover_pairs_10=comparison["surrogates, mean"]["cover_pairs_10"],
+    surr_vs_cover_pairs_10=tn.against(real["cover_pairs_10"], comparison["surrogates, min"]["cover_pairs_10"],
+                                      comparison["surrogates, max"]["cover_pairs_10"]),
+    cross_share_1=sizes["cross_share_1"], cross_chance_uniform=cross_uniform["mean"] * 100,
+    cross_vs_chance=tn.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
+                               max(cross_uniform["high"], cross_usage["high"])),
+    stable_seed_exact=float(stable.loc["another seed", "exact"] * 100),
+    tree_mean_size_1=structure.get("mean_size_1"), tree_mean_size_2=structure.get("mean_size_2")))
+
 # %% [markdown]
 # On the surrogates, where only token identity couples the layers, HSDL reconstructs X with a
 # relative L1 error of {glue:text}`surr_rel_error:.3f` ({glue:text}`surr_rel_error_min:.3f` to

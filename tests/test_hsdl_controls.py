@@ -126,5 +126,7 @@ def test_finding_says_what_the_controls_show():
     finer = hc.finding(**{**values, "tree_mean_size_2": 2.0, "surr_vs_cover_pairs_10": "above",
                           "cross_vs_chance": "within"})
     assert "level 2 is finer" in finer and "more frequent than those" in finer and "about as often as" in finer
+    one_level = hc.finding(**{**values, "tree_mean_size_1": None, "tree_mean_size_2": None})
+    assert "level 2" not in one_level and one_level.endswith("exactly.")
     with pytest.raises(KeyError):
         hc.finding(**{**values, "cross_vs_chance": "sideways"})
