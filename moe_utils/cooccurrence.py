@@ -65,12 +65,12 @@ class Cooccurrence:
         """B[token_rows][:, columns]^T B[token_rows][:, columns] (all tokens if None), in blocks of tokens."""
         rows = self._tokens if token_rows is None else self._tokens[token_rows]
         rows = rows[:, columns]
-        gram = np.zeros((len(columns), len(columns)), dtype=self._dtype)
         step = max(1, _BLOCK_ENTRIES // max(1, len(columns)))
+        gram = None
         for start in range(0, rows.shape[0], step):
             block = rows[start:start + step].toarray()
-            gram += block.T @ block
-        return gram
+            gram = block.T @ block if gram is None else gram + block.T @ block
+        return np.zeros((len(columns), len(columns)), dtype=self._dtype) if gram is None else gram
 
     def _anchor_tokens(self, anchor: int) -> np.ndarray:
         e = self._by_expert
@@ -79,9 +79,9 @@ class Cooccurrence:
     @staticmethod
     def _upper_histogram(gram: np.ndarray, size: int) -> np.ndarray:
         """Histogram (length ``size``) of the strictly upper-triangular entries of a symmetric count matrix."""
-        counts = np.rint(gram).astype(np.int64)
-        full = np.bincount(counts.ravel(), minlength=size)
-        diagonal = np.bincount(np.diagonal(counts), minlength=size)
+        # the entries are exact integers: truncation converts them without rounding
+        full = np.bincount(gram.ravel().astype(np.intp), minlength=size)
+        diagonal = np.bincount(np.diagonal(gram).astype(np.intp), minlength=size)
         return (full - diagonal) // 2
 
     def _compute_histogram(self, order: int) -> np.ndarray:
