@@ -25,6 +25,10 @@ record its peak:
   JSON also gives seconds per held-out token and the time at the notebook's held-out size
   (``heldout_per_category = 6`` questions of each of 5 categories, ``--tokens-per-question`` each).
 
+With ``--hsdl-steps`` below the notebook's 600 (to fit a time budget), the JSON gives the fit's
+seconds per step, from which the full fit's time follows. Shapes can be run one command at a time:
+cases of other shapes already in ``--out`` are kept.
+
 Target (issue 21): each shape's analysis within 10 minutes and 8 GB. The JSON records, per shape
 and step, seconds and peak RSS (GB), and ``meets_target``; it never fails on a miss.
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import resource
 import shutil
@@ -194,7 +199,10 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
     notebook_heldout = 6 * len(CATEGORIES) * args.tokens_per_question
     total = sum(s["seconds"] for s in analysis)
     peak = max(s["peak_rss_gb"] for s in analysis)
+    fit = next(s["seconds"] for s in recorder.steps if s["step"] == "HSDL fit")
     return {"shape": name, **shape, "n_tokens": args.tokens, "n_heldout_tokens": args.heldout_tokens,
+            "hsdl_steps": args.hsdl_steps, "hsdl_seconds_per_step": fit / args.hsdl_steps,
+            "inference_steps": args.inference_steps,
             "n_experts_total": shape["n_layers"] * shape["n_experts"], "steps": recorder.steps,
             "analysis_seconds": round(total, 1), "analysis_peak_rss_gb": peak,
             "coverage_columns_counted": int(observed["n_columns"].iloc[0]), "coverage": coverage, "notes": notes,
@@ -222,17 +230,24 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     machine = machine_info()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="scale_store-"))
-    cases = []
+    # cases of other shapes already in --out are kept: shapes can be run one command at a time
+    kept = json.loads(args.out.read_text()).get("cases", []) if args.out.is_file() else []
+    cases = [c for c in kept if c.get("shape") not in args.shapes]
     try:
         for name in args.shapes:
             cases.append(run_shape(name, SHAPES[name], args, work))
             shutil.rmtree(work / name, ignore_errors=True)
+            write_report(args, machine, cases)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write_report(args, machine: dict, cases: list[dict]) -> None:
     report = {
         "schema": SCHEMA, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {**finish_machine_info(machine), "max_rss_gb": round(
+        "machine": {**finish_machine_info(dict(machine)), "max_rss_gb": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3),
             "versions": package_versions(("torch", "numpy", "scipy"))},
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -241,7 +256,6 @@ def main(argv=None) -> int:
     }
     atomic_write_json(args.out, report)
     log.info("wrote %s", args.out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def scale_store_section(path: Path) -> list[str]:
                   f"target {'met' if case['meets_target'] else 'missed'}. Stage 6's rankings take "
                   f"{case['rankings_seconds_per_heldout_token'] * 1000:.0f} ms per held-out token, "
                   f"{case['rankings_seconds_at_notebook_heldout'] / 60:.0f} minutes at the notebook's held-out size "
-                  f"({case['notebook_heldout_tokens']:,} tokens). Fig 6's counts cover "
+                  f"({case['notebook_heldout_tokens']:,} tokens). HSDL: {case['hsdl_steps']} steps of "
+                  f"{case['hsdl_seconds_per_step']:.2f} s (the notebook's default: 600). Fig 6's counts cover "
                   f"{case['coverage_columns_counted']:,} of the tokens.", "",
                   "| stage | step | seconds | peak GB |", "|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['step']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for s in case["steps"]]
