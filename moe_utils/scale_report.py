@@ -48,7 +48,8 @@ def contention_section(path: Path) -> list[str]:
     lines = ["", "## Benchmark: a stage beside a competing process", "",
              f"From `bench/contention.py` on {result['date'][:10]} ({_machine(result)}): {result['workload']}, "
              "alone and beside one CPU-bound process, with torch's default threads and with the pipeline's "
-             f"policy (`moe_utils.threads`). Target: {result['target']}.", "",
+             f"policy (`moe_utils.threads`). Target: {result['target']}. \"Alone\" means without the added "
+             "competitor: other work on a shared machine (its load average above) runs in every case.", "",
              "| threads | alone (s) | beside a competitor (s) | ratio | target met |", "|---|---|---|---|---|"]
     for row in result["settings"]:
         lines.append(f"| {row['setting']} ({row['threads']}) | {row['alone_seconds']:.1f} | "
