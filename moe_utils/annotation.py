@@ -47,34 +47,41 @@ CORRECTIONS = ("bh", "bonferroni")
 
 
 # -------------------------------------------------------------------------------- attribution
-def level_codes(model) -> list[sp.csr_matrix]:
-    """Codes of X's columns at every level: ``C_1 = R_1`` (p_1, N_s), ``C_k = R_k C_{k-1}`` (p_k, N_s)."""
-    codes = [sp.csr_matrix(model.codes_[0], dtype=np.float64)]
+def level_codes(model, columns: slice = slice(None)) -> list[sp.csr_matrix]:
+    """Codes of X's columns at every level: ``C_1 = R_1`` (p_1, N_s), ``C_k = R_k C_{k-1}`` (p_k, N_s);
+    only the ``columns`` asked for (each column's codes depend on that column alone)."""
+    codes = [sp.csr_matrix(sp.csc_matrix(model.codes_[0])[:, columns], dtype=np.float64)]
     for r in model.codes_[1:]:
         codes.append((sp.csr_matrix(np.asarray(r, dtype=np.float64)) @ codes[-1]).tocsr())
     return codes
 
 
-def level_contributions(model) -> list[sp.csr_matrix]:
+def level_contributions(model, columns: slice = slice(None)) -> list[sp.csr_matrix]:
     """``c_k[j, t] = ||D_k[:, j]||_1 * C_k[j, t]``: routing mass of token t reconstructed by atom j of level k."""
     return [(sp.diags(np.asarray(d, dtype=np.float64).sum(axis=0)) @ c).tocsr()
-            for d, c in zip(model.dictionaries_, level_codes(model))]
+            for d, c in zip(model.dictionaries_, level_codes(model, columns))]
 
 
-def attribute_tokens(model) -> pd.DataFrame:
+def attribute_tokens(model, block: int = 8192) -> pd.DataFrame:
     """Per token (column of X) and level k: ``atom_k`` (largest contribution; -1 if none),
-    ``contribution_k`` (its value) and ``share_k`` (its share of all level-k contributions to the token)."""
-    out = {}
-    for level, contrib in enumerate(level_contributions(model), start=1):
-        columns = contrib.tocsc()
-        best = np.asarray(columns.argmax(axis=0)).ravel()
-        top = np.asarray(columns.max(axis=0).toarray()).ravel()
-        total = np.asarray(columns.sum(axis=0)).ravel()
-        explained = total > 0
-        out[f"atom_{level}"] = np.where(explained, best, -1)
-        out[f"contribution_{level}"] = top
-        out[f"share_{level}"] = np.divide(top, total, out=np.zeros_like(top), where=explained)
-    return pd.DataFrame(out)
+    ``contribution_k`` (its value) and ``share_k`` (its share of all level-k contributions to the token).
+
+    Computed ``block`` tokens at a time: deeper levels' codes fill in (R_k is dense), and all
+    tokens' at once would take tens of GB at a large model's shape."""
+    parts = []
+    for start in range(0, max(1, model.codes_[0].shape[1]), block):  # one empty block for no tokens
+        out = {}
+        for level, contrib in enumerate(level_contributions(model, slice(start, start + block)), start=1):
+            columns = contrib.tocsc()
+            best = np.asarray(columns.argmax(axis=0)).ravel()
+            top = np.asarray(columns.max(axis=0).toarray()).ravel()
+            total = np.asarray(columns.sum(axis=0)).ravel()
+            explained = total > 0
+            out[f"atom_{level}"] = np.where(explained, best, -1)
+            out[f"contribution_{level}"] = top
+            out[f"share_{level}"] = np.divide(top, total, out=np.zeros_like(top), where=explained)
+        parts.append(pd.DataFrame(out))
+    return pd.concat(parts, ignore_index=True)
 
 
 def tokenizer_for(store: RoutingStore, *, trust_remote_code: bool = False):

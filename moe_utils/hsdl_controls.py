@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
 from moe_utils import hsdl_report, patterns
+from moe_utils.cooccurrence import Cooccurrence
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
@@ -73,38 +74,24 @@ def cross_layer_chance(sizes, layout: tuple[int, int], *, n_draws: int = 1000, w
     return {"mean": mean, "low": low, "high": high, "n_draws": int(n_draws)}
 
 
-def _keys(rows: np.ndarray, n_e: int) -> np.ndarray:
-    """int64 key of each row set (last axis, no -1), as :func:`moe_utils.patterns.cooccurrence_counts` encodes it."""
-    keys = np.zeros(rows.shape[:-1], dtype=np.int64)
-    for position in range(rows.shape[-1]):
-        keys = keys * n_e + np.sort(rows, axis=-1)[..., position]
-    return keys
-
-
-def count_sets(selected: sp.spmatrix, orders=(2, 3), max_columns: int | None = 50_000) -> dict:
-    """``{order: (keys, counts)}`` of :func:`moe_utils.patterns.cooccurrence_counts`, counted once
-    for every chance level drawn from them."""
-    return {order: patterns.cooccurrence_counts(selected, order, max_columns=max_columns) for order in orders}
-
-
-def coverage_chance(sizes, counted: dict, n_rows: int, *, percents, n_draws: int = 1000,
+def coverage_chance(sizes, counts: Cooccurrence, *, percents, n_draws: int = 1000,
                     weights: np.ndarray | None = None, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """The coverage (``mode="core"`` of :func:`moe_utils.patterns.coverage`) of random atoms of the
-    given sizes over ``n_draws`` draws, against the sets of :func:`count_sets`: one row per order
-    and k% with ``mean``, ``low``, ``high`` (the ``level`` interval of the draws)."""
+    given sizes over ``n_draws`` draws, against the exact co-selection ``counts`` shared with the
+    fitted atoms' coverage: one row per order and k% with ``mean``, ``low``, ``high`` (the ``level``
+    interval of the draws)."""
     sizes = np.asarray(sizes, dtype=np.int64)
-    draws = random_atom_rows(sizes, n_rows, n_draws=n_draws, weights=weights, seed=seed)
+    draws = random_atom_rows(sizes, counts.n_rows, n_draws=n_draws, weights=weights, seed=seed)
     rows = []
-    for order, (keys, counts) in counted.items():
-        ranked = np.sort(counts)[::-1]
+    for order in (2, 3):
         eligible = sizes >= order
-        if not eligible.any() or not ranked.size:
+        n_observed = counts.n_observed(order)
+        if not eligible.any() or not n_observed:
             continue
-        atom_keys = _keys(draws[:, eligible, :order], n_rows)
-        where = np.clip(np.searchsorted(keys, atom_keys), 0, len(keys) - 1)
-        atom_counts = np.where(keys[where] == atom_keys, counts[where], 0)
+        sets = draws[:, eligible, :order]
+        atom_counts = counts.count(sets.reshape(-1, order)).reshape(sets.shape[:2])
         for percent in percents:
-            cutoff = ranked[max(1, int(np.ceil(percent / 100 * ranked.size))) - 1]
+            cutoff = counts.count_at_rank(order, max(1, int(np.ceil(percent / 100 * n_observed))))
             share = ((atom_counts >= cutoff) & (atom_counts > 0)).mean(axis=1)
             mean, low, high = _interval(share, level)
             rows.append({"order": order, "top_percent": float(percent), "mean": mean, "low": low, "high": high,

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from moe_utils import patterns
 from moe_utils.artifacts import sha256_file
+from moe_utils.cooccurrence import Cooccurrence
 from moe_utils.store import MANIFEST, RoutingStore
 
 #: The k% of the coverage curves (the paper's Fig 6).
@@ -88,15 +89,17 @@ def hierarchy_summary(hsdl, min_share: float = 0.1) -> tuple[list[pd.DataFrame],
     return edges, usages, values
 
 
-def coverage_against_chance(tables: pd.DataFrame, selected: sp.spmatrix, *, random_state=0,
+def coverage_against_chance(tables: pd.DataFrame, selected: sp.spmatrix | Cooccurrence, *, random_state=0,
                             percents=COVERAGE_PERCENTS) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``(observed, chance, values)``: the paper's Fig 6 coverage of the level-1 atoms in use among
-    the pairs and triplets of exhaustive counting over ``selected`` (the binary token matrix), the
-    same for random atoms of the same sizes, and the pairs', triplets' and chance's coverage at
-    10% (%). RuntimeError if a curve falls as k grows."""
+    the pairs and triplets of exhaustive counting over ``selected`` (the binary token matrix, or its
+    :class:`~moe_utils.cooccurrence.Cooccurrence` counts to share them), the same for one draw of
+    random atoms of the same sizes, and the pairs', triplets' and chance's coverage at 10% (%).
+    RuntimeError if a curve falls as k grows."""
     atoms = [np.asarray(r) for r in live_atoms(tables).sort_values("atom")["rows"]]
-    observed = patterns.coverage(atoms, selected, orders=(2, 3), top_percent=percents)
-    chance = patterns.coverage(patterns.random_atoms(atoms, selected.shape[0], random_state=random_state), selected,
+    counts = selected if isinstance(selected, Cooccurrence) else Cooccurrence(selected)
+    observed = patterns.coverage(atoms, counts, orders=(2, 3), top_percent=percents)
+    chance = patterns.coverage(patterns.random_atoms(atoms, counts.n_rows, random_state=random_state), counts,
                                orders=(2, 3), top_percent=percents)
     for frame in (observed, chance):
         for order, group in frame.groupby("order"):

@@ -4,7 +4,8 @@
   entry is at least ``threshold``; an atom spanning several layers is a cross-layer collaboration.
 * :func:`hierarchy`: which level-(k+1) atoms compose each level-k atom, read from R_{k+1}.
 * :func:`coverage`: the paper's "top k% coverage": the share of atoms whose expert pairs (or
-  triplets) are among the k% most frequently co-selected pairs (triplets) of exhaustive counting.
+  triplets) are among the k% most frequently co-selected pairs (triplets), counted exactly by
+  :mod:`moe_utils.cooccurrence` without enumerating each token's subsets.
 
 Dictionary entries lie in [0, 1], so the default ``threshold=0.5`` keeps the experts an atom
 switches on at least half-way.
@@ -18,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from moe_utils.cooccurrence import Cooccurrence
 from moe_utils.expert_matrix import expert_label
 
 
@@ -93,95 +94,45 @@ def hierarchy(model, level: int = 1, min_share: float = 0.1) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------- coverage
-def _combination_keys(rows: np.ndarray, order: int, n_e: int) -> np.ndarray:
-    """int64 keys of every ``order``-subset of each row of ``rows`` (n, m), entries sorted ascending."""
-    template = np.array(list(combinations(range(rows.shape[1]), order)), dtype=np.int64)  # (C, order)
-    picked = rows[:, template]  # (n, C, order)
-    keys = np.zeros(picked.shape[:2], dtype=np.int64)
-    for position in range(order):
-        keys = keys * n_e + picked[..., position]
-    return keys.ravel()
-
-
-def cooccurrence_counts(selected: sp.spmatrix, order: int, *, max_columns: int | None = 50_000,
-                        chunk: int = 4_000_000, random_state=0) -> tuple[np.ndarray, np.ndarray]:
-    """Exhaustive counting: every ``order``-set of experts selected together in a column, and how often.
-
-    ``selected`` is X (N_e, N_s) of any value (non-zero = selected). Returns ``(keys, counts)``,
-    one entry per observed set, with keys encoding the sorted rows in base N_e. At most
-    ``max_columns`` columns are counted (a random subset, for very large X; ``None`` = all).
-    """
-    if order < 1:
-        raise ValueError(f"order must be >= 1, got {order}")
-    n_e, n_s = selected.shape
-    if n_e ** order >= 2 ** 62:
-        raise ValueError(f"N_e = {n_e} is too large to encode {order}-sets in int64")
-    columns = sp.csc_matrix(selected)
-    if max_columns is not None and n_s > max_columns:
-        keep = np.sort(np.random.default_rng(random_state).choice(n_s, max_columns, replace=False))
-        columns = columns[:, keep]
-    columns.sort_indices()
-    nnz = np.diff(columns.indptr)
-    all_keys, all_counts = [], []
-    for m in np.unique(nnz):
-        if m < order:
-            continue
-        members = np.nonzero(nnz == m)[0]
-        per_column = math.comb(int(m), order)
-        step = max(1, chunk // per_column)
-        for start in range(0, len(members), step):
-            block = members[start:start + step]
-            offsets = columns.indptr[block][:, None] + np.arange(m)[None, :]
-            keys, counts = np.unique(_combination_keys(columns.indices[offsets].astype(np.int64), order, n_e),
-                                     return_counts=True)
-            all_keys.append(keys)
-            all_counts.append(counts)
-    if not all_keys:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    keys, inverse = np.unique(np.concatenate(all_keys), return_inverse=True)
-    return keys, np.bincount(inverse, weights=np.concatenate(all_counts)).astype(np.int64)
-
-
-def _set_key(rows: Sequence[int], n_e: int) -> int:
-    key = 0
-    for row in sorted(int(r) for r in rows):
-        key = key * n_e + row
-    return key
-
-
-def coverage(atoms: Sequence[Sequence[int]], selected: sp.spmatrix, *, orders: Sequence[int] = (2, 3),
+def coverage(atoms: Sequence[Sequence[int]], selected, *, orders: Sequence[int] = (2, 3),
              top_percent: Sequence[float] = (1, 2, 5, 10, 20, 30, 50, 75, 100), mode: str = "core",
              max_columns: int | None = 50_000, random_state=0) -> pd.DataFrame:
     """The paper's Fig 6: share of atoms among the top k% most frequent co-selected pairs/triplets.
 
-    ``atoms`` are expert rows per atom, strongest first (:func:`atom_experts`). For each
-    ``order`` r, the r-sets observed in ``selected`` are ranked by count (ties share a rank), and
-    an atom with at least r experts is covered at k% if its r-sets are among the top k% of the
-    observed ones: in ``mode="core"`` its strongest r experts, in ``mode="all"`` every r-subset.
-    Atoms with fewer than r experts are not counted for that order (``n_atoms``).
+    ``atoms`` are expert rows per atom, strongest first (:func:`atom_experts`). ``selected`` is X
+    (N_e, N_s), or its :class:`~moe_utils.cooccurrence.Cooccurrence` counts to share them between
+    calls (``max_columns`` and ``random_state`` then do not apply). For each ``order`` r, the
+    r-sets observed in ``selected`` are ranked by count (ties share a rank), and an atom with at
+    least r experts is covered at k% if its r-sets are among the top k% of the observed ones: in
+    ``mode="core"`` its strongest r experts, in ``mode="all"`` every r-subset. Atoms with fewer than
+    r experts are not counted for that order (``n_atoms``); ``n_columns`` says how many columns
+    were counted (all of them unless X has more than ``max_columns``).
     """
     if mode not in ("core", "all"):
         raise ValueError(f"mode must be 'core' or 'all', got {mode!r}")
-    n_e = selected.shape[0]
+    counts = selected if isinstance(selected, Cooccurrence) else Cooccurrence(
+        selected, max_columns=max_columns, random_state=random_state)
     rows = []
     for order in orders:
-        keys, counts = cooccurrence_counts(selected, order, max_columns=max_columns, random_state=random_state)
-        ranked = np.sort(counts)[::-1]
-        lookup = dict(zip(keys.tolist(), counts.tolist()))
         eligible = [list(a) for a in atoms if len(a) >= order]
         if mode == "core":
-            atom_counts = [[lookup.get(_set_key(a[:order], n_e), 0)] for a in eligible]
+            groups = [[a[:order]] for a in eligible]
         else:
-            atom_counts = [[lookup.get(_set_key(c, n_e), 0) for c in combinations(a, order)] for a in eligible]
+            groups = [list(combinations(a, order)) for a in eligible]
+        flat = counts.count(np.array([s for g in groups for s in g], dtype=np.int64).reshape(-1, order))
+        bounds = np.cumsum([0] + [len(g) for g in groups])
+        atom_counts = [flat[bounds[i]:bounds[i + 1]] for i in range(len(groups))]
+        n_observed = counts.n_observed(order)
         for percent in top_percent:
-            if ranked.size == 0:
+            if n_observed == 0:
                 cutoff = math.inf
             else:
-                cutoff = ranked[max(1, math.ceil(percent / 100 * ranked.size)) - 1]
-            covered = [all(c >= cutoff and c > 0 for c in cs) for cs in atom_counts]
+                cutoff = counts.count_at_rank(order, max(1, math.ceil(percent / 100 * n_observed)))
+            covered = [bool(np.all((c >= cutoff) & (c > 0))) for c in atom_counts]
             rows.append({"order": order, "top_percent": float(percent),
                          "coverage": float(np.mean(covered)) if covered else float("nan"),
-                         "n_atoms": len(eligible), "n_observed_sets": int(ranked.size), "mode": mode})
+                         "n_atoms": len(eligible), "n_observed_sets": n_observed, "mode": mode,
+                         "n_columns": counts.n_columns})
     return pd.DataFrame(rows)
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from moe_utils import scale_report, threads
 from moe_utils.artifacts import (
     atomic_write_bytes, atomic_write_json, json_digest, package_versions, sha256_file,
 )
@@ -145,7 +146,7 @@ def _type_ok(value: Any, default: Any) -> bool:
 
 def validate(params: dict[str, Any], stages: list[Stage]) -> None:
     """Every key must be declared by some stage, with a value of the declared default's type."""
-    declared: dict[str, list[tuple[str, Any]]] = {}
+    declared: dict[str, list[tuple[str, Any]]] = {name: [("the pipeline", None)] for name in PIPELINE_KEYS}
     for stage in stages:
         for name, default in stage.defaults.items():
             declared.setdefault(name, []).append((stage.name, default))
@@ -209,6 +210,12 @@ def _stage_checks() -> dict[str, Any]:
         "categories": lambda v: [evaluation.resolve_category(c) for c in v],
         "annotation_correction": correction,
     }
+
+
+#: Parameters of the pipeline itself, declared by no notebook: ``threads`` (every stage's torch/OpenMP
+#: threads; unset: :func:`moe_utils.threads.choose_threads` decides per stage).
+PIPELINE_KEYS = ("threads",)
+RANGES["threads"] = (_positive_int, "a positive integer (leave it unset to choose from the cores free)")
 
 
 def _range_problems(key: str, value: Any) -> list[str]:
@@ -416,6 +423,10 @@ def run(profile: Path = DEFAULT_PROFILE, overrides: dict | None = None, *, only:
     validate(params, stages)
     if problems := data_problems(params, {name for stage in stages for name in stage.defaults}):
         raise PipelineError("the data the stages read is not usable:\n  " + "\n  ".join(problems))
+    try:
+        threads.user_threads()  # a malformed OMP_NUM_THREADS fails here, before any stage runs
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
     about = load_about(profile)
     artifacts = _artifacts_root(params, stages)
     with run_lock([executed, *([artifacts] if artifacts else [])]), \
@@ -480,8 +491,11 @@ def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dic
             log.info("%s: running%s", stage.name, "" if force else f" ({problem})")
             state.pop(stage.name, None)
             atomic_write_json(state_path, state)  # a failed run must not leave a stale "done" record
-            seconds = execute_stage(stage, stage_params, output)
-            record.update(fingerprint=fingerprint, seconds=round(seconds, 1),
+            n_threads, why = threads.choose_threads(params.get("threads"), active_params=_active_params(about))
+            log.info("%s: %d thread(s): %s", stage.name, n_threads, why)
+            with threads.environment(n_threads):
+                seconds = execute_stage(stage, stage_params, output)
+            record.update(fingerprint=fingerprint, seconds=round(seconds, 1), threads=n_threads,
                           finished=time.strftime("%Y-%m-%d %H:%M:%S"), reused=False)
             state[stage.name] = {**{k: record[k] for k in ("fingerprint", "seconds", "finished")},
                                  "notebook": sha256_file(output), "artifacts": directory_digest(stage_dir)}
@@ -490,6 +504,12 @@ def _run_stages(stages: list[Stage], params: dict, profile: Path, overrides: dic
         status["stages"].append(record)
         previous = json_digest([fingerprint, state.get(stage.name, {}).get("artifacts")])
     return status
+
+
+def _active_params(about: dict | None) -> float | None:
+    """Parameters active per token from a profile's ``about`` block (the work's size), None if it does not say."""
+    parameters = (about or {}).get("parameters")
+    return parameters["active_b"] * 1e9 if parameters else None
 
 
 def _artifacts_root(params: dict, stages: list[Stage]) -> Path | None:
@@ -697,11 +717,12 @@ def write_status_page(status: dict, path: Path) -> None:
         f"{status['machine']['cpus']} CPUs",
         *about_section(status.get("about")), "",
         "## Stages", "",
-        "| stage | run time (s) | finished | reused from an earlier run |", "|---|---|---|---|",
+        "| stage | run time (s) | threads | finished | reused from an earlier run |", "|---|---|---|---|---|",
     ]
     for stage in status["stages"]:
         reused = "skipped" if stage.get("skipped") else "yes" if stage.get("reused") else "no"
-        lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('finished', '')} | {reused} |")
+        lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('threads', '')} | "
+                     f"{stage.get('finished', '')} | {reused} |")
     lines += ["", "A stage that runs again still reads the captures and caches it keeps under `artifacts_dir` "
               "(calibration, masks, evaluations), each keyed by everything it depends on (parameters, the "
               "model's weights, every package file, the data, library versions), so its run time here can be far "
@@ -718,6 +739,8 @@ def write_status_page(status: dict, path: Path) -> None:
     lines += capture_benchmark_section(BENCH_RESULTS / "capture.json")
     lines += pruning_benchmark_section(BENCH_RESULTS / "pruning.json")
     lines += conformance_section(BENCH_RESULTS / "conformance.json")
+    lines += scale_report.scale_store_section(BENCH_RESULTS / "scale_store.json")
+    lines += scale_report.contention_section(BENCH_RESULTS / "contention.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 

@@ -184,23 +184,18 @@ def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty
     d_live = d_obs[:, live]
     r = torch.zeros(len(target), d_live.shape[1], requires_grad=True)
     optimiser = torch.optim.Adam([r], lr=learning_rate)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small products: threads would mostly wait for each other
-    try:
-        for step in range(n_steps):
-            delta = 0.5 * (0.02 ** (step / max(1, n_steps - 1)))
-            resid = (target - r @ d_live.T).abs()
-            fit = torch.where(resid < delta, resid.pow(2) / (2 * delta), resid - delta / 2).sum(1)
-            loss = (fit + penalty * r.sum(1)).sum()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
-            with torch.no_grad():
-                r.clamp_(min=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    for step in range(n_steps):  # threads: the stage's (moe_utils.threads)
+        delta = 0.5 * (0.02 ** (step / max(1, n_steps - 1)))
+        resid = (target - r @ d_live.T).abs()
+        fit = torch.where(resid < delta, resid.pow(2) / (2 * delta), resid - delta / 2).sum(1)
+        loss = (fit + penalty * r.sum(1)).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
+        with torch.no_grad():
+            r.clamp_(min=0.0)
     codes[:, live] = r.detach()
     return codes.numpy()
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from moe_utils import hsdl_controls, hsdl_report, null_plots, plotting
 from moe_utils import token_null as tn
+from moe_utils.cooccurrence import Cooccurrence
 from moe_utils.expert_matrix import expert_matrix
 from moe_utils.hsdl import HSDL
 from moe_utils.markup import code_span
@@ -228,11 +229,11 @@ structure
 # {glue:text}`control_draws` draws, experts drawn uniformly or by usage.
 
 # %%
-observed, chance, coverage = hsdl_report.coverage_against_chance(tables, selected, random_state=hsdl_seed)
+counted = Cooccurrence(selected)  # exact co-selection counts, shared by the atoms and every chance draw
+observed, chance, coverage = hsdl_report.coverage_against_chance(tables, counted, random_state=hsdl_seed)
 glue_values(**coverage)
-counted = hsdl_controls.count_sets(selected)
 chances = {f"random atoms, {name}": hsdl_controls.coverage_chance(
-    live_sizes, counted, selected.shape[0], percents=hsdl_report.COVERAGE_PERCENTS, n_draws=control_draws,
+    live_sizes, counted, percents=hsdl_report.COVERAGE_PERCENTS, n_draws=control_draws,
     weights=weights, seed=hsdl_seed) for name, weights in (("uniform", None), ("by usage", usage))}
 for (name, frame), key in zip(chances.items(), ("uniform", "usage")):
     at10 = frame[frame["top_percent"] == 10].set_index("order")

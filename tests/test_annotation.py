@@ -180,6 +180,8 @@ def test_contributions_and_attribution_by_brute_force(toy):
     np.testing.assert_allclose(table["contribution_1"][:3], [3.6, 0.9, 1.8], rtol=1e-6)
     np.testing.assert_allclose(table["share_1"][0], 3.6 / 4.1, rtol=1e-6)
     assert table["share_1"].iloc[3] == 0
+    for block in (1, 3):  # token by token, and blocks that do not divide the tokens
+        pd.testing.assert_frame_equal(an.attribute_tokens(toy, block=block), table)
 
 
 def test_token_table_rejects_a_model_of_other_columns(planted, toy):

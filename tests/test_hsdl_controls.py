@@ -11,6 +11,7 @@ import pytest
 
 from moe_utils import hsdl_controls as hc
 from moe_utils import patterns
+from moe_utils.cooccurrence import Cooccurrence
 from tests.test_token_null import synthetic_store
 
 
@@ -51,7 +52,7 @@ def test_coverage_chance_of_one_draw_is_patterns_coverage():
 
     selected = expert_matrix(store, "token", "binary")
     sizes = [2, 3, 4, 2, 1, 5]
-    chance = hc.coverage_chance(sizes, hc.count_sets(selected), selected.shape[0], percents=(1, 10, 50),
+    chance = hc.coverage_chance(sizes, Cooccurrence(selected), percents=(1, 10, 50),
                                 n_draws=1, seed=3)
     atoms = [a[a >= 0] for a in hc.random_atom_rows(sizes, selected.shape[0], n_draws=1, seed=3)[0]]
     truth = patterns.coverage(atoms, selected, orders=(2, 3), top_percent=(1, 10, 50))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from itertools import combinations
 from types import SimpleNamespace
 
 import matplotlib
@@ -58,30 +56,6 @@ def test_hierarchy_edges(toy):
     np.testing.assert_allclose(edges.groupby("parent")["share"].sum(), [1.0, 1.0])
     with pytest.raises(ValueError, match="no level"):
         patterns.hierarchy(toy, level=2)
-
-
-def _brute_force(selected: np.ndarray, order: int) -> Counter:
-    counts = Counter()
-    for column in selected.T:
-        counts.update(combinations(np.nonzero(column)[0].tolist(), order))
-    return counts
-
-
-@pytest.mark.parametrize("order", [1, 2, 3])
-def test_cooccurrence_counts_match_brute_force(order):
-    rng = np.random.default_rng(0)
-    dense = (rng.random((10, 300)) < 0.3) * rng.random((10, 300))  # variable non-zeros per column
-    keys, counts = patterns.cooccurrence_counts(sp.csr_matrix(dense), order, max_columns=None, chunk=50)
-    expected = _brute_force(dense, order)
-
-    def decode(key):
-        rows = []
-        for _ in range(order):
-            key, row = divmod(int(key), 10)
-            rows.append(row)
-        return tuple(reversed(rows))
-
-    assert dict(zip(map(decode, keys), counts.tolist())) == dict(expected)
 
 
 def test_coverage_of_frequent_and_random_atoms():
