@@ -35,6 +35,7 @@ SETTINGS = [
     r"transformers 4\.36", r"\d\.\d GB", r"top 10% of (co-selected )?pairs", r"top 10%",
     r"with a 95%", r"the 95%", r"every ratio of at\s+least 10%", r"width shrinks to 0\.01", r"default 0\.9",
     r"unpruned model at 0%", r"100% by construction", r"in at least 95% of the splits",
+    r"95% of the draws", r"holding at least 90% of their weight", r"covered at 10%",
 ]
 
 
