@@ -35,6 +35,7 @@ import pandas as pd
 from moe_utils import stats
 from moe_utils.artifacts import KeyedCache, package_versions
 from moe_utils.caep import PruningBudget
+from moe_utils.compression import registry
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, resolve_category, results_table, run_harness
 from moe_utils.metrics import better_sign, lower_is_better
 from moe_utils.models import moe_layers
@@ -54,7 +55,7 @@ DOC_COLUMNS = ("kind", "category", "doc_id", "question_id", "loglikelihood", "n_
 # --------------------------------------------------------------------------- domain pruning
 #: Stage-4 methods that can stand as the domain-specific baseline: those fitted on calibration data
 #: (random masks ignore the domain; caep_layer is CAEP itself).
-BASELINES = ("frequency", "router_weight", "ean", "reap", "output")
+BASELINES = registry.calibrated("prune")
 
 
 def check_alignment(hsdl, store: RoutingStore) -> str:
