@@ -53,9 +53,9 @@ def test_check_built_uses_the_declared_exactness():
     registry.check_built([Compression("caep", 0.5, uneven)], budget)  # CAEP is global: not exact
     with pytest.raises(AssertionError, match="not the quota"):
         registry.check_built([Compression("frequency", 0.5, uneven)], budget)
-    with pytest.raises(AssertionError, match="do not partition"):
+    with pytest.raises(AssertionError, match="overlap"):
         registry.check_built([Compression("hc_smoe", 0.5, np.array([1, 1, 0, 0] * 2, dtype=bool),
-                                          groups=[[[0, 2], [1]], [[0, 2], [1, 3]]], weights=np.ones(8))], budget)
+                                          groups=[[[0, 2], [1, 2]], [[0, 2], [1, 3]]], weights=np.ones(8))], budget)
 
 
 def test_digest_tells_a_merge_from_the_pruning_with_the_same_kept_experts():

@@ -36,7 +36,8 @@ class Compression:
         keep: (N_e,) bool, the experts (router rows) kept, in X's layer-major order.
         seed: the seed of a random method, else None.
         note: what the budget changed (guard, group-limited counts), for the tables.
-        groups: merging only: :data:`Groups`, one group per kept expert.
+        groups: merging only: :data:`Groups`, one group per kept expert (an expert in no group is
+            pruned; the methods here put every expert in a group).
         weights: merging only: (N_e,) non-negative weight of every expert in its group's average.
         align: merging only: whether each member's intermediate neurons are permuted to match the
             kept expert's before averaging.
@@ -86,8 +87,9 @@ def pruned(keep: Any, method: str = "mask", ratio: float = 0.0) -> Compression:
 
 
 def check_groups(compression: Compression, layer_sizes: list[int]) -> None:
-    """ValueError unless ``groups`` partitions every layer's experts with one group per kept expert,
-    each led by that kept expert, and ``weights`` holds a positive total in every group."""
+    """ValueError unless ``groups`` holds, in every layer, one group per kept expert, led by that kept
+    expert, the groups disjoint (an expert in no group is pruned), and ``weights`` gives every group
+    a positive total."""
     if not compression.merged:
         return
     groups, keep = compression.groups, np.asarray(compression.keep, dtype=bool)
@@ -99,9 +101,10 @@ def check_groups(compression: Compression, layer_sizes: list[int]) -> None:
         raise ValueError(f"{compression.label}: weights must be {keep.shape} finite and >= 0")
     for layer, (size, layer_groups) in enumerate(zip(layer_sizes, groups)):
         kept = np.flatnonzero(keep[bounds[layer]: bounds[layer + 1]])
-        members = sorted(i for g in layer_groups for i in g)
-        if members != list(range(size)):
-            raise ValueError(f"{compression.label}: the groups of MoE layer {layer} do not partition its {size} experts")
+        members = [i for g in layer_groups for i in g]
+        if len(set(members)) != len(members) or not set(members) <= set(range(size)):
+            raise ValueError(f"{compression.label}: the groups of MoE layer {layer} overlap or name experts "
+                             f"outside 0..{size - 1}")
         if [g[0] for g in layer_groups] != kept.tolist():
             raise ValueError(f"{compression.label}: MoE layer {layer}: each group must be led by its kept expert "
                              f"({kept.tolist()}), in that order")
