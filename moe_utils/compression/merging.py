@@ -59,13 +59,13 @@ def expert_tensors(layer: MoELayer) -> dict[str, nn.Parameter]:
     return found
 
 
-def _intermediate(layer: MoELayer, config: Any) -> int | None:
-    for owner in (layer.experts, config, getattr(config, "text_config", None)):
-        for name in INTERMEDIATE_ATTRS:
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
+def _widths(layer: MoELayer, config: Any, tensors: dict[str, nn.Parameter], hidden: int) -> list[int]:
+    """Candidate intermediate widths: the declared one first (:data:`INTERMEDIATE_ATTRS` on the experts
+    module or the config), then every other axis size of the expert tensors but the hidden size."""
+    declared = [getattr(owner, name, None) for owner in (layer.experts, config, getattr(config, "text_config", None))
+                for name in INTERMEDIATE_ATTRS]
+    sizes = [int(n) for p in tensors.values() for n in p.shape[1:] if n != hidden]
+    return list(dict.fromkeys([v for v in declared if isinstance(v, int) and v > 0] + sizes))
 
 
 def _permute(tensor: torch.Tensor, axis: int, mode: str, perm: torch.Tensor) -> torch.Tensor:
@@ -85,14 +85,30 @@ def _permute(tensor: torch.Tensor, axis: int, mode: str, perm: torch.Tensor) -> 
 def neuron_layout(layer: MoELayer, config: Any) -> dict[str, tuple[int, str]]:
     """Where each per-expert tensor holds the intermediate neurons: ``{name: (axis, mode)}`` (axis
     of the tensor without its expert dimension; mode as in :func:`_permute`), found by trying the
-    axes whose size is the intermediate width (or twice it) and keeping the assignment under which a
+    axes whose size is an intermediate width (or twice it) and keeping the assignment under which a
     random permutation of expert 0's neurons leaves its output unchanged (checked on random inputs
     with the layer's own experts module). Raises NotImplementedError when none does."""
-    width = _intermediate(layer, config)
     tensors = expert_tensors(layer)
-    if width is None:
-        raise NotImplementedError(f"MoE layer {layer.index}: the experts' intermediate width is not declared "
-                                  f"({', '.join(INTERMEDIATE_ATTRS)}), so neurons cannot be aligned")
+    hidden = _hidden_size(layer)
+    weight = next(iter(tensors.values()))
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(8, hidden, generator=generator).to(weight.device, weight.dtype)
+    index = torch.zeros(len(probe), dtype=torch.long, device=weight.device)
+    with torch.no_grad():
+        reference = expert_outputs(layer, probe, index).float()
+        scale = float(reference.abs().max()) or 1.0
+        for width in _widths(layer, config, tensors, hidden):
+            layout = _find_layout(layer, tensors, width, probe, index, reference, scale, generator)
+            if layout is not None:
+                return layout
+    raise NotImplementedError(f"MoE layer {layer.index} ({type(layer.experts).__name__}): no layout of its expert "
+                              "tensors lets a permutation of the intermediate neurons keep the expert's output, "
+                              "so neurons cannot be aligned")
+
+
+def _find_layout(layer, tensors, width, probe, index, reference, scale, generator) -> dict[str, tuple[int, str]] | None:
+    """The assignment of neuron axes (most tensors permuted first) under which a random permutation of
+    ``width`` neurons of expert 0 leaves its output on ``probe`` unchanged, or None."""
     options = {}
     for name, param in tensors.items():
         choices = [None]
@@ -102,35 +118,25 @@ def neuron_layout(layer: MoELayer, config: Any) -> dict[str, tuple[int, str]]:
             if size == 2 * width:
                 choices += [(axis, "chunked"), (axis, "interleaved")]
         options[name] = choices
-    weight = next(iter(tensors.values()))
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(8, _hidden_size(layer, tensors), generator=generator).to(weight.device, weight.dtype)
     perm = torch.randperm(width, generator=generator)
-    index = torch.zeros(len(probe), dtype=torch.long, device=weight.device)
-    with torch.no_grad():
-        reference = expert_outputs(layer, probe, index).float()
-        scale = float(reference.abs().max()) or 1.0
-        combos = sorted(itertools.product(*options.values()), key=lambda c: -sum(o is not None for o in c))
-        for combo in combos:
-            if all(o is None for o in combo):
-                break
-            layout = {n: o for n, o in zip(options, combo) if o is not None}
-            saved = {n: tensors[n].data[0].clone() for n in layout}
-            try:
-                for n, (axis, mode) in layout.items():
-                    tensors[n].data[0] = _permute(saved[n], axis, mode, perm)
-                changed = float((expert_outputs(layer, probe, index).float() - reference).abs().max()) / scale
-            finally:
-                for n, value in saved.items():
-                    tensors[n].data[0] = value
-            if changed < 1e-4:
-                return layout
-    raise NotImplementedError(f"MoE layer {layer.index} ({type(layer.experts).__name__}): no layout of its expert "
-                              "tensors lets a permutation of the intermediate neurons keep the expert's output, "
-                              "so neurons cannot be aligned")
+    for combo in sorted(itertools.product(*options.values()), key=lambda c: -sum(o is not None for o in c)):
+        if all(o is None for o in combo):
+            return None
+        layout = {n: o for n, o in zip(options, combo) if o is not None}
+        saved = {n: tensors[n].data[0].clone() for n in layout}
+        try:
+            for n, (axis, mode) in layout.items():
+                tensors[n].data[0] = _permute(saved[n], axis, mode, perm)
+            changed = float((expert_outputs(layer, probe, index).float() - reference).abs().max()) / scale
+        finally:
+            for n, value in saved.items():
+                tensors[n].data[0] = value
+        if changed < 1e-4:
+            return layout
+    return None
 
 
-def _hidden_size(layer: MoELayer, tensors: dict[str, nn.Parameter]) -> int:
+def _hidden_size(layer: MoELayer) -> int:
     router = next(p for p in layer.router.parameters() if p.dim() == 2)
     return int(router.shape[-1])
 
