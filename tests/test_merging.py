@@ -61,7 +61,7 @@ def test_identical_and_permuted_experts_merge_into_themselves(olmoe):
     with torch.no_grad():
         for name, t in tensors.items():
             t.data[1] = t.data[0]
-            t.data[3] = merging._permute(t.data[2], *layout[name], perm)
+            t.data[3] = merging.permute_neurons(t.data[2], *layout[name], perm)
     original = {name: t.detach().clone() for name, t in tensors.items()}
     size = layer.num_experts
     keep = np.ones(len(moe_layers(model)) * size, dtype=bool)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_utils.calibration import _block_output, expert_outputs
+from moe_utils.calibration import block_output, expert_outputs
 from moe_utils.models import MoELayer
 
 
@@ -30,7 +30,7 @@ def router_logits(layer: MoELayer, hidden: torch.Tensor) -> np.ndarray:
     weight = next(layer.block.parameters())
     try:
         with torch.no_grad():
-            _block_output(layer.block, hidden.to(device=weight.device, dtype=weight.dtype))
+            block_output(layer.block, hidden.to(device=weight.device, dtype=weight.dtype))
     finally:
         handle.remove()
     routed = layer.architecture.read_router_output(seen[0])

@@ -68,7 +68,7 @@ def _widths(layer: MoELayer, config: Any, tensors: dict[str, nn.Parameter], hidd
     return list(dict.fromkeys([v for v in declared if isinstance(v, int) and v > 0] + sizes))
 
 
-def _permute(tensor: torch.Tensor, axis: int, mode: str, perm: torch.Tensor) -> torch.Tensor:
+def permute_neurons(tensor: torch.Tensor, axis: int, mode: str, perm: torch.Tensor) -> torch.Tensor:
     """One expert's ``tensor`` (no expert dimension) with its neurons permuted along ``axis``:
     ``plain`` (one entry per neuron), ``chunked`` (gate then up halves), ``interleaved`` (gate, up
     alternate)."""
@@ -84,7 +84,7 @@ def _permute(tensor: torch.Tensor, axis: int, mode: str, perm: torch.Tensor) -> 
 
 def neuron_layout(layer: MoELayer, config: Any) -> dict[str, tuple[int, str]]:
     """Where each per-expert tensor holds the intermediate neurons: ``{name: (axis, mode)}`` (axis
-    of the tensor without its expert dimension; mode as in :func:`_permute`), found by trying the
+    of the tensor without its expert dimension; mode as in :func:`permute_neurons`), found by trying the
     axes whose size is an intermediate width (or twice it) and keeping the assignment under which a
     random permutation of expert 0's neurons leaves its output unchanged (checked on random inputs
     with the layer's own experts module). Raises NotImplementedError when none does."""
@@ -126,7 +126,7 @@ def _find_layout(layer, tensors, width, probe, index, reference, scale, generato
         saved = {n: tensors[n].data[0].clone() for n in layout}
         try:
             for n, (axis, mode) in layout.items():
-                tensors[n].data[0] = _permute(saved[n], axis, mode, perm)
+                tensors[n].data[0] = permute_neurons(saved[n], axis, mode, perm)
             changed = float((expert_outputs(layer, probe, index).float() - reference).abs().max()) / scale
         finally:
             for n, value in saved.items():
@@ -191,7 +191,7 @@ def merged_slices(model: nn.Module, compression: Compression,
                     own = {name: t[member] for name, t in tensors.items()}
                     if layout:
                         perm = neuron_permutation(lead, own, layout)
-                        own = {name: _permute(value, *layout[name], perm) if name in layout else value
+                        own = {name: permute_neurons(value, *layout[name], perm) if name in layout else value
                                for name, value in own.items()}
                     for name in tensors:
                         total[name] += own[name].double() * share
