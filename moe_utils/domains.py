@@ -56,8 +56,6 @@ DOC_COLUMNS = ("kind", "category", "doc_id", "question_id", "loglikelihood", "n_
 #: Stage-4 methods that can stand as the domain-specific baseline: those fitted on calibration data
 #: (random masks ignore the domain; caep_layer is CAEP itself).
 BASELINES = registry.calibrated("prune")
-#: Calibration tokens per layer kept for the methods that need hidden states (stage 4's ``output_tokens``).
-HIDDEN_TOKENS = 512
 
 
 def check_alignment(hsdl, store: RoutingStore) -> str:
@@ -124,7 +122,7 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
             texts = calibration.get(domain) or []
             if not texts:
                 raise ValueError(f"no calibration texts for domain {domain!r}")
-            stats_ = calibrate(model, tokenizer, texts, keep_hidden=registry.keep_hidden(methods, HIDDEN_TOKENS),
+            stats_ = calibrate(model, tokenizer, texts, keep_hidden=registry.keep_hidden(methods, registry.HIDDEN_TOKENS),
                                progress=False, **dict(calibrate_kwargs or {}))
         dictionary = (domain_factors(hsdl, store, domain, level=level, refit=refit, X=X)
                       if {"caep", "caep_layer"} & set(methods) else None)

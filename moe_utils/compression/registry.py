@@ -30,6 +30,9 @@ from moe_utils.compression.value import Compression, check_groups
 
 #: What a method may need: CAEP's dictionary, a calibration pass, the pass's kept block inputs, the model.
 NEEDS = ("dictionary", "stats", "hidden", "model")
+#: MoE-block inputs per layer a calibration pass keeps for the methods that need ``hidden`` (stage 4's
+#: ``output_tokens`` parameter defaults to it; stage 5 uses it).
+HIDDEN_TOKENS = 512
 
 
 @dataclass

@@ -41,7 +41,8 @@ def _hc_smoe(inputs, ratios):
     out = []
     for ratio in ratios:
         quota = inputs.budget.quota(ratio)
-        groups = [clusters(f, int(q), inputs.stats.counts[i, : len(f)]) for i, (f, q) in enumerate(zip(features, quota))]
+        groups = [clusters(f, int(q), inputs.stats.counts[i, : len(f)])
+                  for i, (f, q) in enumerate(zip(features, quota))]
         out.append(Compression("hc_smoe", ratio, keep_of(groups, bounds), note=inputs.quota_note(ratio), groups=groups,
                                weights=usage_weights(inputs.stats.counts, groups, bounds)))
     return out
