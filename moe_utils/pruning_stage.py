@@ -187,6 +187,17 @@ def _stage1_matrix(setup: Setup):
     return expert_matrix(setup.store)
 
 
+def merging_cost(results: pd.DataFrame) -> dict[str, Any]:
+    """What the merging methods added to the evaluations: their models, and their evaluation seconds
+    against all models' (each harness run counted once; a cached run counts the seconds it took)."""
+    runs = results.drop_duplicates(["method", "ratio", "seed", "seconds"])
+    merged = runs["method"].isin(registry.names("merge"))
+    return {"merge_models": int(results.loc[results["method"].isin(registry.names("merge")),
+                                            ["method", "ratio"]].drop_duplicates().shape[0]),
+            "merge_eval_seconds": float(runs.loc[merged, "seconds"].sum()),
+            "all_eval_seconds": float(runs["seconds"].sum())}
+
+
 # ------------------------------------------------------------------------------ artifact
 def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: calibration.ExpertStats,
                   parameters: Mapping[str, Any]) -> None:

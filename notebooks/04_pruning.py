@@ -217,7 +217,8 @@ results, samples = pruning_eval.evaluate_documents(
     batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir,
     blimp_dir=blimp_dir)
 glue_values(n_evaluations=len(every), eval_seconds=time.perf_counter() - t0,
-                          n_cached=int(results.groupby(["method", "ratio"])["cached"].all().mean() * 100))
+            n_cached=int(results.groupby(["method", "ratio"])["cached"].all().mean() * 100),
+            **pruning_stage.merging_cost(results))
 measures = pruning_eval.available_measures(samples)
 scores = pruning_eval.model_scores(samples, measures, n_boot=n_bootstrap)
 compared = pruning_eval.comparisons(samples, measures, n_boot=n_bootstrap)
@@ -226,6 +227,8 @@ pruning_eval.sample_sizes(samples, measures)
 # %% [markdown]
 # {glue:text}`n_evaluations` models were evaluated (for {glue:text}`n_cached`% of the methods and
 # ratios every evaluation was read from the cache) in {glue:text}`eval_seconds:.0f` s, on the documents above.
+# The {glue:text}`merge_models` merged models took {glue:text}`merge_eval_seconds:.0f` s of the
+# {glue:text}`all_eval_seconds:.0f` s the evaluations took when computed.
 #
 # ## 7. The paper's Table 1, with intervals
 

@@ -127,3 +127,16 @@ def test_clusters_and_dominant_groups_recover_planted_structure():
     logits = np.column_stack([base[:, 0], base[:, 1], base[:, 0] * 2 + 0.01 * rng.normal(size=50),
                               base[:, 1] * 3 + 0.01 * rng.normal(size=50)])
     assert dominant_groups(logits, 2, np.array([9, 8, 1, 1])) == [[0, 2], [1, 3]]
+
+
+def test_merging_cost_counts_each_run_once():
+    import pandas as pd
+
+    from moe_utils.pruning_stage import merging_cost
+
+    rows = [("unpruned", 0.0, None, "blimp", 10.0), ("unpruned", 0.0, None, "wiki", 4.0),
+            ("hc_smoe", 0.5, None, "blimp", 12.0), ("m_smoe", 0.5, None, "blimp", 11.0),
+            ("random", 0.5, 0, "blimp", 9.0), ("random", 0.5, 1, "blimp", 9.0)]
+    frame = pd.DataFrame(rows, columns=["method", "ratio", "seed", "task", "seconds"])
+    frame = pd.concat([frame, frame.assign(metric="other")])  # two metric rows per run
+    assert merging_cost(frame) == {"merge_models": 2, "merge_eval_seconds": 23.0, "all_eval_seconds": 55.0}
