@@ -4,8 +4,10 @@ The paper's section 4 (Table 1, Fig 8) compares CAEP with other pruning methods 
 pruning ratios. Every method ends in a *keep-mask*: a boolean vector over the N_e routed experts
 in the layer-major order of the expert matrix X (row ``layer * E + expert``), True = keep; masks
 are applied by :mod:`moe_utils.expert_surgery`. :func:`pruning_masks` returns every method's masks
-for a list of ratios (CAEP and its per-layer mode from :mod:`moe_utils.caep`; frequency, routing
-weight, EAN, REAP and the output-based method from :mod:`moe_utils.calibration`; random masks);
+for a list of ratios through the registry of :mod:`moe_utils.compression.registry` (one module per
+method under :mod:`moe_utils.compression.methods`: CAEP and its per-layer mode; frequency, routing
+weight, EAN, REAP and the output-based method; the merging baselines HC-SMoE and M-SMoE, whose
+masks also carry the groups merged into each kept expert; random masks);
 :func:`resolve_evaluation` / :func:`evaluation_runs` / :func:`evaluation_key` say what each mask
 is evaluated on and how an evaluation is cached (:mod:`moe_utils.pruning_eval` runs them and
 builds Table 1 with paired intervals); :func:`method_ranks` ranks the methods; :func:`label_columns` and
