@@ -4,7 +4,9 @@ the dominant expert whose router logits it resembles most, and each group is mer
 members' neurons aligned.
 
 The dominant experts are the layer's quota (:meth:`moe_utils.caep.PruningBudget.quota`) of most
-used experts on the calibration tokens (lowest index on ties). An expert's feature is its column of
+used experts on the calibration tokens (lowest index on ties). (The paper spreads the dominant
+experts over the layers by their usage across the whole model; here every layer keeps the same
+count as the other per-layer baselines, so that all methods compare at the same per-layer budget.) An expert's feature is its column of
 router logits over the calibration tokens (:func:`moe_utils.compression.features.router_logits`);
 each non-dominant expert joins the dominant one of highest cosine similarity. Before the
 usage-weighted average, each member's intermediate neurons are permuted to match the dominant
