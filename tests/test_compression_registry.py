@@ -39,7 +39,7 @@ def test_derived_lists_and_checks():
     assert registry.keep_hidden(["caep", "frequency"], 512) == 0
     assert registry.keep_hidden(["caep", "hc_smoe"], 512) == 512
     assert registry.needs_stats(["reap"]) and not registry.needs_stats(["caep", "random"])
-    with pytest.raises(ValueError, match="unknown compression method"):
+    with pytest.raises(ValueError, match="unknown pruning method"):
         registry.check_methods(["caep", "magic"])
     grouped = caep.PruningBudget((8, 8), 2, ((4, 6, 8), (4, 6, 8)))
     assert list(registry.unsupported(registry.names(), grouped)) == ["output"]

@@ -127,7 +127,7 @@ def check_methods(methods: Sequence[str]) -> None:
     """ValueError naming the methods of ``methods`` that are not registered."""
     unknown = [m for m in methods if m not in registry()]
     if unknown:
-        raise ValueError(f"unknown compression method(s) {unknown}; known: {', '.join(registry())}")
+        raise ValueError(f"unknown pruning method(s) {unknown}; known (pruning and merging): {', '.join(registry())}")
 
 
 def needs_stats(methods: Sequence[str]) -> bool:
