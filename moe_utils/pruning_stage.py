@@ -66,11 +66,14 @@ class Setup:
         return self.budget.n_experts
 
 
-def load_setup(model: str, artifacts_dir, methods: Sequence[str], *, min_per_layer: int | None = None,
+def load_setup(model: str, artifacts_dir, methods: Sequence[str] | None, *, min_per_layer: int | None = None,
                device=None, dtype=None, trust_remote_code: bool = False) -> Setup:
     """Open stage 1's store and stage 2's dictionary, load the model, and check they belong together.
-    The guard is the model's top-k unless ``min_per_layer`` is given; methods a group-limited router
+    ``methods``: registered names, None for all (:func:`moe_utils.compression.registry.names`). The
+    guard is the model's top-k unless ``min_per_layer`` is given; methods a group-limited router
     cannot use are skipped (:func:`moe_utils.pruning.unsupported_methods`)."""
+    methods = list(registry.names() if methods is None else methods)
+    registry.check_methods(methods)
     paths = stage_paths(artifacts_dir)
     store_dir, hsdl_dir = paths.store, paths.hsdl
     store, hsdl = RoutingStore.open(store_dir), HSDL.load(hsdl_dir)

@@ -49,8 +49,7 @@ batch_size = 8
 max_length = 512
 artifacts_dir = "artifacts/tiny"
 prune_ratios = [0.25, 0.5, 0.75]
-pruning_methods = ["caep", "caep_layer", "frequency", "router_weight", "ean", "reap", "output", "hc_smoe", "m_smoe",
-                   "random"]
+pruning_methods = None  # None: every registered method (moe_utils.compression.registry)
 random_seeds = [0, 1, 2]
 caep_threshold_ratio = 0.9
 caep_level = 1

@@ -123,9 +123,9 @@ def get(name: str) -> Method:
     return registry()[name]
 
 
-def check_methods(methods: Sequence[str]) -> None:
-    """ValueError naming the methods of ``methods`` that are not registered."""
-    unknown = [m for m in methods if m not in registry()]
+def check_methods(methods: Sequence[str] | None) -> None:
+    """ValueError naming the methods of ``methods`` that are not registered (None: every method)."""
+    unknown = [m for m in methods or () if m not in registry()]
     if unknown:
         raise ValueError(f"unknown pruning method(s) {unknown}; known (pruning and merging): {', '.join(registry())}")
 
