@@ -19,7 +19,9 @@ Modules, one concept each, in the order of the study:
 - stage 3: ``annotation`` (attribution, enrichment, labels), ``token_text`` (token classes and the
   coloured-token rendering), ``annotation_report`` (the stage's tables and numbers);
 - stage 4: ``caep`` (paper section 4, Algorithm 1, and the pruning budget), ``calibration``
-  (baseline scores from one calibration pass), ``pruning`` (every method's masks, their evaluation
+  (baseline scores from one calibration pass), ``compression`` (the registry of pruning and merging
+  methods, one module per method under ``compression/methods``; the ``Compression`` value and its
+  digest; merging: HC-SMoE, M-SMoE), ``pruning`` (every method's masks, their evaluation
   and artifacts), ``expert_surgery`` (masking and physically removing experts), ``evaluation``
   (lm-evaluation-harness);
 - stage 5: ``domains`` (domain-specific pruning), ``stats`` (intervals and permutation tests),

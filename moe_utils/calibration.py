@@ -303,7 +303,8 @@ def _calibration_pass(model: nn.Module, layers: list[MoELayer], tokenizer, texts
 
 
 # ------------------------------------------------------------------------ output-based method
-def _block_output(block: nn.Module, states: torch.Tensor) -> torch.Tensor:
+def block_output(block: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """An MoE block's output (float32) on the block inputs ``states`` (n, H), run as one sequence."""
     out = block(states[None])
     return (out[0] if isinstance(out, tuple) else out)[0].float()
 
@@ -345,7 +346,7 @@ def _greedy_search(model: nn.Module, layers: list[MoELayer], hidden: Sequence[to
                 raise ValueError(f"no calibration tokens for MoE layer {layer.index}: calibrate with keep_hidden > 0")
             weight = next(layer.block.parameters())  # the block's own device (device_map="auto" spreads layers)
             states = states.to(device=weight.device, dtype=weight.dtype)
-            reference = _block_output(layer.block, states)
+            reference = block_output(layer.block, states)
             scale = float(reference.pow(2).sum()) or 1.0
             keep = [np.arange(other.num_experts) for other in layers]
             order: list[int] = []
@@ -356,7 +357,7 @@ def _greedy_search(model: nn.Module, layers: list[MoELayer], hidden: Sequence[to
                     trial[layer.index] = keep[layer.index][keep[layer.index] != candidate]
                     try:
                         with masked_experts(model, trial, layers):
-                            change = float((_block_output(layer.block, states) - reference).pow(2).sum()) / scale
+                            change = float((block_output(layer.block, states) - reference).pow(2).sum()) / scale
                     except PruningError as err:
                         raise PruningError(f"the output-based method removes one expert at a time, which this "
                                            f"router does not allow: {err}") from err

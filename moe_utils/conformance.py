@@ -15,6 +15,13 @@ model type by model type, on a tiny random model built from the type's own confi
 * ``calibration``: the per-expert outputs of :func:`moe_utils.calibration.expert_outputs`,
   recombined with the routing weights, equal the experts module's own output inside the block.
 
+One more column, over the types where every check above passes: ``merging`` (expert merging,
+:mod:`moe_utils.compression.merging`): a merge of the even keep-list's removed experts into the
+kept ones, with random weights and the members' neurons aligned as M-SMoE aligns them, gives the
+same logits applied in place (:func:`~moe_utils.compression.merging.applied`) as physically
+compressed (:func:`~moe_utils.compression.merging.compress`) and after ``save_pruned`` /
+``load_pruned``, with fewer expert weights; a group of one expert leaves that expert unchanged.
+
 The model types come from transformers itself (:func:`moe_model_types`): every causal-LM type of its
 auto mapping whose modeling code defines an experts class. ``python -m moe_utils.conformance
 --out bench/results/conformance.json`` writes the table the book's Reproducing page shows.
@@ -39,6 +46,8 @@ from torch import nn
 #: Largest |logit difference| accepted between masked, removed and reloaded models.
 TOLERANCE = 1e-5
 CHECKS = ("capture", "masked_never_chosen", "removal_equals_masking", "save_reload", "calibration")
+#: The merging column, reported apart from :data:`CHECKS` (see the module docstring).
+MERGING_CHECKS = ("merging",)
 #: Texts of different lengths, so that a batch of them is padded.
 TEXTS = ("The integral of x squared is x cubed over three.", "Courts interpret statutes.",
          "def f(x): return x + 1", "Q")
@@ -231,6 +240,43 @@ def _check_calibration(model, tokenizer, layers) -> str:
     return "pass"
 
 
+def _check_merging(model, tokenizer, keep: list[np.ndarray], workdir: Path, *, reload: bool) -> str:
+    """A merge of every removed expert into a kept one (expert ``i`` into the ``i % n``-th kept
+    expert), with random positive weights and aligned neurons: applied in place, compressed and
+    reloaded, the logits agree, and the compressed model holds fewer parameters."""
+    from moe_utils.compression.merging import applied, compress
+    from moe_utils.compression.value import Compression
+    from moe_utils.expert_surgery import load_pruned, save_pruned
+    from moe_utils.models import moe_layers
+
+    layers = moe_layers(model)
+    width = max(layer.num_experts for layer in layers)
+    flat = np.zeros(len(layers) * width, dtype=bool)
+    groups = []
+    for layer, kept in zip(layers, keep):
+        flat[layer.index * width + kept] = True
+        members = {int(k): [int(k)] for k in kept}
+        for i, expert in enumerate(sorted(set(range(layer.num_experts)) - set(kept.tolist()))):
+            members[int(kept[i % len(kept)])].append(expert)
+        groups.append([members[int(k)] for k in kept])
+    weights = np.random.default_rng(0).random(len(flat)) + 0.1
+    merge = Compression("conformance", 0.0, flat, groups=groups, weights=weights, align=True)
+    with applied(model, merge):
+        expected = _logits(model, tokenizer)
+    merged = compress(copy.deepcopy(model), merge)
+    if sum(p.numel() for p in merged.parameters()) >= sum(p.numel() for p in model.parameters()):
+        return "fail: the merged model holds no fewer parameters"
+    diff = float((_logits(merged, tokenizer) - expected).abs().max())
+    if not diff <= TOLERANCE:
+        return f"fail: compressed against applied, max |logit diff| {diff:.2e}"
+    if reload:
+        diff = float((_logits(load_pruned(save_pruned(merged, workdir / "merged", overwrite=True)), tokenizer)
+                      - expected).abs().max())
+        if not diff <= TOLERANCE:
+            return f"fail: after reload, max |logit diff| {diff:.2e}"
+    return "pass"
+
+
 def _guarded(check: Callable[[], Any]) -> Any:
     try:
         return check()
@@ -288,15 +334,20 @@ def check_model(model: nn.Module, tokenizer, workdir: str | Path | None = None, 
             row["removal_equals_masking"], row["save_reload"] = (results, results) if isinstance(results, str) \
                 else results
         row["calibration"] = _guarded(lambda: _check_calibration(model, tokenizer, layers))
+        row["merging"] = keeps if isinstance(keeps, str) else _guarded(
+            lambda: _check_merging(model, tokenizer, keeps[0], tmp, reload=reload))
     return row
 
 
 def summary(rows: list[dict]) -> dict:
-    """Counts over the table: buildable types, and those where every check passes."""
+    """Counts over the table: buildable types, those where every check passes, and of these the
+    share where merging passes too."""
     buildable = [r for r in rows if r["status"] != "not buildable"]
     passing = [r for r in buildable if r["status"] == "supported" and all(r[c] == "pass" for c in CHECKS)]
+    merging = [r for r in passing if all(r.get(c) == "pass" for c in MERGING_CHECKS)]
     return {"n_types": len(rows), "n_buildable": len(buildable), "n_passing": len(passing),
-            "share_passing": len(passing) / max(len(buildable), 1)}
+            "share_passing": len(passing) / max(len(buildable), 1), "n_merging": len(merging),
+            "share_merging": len(merging) / max(len(passing), 1)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ diagonal. This module provides the pieces:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -35,6 +34,8 @@ import pandas as pd
 from moe_utils import stats
 from moe_utils.artifacts import KeyedCache, package_versions
 from moe_utils.caep import PruningBudget
+from moe_utils.compression import merging, registry
+from moe_utils.compression.value import Compression
 from moe_utils.evaluation import MC_GROUP, PPL_GROUP, resolve_category, results_table, run_harness
 from moe_utils.metrics import better_sign, lower_is_better
 from moe_utils.models import moe_layers
@@ -54,7 +55,7 @@ DOC_COLUMNS = ("kind", "category", "doc_id", "question_id", "loglikelihood", "n_
 # --------------------------------------------------------------------------- domain pruning
 #: Stage-4 methods that can stand as the domain-specific baseline: those fitted on calibration data
 #: (random masks ignore the domain; caep_layer is CAEP itself).
-BASELINES = ("frequency", "router_weight", "ean", "reap", "output")
+BASELINES = registry.calibrated("prune")
 
 
 def check_alignment(hsdl, store: RoutingStore) -> str:
@@ -111,7 +112,7 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
     from moe_utils.calibration import calibrate
     from moe_utils.pruning import pruning_masks
 
-    needs_stats = [m for m in methods if m in BASELINES]
+    needs_stats = [m for m in methods if registry.needs_stats([m])]
     if needs_stats and (model is None or calibration is None):
         raise ValueError(f"methods {needs_stats} need model, tokenizer and calibration texts per domain")
     out = {}
@@ -121,7 +122,7 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
             texts = calibration.get(domain) or []
             if not texts:
                 raise ValueError(f"no calibration texts for domain {domain!r}")
-            stats_ = calibrate(model, tokenizer, texts, keep_hidden=4096 if "output" in methods else 0,
+            stats_ = calibrate(model, tokenizer, texts, keep_hidden=registry.keep_hidden(methods, registry.HIDDEN_TOKENS),
                                progress=False, **dict(calibrate_kwargs or {}))
         dictionary = (domain_factors(hsdl, store, domain, level=level, refit=refit, X=X)
                       if {"caep", "caep_layer"} & set(methods) else None)
@@ -319,24 +320,26 @@ def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[
 def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: str | os.PathLike,
                     model_id: Mapping[str, Any] | None = None, limit: int | None = None,
                     **settings) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
-    """:func:`evaluate_documents` of ``model`` with the experts outside ``keep`` masked
-    (:func:`moe_utils.expert_surgery.masked_experts`; ``keep=None``: the unpruned model), cached by
-    :func:`cached_evaluation` under :func:`moe_utils.pruning.evaluation_key` of the mask, the
+    """:func:`evaluate_documents` of ``model`` compressed by ``keep`` (a
+    :class:`moe_utils.compression.value.Compression`, applied by :func:`moe_utils.compression.merging.applied`,
+    or a bare keep-mask; ``None``: the unpruned model), cached by
+    :func:`cached_evaluation` under :func:`moe_utils.pruning.evaluation_key` of its digest, the
     tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
     model (``model_id``, default :func:`moe_utils.routing.model_identity`); the cache adds the
     package's code, the data and the versions (:func:`moe_utils.fingerprint.dependency_key`)."""
-    from moe_utils import evaluation, expert_surgery
     from moe_utils.pruning import evaluation_key
 
     layers = moe_layers(model)
     n_e = sum(layer.num_experts for layer in layers)
-    mask = np.ones(n_e, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if not isinstance(keep, Compression):
+        keep = Compression("mask", 0.0, np.ones(n_e, dtype=bool) if keep is None else np.asarray(keep, dtype=bool))
+    mask = keep.keep
     run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True}
     model_id = dict(model_id) if model_id is not None else model_identity(model, layers)
-    key = evaluation_key(mask, run_spec, settings, model_id)
+    key = evaluation_key(keep, run_spec, settings, model_id)
 
     def run():
-        with expert_surgery.masked_experts(model, mask, layers) if not mask.all() else contextlib.nullcontext():
+        with merging.applied(model, keep, layers):
             return evaluate_documents(model, tokenizer, tasks, limit=limit, **settings)
 
     return cached_evaluation(cache_dir, key, {"run": run_spec, "settings": settings, "model": model_id,

@@ -659,8 +659,9 @@ def conformance_section(path: Path) -> list[str]:
     """Markdown lines showing the conformance table of ``python -m moe_utils.conformance``."""
     if not path.is_file():
         return []
-    from moe_utils.conformance import CHECKS
+    from moe_utils.conformance import CHECKS, MERGING_CHECKS
 
+    columns = (*CHECKS, *MERGING_CHECKS)
     result = json.loads(path.read_text())
     total = result["summary"]
     lines = ["", "## Conformance: every MoE causal LM of transformers", "",
@@ -674,14 +675,16 @@ def conformance_section(path: Path) -> list[str]:
              "outputs recombined with the routing weights against the experts module's own output "
              f"(calibration). **{total['n_passing']} of {total['n_buildable']} buildable types pass every "
              f"check** ({total['share_passing']:.0%}); {total['n_types'] - total['n_buildable']} types cannot be "
-             "built tiny from their default config. Random routers carry no learned collaboration: this "
+             "built tiny from their default config. Merging (experts merged into kept ones with aligned "
+             "neurons: applied in place, compressed and reloaded give the same logits) passes on "
+             f"{total.get('n_merging', 0)} of the {total['n_passing']}. Random routers carry no learned collaboration: this "
              "table says the code reads and prunes these models exactly, not what their experts do.", "",
-             "| model type | status | found by | E | k | scoring | " + " | ".join(CHECKS) + " | reason |",
-             "|" + "---|" * (7 + len(CHECKS))]
+             "| model type | status | found by | E | k | scoring | " + " | ".join(columns) + " | reason |",
+             "|" + "---|" * (7 + len(columns))]
     for row in result["rows"]:
         checks = [("pass" if row.get(c) == "pass" else "not run" if row.get(c) == "not run" else "fail")
-                  if c in row else "" for c in CHECKS]
-        failures = "; ".join(f"{c}: {row[c]}" for c in CHECKS if str(row.get(c, "")).startswith("fail"))
+                  if c in row else "" for c in columns]
+        failures = "; ".join(f"{c}: {row[c]}" for c in columns if str(row.get(c, "")).startswith("fail"))
         lines.append("| " + " | ".join(_cell(v) for v in (
             f"`{row['model_type']}`", row["status"], row.get("found_by", ""), row.get("n_experts", ""),
             row.get("top_k", ""), row.get("scoring", ""), *checks, row.get("reason", failures))) + " |")

@@ -4,8 +4,10 @@ The paper's section 4 (Table 1, Fig 8) compares CAEP with other pruning methods 
 pruning ratios. Every method ends in a *keep-mask*: a boolean vector over the N_e routed experts
 in the layer-major order of the expert matrix X (row ``layer * E + expert``), True = keep; masks
 are applied by :mod:`moe_utils.expert_surgery`. :func:`pruning_masks` returns every method's masks
-for a list of ratios (CAEP and its per-layer mode from :mod:`moe_utils.caep`; frequency, routing
-weight, EAN, REAP and the output-based method from :mod:`moe_utils.calibration`; random masks);
+for a list of ratios through the registry of :mod:`moe_utils.compression.registry` (one module per
+method under :mod:`moe_utils.compression.methods`: CAEP and its per-layer mode; frequency, routing
+weight, EAN, REAP and the output-based method; the merging baselines HC-SMoE and M-SMoE, whose
+masks also carry the groups merged into each kept expert; random masks);
 :func:`resolve_evaluation` / :func:`evaluation_runs` / :func:`evaluation_key` say what each mask
 is evaluated on and how an evaluation is cached (:mod:`moe_utils.pruning_eval` runs them and
 builds Table 1 with paired intervals); :func:`method_ranks` ranks the methods; :func:`label_columns` and
@@ -18,7 +20,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -28,36 +29,24 @@ import scipy.sparse as sp
 from torch import nn
 
 from moe_utils.artifacts import json_digest, package_versions, read_artifact, write_artifact
-from moe_utils.caep import PruningBudget, caep, check_ratio, contribution_scores, layerwise_mask, random_mask
-from moe_utils.calibration import SCORES, ExpertStats, output_removal_order
+from moe_utils.caep import PruningBudget
+from moe_utils.calibration import ExpertStats
+from moe_utils.compression import registry
+from moe_utils.compression.value import Compression
 from moe_utils.metrics import better_sign
 from moe_utils.models import is_small_model
 
 log = logging.getLogger(__name__)
 
-#: Every method :func:`pruning_masks` knows, in the order tables show them.
-METHODS = ("caep", "caep_layer", "frequency", "router_weight", "ean", "reap", "output", "random")
-FORMAT = "moe-pruning/1"
+#: Every method :func:`pruning_masks` knows (pruning and merging), in the order tables show them:
+#: the names of :mod:`moe_utils.compression.registry`.
+METHODS = registry.names()
+FORMAT = "moe-pruning/2"
 
 
 # ------------------------------------------------------------------------------ all methods
-@dataclass
-class PruningMask:
-    """One method's keep-mask at one ratio (and seed, for random masks), with a note."""
-
-    method: str
-    ratio: float
-    keep: np.ndarray
-    seed: int | None = None
-    note: str = ""
-
-    @property
-    def label(self) -> str:
-        return self.method if self.seed is None else f"{self.method} (seed {self.seed})"
-
-    @property
-    def pruned_share(self) -> float:
-        return float(1 - self.keep.mean())
+#: One method's compressed model at one ratio: :class:`moe_utils.compression.value.Compression`.
+PruningMask = Compression
 
 
 def unpruned_mask(n_e: int) -> PruningMask:
@@ -66,18 +55,9 @@ def unpruned_mask(n_e: int) -> PruningMask:
 
 
 def unsupported_methods(methods: Sequence[str], budget: PruningBudget) -> dict[str, str]:
-    """``{method: why}`` for the methods of ``methods`` that cannot prune a model whose layers allow
-    only the keep counts of ``budget`` (:meth:`moe_utils.caep.PruningBudget.for_model`).
-
-    Only the output-based search is affected: it removes one expert at a time, so every count
-    between a layer's size and its quota must be routable, which a group-limited router with
-    ``n_group`` > 1 forbids (its counts must stay divisible by ``n_group``)."""
-    gaps = [layer for layer, rule in enumerate(budget.allowed or []) if rule is not None
-            and sorted(rule) != list(range(min(rule), max(rule) + 1))]
-    if "output" in methods and gaps:
-        return {"output": f"removes one expert at a time, which the group-limited routers of MoE layers "
-                          f"{gaps} do not allow (their kept counts must stay divisible by the number of groups)"}
-    return {}
+    """``{method: why}`` for the methods of ``methods`` that cannot compress a model whose layers allow
+    only the keep counts of ``budget`` (:func:`moe_utils.compression.registry.unsupported`)."""
+    return registry.unsupported(methods, budget)
 
 
 def pruning_masks(ratios: Sequence[float], *, budget: PruningBudget,
@@ -85,68 +65,23 @@ def pruning_masks(ratios: Sequence[float], *, budget: PruningBudget,
                   dictionary: tuple[Any, Any] | None = None, threshold_ratio: float = 0.9,
                   seeds: Sequence[int] = (0, 1, 2), model: nn.Module | None = None,
                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[PruningMask]:
-    """Every method's keep-mask at every ratio, in the order of ``methods`` then ``ratios`` then seeds.
+    """Every method's compression at every ratio, in the order of ``methods`` then ``ratios`` then seeds
+    (:func:`moe_utils.compression.registry.build`).
 
     Args:
         ratios: shares of experts to prune, each in (0, 1).
         budget: experts per MoE layer, the per-layer guard (a model's top-k) and the keep counts
             each router allows (:meth:`moe_utils.caep.PruningBudget.for_model`); every mask rounds
             up to them, and :func:`unsupported_methods` are refused.
-        methods: names from :data:`METHODS`. ``caep`` (global Algorithm 1 with the guard) and
-            ``caep_layer`` (the same contributions, per layer) need ``dictionary=(D, R)``; ``frequency``,
-            ``router_weight``, ``ean``, ``reap`` need ``stats``; ``output`` needs ``stats`` with kept
-            hidden states and the ``model``; ``random`` uses ``seeds``.
+        methods: registered names (:data:`METHODS`); each entry says what it needs: ``dictionary=(D, R)``
+            (CAEP), ``stats`` (a calibration pass; with kept hidden states for the output-based and
+            merging methods), the ``model``; ``random`` uses ``seeds``.
         threshold_ratio: CAEP's k1.
-        cache_dir: where :func:`output_removal_order` caches its search.
+        cache_dir: where the output-based search caches its orders.
     """
-    check_methods(methods)
-    needs = {"caep": ("dictionary=(D, R)", dictionary), "caep_layer": ("dictionary=(D, R)", dictionary),
-             "output": ("stats and model", stats if model is not None else None),
-             **{s: ("stats", stats) for s in SCORES}}
-    missing = [f"{m} needs {needs[m][0]}" for m in methods if m in needs and needs[m][1] is None]
-    missing += [f"{m} {why}" for m, why in unsupported_methods(methods, budget).items()]
-    if missing:
-        raise ValueError("; ".join(missing))
-    for ratio in ratios:
-        check_ratio("prune ratio", ratio)
-    sizes = list(budget.layer_sizes)
-    quotas = {r: budget.quota(r) for r in ratios}
-    guarded = {r: budget.quota(r, rounded=False) for r in ratios}
-    wanted = {r: budget.quota(r, guard=False, rounded=False) for r in ratios}
-
-    def quota_note(ratio: float) -> str:
-        notes = []
-        if not np.array_equal(guarded[ratio], wanted[ratio]):
-            notes.append(f"guard: each layer keeps at least {budget.min_per_layer} experts "
-                         f"(instead of {wanted[ratio].min()})")
-        if not np.array_equal(quotas[ratio], guarded[ratio]):
-            notes.append(f"group-limited routing: layers keep {sorted(set(quotas[ratio].tolist()))} experts "
-                         f"(instead of {sorted(set(guarded[ratio].tolist()))}), a count the router allows")
-        return "; ".join(notes)
-
-    orders = None
-    if "output" in methods:
-        n_remove = [size - min(int(quotas[r][i]) for r in ratios) for i, size in enumerate(sizes)]
-        orders = output_removal_order(model, stats.hidden, n_remove, cache_dir=cache_dir, progress=progress)
-    bounds = budget.bounds()
-    masks: list[PruningMask] = []
-    for method in methods:
-        for ratio in ratios:
-            if method == "caep":
-                result = caep(*dictionary, threshold_ratio, ratio, budget=budget)
-                masks.append(PruningMask(method, ratio, result.keep, note=result.note))
-            elif method == "random":
-                masks.extend(PruningMask(method, ratio, random_mask(budget, ratio, seed), seed=seed,
-                                         note=quota_note(ratio)) for seed in seeds)
-            elif method == "output":
-                keep = np.ones(budget.n_experts, dtype=bool)
-                for layer, order in enumerate(orders):
-                    keep[bounds[layer] + np.asarray(order[: sizes[layer] - quotas[ratio][layer]], dtype=int)] = False
-                masks.append(PruningMask(method, ratio, keep, note=quota_note(ratio)))
-            else:
-                scores = contribution_scores(*dictionary) if method == "caep_layer" else stats.score(method)
-                masks.append(PruningMask(method, ratio, layerwise_mask(scores, budget, ratio), note=quota_note(ratio)))
-    return masks
+    return registry.build(methods, ratios, registry.Inputs(
+        budget=budget, stats=stats, dictionary=dictionary, model=model, seeds=seeds,
+        threshold_ratio=threshold_ratio, cache_dir=cache_dir, progress=progress))
 
 
 def mask_overlap(masks: Sequence[PruningMask]) -> pd.DataFrame:
@@ -259,21 +194,22 @@ def primary_metric(task: str, metrics: Iterable[str]) -> str:
 
 
 
-def check_methods(methods: Sequence[str]) -> None:
-    """ValueError naming the methods of ``methods`` that are not in :data:`METHODS`."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown pruning method(s) {unknown}; known: {', '.join(METHODS)}")
+#: ValueError naming the methods of a list that are not registered.
+check_methods = registry.check_methods
 
 
-def evaluation_key(keep: np.ndarray, run: Mapping[str, Any], settings: Mapping[str, Any], model_id: Mapping) -> str:
-    """sha256 naming one evaluation: the mask, the tasks and limit, the other evaluate() settings
+def evaluation_key(compression: Compression | np.ndarray, run: Mapping[str, Any], settings: Mapping[str, Any],
+                   model_id: Mapping) -> str:
+    """sha256 naming one evaluation: the compressed model (:attr:`moe_utils.compression.value.Compression.digest`;
+    a bare keep-mask is a pruning), the tasks and limit, the other evaluate() settings
     with the digest of each data folder they name (``data_dir``, ``blimp_dir`` ...), and the model
     (:func:`moe_utils.routing.model_identity`); the evaluation cache
     (:class:`moe_utils.artifacts.KeyedCache`) adds the code, the ``$MOE_*_DIR`` data and versions."""
     from moe_utils.fingerprint import tree_digest
 
-    payload = {"keep": np.packbits(np.asarray(keep, dtype=bool)).tobytes().hex(), "n": len(keep), "run": run,
+    if not isinstance(compression, Compression):
+        compression = Compression("mask", 0.0, np.asarray(compression, dtype=bool))
+    payload = {"compression": compression.digest, "run": run,
                "settings": settings, "model": model_id,
                "data": {k: tree_digest(v) for k, v in settings.items() if k.endswith("_dir") and v}}
     return json_digest(payload)
@@ -295,16 +231,19 @@ def save_pruning(path: str | os.PathLike, masks: Sequence[PruningMask], results:
                  stats: ExpertStats | None = None, extra: dict | None = None) -> Path:
     """Write the stage's artifact folder (:func:`moe_utils.artifacts.write_artifact`): ``masks.npz``
     (one keep-mask per row), ``results.csv``, ``stats.npz`` (calibration sums), then a checksummed
-    ``manifest.json`` listing every mask (method, ratio, seed, note) and ``extra`` (parameters, inputs)."""
+    ``manifest.json`` listing every mask (method, ratio, seed, note; for a merge its groups and
+    alignment, its weights in ``masks.npz``) and ``extra`` (parameters, inputs)."""
     path = Path(path)
-    files = {"masks.npz": _npz(keep=np.array([m.keep for m in masks], dtype=bool)),
+    weights = np.array([m.weights if m.merged else np.zeros(len(m.keep)) for m in masks], dtype=np.float64)
+    files = {"masks.npz": _npz(keep=np.array([m.keep for m in masks], dtype=bool), weights=weights),
              "results.csv": results.to_csv(index=False).encode()}
     if stats is not None:
         files["stats.npz"] = _npz(n_tokens=stats.n_tokens, counts=stats.counts, weight_sum=stats.weight_sum,
                                   norm_sum=stats.norm_sum, weighted_norm_sum=stats.weighted_norm_sum)
     write_artifact(path, files, {
         "format": FORMAT, "masks": [{"method": m.method, "ratio": m.ratio, "seed": m.seed, "note": m.note,
-                                     "n_kept": int(m.keep.sum())} for m in masks],
+                                     "n_kept": int(m.keep.sum()), "groups": m.groups, "align": m.align}
+                                    for m in masks],
         "versions": package_versions(("torch", "transformers", "lm_eval", "numpy", "moe-collab-study")),
         **(extra or {})})
     return path
@@ -324,7 +263,8 @@ def load_pruning(path: str | os.PathLike) -> tuple[list[PruningMask], pd.DataFra
     manifest = read_artifact(path, what="pruning artifact", fix="re-run stage 04_pruning", format=FORMAT,
                              required=("masks.npz", "results.csv"))
     with np.load(path / "masks.npz") as arrays:
-        keeps = arrays["keep"]
-    masks = [PruningMask(m["method"], m["ratio"], keep, seed=m["seed"], note=m["note"])
-             for m, keep in zip(manifest["masks"], keeps)]
+        keeps, weights = arrays["keep"], arrays["weights"]
+    masks = [PruningMask(m["method"], m["ratio"], keep, seed=m["seed"], note=m["note"], groups=m["groups"],
+                         weights=w if m["groups"] is not None else None, align=m["align"])
+             for m, keep, w in zip(manifest["masks"], keeps, weights)]
     return masks, pd.read_csv(path / "results.csv"), manifest

@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from moe_utils import blimp, evaluation, expert_surgery, paired
+from moe_utils import blimp, evaluation, paired
+from moe_utils.compression import merging
 from moe_utils.ablation import is_variant
 from moe_utils.domains import cached_evaluation
 from moe_utils.pruning import PruningMask, evaluation_key
@@ -104,13 +105,11 @@ def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Seq
     jobs = [(mask, dict(run)) for mask in masks for run in runs]
     for mask, run in tqdm(jobs, desc="evaluating masks", disable=not progress):
         spec = run | {"per_document": True}
-        key = evaluation_key(mask.keep, spec, settings, model_id)
+        key = evaluation_key(mask, spec, settings, model_id)
 
         def compute(mask=mask, run=run):
             start = time.perf_counter()
-            context = (expert_surgery.masked_experts(model, mask.keep) if not mask.keep.all()
-                       else contextlib.nullcontext())
-            with context, _torch_threads(threads):
+            with merging.applied(model, mask), _torch_threads(threads):
                 raw = evaluation.run_harness(model, tokenizer, run["tasks"], limit=run.get("limit"), log_samples=True,
                                              bootstrap_iters=0, **settings)
             table = evaluation.results_table(raw).assign(seconds=time.perf_counter() - start)

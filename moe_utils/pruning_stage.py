@@ -19,6 +19,7 @@ from moe_utils import calibration, pruning, pruning_eval
 from moe_utils.data import load_prompts
 from moe_utils.artifacts import sha256_file
 from moe_utils.caep import PruningBudget
+from moe_utils.compression import registry
 from moe_utils.hsdl import HSDL
 from moe_utils.markup import code_span
 from moe_utils.models import load_model, moe_layers
@@ -65,11 +66,14 @@ class Setup:
         return self.budget.n_experts
 
 
-def load_setup(model: str, artifacts_dir, methods: Sequence[str], *, min_per_layer: int | None = None,
+def load_setup(model: str, artifacts_dir, methods: Sequence[str] | None, *, min_per_layer: int | None = None,
                device=None, dtype=None, trust_remote_code: bool = False) -> Setup:
     """Open stage 1's store and stage 2's dictionary, load the model, and check they belong together.
-    The guard is the model's top-k unless ``min_per_layer`` is given; methods a group-limited router
+    ``methods``: registered names, None for all (:func:`moe_utils.compression.registry.names`). The
+    guard is the model's top-k unless ``min_per_layer`` is given; methods a group-limited router
     cannot use are skipped (:func:`moe_utils.pruning.unsupported_methods`)."""
+    methods = list(registry.names() if methods is None else methods)
+    registry.check_methods(methods)
     paths = stage_paths(artifacts_dir)
     store_dir, hsdl_dir = paths.store, paths.hsdl
     store, hsdl = RoutingStore.open(store_dir), HSDL.load(hsdl_dir)
@@ -115,7 +119,7 @@ def calibrate(setup: Setup, spec: dict, *, categories: Sequence[str], n_per_cate
                                               n_tokens=spec["n_tokens"], seed=seed, data_dir=calibration_dir)
         length = spec["n_tokens"]
     stats = calibration.calibrate(setup.lm, tok, texts, batch_size=batch_size, max_length=length,
-                                  keep_hidden=output_tokens if "output" in setup.methods else 0, cache_dir=cache_dir)
+                                  keep_hidden=registry.keep_hidden(setup.methods, output_tokens), cache_dir=cache_dir)
     top_ks = np.array([layer.top_k for layer in setup.layers])
     np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.n_tokens * top_ks)
     store = setup.store
@@ -158,16 +162,10 @@ def caep_steps(D, R, ratios: Sequence[float], *, threshold_ratio: float, budget:
 
 
 def check_masks(masks: Sequence[pruning.PruningMask], setup: Setup) -> None:
-    """Every mask keeps at least the guard per layer; every non-CAEP mask keeps exactly its layer quota."""
-    for mask in masks:
-        kept = setup.budget.kept_per_layer(mask.keep)
-        if (kept < setup.guard).any():
-            raise AssertionError(f"{mask.label} at {mask.ratio}: a layer keeps fewer than {setup.guard} experts")
-        if mask.method not in ("caep",):
-            quota = setup.budget.quota(mask.ratio)
-            if kept.tolist() != quota.tolist():
-                raise AssertionError(f"{mask.label} at {mask.ratio} keeps {kept.tolist()}, "
-                                     f"not the quota {quota.tolist()}")
+    """Every compression keeps at least the guard per layer, every method its registry entry declares
+    exact keeps exactly its layer quota, and every merge's groups are well formed
+    (:func:`moe_utils.compression.registry.check_built`)."""
+    registry.check_built(masks, setup.budget)
 
 
 def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | None, *, threshold_ratio: float,
@@ -192,6 +190,17 @@ def _stage1_matrix(setup: Setup):
     return expert_matrix(setup.store)
 
 
+def merging_cost(results: pd.DataFrame) -> dict[str, Any]:
+    """What the merging methods added to the evaluations: their models, and their evaluation seconds
+    against all models' (each harness run counted once; a cached run counts the seconds it took)."""
+    runs = results.drop_duplicates(["method", "ratio", "seed", "seconds"])
+    merged = runs["method"].isin(registry.names("merge"))
+    return {"merge_models": int(results.loc[results["method"].isin(registry.names("merge")),
+                                            ["method", "ratio"]].drop_duplicates().shape[0]),
+            "merge_eval_seconds": float(runs.loc[merged, "seconds"].sum()),
+            "all_eval_seconds": float(runs["seconds"].sum())}
+
+
 # ------------------------------------------------------------------------------ artifact
 def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: calibration.ExpertStats,
                   parameters: Mapping[str, Any]) -> None:
@@ -208,7 +217,7 @@ def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: ca
         "parameters": dict(parameters) | {"methods": setup.methods, "skipped_methods": setup.skipped,
                                           "min_per_layer": setup.guard}})
     reloaded, _, _ = pruning.load_pruning(out_dir)
-    if not all(np.array_equal(a.keep, b.keep) for a, b in zip(reloaded, every)):
+    if [m.digest for m in reloaded] != [m.digest for m in every]:
         raise AssertionError(f"the masks read back from {out_dir} differ from those written")
 
 

@@ -21,8 +21,10 @@
 # are dropped. This stage runs CAEP next to the baselines a reviewer would ask for today: random
 # masks (several seeds), selection frequency and mean routing weight (the SEER-MoE family
 # {cite}`muzio2024seermoe`), expert activation norm (EAN {cite}`jaiswal2025fantastic`), REAP
-# {cite}`lasby2025reap` and an output-based search (the NAEE family {cite}`lu2024notall`), then
-# evaluates every pruned model through lm-evaluation-harness {cite}`eval-harness`, keeping every
+# {cite}`lasby2025reap`, an output-based search (the NAEE family {cite}`lu2024notall`) and the
+# other family of MoE compression, expert merging (HC-SMoE {cite}`chen2024hcsmoe`, M-SMoE
+# {cite}`li2024msmoe`), then
+# evaluates every compressed model through lm-evaluation-harness {cite}`eval-harness`, keeping every
 # document's result so that each comparison is paired (same BLiMP pairs, same articles). How CAEP
 # and the baselines are defined is on the {doc}`../method` page.
 #
@@ -47,7 +49,7 @@ batch_size = 8
 max_length = 512
 artifacts_dir = "artifacts/tiny"
 prune_ratios = [0.25, 0.5, 0.75]
-pruning_methods = ["caep", "caep_layer", "frequency", "router_weight", "ean", "reap", "output", "random"]
+pruning_methods = None  # None: every registered method (moe_utils.compression.registry)
 random_seeds = [0, 1, 2]
 caep_threshold_ratio = 0.9
 caep_level = 1
@@ -63,7 +65,7 @@ eval_task_limits = None
 eval_num_fewshot = 0
 eval_batch_size = 8
 eval_threads = None  # torch threads while evaluating (None: torch's default)
-n_boot = 1000
+n_bootstrap = 1000
 ablation = {"k1": [0.8, 0.99], "sizes": [0.5, 2.0], "samples": 64, "tokens": 256}  # None: no ablation
 
 # %% tags=["hide-input"]
@@ -142,6 +144,21 @@ steps.style.hide(axis="index")
 # masks do too, with {glue:text}`n_seeds` seeds. The output-based method removes, per layer and one
 # at a time, the expert whose removal changes the layer's output least on
 # {glue:text}`output_tokens` calibration tokens, re-routing every token among the remaining experts.
+#
+# The merging methods keep as many experts per layer as the pruning baselines, but fold the others
+# into them instead of dropping them, each kept expert becoming the usage-weighted average of its
+# group (the usage: tokens routed to each expert in the calibration pass). HC-SMoE groups a layer's
+# experts by hierarchical clustering (average linkage) of their outputs averaged over the
+# {glue:text}`output_tokens` calibration tokens, and keeps each cluster's most used expert's router
+# row. M-SMoE keeps the most used experts as dominant, puts every other expert with the dominant
+# expert whose router logits on those tokens are most similar (cosine), and before averaging
+# permutes each member's intermediate neurons to match the dominant expert's (a linear
+# assignment on the neurons' weights). How tokens reach a merged expert: the router rows of the
+# merged-away experts are dropped, as for pruning, and each token's top-k is chosen again among
+# the kept experts; tokens reach the merged expert through its kept expert's own router row (the
+# routing mass the router gave the other members is not added to it). A merged model is saved with
+# fewer expert weights (`moe_utils.compression.merging.compress`); the map below shows, for a
+# merge, the experts whose router rows it keeps.
 
 # %%
 masks = pruning.pruning_masks(ratios, budget=setup.budget, methods=setup.methods, stats=stats, dictionary=(D, R),
@@ -182,8 +199,11 @@ variants.drop(columns="mask").assign(pruned=[f"{m.pruned_share:.0%}" for m in va
 #
 # Every mask is applied exactly (`moe_utils.expert_surgery.masked_experts`: pruned experts can
 # never be chosen, each token's top-k is re-chosen among the remaining experts by the model's own
-# rule) and the model is evaluated with lm-evaluation-harness, keeping every document's result.
-# Each evaluation is cached in the stage's directory, keyed by the mask, the tasks and limits,
+# rule; for a merge, the merged weights are written over the kept experts first,
+# `moe_utils.compression.merging.applied`, which gives the same logits as the saved smaller model)
+# and the model is evaluated with lm-evaluation-harness, keeping every document's result.
+# Each evaluation is cached in the stage's directory, keyed by the compressed model (the mask, and
+# for a merge its groups and weights), the tasks and limits,
 # the settings, the model and the evaluation code, so a re-run with unchanged inputs only reads them.
 
 # %%
@@ -196,15 +216,18 @@ results, samples = pruning_eval.evaluate_documents(
     batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir,
     blimp_dir=blimp_dir)
 glue_values(n_evaluations=len(every), eval_seconds=time.perf_counter() - t0,
-                          n_cached=int(results.groupby(["method", "ratio"])["cached"].all().mean() * 100))
+            n_cached=int(results.groupby(["method", "ratio"])["cached"].all().mean() * 100),
+            **pruning_stage.merging_cost(results))
 measures = pruning_eval.available_measures(samples)
-scores = pruning_eval.model_scores(samples, measures, n_boot=n_boot)
-compared = pruning_eval.comparisons(samples, measures, n_boot=n_boot)
+scores = pruning_eval.model_scores(samples, measures, n_boot=n_bootstrap)
+compared = pruning_eval.comparisons(samples, measures, n_boot=n_bootstrap)
 pruning_eval.sample_sizes(samples, measures)
 
 # %% [markdown]
 # {glue:text}`n_evaluations` models were evaluated (for {glue:text}`n_cached`% of the methods and
 # ratios every evaluation was read from the cache) in {glue:text}`eval_seconds:.0f` s, on the documents above.
+# The {glue:text}`merge_models` merged models took {glue:text}`merge_eval_seconds:.0f` s of the
+# {glue:text}`all_eval_seconds:.0f` s the evaluations took when computed.
 #
 # ## 7. The paper's Table 1, with intervals
 

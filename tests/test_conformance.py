@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_utils.conformance import CHECKS, check_model, check_model_type, moe_model_types, summary
+from moe_utils.conformance import CHECKS, MERGING_CHECKS, check_model, check_model_type, moe_model_types, summary
 from moe_utils.discovery import DiscoveryError
 from moe_utils.models import REGISTRY, load_model, moe_layers
 
@@ -39,7 +39,8 @@ def test_conformance(model_type, tmp_path):
     row = check_model_type(model_type, tmp_path)
     committed = _committed_rows().get(model_type)
     assert committed is not None, f"{model_type} is missing from {TABLE}: run python -m moe_utils.conformance"
-    assert {k: committed.get(k) for k in ("status", *CHECKS)} == {k: row.get(k) for k in ("status", *CHECKS)}, \
+    compared = ("status", *CHECKS, *MERGING_CHECKS)
+    assert {k: committed.get(k) for k in compared} == {k: row.get(k) for k in compared}, \
         f"{TABLE} is stale for {model_type}: run python -m moe_utils.conformance"
     if row["status"] == "not buildable":
         pytest.xfail(f"cannot be built tiny from its default config: {row['reason']}")
@@ -124,3 +125,4 @@ def test_a_model_type_nobody_registered_works_unchanged(tmp_path):
     assert layers[0].architecture.router_attr == "selector" and layers[0].architecture.scoring == "sigmoid"
     row = check_model(model, tokenizer, tmp_path, reload=False)
     assert {check: row[check] for check in CHECKS} == {**{c: "pass" for c in CHECKS}, "save_reload": "not run"}
+    assert row["merging"] == "pass"

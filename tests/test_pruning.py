@@ -44,8 +44,8 @@ def test_pruning_masks_for_every_method(olmoe, olmoe_stats):
 
 def test_group_limited_router_gets_only_masks_it_can_route(random_models):
     """DeepSeek-V3's tiny router (8 experts in 2 groups, top-2) accepts 4, 6 or 8 experts per layer:
-    every method's mask rounds up to those counts and masks the model; the one-at-a-time output
-    search is refused with the reason."""
+    every method's mask (the merges' kept experts too) rounds up to those counts and masks the
+    model; the one-at-a-time output search is refused with the reason."""
     from moe_utils.calibration import calibrate
     from moe_utils.expert_surgery import masked_experts
 
@@ -55,7 +55,7 @@ def test_group_limited_router_gets_only_masks_it_can_route(random_models):
     skipped = pruning.unsupported_methods(pruning.METHODS, budget)
     assert list(skipped) == ["output"] and "group-limited" in skipped["output"]
     assert pruning.unsupported_methods(pruning.METHODS, caep.PruningBudget(sizes, 2)) == {}
-    stats = calibrate(model, tok, TEXTS, batch_size=3, max_length=64, progress=False)
+    stats = calibrate(model, tok, TEXTS, batch_size=3, max_length=64, keep_hidden=32, progress=False)
     rng = np.random.default_rng(0)
     dictionary = (rng.random((sum(sizes), 5)), rng.random((5, 30)))
     with pytest.raises(ValueError, match="output removes one expert at a time"):
