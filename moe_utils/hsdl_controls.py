@@ -206,16 +206,19 @@ def surrogate_fits(hsdl, store, threshold: float, *, n_surrogates: int = 3, gran
 
 
 def finding(*, cover_pairs_10: float, cover_chance_uniform_2_10: float, cover_chance_usage_2_10: float,
-            surr_cover_pairs_10: float, surr_vs_cover_pairs_10: str, cross_share_1: float,
+            surr_cover_pairs_10_min: float, surr_cover_pairs_10_max: float, surr_vs_cover_pairs_10: str,
+            cross_share_1: float,
             cross_chance_uniform: float, cross_vs_chance: str, stable_seed_exact: float,
             tree_mean_size_1: float | None = None, tree_mean_size_2: float | None = None) -> str:
     """The stage-2 verdict for the introduction: whether HSDL's atoms are more than chance and more
     than token identity, how stable they are and which way the hierarchy goes (percentages in %).
 
     ``surr_vs_cover_pairs_10`` and ``cross_vs_chance`` are where the real value lies against the
-    surrogates' range and the chance interval (:func:`moe_utils.token_null.against`). The hierarchy's
+    surrogates' range and the chance interval (:func:`moe_utils.token_null.against`); "above" by
+    less than 5 points reads "slightly more". The hierarchy's
     direction is left out when the fit has one level (no ``tree_mean_size_2``)."""
-    beyond_token = {"above": "more frequent than", "within": "as frequent as",
+    beyond_token = {"above": "slightly more frequent than" if cover_pairs_10 - surr_cover_pairs_10_max < 5
+                    else "more frequent than", "within": "as frequent as",
                     "below": "less frequent than"}[surr_vs_cover_pairs_10]
     opening = ("HSDL's atoms are frequently co-selected expert sets, "
                f"{beyond_token} those HSDL finds when only token identity couples the layers")
@@ -226,6 +229,6 @@ def finding(*, cover_pairs_10: float, cover_chance_uniform_2_10: float, cover_ch
                  f"({tree_mean_size_2:.2f} against {tree_mean_size_1:.2f} experts per atom)")
     return (f"{opening}: {cover_pairs_10:.0f}% of the level-1 atoms are among the top 10% of pairs "
             f"(random atoms {cover_chance_uniform_2_10:.0f} to {cover_chance_usage_2_10:.0f}%, token-only "
-            f"surrogates {surr_cover_pairs_10:.0f}%). They span several layers ({cross_share_1:.0f}%) "
+            f"surrogates {surr_cover_pairs_10_min:.0f} to {surr_cover_pairs_10_max:.0f}%). They span several layers ({cross_share_1:.0f}%) "
             f"{crossing} random atoms of the same sizes ({cross_chance_uniform:.0f}%), another seed "
             f"reproduces {stable_seed_exact:.0f}% of them exactly{hierarchy}.")

@@ -334,7 +334,8 @@ chance_pairs_at10 = {key: float(frame[(frame["top_percent"] == 10) & (frame["ord
 glue_values(finding_hsdl=hsdl_controls.finding(
     cover_pairs_10=coverage["cover_pairs_10"], cover_chance_uniform_2_10=chance_pairs_at10["uniform"],
     cover_chance_usage_2_10=chance_pairs_at10["usage"],
-    surr_cover_pairs_10=comparison["surrogates, mean"]["cover_pairs_10"],
+    surr_cover_pairs_10_min=comparison["surrogates, min"]["cover_pairs_10"],
+    surr_cover_pairs_10_max=comparison["surrogates, max"]["cover_pairs_10"],
     surr_vs_cover_pairs_10=tn.against(real["cover_pairs_10"], comparison["surrogates, min"]["cover_pairs_10"],
                                       comparison["surrogates, max"]["cover_pairs_10"]),
     cross_share_1=sizes["cross_share_1"], cross_chance_uniform=cross_uniform["mean"] * 100,

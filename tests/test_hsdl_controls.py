@@ -117,16 +117,19 @@ def test_surrogate_fits_and_stability_report_every_statistic():
 
 def test_finding_says_what_the_controls_show():
     values = dict(cover_pairs_10=73.0, cover_chance_uniform_2_10=10.0, cover_chance_usage_2_10=18.0,
-                  surr_cover_pairs_10=70.0, surr_vs_cover_pairs_10="within", cross_share_1=90.0,
+                  surr_cover_pairs_10_min=69.0, surr_cover_pairs_10_max=74.0, surr_vs_cover_pairs_10="within",
+                  cross_share_1=90.0,
                   cross_chance_uniform=81.0, cross_vs_chance="above", stable_seed_exact=53.0,
                   tree_mean_size_1=2.48, tree_mean_size_2=2.86)
     sentence = hc.finding(**values)
     assert "as frequent as those HSDL finds when only token identity couples" in sentence
     assert "more often than random atoms" in sentence and "level 2 is coarser than level 1" in sentence
-    assert "73% of the level-1 atoms" in sentence and "surrogates 70%" in sentence
+    assert "73% of the level-1 atoms" in sentence and "surrogates 69 to 74%" in sentence
     finer = hc.finding(**{**values, "tree_mean_size_2": 2.0, "surr_vs_cover_pairs_10": "above",
-                          "cross_vs_chance": "within"})
-    assert "level 2 is finer" in finer and "more frequent than those" in finer and "about as often as" in finer
+                          "surr_cover_pairs_10_max": 60.0, "cross_vs_chance": "within"})
+    assert "level 2 is finer" in finer and ", more frequent than those" in finer and "about as often as" in finer
+    slightly = hc.finding(**{**values, "surr_vs_cover_pairs_10": "above", "surr_cover_pairs_10_max": 72.0})
+    assert "slightly more frequent than those" in slightly
     one_level = hc.finding(**{**values, "tree_mean_size_1": None, "tree_mean_size_2": None})
     assert "level 2" not in one_level and one_level.endswith("exactly.")
     with pytest.raises(KeyError):
