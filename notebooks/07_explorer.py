@@ -52,6 +52,7 @@ from moe_utils import annotation, explorer
 from moe_utils import token_null as tn
 from moe_utils.artifacts import ArtifactMissing
 from moe_utils.hsdl import HSDL
+from moe_utils.markup import code_span
 from moe_utils.pruning import load_pruning
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 from moe_utils.store import RoutingStore
@@ -83,7 +84,7 @@ assert meta["n_tokens_shown"] == len(data["tokens"]["row"]) > 0
 glue_values(explorer_model=model_name, explorer_questions_shown=meta["n_questions_shown"],
             explorer_questions_all=meta["n_questions"], explorer_masks=len(data["masks"]))
 display(Markdown(
-    f"**Model:** `{model_name}`. **Shown:** {meta['n_tokens_shown']} tokens of {meta['n_questions_shown']} of the "
+    f"**Model:** {code_span(model_name)}. **Shown:** {meta['n_tokens_shown']} tokens of {meta['n_questions_shown']} of the "
     f"run's {meta['n_questions']} questions"
     + (" (a random sample taken from each domain in turn)" if meta["subsampled"] else "")
     + (f", each cut after its first {explorer_max_tokens} tokens" if meta["truncated"] else "")
