@@ -8,8 +8,11 @@ embedded model's card stage went from 85 s to more than 15 minutes. So the pipel
 1. the ``threads`` parameter, if the profile or ``--set threads=N`` gives one;
 2. else ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) if the user set it;
 3. else the cores free for this process (its CPU affinity minus the processes running now,
-   at least 1), and 1 for a small model (under :data:`SMALL_MODEL` parameters active per token),
-   whose products are too small for threads to gain anything.
+   at least 1), and 1 for a small model (under :data:`SMALL_MODEL` parameters active per token).
+   A second thread does help a small model on an idle machine (the embedded model's WikiText-2
+   perplexity ran 1.4 to 1.75 times faster with 2 threads than with 1 on 2 idle cores), but a
+   process that starts competing after the stage has chosen makes it several times slower
+   (``bench/results/contention.json``); for a model this small the pipeline takes the steady choice.
 
 The choice reaches each stage's notebook through ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in
 its kernel's environment (:func:`environment`), which torch reads when it starts.
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Mapping
 
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-#: Below this many parameters active per token, one thread: the model's products are too small to share.
+#: Below this many parameters active per token, one thread: little to gain when idle, much to lose when busy.
 SMALL_MODEL = 100e6
 
 
