@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from moe_utils.plotting import layer_grid
+
 ORDER_NAMES = {2: "pairs", 3: "triplets"}
 
 
@@ -26,13 +28,7 @@ def lift_heatmaps(lifts: dict[str, np.ndarray], n_experts: int, *,
     fig, axes = plt.subplots(1, len(logs), figsize=(5.2 * len(logs), 4.8), squeeze=False)
     for ax, (name, values) in zip(axes[0], logs.items()):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
-        n_e = values.shape[0]
-        for edge in range(n_experts, n_e, n_experts):
-            ax.axhline(edge - 0.5, color="k", lw=0.4)
-            ax.axvline(edge - 0.5, color="k", lw=0.4)
-        ticks = np.arange(n_experts / 2 - 0.5, n_e, n_experts)
-        ax.set_xticks(ticks, [f"L{i}" for i in range(len(ticks))])
-        ax.set_yticks(ticks, [f"L{i}" for i in range(len(ticks))])
+        layer_grid(ax, values.shape[0], n_experts)
         ax.set_title(name)
     fig.colorbar(image, ax=axes[0].tolist(), label="log2 lift (observed / expected)", shrink=0.8)
     fig.suptitle(title)

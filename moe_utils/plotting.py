@@ -47,6 +47,16 @@ def expert_usage(usage: np.ndarray, *, title: str = "Share of routed slots per e
     return fig
 
 
+def layer_grid(ax, n_e: int, n_experts: int) -> None:
+    """Lines between the MoE layers of an (expert x expert) image, and one tick per layer (L0, L1, ...)."""
+    for edge in range(n_experts, n_e, n_experts):
+        ax.axhline(edge - 0.5, color="k", lw=0.4)
+        ax.axvline(edge - 0.5, color="k", lw=0.4)
+    ticks = np.arange(n_experts / 2 - 0.5, n_e, n_experts)
+    ax.set_xticks(ticks, [f"L{i}" for i in range(len(ticks))])
+    ax.set_yticks(ticks, [f"L{i}" for i in range(len(ticks))])
+
+
 def coactivation_heatmap(co: np.ndarray, n_experts: int, *, lift: bool = True,
                          title: str | None = None) -> Figure:
     """The paper's Fig 2: pairwise co-activation of all experts, layer blocks outlined.
@@ -68,12 +78,7 @@ def coactivation_heatmap(co: np.ndarray, n_experts: int, *, lift: bool = True,
         values, kwargs, label = co, dict(cmap="viridis"), "P(both selected)"
     fig, ax = plt.subplots(figsize=(7.2, 6.2))
     image = ax.imshow(values, interpolation="nearest", **kwargs)
-    for edge in range(n_experts, n_e, n_experts):
-        ax.axhline(edge - 0.5, color="k", lw=0.4)
-        ax.axvline(edge - 0.5, color="k", lw=0.4)
-    ticks = np.arange(n_experts / 2 - 0.5, n_e, n_experts)
-    ax.set_xticks(ticks, [f"L{i}" for i in range(len(ticks))])
-    ax.set_yticks(ticks, [f"L{i}" for i in range(len(ticks))])
+    layer_grid(ax, n_e, n_experts)
     ax.set_xlabel("expert (grouped by MoE layer)")
     ax.set_ylabel("expert (grouped by MoE layer)")
     ax.set_title(title or "Expert co-activation across layers")
