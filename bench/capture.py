@@ -3,9 +3,9 @@
 For each model, on the same MMLU-Pro prompts in the same run, this times
 
 * **bare**: the forward passes alone, with no hooks, done exactly as
-  :func:`moe_utils.routing.capture_routing` does them (same tokenisation, padding, truncation,
+  :func:`moe_utils.capture.routing.capture_routing` does them (same tokenisation, padding, truncation,
   batching, ``use_cache=False`` and the same forward kwargs, from ``routing.forward_kwargs``);
-* **capture**: :func:`moe_utils.routing.capture_routing` end to end into a fresh temporary
+* **capture**: :func:`moe_utils.capture.routing.capture_routing` end to end into a fresh temporary
   directory (fingerprints, hooks, copies to CPU, chunk writes, final assembly of the store);
 
 interleaved (one warm-up of each, then bare, capture, bare, capture, ... ``--repeats`` times), and
@@ -49,9 +49,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
-from moe_utils.data import MMLU_PRO_ENV, PAPER_CATEGORIES, load_prompts  # noqa: E402
-from moe_utils.models import load_model, model_summary  # noqa: E402
-from moe_utils.routing import forward_kwargs, capture_routing  # noqa: E402
+from moe_utils.evaluation.data import MMLU_PRO_ENV, PAPER_CATEGORIES, load_prompts  # noqa: E402
+from moe_utils.models.loading import load_model, model_summary  # noqa: E402
+from moe_utils.capture.routing import forward_kwargs, capture_routing  # noqa: E402
 
 log = logging.getLogger("bench.capture")
 
@@ -241,20 +241,20 @@ def _profile_rows(stats: pstats.Stats, sort: str, limit: int) -> list[dict]:
 CAPTURE_STEPS = (
     ("model forward (torch modules)", "torch/nn/modules/module.py", "_wrapped_call_impl"),
     ("tokenisation", "transformers/tokenization_utils_base.py", "__call__"),
-    ("_capture_batch (forward + tokenisation + routing to CPU)", "moe_utils/routing.py", "_capture_batch"),
-    ("router hooks", "moe_utils/routing.py", "hook"),
-    ("router_fingerprint", "moe_utils/routing.py", "router_fingerprint"),
-    ("_texts_fingerprint", "moe_utils/routing.py", "_texts_fingerprint"),
-    ("model_summary", "moe_utils/models.py", "model_summary"),
+    ("_capture_batch (forward + tokenisation + routing to CPU)", "moe_utils/capture/routing.py", "_capture_batch"),
+    ("router hooks", "moe_utils/capture/routing.py", "hook"),
+    ("router_fingerprint", "moe_utils/capture/routing.py", "router_fingerprint"),
+    ("_texts_fingerprint", "moe_utils/capture/routing.py", "_texts_fingerprint"),
+    ("model_summary", "moe_utils/models/loading.py", "model_summary"),
     ("chunk writes (np.savez)", "numpy/lib/_npyio_impl.py", "savez"),
     ("chunk reads (np.load)", "numpy/lib/_npyio_impl.py", "load"),
     ("token decoding (tokenizer.decode)", "transformers/tokenization_utils_base.py", "decode"),
-    ("package_versions (importlib.metadata)", "moe_utils/store.py", "package_versions"),
-    ("write_store (npy + parquet + sha256 + fsync)", "moe_utils/store.py", "write_store"),
-    ("  sha256_file", "moe_utils/store.py", "sha256_file"),
+    ("package_versions (importlib.metadata)", "moe_utils/capture/store.py", "package_versions"),
+    ("write_store (npy + parquet + sha256 + fsync)", "moe_utils/capture/store.py", "write_store"),
+    ("  sha256_file", "moe_utils/capture/store.py", "sha256_file"),
     ("fsync (all files)", "~", "<built-in method posix.fsync>"),
     ("  tokens.to_parquet", "pandas/core/frame.py", "to_parquet"),
-    ("RoutingStore.open (verify checksums, read parquet)", "moe_utils/store.py", "open"),
+    ("RoutingStore.open (verify checksums, read parquet)", "moe_utils/capture/store.py", "open"),
     ("shutil.rmtree (.partial)", "shutil.py", "rmtree"),
 )
 
@@ -392,11 +392,11 @@ def bench_model(name: str, texts, labels, args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/capture.py",
-        description="Time routing capture (moe_utils.routing.capture_routing) against the bare forward "
+        description="Time routing capture (moe_utils.capture.routing.capture_routing) against the bare forward "
                     "pass it rides on, on MMLU-Pro prompts, and size the routing store. Writes JSON.",
     )
     parser.add_argument("--models", nargs="+", default=None,
-                        help=f"models for moe_utils.models.load_model (default {' '.join(DEFAULT_MODELS)}; "
+                        help=f"models for moe_utils.models.loading.load_model (default {' '.join(DEFAULT_MODELS)}; "
                              f"with --quick {' '.join(QUICK_MODELS)})")
     parser.add_argument("--categories", nargs="+", default=list(PAPER_CATEGORIES),
                         help="MMLU-Pro categories (default: the paper's five)")

@@ -3,13 +3,13 @@
 torch's intra-op threads spin while they wait, so on a machine whose cores are busy a stage run
 with one thread per core can slow down far more than its share of the CPU (issue 21: the default
 profile's stage 00 went from 85 s to more than 15 minutes beside one CPU-bound process on 2 cores).
-This benchmark runs one real stage through the pipeline (:func:`moe_utils.pipeline.run`, stage
+This benchmark runs one real stage through the pipeline (:func:`moe_utils.pipeline.runner.run`, stage
 ``--stage`` of ``--profile``, default the default profile's model card, shortened with ``--set``:
 the embedded model, its perplexity and BLiMP through lm-evaluation-harness) four times:
 
 * threads = the number of cores (torch's default before the pipeline chose), alone and beside
   one competitor (a Python busy loop in another process);
-* the pipeline's policy (:mod:`moe_utils.threads`; ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``
+* the pipeline's policy (:mod:`moe_utils.common.threads`; ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``
   unset), alone and beside the competitor.
 
 Each run starts after the previous one has ended and the competitor is stopped between pairs, so
@@ -40,8 +40,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
-from moe_utils import pipeline, threads  # noqa: E402
-from moe_utils.artifacts import atomic_write_json  # noqa: E402
+from moe_utils.pipeline import runner as pipeline  # noqa: E402
+from moe_utils.common import threads  # noqa: E402
+from moe_utils.common.artifacts import atomic_write_json  # noqa: E402
 
 log = logging.getLogger("bench.contention")
 SCHEMA = 1

@@ -21,11 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from _common import finish_machine_info, machine_info
-from moe_utils import annotation, annotation_report, expert_cache, plotting
-from moe_utils import routing_prediction as rp
-from moe_utils.hsdl import HSDL
+from moe_utils.patterns import annotation
+from moe_utils.stages import annotation as annotation_report
+from moe_utils.prediction import expert_cache
+from moe_utils.common import plotting
+from moe_utils.prediction import routing_prediction as rp
+from moe_utils.patterns.hsdl import HSDL
 from moe_utils.stages import stage_paths
-from moe_utils.store import RoutingStore
+from moe_utils.capture.store import RoutingStore
 
 TARGET_CPU_S = 10.0
 

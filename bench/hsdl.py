@@ -53,8 +53,8 @@ import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
-from moe_utils.hsdl import HSDL  # noqa: E402
-from moe_utils.artifacts import atomic_write_json, package_versions  # noqa: E402
+from moe_utils.patterns.hsdl import HSDL  # noqa: E402
+from moe_utils.common.artifacts import atomic_write_json, package_versions  # noqa: E402
 
 log = logging.getLogger("bench.hsdl")
 
@@ -102,8 +102,8 @@ def synthetic_routing(n_layers: int = 27, n_experts: int = 64, top_k: int = 6, n
 
 
 def store_matrix(path: Path) -> tuple[sp.csr_matrix, dict]:
-    from moe_utils.expert_matrix import expert_matrix
-    from moe_utils.store import RoutingStore
+    from moe_utils.patterns.expert_matrix import expert_matrix
+    from moe_utils.capture.store import RoutingStore
 
     store = RoutingStore.open(path)
     x = expert_matrix(store, "token", "weight")

@@ -34,10 +34,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
-from moe_utils import caep, calibration, pruning  # noqa: E402
+from moe_utils.compression import caep, calibration, pruning  # noqa: E402
 from moe_utils.compression import merging  # noqa: E402
-from moe_utils.evaluation import run_harness  # noqa: E402
-from moe_utils.models import load_model  # noqa: E402
+from moe_utils.evaluation.harness import run_harness  # noqa: E402
+from moe_utils.models.loading import load_model  # noqa: E402
 
 
 def timed(fn):

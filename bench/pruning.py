@@ -3,7 +3,7 @@
 The paper reports parameter counts of pruned models but no memory or speed (its section 5). For
 each model, at each removal ratio (default 25, 50, 75 % of the routed experts of every MoE layer,
 the same count in each layer, experts drawn at random with a fixed seed), this removes the experts
-with :func:`moe_utils.expert_surgery.remove_experts` and measures, against the original model in
+with :func:`moe_utils.models.expert_surgery.remove_experts` and measures, against the original model in
 the same run:
 
 * **parameters**: the count must fall by exactly the pruned share of the routed-expert weights
@@ -20,7 +20,7 @@ the same run:
   runs on a CPU (the time other jobs hold a shared machine's cores is not counted), else on wall
   time;
 * **exactness**: max |logits| difference between the removed model and the original under
-  :func:`moe_utils.expert_surgery.masked_experts` on the first batch (must be <= 1e-5).
+  :func:`moe_utils.models.expert_surgery.masked_experts` on the first batch (must be <= 1e-5).
 
 Targets (from the issue): parameters fall by exactly the pruned share, throughput no lower than the
 original (``--speed-tolerance``, default 2 %, allows for timing noise). Pruning keeps top-k, so the work per token is unchanged: the throughput target only asks
@@ -57,10 +57,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
-from moe_utils.expert_surgery import experts_per_layer, masked_experts, remove_experts  # noqa: E402
-from moe_utils.models import load_model, model_summary, moe_layers  # noqa: E402
-from moe_utils.artifacts import atomic_write_json  # noqa: E402
-from moe_utils.wikitext import WIKITEXT_ENV, load_wikitext  # noqa: E402
+from moe_utils.models.expert_surgery import experts_per_layer, masked_experts, remove_experts  # noqa: E402
+from moe_utils.models.loading import load_model, model_summary, moe_layers  # noqa: E402
+from moe_utils.common.artifacts import atomic_write_json  # noqa: E402
+from moe_utils.evaluation.wikitext import WIKITEXT_ENV, load_wikitext  # noqa: E402
 
 log = logging.getLogger("bench.pruning")
 
@@ -159,7 +159,7 @@ def probe_main(args) -> int:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from moe_utils.expert_surgery import load_pruned
+    from moe_utils.models.expert_surgery import load_pruned
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -289,7 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/pruning.py",
         description="Parameters, checkpoint size, peak memory and tokens/s of models with experts removed "
-                    "(moe_utils.expert_surgery.remove_experts) against the original, in one run. Writes JSON.",
+                    "(moe_utils.models.expert_surgery.remove_experts) against the original, in one run. Writes JSON.",
     )
     parser.add_argument("--models", nargs="+", default=None,
                         help=f"models for load_model (default {' '.join(DEFAULT_MODELS)}; with --quick "

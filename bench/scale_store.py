@@ -14,7 +14,7 @@ notebooks call, timing each step and sampling the process's resident memory (RSS
 record its peak:
 
 * stage 02: X (token columns of routing weights), the HSDL fit with the notebook's defaults,
-  atom tables, hierarchy, and the Fig 6 coverage against chance (:mod:`moe_utils.cooccurrence`);
+  atom tables, hierarchy, and the Fig 6 coverage against chance (:mod:`moe_utils.patterns.cooccurrence`);
 * stage 03: token annotation and enrichment, levels, domain similarity, domain enrichment;
 * stage 05 (store-only): CAEP masks fitted on each domain and on all domains (the calibration
   baselines and the evaluations need the model and are not store-only);
@@ -62,7 +62,7 @@ import pandas as pd  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
 from bench.hsdl import synthetic_routing  # noqa: E402
-from moe_utils.artifacts import atomic_write_json, package_versions  # noqa: E402
+from moe_utils.common.artifacts import atomic_write_json, package_versions  # noqa: E402
 
 log = logging.getLogger("bench.scale_store")
 SCHEMA = 1
@@ -109,7 +109,7 @@ class Recorder:
 # ------------------------------------------------------------------------------- synthetic stores
 def write_synthetic_store(path: Path, shape: dict, n_tokens: int, tokens_per_question: int, seed: int):
     """A routing store of ``shape`` with ``n_tokens`` tokens (see the module docstring); returns it opened."""
-    from moe_utils.store import RoutingStore, index_dtype, write_store
+    from moe_utils.capture.store import RoutingStore, index_dtype, write_store
 
     n_layers, n_experts, k = shape["n_layers"], shape["n_experts"], shape["top_k"]
     x = synthetic_routing(n_layers, n_experts, k, n_tokens=n_tokens, seed=seed).tocsc()
@@ -134,10 +134,12 @@ def write_synthetic_store(path: Path, shape: dict, n_tokens: int, tokens_per_que
 
 # ------------------------------------------------------------------------------- the stages
 def run_shape(name: str, shape: dict, args, work: Path) -> dict:
-    from moe_utils import annotation, annotation_report, caep, domains, hsdl_report, pruning
-    from moe_utils import routing_prediction as rp
-    from moe_utils.expert_matrix import expert_matrix
-    from moe_utils.hsdl import HSDL
+    from moe_utils.patterns import annotation
+    from moe_utils.stages import annotation as annotation_report, hsdl as hsdl_report
+    from moe_utils.compression import caep, domains, pruning
+    from moe_utils.prediction import routing_prediction as rp
+    from moe_utils.patterns.expert_matrix import expert_matrix
+    from moe_utils.patterns.hsdl import HSDL
 
     recorder, notes = Recorder(), []
     try:

@@ -6,7 +6,7 @@ lm-evaluation-harness run per task family (BLiMP pairs, WikiText-2 articles, MML
 perplexity) and, inside each, the model's forward calls (a hook on the model), so that
 ``harness_overhead = 1 - forward / total`` says how much is the harness rather than the model.
 It also times building the 67 BLiMP tasks on the first ``limit`` pairs (what
-:mod:`moe_utils.evaluation` does) against building them on all 1,000 pairs, and one BLiMP run
+:mod:`moe_utils.evaluation.harness` does) against building them on all 1,000 pairs, and one BLiMP run
 with the stock Jinja ``doc_to_choice`` template against the Python function the project uses.
 Wall and process CPU time are recorded: on a shared machine, CPU time is the steadier figure.
 
@@ -52,8 +52,9 @@ def _timed(fn):
 
 
 def main() -> None:
-    from moe_utils import evaluation, pruning
-    from moe_utils.models import load_model
+    from moe_utils.evaluation import harness as evaluation
+    from moe_utils.compression import pruning
+    from moe_utils.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default=str(REPO / "params" / "tiny.yaml"))

@@ -1,13 +1,13 @@
-"""Benchmark: does the token-identity null model (moe_utils.token_null) scale to a large model's store?
+"""Benchmark: does the token-identity null model (moe_utils.patterns.token_null) scale to a large model's store?
 
 On synthetic routing shaped like DeepSeek-MoE-16B's (27 MoE layers x 64 experts, top-6) with a
 4,096-token vocabulary and 250 tokens per question, for growing token counts, it times
 
-* **point**: :func:`moe_utils.token_null.coselection` from scratch (grouping, the observed
-  co-selection and both expectations) plus :func:`moe_utils.token_null.explained_share`;
-* **replicate**: one replicate of :func:`moe_utils.token_null.explained_share_interval` (the
+* **point**: :func:`moe_utils.patterns.token_null.coselection` from scratch (grouping, the observed
+  co-selection and both expectations) plus :func:`moe_utils.patterns.token_null.explained_share`;
+* **replicate**: one replicate of :func:`moe_utils.patterns.token_null.explained_share_interval` (the
   difference between 6 and 1 replicates, over 5);
-* **surrogate**: :func:`moe_utils.token_null.surrogate_store`;
+* **surrogate**: :func:`moe_utils.patterns.token_null.surrogate_store`;
 
 and the peak Python memory (tracemalloc) of the point estimate. Costs should grow linearly with
 the tokens: the JSON records each time per 1,000 tokens and the ratio of the largest run's time
@@ -38,8 +38,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
-from moe_utils import token_null as tn  # noqa: E402
-from moe_utils.store import RoutingStore  # noqa: E402
+from moe_utils.patterns import token_null as tn  # noqa: E402
+from moe_utils.capture.store import RoutingStore  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "token_null.json"
 N_LAYERS, N_EXPERTS, TOP_K, VOCAB, PER_QUESTION = 27, 64, 6, 4096, 250

@@ -29,7 +29,7 @@ Modules, one concept each, in the order of the study:
 - the book: ``plotting``, ``pipeline`` (papermill + Jupyter Book).
 """
 
-from moe_utils.models import (
+from moe_utils.models.loading import (
     MoEArchitecture, MoELayer, RouterOutput, load_model, moe_layers, register_architecture,
 )
 

@@ -47,15 +47,16 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import expert_matrix as xm
-from moe_utils import model_card, plotting
-from moe_utils.evaluation import evaluate
-from moe_utils.markup import code_span
-from moe_utils.models import load_model, moe_layers
-from moe_utils.routing import capture_routing
+from moe_utils.patterns import expert_matrix as xm
+from moe_utils.stages import model_card
+from moe_utils.common import plotting
+from moe_utils.evaluation.harness import evaluate
+from moe_utils.common.markup import code_span
+from moe_utils.models.loading import load_model, moe_layers
+from moe_utils.capture.routing import capture_routing
 from moe_utils.stages import stage_paths
-from moe_utils.tiny_moe import EMBEDDED_DIR
-from moe_utils.wikitext import unigram_word_perplexity, word_perplexity
+from moe_utils.models.tiny_moe import EMBEDDED_DIR
+from moe_utils.evaluation.wikitext import unigram_word_perplexity, word_perplexity
 
 plotting.use_style()
 kind = model_card.kind_of(model)

@@ -46,13 +46,14 @@ import numpy as np
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import expert_matrix as xm
-from moe_utils import null_plots, plotting
-from moe_utils import token_null as tn
-from moe_utils.data import load_prompts
-from moe_utils.markup import code_span
-from moe_utils.models import load_model
-from moe_utils.routing import capture_routing
+from moe_utils.patterns import expert_matrix as xm
+from moe_utils.patterns import null_plots
+from moe_utils.common import plotting
+from moe_utils.patterns import token_null as tn
+from moe_utils.evaluation.data import load_prompts
+from moe_utils.common.markup import code_span
+from moe_utils.models.loading import load_model
+from moe_utils.capture.routing import capture_routing
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 
 plotting.use_style()

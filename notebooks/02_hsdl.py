@@ -51,14 +51,16 @@ from IPython.display import Markdown, display
 
 import numpy as np
 
-from moe_utils import hsdl_controls, hsdl_report, null_plots, plotting
-from moe_utils import token_null as tn
-from moe_utils.cooccurrence import Cooccurrence
-from moe_utils.expert_matrix import expert_matrix
-from moe_utils.hsdl import HSDL
-from moe_utils.markup import code_span
+from moe_utils.patterns import hsdl_controls, null_plots
+from moe_utils.stages import hsdl as hsdl_report
+from moe_utils.common import plotting
+from moe_utils.patterns import token_null as tn
+from moe_utils.patterns.cooccurrence import Cooccurrence
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.patterns.hsdl import HSDL
+from moe_utils.common.markup import code_span
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
-from moe_utils.store import RoutingStore
+from moe_utils.capture.store import RoutingStore
 
 plotting.use_style()
 paths = stage_paths(artifacts_dir)

@@ -43,11 +43,13 @@ confidence = 0.95
 import pandas as pd
 from IPython.display import HTML, Markdown, display
 
-from moe_utils import annotation, annotation_report, plotting
-from moe_utils.hsdl import HSDL
-from moe_utils.markup import code_span
+from moe_utils.patterns import annotation
+from moe_utils.stages import annotation as annotation_report
+from moe_utils.common import plotting
+from moe_utils.patterns.hsdl import HSDL
+from moe_utils.common.markup import code_span
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
-from moe_utils.store import RoutingStore
+from moe_utils.capture.store import RoutingStore
 
 plotting.use_style()
 paths = stage_paths(artifacts_dir)

@@ -73,8 +73,11 @@ import time
 
 from IPython.display import Markdown, display
 
-from moe_utils import ablation as abl
-from moe_utils import calibration, plotting, pruning, pruning_eval, pruning_stage
+from moe_utils.compression import ablation as abl
+from moe_utils.compression import calibration, pruning
+from moe_utils.common import plotting
+from moe_utils.evaluation import pruning_eval
+from moe_utils.stages import pruning as pruning_stage
 from moe_utils.stages import glue_values, stage_paths
 
 plotting.use_style()
@@ -197,7 +200,7 @@ variants.drop(columns="mask").assign(pruned=[f"{m.pruned_share:.0%}" for m in va
 # %% [markdown]
 # ## 6. Evaluating the pruned models
 #
-# Every mask is applied exactly (`moe_utils.expert_surgery.masked_experts`: pruned experts can
+# Every mask is applied exactly (`moe_utils.models.expert_surgery.masked_experts`: pruned experts can
 # never be chosen, each token's top-k is re-chosen among the remaining experts by the model's own
 # rule; for a merge, the merged weights are written over the kept experts first,
 # `moe_utils.compression.merging.applied`, which gives the same logits as the saved smaller model)

@@ -61,11 +61,12 @@ import time
 
 from IPython.display import Markdown, display
 
-from moe_utils import domain_results as results5
-from moe_utils import domains, plotting
-from moe_utils.data import load_prompts
-from moe_utils.evaluation import resolve_category
-from moe_utils.metrics import lower_is_better
+from moe_utils.stages import mmlu_pro_results as results5
+from moe_utils.compression import domains
+from moe_utils.common import plotting
+from moe_utils.evaluation.data import load_prompts
+from moe_utils.evaluation.harness import resolve_category
+from moe_utils.evaluation.metrics import lower_is_better
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
 
 plotting.use_style()

@@ -54,19 +54,21 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from moe_utils import expert_cache, plotting, prediction_report
-from moe_utils.artifacts import write_artifact
-from moe_utils import routing_prediction as rp
-from moe_utils.data import load_prompts
-from moe_utils.expert_matrix import expert_matrix
-from moe_utils.hidden_prediction import capture_with_hidden_predictions
-from moe_utils.markup import code_span
-from moe_utils.hsdl import HSDL
-from moe_utils.models import load_model
-from moe_utils.routing import router_fingerprint
+from moe_utils.prediction import expert_cache
+from moe_utils.common import plotting
+from moe_utils.stages import routing_prediction as prediction_report
+from moe_utils.common.artifacts import write_artifact
+from moe_utils.prediction import routing_prediction as rp
+from moe_utils.evaluation.data import load_prompts
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.prediction.hidden_prediction import capture_with_hidden_predictions
+from moe_utils.common.markup import code_span
+from moe_utils.patterns.hsdl import HSDL
+from moe_utils.models.loading import load_model
+from moe_utils.capture.routing import router_fingerprint
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
-from moe_utils.stats import Interval
-from moe_utils.store import RoutingStore
+from moe_utils.common.stats import Interval
+from moe_utils.capture.store import RoutingStore
 
 plotting.use_style()
 out_dir = (paths := stage_paths(artifacts_dir)).prediction

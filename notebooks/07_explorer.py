@@ -48,14 +48,15 @@ explorer_partners = 5
 # %% tags=["hide-input"]
 from IPython.display import HTML, Markdown, display
 
-from moe_utils import annotation, explorer
-from moe_utils import token_null as tn
-from moe_utils.artifacts import ArtifactMissing
-from moe_utils.hsdl import HSDL
-from moe_utils.markup import code_span
-from moe_utils.pruning import load_pruning
+from moe_utils.patterns import annotation
+from moe_utils.stages import explorer
+from moe_utils.patterns import token_null as tn
+from moe_utils.common.artifacts import ArtifactMissing
+from moe_utils.patterns.hsdl import HSDL
+from moe_utils.common.markup import code_span
+from moe_utils.compression.pruning import load_pruning
 from moe_utils.stages import glue_values, show_model_caveat, stage_paths
-from moe_utils.store import RoutingStore
+from moe_utils.capture.store import RoutingStore
 
 paths = stage_paths(artifacts_dir)
 

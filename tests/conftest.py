@@ -37,7 +37,7 @@ def _few_threads():
 @pytest.fixture(scope="session")
 def random_models():
     """``{model_type: (model, tokenizer)}``, built once per test session."""
-    from moe_utils.models import load_model
+    from moe_utils.models.loading import load_model
 
     return {arch: load_model(f"random:{arch}") for arch in ARCHITECTURES}
 
@@ -50,7 +50,7 @@ def olmoe(random_models):
 @pytest.fixture(scope="module")
 def olmoe_stats(olmoe):
     """Calibration statistics of the tiny OLMoE on TEXTS, keeping 64 block inputs per layer."""
-    from moe_utils.calibration import calibrate
+    from moe_utils.compression.calibration import calibrate
 
     model, tok = olmoe
     return calibrate(model, tok, TEXTS, batch_size=3, max_length=64, keep_hidden=64, progress=False)

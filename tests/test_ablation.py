@@ -1,4 +1,4 @@
-"""The CAEP ablation (moe_utils.ablation) on a tiny random OLMoE: one setting changed per variant,
+"""The CAEP ablation (moe_utils.compression.ablation) on a tiny random OLMoE: one setting changed per variant,
 each variant equal to CAEP called directly with that setting, refits cached."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import ablation, caep
-from moe_utils.expert_matrix import expert_matrix
-from moe_utils.hsdl import HSDL
-from moe_utils.pruning import hsdl_factors
-from moe_utils.routing import capture_routing
+from moe_utils.compression import ablation, caep
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.patterns.hsdl import HSDL
+from moe_utils.compression.pruning import hsdl_factors
+from moe_utils.capture.routing import capture_routing
 
 from .conftest import TEXTS
 

@@ -16,11 +16,12 @@ from matplotlib.figure import Figure
 from scipy import stats
 from sklearn.metrics.pairwise import cosine_similarity
 
-from moe_utils import annotation as an
-from moe_utils import plotting, token_text
-from moe_utils.expert_matrix import expert_matrix
-from moe_utils.hsdl import HSDL
-from moe_utils.store import RoutingStore, write_store
+from moe_utils.patterns import annotation as an
+from moe_utils.common import plotting
+from moe_utils.capture import token_text
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.patterns.hsdl import HSDL
+from moe_utils.capture.store import RoutingStore, write_store
 
 matplotlib.use("Agg")
 
@@ -311,7 +312,7 @@ def test_word_starts_from_real_tokenizers(kind):
     if kind == "byte-bpe":
         from transformers import AutoTokenizer
 
-        from moe_utils.tiny_moe import EMBEDDED_DIR
+        from moe_utils.models.tiny_moe import EMBEDDED_DIR
 
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
     else:

@@ -1,4 +1,4 @@
-"""Stage 3's report on annotated atoms (moe_utils.annotation_report): hand-built annotations whose
+"""Stage 3's report on annotated atoms (moe_utils.stages.annotation): hand-built annotations whose
 tables and counts are known."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import annotation_report
+from moe_utils.stages import annotation as annotation_report
 
 
 def _level(level, atoms, enrichment=None, by_sample=None, by_type=None):
@@ -81,7 +81,7 @@ def test_enrichment_summary_counts_by_hand():
 
 
 def test_domain_summary_of_a_store(olmoe, tmp_path):
-    from moe_utils.routing import capture_routing
+    from moe_utils.capture.routing import capture_routing
 
     from .conftest import TEXTS
 

@@ -1,4 +1,4 @@
-"""Artifacts on disk (moe_utils.artifacts): digests against hashlib on hand-built bytes, atomic
+"""Artifacts on disk (moe_utils.common.artifacts): digests against hashlib on hand-built bytes, atomic
 writes, checksummed folders that refuse every kind of damage with the folder's path, and the keyed
 cache that recomputes what does not verify."""
 
@@ -10,9 +10,9 @@ import logging
 
 import pytest
 
-from moe_utils import artifacts
-from moe_utils.artifacts import ArtifactError, ArtifactMissing, KeyedCache
-from moe_utils.fingerprint import dependency_key
+from moe_utils.common import artifacts
+from moe_utils.common.artifacts import ArtifactError, ArtifactMissing, KeyedCache
+from moe_utils.common.fingerprint import dependency_key
 
 
 # ----------------------------------------------------------------------------------- digests

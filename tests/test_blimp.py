@@ -1,4 +1,4 @@
-"""Tests of BLiMP through lm-evaluation-harness (moe_utils.blimp, moe_utils.evaluation): the harness's
+"""Tests of BLiMP through lm-evaluation-harness (moe_utils.evaluation.blimp, moe_utils.evaluation.harness): the harness's
 per-pair verdicts against summed log-probabilities computed here by hand, on the embedded model."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_utils import blimp, evaluation  # noqa: E402
+from moe_utils.evaluation import blimp, harness as evaluation  # noqa: E402
 
 BLIMP_DIR = Path(os.environ.get("MOE_BLIMP_DIR") or Path(__file__).resolve().parents[1].parent / "shared/data/blimp")
 PARADIGMS = ["anaphor_gender_agreement", "wh_island"]
@@ -26,7 +26,7 @@ LIMIT = 6
 def model_and_tokenizer():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe_utils.tiny_moe import EMBEDDED_DIR
+    from moe_utils.models.tiny_moe import EMBEDDED_DIR
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

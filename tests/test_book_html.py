@@ -37,10 +37,10 @@ SCREENSHOT_PAGES = {"book/intro.html": "intro.png", "book/executed/01_capture.ht
 SCREENSHOT_MAX_HEIGHT = 8000
 #: The page that states the paper's equations.
 METHOD_PAGE = "book/method.html"
-#: The annotation page and the class of its coloured-token rendering (moe_utils.token_text.CSS_CLASS).
+#: The annotation page and the class of its coloured-token rendering (moe_utils.capture.token_text.CSS_CLASS).
 ANNOTATION_PAGE = "book/executed/03_annotation.html"
 TOKEN_RENDER_CLASS = "moe-token-render"
-#: The explorer page (moe_utils.explorer) and the most seconds it may take to load from disk.
+#: The explorer page (moe_utils.stages.explorer) and the most seconds it may take to load from disk.
 EXPLORER_PAGE = "book/executed/07_explorer.html"
 EXPLORER_LOAD_S = 2.0
 #: Whether the annotation page must show a coloured-token rendering (True once stage 3 renders one).
@@ -335,8 +335,8 @@ def test_a_planted_token_renders_as_text_in_the_browser(tmp_path, browser):
     no element is created from it and its handler never runs."""
     import pandas as pd
 
-    from moe_utils import plotting
-    from moe_utils.token_text import render_prompt
+    from moe_utils.common import plotting
+    from moe_utils.capture.token_text import render_prompt
 
     planted = "<img src=x onerror=\"window.__planted=1\">"
     plotting.use_style()

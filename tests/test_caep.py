@@ -1,4 +1,4 @@
-"""CAEP and per-layer masks (moe_utils.caep): Algorithm 1 against hand-computed cases and a
+"""CAEP and per-layer masks (moe_utils.compression.caep): Algorithm 1 against hand-computed cases and a
 brute-force loop written independently, the per-layer guard, layer quotas and random masks."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from moe_utils import caep
+from moe_utils.compression import caep
 
 
 # ------------------------------------------------------------------------------------ CAEP
@@ -128,8 +128,8 @@ def test_a_budget_that_cannot_hold_is_refused(args, message):
 
 
 def test_budget_of_a_model_reads_its_layers(random_models):
-    from moe_utils.expert_surgery import allowed_counts
-    from moe_utils.models import moe_layers
+    from moe_utils.models.expert_surgery import allowed_counts
+    from moe_utils.models.loading import moe_layers
 
     for name in ("olmoe", "deepseek_v3"):
         model, _ = random_models[name]

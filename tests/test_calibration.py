@@ -1,4 +1,4 @@
-"""The calibration pass and the output-based method (moe_utils.calibration): statistics against the
+"""The calibration pass and the output-based method (moe_utils.compression.calibration): statistics against the
 routing store and hand-written matmuls with the fused expert weights, the output-based search
 against physical expert removal, the caches and the calibration texts."""
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils import calibration
-from moe_utils.expert_surgery import remove_experts
-from moe_utils.models import moe_layers
-from moe_utils.routing import capture_routing, record_routing
+from moe_utils.compression import calibration
+from moe_utils.models.expert_surgery import remove_experts
+from moe_utils.models.loading import moe_layers
+from moe_utils.capture.routing import capture_routing, record_routing
 
 from .conftest import ARCHITECTURES, SHARED_DATA, TEXTS
 

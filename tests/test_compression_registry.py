@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_utils import caep, domains, pruning
+from moe_utils.compression import caep, domains, pruning
 from moe_utils.compression import registry
 from moe_utils.compression.value import Compression
 

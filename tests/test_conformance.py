@@ -2,7 +2,7 @@
 
 The model types are enumerated from transformers itself (:func:`moe_model_types`), never listed by
 hand; each is built tiny from its own config class and checked against independent truths (see
-:mod:`moe_utils.conformance`). A type that cannot be built tiny, or whose routing cannot be read,
+:mod:`moe_utils.models.conformance`). A type that cannot be built tiny, or whose routing cannot be read,
 is a visible xfail with its reason; a check that fails on a supported type is a failure. The
 committed table that the book shows (``bench/results/conformance.json``) must agree
 with this run, type by type.
@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from moe_utils.conformance import CHECKS, MERGING_CHECKS, check_model, check_model_type, moe_model_types, summary
-from moe_utils.discovery import DiscoveryError
-from moe_utils.models import REGISTRY, load_model, moe_layers
+from moe_utils.models.conformance import CHECKS, MERGING_CHECKS, check_model, check_model_type, moe_model_types, summary
+from moe_utils.models.discovery import DiscoveryError
+from moe_utils.models.loading import REGISTRY, load_model, moe_layers
 
 TABLE = Path(__file__).resolve().parents[1] / "bench" / "results" / "conformance.json"
 
@@ -38,10 +38,10 @@ def test_the_types_come_from_transformers():
 def test_conformance(model_type, tmp_path):
     row = check_model_type(model_type, tmp_path)
     committed = _committed_rows().get(model_type)
-    assert committed is not None, f"{model_type} is missing from {TABLE}: run python -m moe_utils.conformance"
+    assert committed is not None, f"{model_type} is missing from {TABLE}: run python -m moe_utils.models.conformance"
     compared = ("status", *CHECKS, *MERGING_CHECKS)
     assert {k: committed.get(k) for k in compared} == {k: row.get(k) for k in compared}, \
-        f"{TABLE} is stale for {model_type}: run python -m moe_utils.conformance"
+        f"{TABLE} is stale for {model_type}: run python -m moe_utils.models.conformance"
     if row["status"] == "not buildable":
         pytest.xfail(f"cannot be built tiny from its default config: {row['reason']}")
     if row["status"] == "unsupported":

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from moe_utils import cooccurrence, patterns
-from moe_utils.cooccurrence import Cooccurrence
+from moe_utils.patterns import cooccurrence, hierarchy as patterns
+from moe_utils.patterns.cooccurrence import Cooccurrence
 
 
 def _exhaustive(selected: np.ndarray, order: int) -> Counter:

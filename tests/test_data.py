@@ -1,4 +1,4 @@
-"""Tests for moe_utils.data: MMLU-Pro loading, cleaning, selection and prompt formatting.
+"""Tests for moe_utils.evaluation.data: MMLU-Pro loading, cleaning, selection and prompt formatting.
 
 Small synthetic parquet files written into tmp_path exercise each rule; the real offline copy
 (../shared/data/mmlu_pro, skipped when absent) checks the known defects of that export.
@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_utils import data
-from moe_utils.data import (
+from moe_utils.evaluation import data
+from moe_utils.evaluation.data import (
     LETTERS,
     MMLU_PRO_ENV,
     PAPER_CATEGORIES,
@@ -199,7 +199,7 @@ def test_sampling_counts_order_and_determinism(many_dir: Path) -> None:
 def test_sampling_more_than_available_takes_all(many_dir: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     df = load_mmlu_pro(data_dir=many_dir)
-    with caplog.at_level(logging.WARNING, logger="moe_utils.data"):
+    with caplog.at_level(logging.WARNING, logger="moe_utils.evaluation.data"):
         out = select_questions(df, ["law", "math"], n_per_category=8)
     assert out["category"].value_counts().to_dict() == {"law": 5, "math": 8}
     assert any("law" in r.getMessage() for r in caplog.records)

@@ -20,10 +20,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from moe_utils.conformance import CHECKS, check_model
-from moe_utils.deepseek_moe import DeepseekMoeForCausalLM, convert_state_dict, load_deepseek_moe, port_config
-from moe_utils.models import load_model, moe_layers
-from moe_utils.tiny_configs import byte_tokenizer
+from moe_utils.models.conformance import CHECKS, check_model
+from moe_utils.models.deepseek_moe import DeepseekMoeForCausalLM, convert_state_dict, load_deepseek_moe, port_config
+from moe_utils.models.loading import load_model, moe_layers
+from moe_utils.models.tiny_configs import byte_tokenizer
 
 #: The checkpoint's config.json fields, at tiny size (deepseek-moe-16b-base's names and flags).
 REMOTE = dict(model_type="deepseek", architectures=["DeepseekForCausalLM"],

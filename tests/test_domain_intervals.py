@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics.pairwise import cosine_similarity
 
-from moe_utils import domain_intervals as di
-from moe_utils.store import RoutingStore, write_store
+from moe_utils.patterns import domain_intervals as di
+from moe_utils.capture.store import RoutingStore, write_store
 
 
 def planted_counts(distributions: dict[str, np.ndarray], n_questions: int, tokens: int = 40, seed: int = 0):
@@ -98,7 +98,7 @@ def test_interval_figure_draws_estimates_outside_their_percentile_interval():
     import matplotlib
 
     matplotlib.use("Agg")
-    from moe_utils import plotting
+    from moe_utils.common import plotting
 
     pairs = pd.DataFrame({"a": ["x"], "b": ["y"], "cosine": [0.9], "low": [0.92], "high": [0.95],
                           "closest_share": [1.0], "cosine at half size": [0.88]})

@@ -1,4 +1,4 @@
-"""Stage 5 assembled (moe_utils.domain_results): the evaluation grid with held-out questions left
+"""Stage 5 assembled (moe_utils.stages.mmlu_pro_results): the evaluation grid with held-out questions left
 out, the Fig 9 analysis on a planted diagonal, the findings, accuracies against the Wilson formula
 written out, stage 4's breakdown, and the checksummed artifact."""
 
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import domain_results as results5
-from moe_utils import stats
-from moe_utils.artifacts import ArtifactError
-from moe_utils.pruning import PruningMask
+from moe_utils.stages import mmlu_pro_results as results5
+from moe_utils.common import stats
+from moe_utils.common.artifacts import ArtifactError
+from moe_utils.compression.pruning import PruningMask
 from moe_utils.stages import stage_paths
 
 from .test_domains import _docs, _stage4_results

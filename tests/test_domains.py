@@ -1,4 +1,4 @@
-"""moe_utils.domains: domain columns, domain-restricted scores and CAEP on a store with planted
+"""moe_utils.compression.domains: domain columns, domain-restricted scores and CAEP on a store with planted
 domain routing, per-document evaluation against the harness's own aggregates, the cache, and the
 relative-change matrix and its diagonal test on hand-made documents."""
 
@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from moe_utils import domains
-from moe_utils.artifacts import KeyedCache
-from moe_utils.caep import PruningBudget
-from moe_utils.expert_matrix import expert_matrix
-from moe_utils.store import RoutingStore, write_store
+from moe_utils.compression import domains
+from moe_utils.common.artifacts import KeyedCache
+from moe_utils.compression.caep import PruningBudget
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.capture.store import RoutingStore, write_store
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MMLU_PRO_DIR = Path(os.environ.get("MOE_MMLU_PRO_DIR") or SHARED / "mmlu_pro")
@@ -96,8 +96,8 @@ def test_domain_caep_keeps_each_domains_planted_experts(planted_store):
 
 
 def test_domain_frequency_baseline_is_calibrated_on_the_domain_only(small_model, tmp_path):
-    from moe_utils.caep import layerwise_mask
-    from moe_utils.routing import capture_routing
+    from moe_utils.compression.caep import layerwise_mask
+    from moe_utils.capture.routing import capture_routing
 
     from .conftest import TEXTS
 
@@ -120,7 +120,7 @@ def binary_frequency(store) -> np.ndarray:
 
 
 def test_domain_refit_fits_hsdl_on_the_domain_alone(planted_store):
-    from moe_utils.hsdl import HSDL
+    from moe_utils.patterns.hsdl import HSDL
 
     x = expert_matrix(planted_store, "token", "weight")
     hsdl = HSDL(levels=[6], n_steps=20, batch_size=64, layout=(N_LAYERS, N_EXPERTS), random_state=0).fit(x)
@@ -189,7 +189,7 @@ def test_category_breakdown_of_stage_4():
 def test_chance_accuracy():
     if not MMLU_PRO_DIR.is_dir():
         pytest.skip(f"no local MMLU-Pro at {MMLU_PRO_DIR}")
-    from moe_utils.data import load_mmlu_pro
+    from moe_utils.evaluation.data import load_mmlu_pro
 
     questions = load_mmlu_pro("test", MMLU_PRO_DIR)
     ten = questions[questions["options"].map(len) == 10]["question_id"].head(3).tolist()
@@ -202,7 +202,7 @@ def test_chance_accuracy():
 def small_model():
     import torch
 
-    from moe_utils.models import load_model
+    from moe_utils.models.loading import load_model
 
     torch.manual_seed(0)
     return load_model("random:olmoe")
@@ -236,7 +236,7 @@ def test_documents_reproduce_the_harness_aggregates(evaluated):
 def test_masked_evaluation_is_cached_and_differs_from_the_original(small_model, evaluated, tmp_path):
     model, tok = small_model
     settings = dict(limit=2, batch_size=4, max_length=128, data_dir=MMLU_PRO_DIR)
-    from moe_utils.models import moe_layers
+    from moe_utils.models.loading import moe_layers
 
     n_e = sum(layer.num_experts for layer in moe_layers(model))
     keep = np.zeros(n_e, bool)
@@ -357,7 +357,7 @@ def test_breaking_order_and_caep_versus_baselines():
 
 
 def test_cached_masks_round_trip(tmp_path):
-    from moe_utils.pruning import PruningMask
+    from moe_utils.compression.pruning import PruningMask
 
     calls = []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe_utils import plotting
+from moe_utils.common import plotting
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.py"))
 PLANTED = "<img src=x onerror=alert(1)>"
@@ -60,7 +60,7 @@ def _no_markup(rendered: str) -> None:
 
 
 def test_code_span_keeps_a_backtick_and_markup_inside_the_span():
-    from moe_utils.markup import code_span
+    from moe_utils.common.markup import code_span
 
     for name in (HOSTILE, "``a``", "`", "plain/name", "a\nb"):
         rendered = _render(f"**Model:** {code_span(name)} and more")
@@ -77,7 +77,7 @@ def test_the_old_code_span_let_the_markup_through():
 
 
 def test_text_and_table_cells_render_literally():
-    from moe_utils.markup import code_span, table_cell, text
+    from moe_utils.common.markup import code_span, table_cell, text
 
     rendered = _render(f"Data from {text(HOSTILE)}.")
     _no_markup(rendered)
@@ -95,7 +95,9 @@ def test_every_markdown_that_names_the_model_escapes_it(tmp_path):
 
     import pandas as pd
 
-    from moe_utils import domain_results, model_card, pipeline, stages
+    from moe_utils import stages
+    from moe_utils.stages import mmlu_pro_results as domain_results, model_card
+    from moe_utils.pipeline import runner as pipeline
 
     layers = [SimpleNamespace(num_experts=4, top_k=2)]
     usage = pd.DataFrame([[0.25, 0.25, 0.25, 0.25]]).to_numpy()

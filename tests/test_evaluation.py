@@ -1,4 +1,4 @@
-"""Tests of moe_utils.evaluation: the real lm-evaluation-harness on a tiny in-memory MoE, offline.
+"""Tests of moe_utils.evaluation.harness: the real lm-evaluation-harness on a tiny in-memory MoE, offline.
 
 Model: ``$MOE_TEST_MODEL_DIR`` or else the shipped embedded model. Data: the offline copies in
 ``../shared/data`` (or ``$MOE_MMLU_PRO_DIR`` / ``$MOE_WIKITEXT_DIR``).
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from lm_eval.tasks.leaderboard.mmlu_pro.utils import doc_to_text as stock_doc_to_text  # noqa: E402
 
-from moe_utils import evaluation  # noqa: E402
+from moe_utils.evaluation import harness as evaluation  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MMLU_PRO_DIR = Path(os.environ.get("MOE_MMLU_PRO_DIR") or SHARED / "mmlu_pro")
@@ -33,7 +33,7 @@ PPL_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
 def _model_dir() -> Path:
-    from moe_utils.tiny_moe import EMBEDDED_DIR
+    from moe_utils.models.tiny_moe import EMBEDDED_DIR
 
     return Path(os.environ.get("MOE_TEST_MODEL_DIR") or EMBEDDED_DIR)
 

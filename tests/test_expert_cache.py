@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_utils.expert_cache import compare, simulate
+from moe_utils.prediction.expert_cache import compare, simulate
 
 
 def _replay(topk, prefetch, layer, size):
-    """The protocol of moe_utils.expert_cache, written plainly: a list ordered from least to most
+    """The protocol of moe_utils.prediction.expert_cache, written plainly: a list ordered from least to most
     recently used, for one layer and one cache size."""
     cache: list[int] = []
     hits = prefetch_loads = miss_loads = 0

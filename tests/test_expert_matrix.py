@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_utils import expert_matrix as xm
-from moe_utils.routing import capture_routing
+from moe_utils.patterns import expert_matrix as xm
+from moe_utils.capture.routing import capture_routing
 
 from .conftest import TEXTS
 

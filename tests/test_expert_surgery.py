@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_utils.expert_surgery import (
+from moe_utils.models.expert_surgery import (
     PruningError, experts_per_layer, load_pruned, masked_experts, normalize_keep, remove_experts, save_pruned,
 )
-from moe_utils.models import moe_layers
-from moe_utils.routing import record_routing
+from moe_utils.models.loading import moe_layers
+from moe_utils.capture.routing import record_routing
 from tests.conftest import ARCHITECTURES, TEXTS
 
 TOL = 1e-5
@@ -232,7 +232,7 @@ def test_group_routing_counts_are_checked(random_models, layer_keep, message):
 def test_remote_code_deepseek_moe_layout(tmp_path):
     """DeepSeek-MoE-16B's layout (the paper's pruning model): a gate returning (idx, weight, aux), no
     logits, and a ModuleList of experts (rebuilt in tests/test_models.py: its code needs the Hub)."""
-    from moe_utils.tiny_configs import byte_tokenizer
+    from moe_utils.models.tiny_configs import byte_tokenizer
     from tests.test_models import DeepseekForCausalLM, deepseek_config
 
     torch.manual_seed(0)
@@ -253,17 +253,17 @@ def test_remote_code_deepseek_moe_layout(tmp_path):
 
 def test_regrouping_of_group_routed_layers_is_announced(random_models, caplog):
     model, _ = random_models["deepseek_v3"]
-    with caplog.at_level("WARNING", logger="moe_utils.expert_surgery"), masked_experts(model, even_keep(model)):
+    with caplog.at_level("WARNING", logger="moe_utils.models.expert_surgery"), masked_experts(model, even_keep(model)):
         pass
     assert not caplog.records  # two kept per original group: the groups stay
-    with caplog.at_level("WARNING", logger="moe_utils.expert_surgery"), masked_experts(model, uneven_keep(model)):
+    with caplog.at_level("WARNING", logger="moe_utils.models.expert_surgery"), masked_experts(model, uneven_keep(model)):
         pass
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["MoE layer 1"]
 
 
 def test_allowed_counts_are_exactly_what_masking_accepts(random_models):
     """allowed_counts lists the counts masked_experts accepts, for a group-limited router and not."""
-    from moe_utils.expert_surgery import allowed_counts
+    from moe_utils.models.expert_surgery import allowed_counts
 
     model, _ = random_models["deepseek_v3"]
     allowed = allowed_counts(model)

@@ -1,7 +1,7 @@
-"""The routing explorer (moe_utils.explorer), built from a synthetic run and used in headless Chromium.
+"""The routing explorer (moe_utils.stages.explorer), built from a synthetic run and used in headless Chromium.
 
 Every interaction is checked against independent truth: a token's grid against the routing store's
-arrays, an atom's tokens against :func:`moe_utils.annotation.attribute_tokens` of the fitted HSDL and
+arrays, an atom's tokens against :func:`moe_utils.patterns.annotation.attribute_tokens` of the fitted HSDL and
 its experts against the dictionary, a mask's grey cells and marked tokens against the keep-mask and
 the store, an expert's partners against co-activation counted by brute force. A planted hostile token
 must stay text; no request may leave the page and no script may fail.
@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import annotation as an
-from moe_utils import explorer
-from moe_utils import token_null
-from moe_utils.patterns import atom_experts
-from moe_utils.pruning import PruningMask
-from moe_utils.store import RoutingStore, write_store
+from moe_utils.patterns import annotation as an
+from moe_utils.stages import explorer
+from moe_utils.patterns import token_null
+from moe_utils.patterns.hierarchy import atom_experts
+from moe_utils.compression.pruning import PruningMask
+from moe_utils.capture.store import RoutingStore, write_store
 from tests.test_annotation import LAYOUT, fit, synthetic_store
 from tests.test_book_html import SCREENSHOTS, launch_browser, watch
 
@@ -111,7 +111,7 @@ def test_a_lift_given_the_token_is_shown_when_given(run, browser, tmp_path):
 
 
 def test_the_token_null_lift_reaches_the_page_and_undefined_lifts_read_na(run, browser, tmp_path):
-    """Stage 7 passes the token-identity null's lift (moe_utils.token_null); a lift that is not
+    """Stage 7 passes the token-identity null's lift (moe_utils.patterns.token_null); a lift that is not
     defined (no expectation) is written as null and shown as "n/a", never as invalid JSON."""
     given = token_null.coselection(run["store"]).lift(given_token=True)
     data = explorer.explorer_data(run["store"], run["hsdl"], run["result"], run={}, max_questions=2,

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_utils import fingerprint
-from moe_utils.artifacts import KeyedCache
-from moe_utils.models import load_model
-from moe_utils.routing import capture_routing, model_identity, router_fingerprint
-from moe_utils.store import StoreError
+from moe_utils.common import fingerprint
+from moe_utils.common.artifacts import KeyedCache
+from moe_utils.models.loading import load_model
+from moe_utils.capture.routing import capture_routing, model_identity, router_fingerprint
+from moe_utils.capture.store import StoreError
 
 from .conftest import TEXTS
 
@@ -110,7 +110,7 @@ def test_a_checkpoint_changed_in_place_is_a_different_model(checkpoint, tmp_path
 
 
 def test_a_stage_key_covers_the_weights_and_the_package_files(checkpoint, tmp_path, monkeypatch):
-    from moe_utils.pipeline import Stage, stage_fingerprint
+    from moe_utils.pipeline.runner import Stage, stage_fingerprint
 
     notebook = tmp_path / "01_stage.py"
     notebook.write_text("x = 1\n")

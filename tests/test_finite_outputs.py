@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_utils import model_card
-from moe_utils.models import NonFiniteError, load_model, moe_layers
-from moe_utils.routing import capture_routing
-from moe_utils.wikitext import word_perplexity
+from moe_utils.stages import model_card
+from moe_utils.models.loading import NonFiniteError, load_model, moe_layers
+from moe_utils.capture.routing import capture_routing
+from moe_utils.evaluation.wikitext import word_perplexity
 
 from .conftest import SHARED_DATA, TEXTS
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from moe_utils.hsdl import HSDL
+from moe_utils.patterns.hsdl import HSDL
 
 LAYOUT = (4, 8)  # 4 MoE layers x 8 experts: N_e = 32
 FAST = dict(n_steps=1000, batch_size=256)

@@ -1,4 +1,4 @@
-"""Chance levels, atom matching and the hierarchy's shape (moe_utils.hsdl_controls)."""
+"""Chance levels, atom matching and the hierarchy's shape (moe_utils.patterns.hsdl_controls)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import hsdl_controls as hc
-from moe_utils import patterns
-from moe_utils.cooccurrence import Cooccurrence
+from moe_utils.patterns import hsdl_controls as hc
+from moe_utils.patterns import hierarchy as patterns
+from moe_utils.patterns.cooccurrence import Cooccurrence
 from tests.test_token_null import synthetic_store
 
 
@@ -48,7 +48,7 @@ def test_cross_layer_chance_matches_the_exact_probability():
 
 def test_coverage_chance_of_one_draw_is_patterns_coverage():
     store = synthetic_store(planted=True, n_questions=10, per_question=40)
-    from moe_utils.expert_matrix import expert_matrix
+    from moe_utils.patterns.expert_matrix import expert_matrix
 
     selected = expert_matrix(store, "token", "binary")
     sizes = [2, 3, 4, 2, 1, 5]
@@ -95,8 +95,8 @@ def test_hierarchy_structure_counts_splits_and_copies():
 
 
 def test_surrogate_fits_and_stability_report_every_statistic():
-    from moe_utils.expert_matrix import expert_matrix
-    from moe_utils.hsdl import HSDL
+    from moe_utils.patterns.expert_matrix import expert_matrix
+    from moe_utils.patterns.hsdl import HSDL
 
     store = synthetic_store(planted=True, n_questions=8, per_question=50)
     hsdl = HSDL(levels=[1.0, 2.0], n_steps=30, batch_size=128, layout=(store.n_layers, store.n_experts),

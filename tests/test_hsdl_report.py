@@ -1,4 +1,4 @@
-"""Stage 2's report on a fitted HSDL (moe_utils.hsdl_report): hand-built models whose atoms,
+"""Stage 2's report on a fitted HSDL (moe_utils.stages.hsdl): hand-built models whose atoms,
 usages and coverage are known, and the checks that refuse a broken fit."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from moe_utils import hsdl_report
+from moe_utils.stages import hsdl as hsdl_report
 
 
 def _model(d1, r1, d2=None, r2=None, *, loss=(4.0, 3.0, 2.0, 1.0, 1.0, 0.5)):

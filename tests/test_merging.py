@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils import caep, pruning
+from moe_utils.compression import caep, pruning
 from moe_utils.compression import merging, registry
 from moe_utils.compression.methods.hc_smoe import clusters
 from moe_utils.compression.methods.m_smoe import dominant_groups
 from moe_utils.compression.value import Compression
-from moe_utils.expert_surgery import experts_per_layer, load_pruned, masked_experts, save_pruned
-from moe_utils.models import moe_layers
+from moe_utils.models.expert_surgery import experts_per_layer, load_pruned, masked_experts, save_pruned
+from moe_utils.models.loading import moe_layers
 
 from .conftest import TEXTS
 
@@ -132,7 +132,7 @@ def test_clusters_and_dominant_groups_recover_planted_structure():
 def test_merging_cost_counts_each_run_once():
     import pandas as pd
 
-    from moe_utils.pruning_stage import merging_cost
+    from moe_utils.stages.pruning import merging_cost
 
     rows = [("unpruned", 0.0, None, "blimp", 10.0), ("unpruned", 0.0, None, "wiki", 4.0),
             ("hc_smoe", 0.5, None, "blimp", 12.0), ("m_smoe", 0.5, None, "blimp", 11.0),

@@ -1,12 +1,12 @@
-"""Stage 0's model card describes whichever model the profile names (moe_utils.model_card)."""
+"""Stage 0's model card describes whichever model the profile names (moe_utils.stages.model_card)."""
 
 from __future__ import annotations
 
 import pytest
 
-from moe_utils import model_card
-from moe_utils.tiny_configs import random_model
-from moe_utils.wikitext import count_words
+from moe_utils.stages import model_card
+from moe_utils.models.tiny_configs import random_model
+from moe_utils.evaluation.wikitext import count_words
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from moe_utils.models import (
+from moe_utils.models.loading import (
     REGISTRY, MoEArchitecture, load_model, moe_layers, read_index_weight_aux, register_architecture,
 )
-from moe_utils.routing import capture_routing
-from moe_utils.tiny_configs import random_model
+from moe_utils.capture.routing import capture_routing
+from moe_utils.models.tiny_configs import random_model
 
 from .conftest import ARCHITECTURES
 
@@ -166,7 +166,7 @@ def test_deepseek_layout_is_read_by_the_registered_adapter():
 
 
 def test_deepseek_capture_records_the_gates_own_selection_sorted_by_weight(tmp_path):
-    from moe_utils.tiny_configs import byte_tokenizer
+    from moe_utils.models.tiny_configs import byte_tokenizer
 
     torch.manual_seed(0)
     model, tok = DeepseekForCausalLM(deepseek_config()).eval(), byte_tokenizer()

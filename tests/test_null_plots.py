@@ -1,4 +1,4 @@
-"""The control figures draw what they are given (moe_utils.null_plots)."""
+"""The control figures draw what they are given (moe_utils.patterns.null_plots)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 
-from moe_utils import null_plots
+from moe_utils.patterns import null_plots
 
 
 def test_lift_heatmaps_one_panel_per_form_on_one_scale():

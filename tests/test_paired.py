@@ -1,4 +1,4 @@
-"""Tests of moe_utils.paired: the paired bootstrap against exact enumeration, the MDE against simulation."""
+"""Tests of moe_utils.evaluation.paired: the paired bootstrap against exact enumeration, the MDE against simulation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from moe_utils import paired
+from moe_utils.evaluation import paired
 
 
 def test_bootstrap_se_matches_exact_enumeration_of_resamples():

@@ -10,8 +10,9 @@ import pytest
 import scipy.sparse as sp
 from matplotlib.figure import Figure
 
-from moe_utils import patterns, plotting
-from moe_utils.hsdl import HSDL
+from moe_utils.patterns import hierarchy as patterns
+from moe_utils.common import plotting
+from moe_utils.patterns.hsdl import HSDL
 
 matplotlib.use("Agg")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from moe_utils import pipeline
-from moe_utils.pipeline import PipelineError, discover_stages, notebook_parameters, validate
-from moe_utils.store import RoutingStore
+from moe_utils.pipeline import runner as pipeline
+from moe_utils.pipeline.runner import PipelineError, discover_stages, notebook_parameters, validate
+from moe_utils.capture.store import RoutingStore
 
 HEADER = """# ---
 # jupyter:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.naive_bayes import BernoulliNB
 
-from moe_utils import routing_prediction as rp
+from moe_utils.prediction import routing_prediction as rp
 
 
 def test_token_rankings_by_hand():

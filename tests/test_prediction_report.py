@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from moe_utils import prediction_report
-from moe_utils.stats import Interval
+from moe_utils.stages import routing_prediction as prediction_report
+from moe_utils.common.stats import Interval
 
 
 def _interval(estimate, low, high):

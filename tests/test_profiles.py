@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
-from moe_utils import pipeline
-from moe_utils.conformance import moe_model_types
-from moe_utils.models import REGISTRY, moe_layers
-from moe_utils.pipeline import PipelineError, load_about, load_profile, validate, validate_about
+from moe_utils.pipeline import runner as pipeline
+from moe_utils.models.conformance import moe_model_types
+from moe_utils.models.loading import REGISTRY, moe_layers
+from moe_utils.pipeline.runner import PipelineError, load_about, load_profile, validate, validate_about
 
-from moe_utils.deepseek_moe import REMOTE_MODEL_TYPE, DeepseekMoeForCausalLM, port_config
+from moe_utils.models.deepseek_moe import REMOTE_MODEL_TYPE, DeepseekMoeForCausalLM, port_config
 
 #: DeepSeek-MoE's shape fields at tiny width (the routing fields come from the profile).
 TINY_DEEPSEEK = dict(vocab_size=300, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -86,7 +86,7 @@ def test_about_block_is_complete_and_names_a_supported_architecture(path):
     if model.startswith("random:"):
         assert about["model_type"] == model.removeprefix("random:")
     if model == "embedded":
-        from moe_utils.tiny_moe import EMBEDDED_DIR
+        from moe_utils.models.tiny_moe import EMBEDDED_DIR
 
         shipped = json.loads((EMBEDDED_DIR / "config.json").read_text())
         assert about["model_type"] == shipped["model_type"]
@@ -175,8 +175,8 @@ def test_declared_architecture_matches_its_layer_expert_and_parameter_counts(pat
 @pytest.mark.parametrize("path", DECLARED, ids=lambda p: p.stem)
 def test_tiny_model_of_the_declared_architecture_captures_routing(path, tmp_path):
     """The architecture's own config class at tiny width, with the declared expert count and top-k."""
-    from moe_utils.routing import capture_routing
-    from moe_utils.tiny_configs import byte_tokenizer, tiny_config
+    from moe_utils.capture.routing import capture_routing
+    from moe_utils.models.tiny_configs import byte_tokenizer, tiny_config
 
     about, config = _declared(path)
     routing = {k: v for k, v in config.items() if k in ROUTING_FIELDS}

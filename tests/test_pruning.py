@@ -1,4 +1,4 @@
-"""Every method's masks, domain restriction, evaluation and the artifact (moe_utils.pruning):
+"""Every method's masks, domain restriction, evaluation and the artifact (moe_utils.compression.pruning):
 masks of every method from real calibration statistics, the evaluation cache, Table 1 and ranks,
 and the checksummed artifact."""
 
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from moe_utils import caep, pruning
-from moe_utils.routing import capture_routing
+from moe_utils.compression import caep, pruning
+from moe_utils.capture.routing import capture_routing
 
 from .conftest import TEXTS
 
@@ -46,8 +46,8 @@ def test_group_limited_router_gets_only_masks_it_can_route(random_models):
     """DeepSeek-V3's tiny router (8 experts in 2 groups, top-2) accepts 4, 6 or 8 experts per layer:
     every method's mask (the merges' kept experts too) rounds up to those counts and masks the
     model; the one-at-a-time output search is refused with the reason."""
-    from moe_utils.calibration import calibrate
-    from moe_utils.expert_surgery import masked_experts
+    from moe_utils.compression.calibration import calibrate
+    from moe_utils.models.expert_surgery import masked_experts
 
     model, tok = random_models["deepseek_v3"]
     budget = caep.PruningBudget.for_model(model, min_per_layer=2)

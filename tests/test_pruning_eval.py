@@ -1,4 +1,4 @@
-"""Stage 4's per-document evaluation (moe_utils.pruning_eval) through the real harness on the
+"""Stage 4's per-document evaluation (moe_utils.evaluation.pruning_eval) through the real harness on the
 embedded model: cached per mask, aligned over models, and its measures equal to the harness's own
 numbers and to hand computations from the per-document rows."""
 
@@ -16,9 +16,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_utils import pruning_eval  # noqa: E402
-from moe_utils.caep import PruningBudget, random_mask  # noqa: E402
-from moe_utils.pruning import PruningMask, unpruned_mask  # noqa: E402
+from moe_utils.evaluation import pruning_eval  # noqa: E402
+from moe_utils.compression.caep import PruningBudget, random_mask  # noqa: E402
+from moe_utils.compression.pruning import PruningMask, unpruned_mask  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DIRS = dict(blimp_dir=Path(os.environ.get("MOE_BLIMP_DIR") or SHARED / "blimp"),
@@ -28,7 +28,7 @@ RUNS = [{"tasks": ["blimp_wh_island", "blimp_passive_1"], "limit": 5}, {"tasks":
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    from moe_utils.models import load_model
+    from moe_utils.models.loading import load_model
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

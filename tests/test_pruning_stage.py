@@ -1,4 +1,4 @@
-"""Stage 4's glue (moe_utils.pruning_stage): the CAEP step table against caep() itself, and the
+"""Stage 4's glue (moe_utils.stages.pruning): the CAEP step table against caep() itself, and the
 findings sentences built from given comparisons (numbers and verdicts read from the tables)."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from moe_utils import caep, pruning_stage
-from moe_utils.pruning import PruningMask
+from moe_utils.compression import caep
+from moe_utils.stages import pruning as pruning_stage
+from moe_utils.compression.pruning import PruningMask
 
 
 def test_caep_steps_match_algorithm_1():

@@ -1,6 +1,6 @@
 """Domain enrichment of atoms with questions as the unit and holding the token fixed, on planted
 truth: per-token atom assignments drawn with known probabilities, scored by
-:func:`moe_utils.annotation.enrichment` (token, question and token-type units), and the
+:func:`moe_utils.patterns.annotation.enrichment` (token, question and token-type units), and the
 Mantel-Haenszel sums against scipy's hypergeometric moments and a case computed by hand."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from moe_utils import annotation as an
-from moe_utils.stratified import cmh_enrichment
+from moe_utils.patterns import annotation as an
+from moe_utils.patterns.stratified import cmh_enrichment
 
 CATEGORIES = ("law", "math", "physics", "psychology")
 

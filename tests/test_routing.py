@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils import artifacts, routing
-from moe_utils.models import moe_layers
-from moe_utils.routing import capture_routing, record_routing
-from moe_utils.store import RoutingStore, StoreError
+from moe_utils.common import artifacts
+from moe_utils.capture import routing
+from moe_utils.models.loading import moe_layers
+from moe_utils.capture.routing import capture_routing, record_routing
+from moe_utils.capture.store import RoutingStore, StoreError
 
 from .conftest import ARCHITECTURES, TEXTS
 
@@ -179,7 +180,7 @@ def test_a_truncated_chunk_of_an_unfinished_capture_is_captured_again(olmoe, tmp
 def test_partial_chunks_are_written_under_names_unique_to_each_writer(olmoe, tmp_path, monkeypatch):
     model, tok = olmoe
     seen = []
-    real_replace = artifacts.os.replace  # every atomic write of the package goes through moe_utils.artifacts
+    real_replace = artifacts.os.replace  # every atomic write of the package goes through moe_utils.common.artifacts
     monkeypatch.setattr(artifacts.os, "replace", lambda a, b: (seen.append(Path(a).name), real_replace(a, b))[1])
     capture_routing(model, tok, TEXTS, out_dir=tmp_path / "s", batch_size=2, progress=False)
     temporary = [name for name in seen if name.startswith(".chunk-")]

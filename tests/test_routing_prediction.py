@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils import routing_prediction as rp
-from moe_utils.hidden_prediction import (
+from moe_utils.prediction import routing_prediction as rp
+from moe_utils.prediction.hidden_prediction import (
     capture_with_hidden_predictions, decoder_layer_of, pre_moe_norm, router_ranking,
 )
-from moe_utils.models import moe_layers
+from moe_utils.models.loading import moe_layers
 
 from .conftest import TEXTS
 
@@ -191,8 +191,8 @@ def test_bad_horizons_are_refused(olmoe, tmp_path):
 def test_stage_runs_on_the_smoke_profile(tmp_path, monkeypatch):
     """Stages 1, 2 and 6 through papermill on the smoke profile: the held-out questions are not stage
     1's, and the results name every predictor, with the oracle at recall 1."""
-    from moe_utils import pipeline
-    from moe_utils.store import RoutingStore
+    from moe_utils.pipeline import runner as pipeline
+    from moe_utils.capture.store import RoutingStore
 
     from .conftest import SHARED_DATA
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from moe_utils import caep, pipeline
-from moe_utils.pipeline import PipelineError
+from moe_utils.compression import caep
+from moe_utils.pipeline import runner as pipeline
+from moe_utils.pipeline.runner import PipelineError
 
 HEADER = ("# ---\n# jupyter:\n#   kernelspec:\n#     display_name: Python 3\n#     language: python\n"
           "#     name: python3\n# ---\n")
@@ -74,7 +75,7 @@ def test_the_book_builder_dies_with_a_killed_pipeline(tmp_path):
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
-        from moe_utils.pipeline import run_child
+        from moe_utils.pipeline.runner import run_child
         run_child([sys.executable, "-c", {child!r}])
     """)])
     deadline = time.time() + 60
@@ -171,8 +172,8 @@ def test_bad_data_is_reported_before_the_first_stage(toy, tmp_path, monkeypatch)
 
 
 def test_the_shared_data_passes_the_checks_and_a_broken_copy_does_not(tmp_path):
-    from moe_utils.blimp import paradigms
-    from moe_utils.data_checks import blimp_problems, mmlu_pro_problems, wikitext_problems
+    from moe_utils.evaluation.blimp import paradigms
+    from moe_utils.evaluation.data_checks import blimp_problems, mmlu_pro_problems, wikitext_problems
 
     from .conftest import SHARED_DATA
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from bench import scale_store
-from moe_utils import scale_report
+from moe_utils.pipeline import scale_report
 
 
 def test_a_small_scale_run_is_recorded_and_shown(tmp_path):

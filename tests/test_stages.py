@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_utils import pipeline, stages
+from moe_utils import stages
+from moe_utils.pipeline import runner as pipeline
 
 
 def test_stage_paths_follow_the_stage_names(tmp_path):

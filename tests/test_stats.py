@@ -1,4 +1,4 @@
-"""moe_utils.stats against independent truth: scipy's Wilson interval, lm-eval's perplexity
+"""moe_utils.common.stats against independent truth: scipy's Wilson interval, lm-eval's perplexity
 aggregation, brute-force permutation counts, and the null distribution of the diagonal test."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy.stats import binomtest
 
-from moe_utils import stats
+from moe_utils.common import stats
 
 
 # ------------------------------------------------------------------------------- Wilson

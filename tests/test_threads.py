@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from moe_utils import pipeline, threads
+from moe_utils.pipeline import runner as pipeline
+from moe_utils.common import threads
 from tests.test_pipeline import _notebook
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils import model_card, tiny_moe
-from moe_utils.wikitext import count_words, unigram_word_perplexity
+from moe_utils.stages import model_card
+from moe_utils.models import tiny_moe
+from moe_utils.evaluation.wikitext import count_words, unigram_word_perplexity
 
 CORPUS = "\n".join(
     f" = Section {i} = \n The river number {i} flows past the old mill , and the miller counts {i * 7} sacks . "

@@ -1,4 +1,4 @@
-"""The token-identity null model against stores whose answer is known (moe_utils.token_null)."""
+"""The token-identity null model against stores whose answer is known (moe_utils.patterns.token_null)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import token_null as tn
-from moe_utils.store import RoutingStore
+from moe_utils.patterns import token_null as tn
+from moe_utils.capture.store import RoutingStore
 
 N_LAYERS, N_EXPERTS, TOP_K, N_TYPES = 4, 8, 2, 30
 PLANTED = ((1, 3), (2, 5))  # (layer, expert) pair switched on together by the context

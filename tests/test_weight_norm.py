@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_utils import caep, pruning
+from moe_utils.compression import caep, pruning
 from moe_utils.compression import registry
 
 

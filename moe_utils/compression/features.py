@@ -1,5 +1,5 @@
 """What the merging methods measure on calibration data, per MoE layer, from the block inputs a
-calibration pass kept (:attr:`moe_utils.calibration.ExpertStats.hidden`): every expert's mean
+calibration pass kept (:attr:`moe_utils.compression.calibration.ExpertStats.hidden`): every expert's mean
 output (HC-SMoE), the router's logits (M-SMoE), and the experts' usage as merging weights."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_utils.calibration import block_output, expert_outputs
-from moe_utils.models import MoELayer
+from moe_utils.compression.calibration import block_output, expert_outputs
+from moe_utils.models.loading import MoELayer
 
 
 def mean_expert_outputs(layer: MoELayer, hidden: torch.Tensor) -> np.ndarray:

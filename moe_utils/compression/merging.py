@@ -17,10 +17,10 @@ plain checkpoint of the architecture with fewer experts.)
 
 Two ways to apply a merge, which give the same logits: :func:`applied` (a context manager for
 evaluation: the kept experts' weights are overwritten in place and the other experts masked with
-:func:`moe_utils.expert_surgery.masked_experts`; everything is restored on exit) and
+:func:`moe_utils.models.expert_surgery.masked_experts`; everything is restored on exit) and
 :func:`compress` (the merged weights are written, then the merged-away experts physically removed
-with :func:`moe_utils.expert_surgery.remove_experts`, so the model holds fewer expert weights and
-saves with :func:`moe_utils.expert_surgery.save_pruned`).
+with :func:`moe_utils.models.expert_surgery.remove_experts`, so the model holds fewer expert weights and
+saves with :func:`moe_utils.models.expert_surgery.save_pruned`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from moe_utils.calibration import expert_outputs
+from moe_utils.compression.calibration import expert_outputs
 from moe_utils.compression.value import Compression, check_groups
-from moe_utils.expert_surgery import masked_experts, remove_experts
-from moe_utils.models import MoELayer, moe_layers
+from moe_utils.models.expert_surgery import masked_experts, remove_experts
+from moe_utils.models.loading import MoELayer, moe_layers
 
 #: Attribute names (experts module, then model config) holding an expert's intermediate width.
 INTERMEDIATE_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size")
@@ -217,7 +217,7 @@ def _write(layers: list[MoELayer], slices) -> list[tuple[nn.Parameter, int, torc
 @contextlib.contextmanager
 def applied(model: nn.Module, compression: Compression, layers: list[MoELayer] | None = None) -> Iterator[None]:
     """The model as ``compression`` makes it, for the duration of the ``with`` block: pruning masks
-    the removed experts (:func:`moe_utils.expert_surgery.masked_experts`); merging also writes each
+    the removed experts (:func:`moe_utils.models.expert_surgery.masked_experts`); merging also writes each
     group's merged weights over its kept expert. Everything is restored on exit, also after an error;
     the unpruned model (every expert kept) is left as it is."""
     keep = np.asarray(compression.keep, dtype=bool)
@@ -238,8 +238,8 @@ def applied(model: nn.Module, compression: Compression, layers: list[MoELayer] |
 def compress(model: nn.Module, compression: Compression) -> nn.Module:
     """Apply ``compression`` for good (in place; returns the model): merged weights written over the
     kept experts, then every other expert physically removed
-    (:func:`moe_utils.expert_surgery.remove_experts`, router rows included); save the result with
-    :func:`moe_utils.expert_surgery.save_pruned`."""
+    (:func:`moe_utils.models.expert_surgery.remove_experts`, router rows included); save the result with
+    :func:`moe_utils.models.expert_surgery.save_pruned`."""
     layers = moe_layers(model)
     if compression.merged:
         _write(layers, merged_slices(model, compression, layers))

@@ -3,9 +3,9 @@
 A method is a :class:`Method` defined in its own module under :mod:`moe_utils.compression.methods`
 (one module per method or family; the registry imports every module there and collects their
 ``METHODS``). The entry says what the method needs (``dictionary``: CAEP's (D, R) from stage 2;
-``stats``: a calibration pass, :class:`moe_utils.calibration.ExpertStats`; ``hidden``: that pass
+``stats``: a calibration pass, :class:`moe_utils.compression.calibration.ExpertStats`; ``hidden``: that pass
 keeps MoE-block inputs; ``model``: the model itself), whether it keeps exactly each layer's quota
-(:meth:`moe_utils.caep.PruningBudget.quota`) and whether it removes one expert at a time (which a
+(:meth:`moe_utils.compression.caep.PruningBudget.quota`) and whether it removes one expert at a time (which a
 group-limited router cannot route). Everything else is derived here: which methods exist and in
 which order tables show them (:func:`names`), the check of a method list (:func:`check_methods`),
 what a calibration pass must collect (:func:`needs_stats`, :func:`keep_hidden`), which methods a
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_utils.caep import PruningBudget, check_ratio
+from moe_utils.compression.caep import PruningBudget, check_ratio
 from moe_utils.compression import methods as _methods_package
 from moe_utils.compression.value import Compression, check_groups
 
@@ -148,7 +148,7 @@ def calibrated(family: str | None = None) -> tuple[str, ...]:
 
 def unsupported(methods: Sequence[str], budget: PruningBudget) -> dict[str, str]:
     """``{method: why}`` for the methods of ``methods`` that cannot compress a model whose layers allow
-    only the keep counts of ``budget`` (:meth:`moe_utils.caep.PruningBudget.for_model`): a method that
+    only the keep counts of ``budget`` (:meth:`moe_utils.compression.caep.PruningBudget.for_model`): a method that
     removes one expert at a time needs every count between a layer's size and its quota, which a
     group-limited router with ``n_group`` > 1 forbids (its counts must stay divisible by ``n_group``)."""
     gaps = [layer for layer, rule in enumerate(budget.allowed or []) if rule is not None

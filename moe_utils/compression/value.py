@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_utils.artifacts import json_digest
+from moe_utils.common.artifacts import json_digest
 
 #: Per MoE layer, per kept expert (in increasing index order), the original indices merged into it,
 #: the kept expert first.

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from moe_utils import caep, pruning
-from moe_utils.calibration import calibrate
-from moe_utils.models import load_model, moe_layers
+from moe_utils.compression import caep, pruning
+from moe_utils.compression.calibration import calibrate
+from moe_utils.models.loading import load_model, moe_layers
 
 from tests.conftest import TEXTS
 

@@ -1,12 +1,12 @@
 """CAEP (the paper's Algorithm 1, section 4) and its per-layer form, as registry entries.
 
-``caep``: the global algorithm with the guard (:func:`moe_utils.caep.caep`); it does not keep each
+``caep``: the global algorithm with the guard (:func:`moe_utils.compression.caep.caep`); it does not keep each
 layer's quota exactly (dropping one atom can take several experts below the threshold at once).
 ``caep_layer``: the same contributions e = D R_sum, pruned layer by layer to the quota."""
 
 from __future__ import annotations
 
-from moe_utils.caep import caep, contribution_scores, layerwise_mask
+from moe_utils.compression.caep import caep, contribution_scores, layerwise_mask
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
 

@@ -5,7 +5,7 @@ merged into one expert.
 Each expert's feature is its output averaged over every calibration token
 (:func:`moe_utils.compression.features.mean_expert_outputs`); hierarchical clustering with average
 linkage on the Euclidean distances between these features is cut at exactly the layer's quota of
-clusters (:meth:`moe_utils.caep.PruningBudget.quota`); a cluster's members are averaged weighted by
+clusters (:meth:`moe_utils.compression.caep.PruningBudget.quota`); a cluster's members are averaged weighted by
 their usage on the calibration tokens (frequency-weighted merging). The cluster's most used expert
 (lowest index on ties) keeps its router row; the others' rows are dropped, so tokens reach the
 merged expert through that row (:mod:`moe_utils.compression.merging`)."""
@@ -18,7 +18,7 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from moe_utils.compression.features import keep_of, mean_expert_outputs, usage_weights
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
-from moe_utils.models import moe_layers
+from moe_utils.models.loading import moe_layers
 
 
 def clusters(features: np.ndarray, n_clusters: int, usage: np.ndarray) -> list[list[int]]:

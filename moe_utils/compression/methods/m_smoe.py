@@ -3,7 +3,7 @@ routing policy"): per layer, the most used experts are kept as dominant, every o
 the dominant expert whose router logits it resembles most, and each group is merged with its
 members' neurons aligned.
 
-The dominant experts are the layer's quota (:meth:`moe_utils.caep.PruningBudget.quota`) of most
+The dominant experts are the layer's quota (:meth:`moe_utils.compression.caep.PruningBudget.quota`) of most
 used experts on the calibration tokens (lowest index on ties). (The paper spreads the dominant
 experts over the layers by their usage across the whole model; here every layer keeps the same
 count as the other per-layer baselines, so that all methods compare at the same per-layer budget.) An expert's feature is its column of
@@ -21,7 +21,7 @@ import numpy as np
 from moe_utils.compression.features import keep_of, router_logits, usage_weights
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
-from moe_utils.models import moe_layers
+from moe_utils.models.loading import moe_layers
 
 
 def dominant_groups(logits: np.ndarray, n_dominant: int, usage: np.ndarray) -> list[list[int]]:

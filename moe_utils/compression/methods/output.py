@@ -1,12 +1,12 @@
 """The output-based method (the NAEE / GEM family): per layer, remove one at a time the expert whose
 removal changes the layer's output least on the calibration tokens
-(:func:`moe_utils.calibration.output_removal_order`); one greedy order serves every ratio."""
+(:func:`moe_utils.compression.calibration.output_removal_order`); one greedy order serves every ratio."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from moe_utils.calibration import output_removal_order
+from moe_utils.compression.calibration import output_removal_order
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
 

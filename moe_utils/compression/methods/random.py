@@ -1,9 +1,9 @@
 """Random masks: each layer keeps its quota of experts drawn uniformly with each seed
-(:func:`moe_utils.caep.random_mask`), the control every method is compared with."""
+(:func:`moe_utils.compression.caep.random_mask`), the control every method is compared with."""
 
 from __future__ import annotations
 
-from moe_utils.caep import random_mask
+from moe_utils.compression.caep import random_mask
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
 

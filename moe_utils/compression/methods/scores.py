@@ -1,5 +1,5 @@
 """The calibration baselines that score each expert from one calibration pass and prune the
-lowest-scoring share of every layer (:meth:`moe_utils.calibration.ExpertStats.score`): selection
+lowest-scoring share of every layer (:meth:`moe_utils.compression.calibration.ExpertStats.score`): selection
 frequency and mean routing weight (SEER-MoE's hard and soft counts), the expert activation norm
 (EAN) and REAP."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from moe_utils.caep import layerwise_mask
+from moe_utils.compression.caep import layerwise_mask
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_utils.caep import layerwise_mask
+from moe_utils.compression.caep import layerwise_mask
 from moe_utils.compression.merging import expert_tensors
 from moe_utils.compression.registry import Method
 from moe_utils.compression.value import Compression
-from moe_utils.models import moe_layers
+from moe_utils.models.loading import moe_layers
 
 
 def weight_norms(model) -> np.ndarray:

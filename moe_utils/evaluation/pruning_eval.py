@@ -1,0 +1,317 @@
+"""Stage 4's evaluation kept per document, and the paper's Table 1 with paired intervals.
+
+Every pruned model is evaluated through lm-evaluation-harness (:func:`moe_utils.evaluation.harness.run_harness`
+with its per-sample log) on the same documents, and every document's result is kept
+(:func:`moe_utils.evaluation.harness.sample_table`), cached per (mask, run, settings, model, code).
+From those, three *measures* of a model (the columns of the paper's Table 1, section 4, on tasks
+the embedded model can do):
+
+``blimp``     BLiMP accuracy, macro-averaged over its 67 paradigms (higher is better);
+``wikitext``  WikiText-2 test word perplexity, pooled over the articles (lower is better);
+``mmlu_pro``  word perplexity of MMLU-Pro question text, pooled over the categories: the text the
+              stage-1 calibration set is made of;
+``mmlu_pro_mc``  MMLU-Pro multiple-choice accuracy, macro-averaged over categories (real models'
+              profiles; the embedded model sits at chance on it).
+
+:func:`model_scores` gives each model's measures with bootstrap intervals, :func:`comparisons`
+every method's paired difference from the unpruned model and from random masks at the same ratio
+(:func:`moe_utils.evaluation.paired.paired_difference`: same pairs and articles; random's seeds resampled
+too) with the minimum detectable difference at these sample sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from moe_utils.evaluation import blimp, harness as evaluation, paired
+from moe_utils.compression import merging
+from moe_utils.compression.ablation import is_variant
+from moe_utils.compression.domains import cached_evaluation
+from moe_utils.compression.pruning import PruningMask, evaluation_key
+from moe_utils.capture.routing import model_identity
+
+#: measure -> (statistic kind, label, which tasks' documents, count column for perplexities)
+MEASURES = {
+    "blimp": ("acc", "BLiMP accuracy", lambda task: blimp.paradigm_of(task) is not None, None),
+    "wikitext": ("ppl", "WikiText-2 word perplexity", lambda task: task == evaluation.WIKITEXT_TASK, "n_words"),
+    "mmlu_pro": ("ppl", "MMLU-Pro question word perplexity",
+                 lambda task: task.startswith(evaluation.PPL_GROUP + "_"), "n_words"),
+    "mmlu_pro_mc": ("acc", "MMLU-Pro accuracy", lambda task: task.startswith(evaluation.MC_GROUP + "_"), None),
+}
+MODEL_KEYS = ["method", "ratio", "seed"]
+#: A measure named ``task:<name>``: the accuracy of one other multiple-choice task (a stock task of
+#: a real model's profile, e.g. ``arc_challenge``), scored per question.
+TASK_PREFIX = "task:"
+
+
+def measure_spec(measure: str) -> tuple:
+    """``(kind, label, selects, count column)`` of a measure of :data:`MEASURES` or ``task:<name>``."""
+    if measure.startswith(TASK_PREFIX):
+        name = measure[len(TASK_PREFIX):]
+        return "acc", f"{name} accuracy", lambda task: task == name, None
+    return MEASURES[measure]
+
+
+# ------------------------------------------------------------------------------ evaluation
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Sequence[Mapping[str, Any]], *,
+                       cache_dir: str | os.PathLike, progress: bool = True, threads: int | None = None,
+                       **settings: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate the model under every mask, keeping every document's result.
+
+    Args:
+        masks: the keep-masks (with :func:`moe_utils.compression.pruning.unpruned_mask` for the reference).
+        runs: harness calls per mask, ``{"tasks": [...], "limit": n}``
+            (:func:`moe_utils.compression.pruning.evaluation_runs`).
+        cache_dir: one entry per (mask, run, settings, model, evaluation code) under this
+            directory (:func:`moe_utils.compression.domains.cached_evaluation`); a cached run is read, not re-run.
+        threads: torch's intra-op threads during the evaluations (None: unchanged). A model of a
+            few million parameters gains nothing from several, and on a busy machine they make
+            every forward pass wait for the slowest core (measured here: a BLiMP run several times
+            slower with 2 threads than with 1 at a load average of 9 on 2 cores). Not part of the
+            cache key.
+        settings: other keyword arguments of :func:`moe_utils.evaluation.harness.run_harness`
+            (num_fewshot, batch_size, max_length, categories, data_dir, wikitext_dir, blimp_dir).
+
+    Returns:
+        ``(results, samples)``: one row per model, task and metric (method, ratio, seed,
+        pruned_share, task, metric, value, stderr, n, seconds, cached) and one
+        row per model and document (method, ratio, seed and :data:`moe_utils.evaluation.harness.SAMPLE_COLUMNS`).
+    """
+    model_id = model_identity(model)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tables, samples = [], []
+    jobs = [(mask, dict(run)) for mask in masks for run in runs]
+    for mask, run in tqdm(jobs, desc="evaluating masks", disable=not progress):
+        spec = run | {"per_document": True}
+        key = evaluation_key(mask, spec, settings, model_id)
+
+        def compute(mask=mask, run=run):
+            start = time.perf_counter()
+            with merging.applied(model, mask), _torch_threads(threads):
+                raw = evaluation.run_harness(model, tokenizer, run["tasks"], limit=run.get("limit"), log_samples=True,
+                                             bootstrap_iters=0, **settings)
+            table = evaluation.results_table(raw).assign(seconds=time.perf_counter() - start)
+            return table, evaluation.sample_table(raw)
+
+        table, docs, cached = cached_evaluation(cache_dir, key, {"method": mask.method, "ratio": mask.ratio,
+                                                                 "seed": mask.seed, "run": spec,
+                                                                 "settings": settings, "model": model_id}, compute)
+        ident = {"method": mask.method, "ratio": mask.ratio, "seed": mask.seed}
+        tables.append(table.assign(**ident, pruned_share=mask.pruned_share, cached=cached))
+        samples.append(docs.assign(**ident))
+    columns = ["method", "ratio", "seed", "pruned_share", "task", "metric", "value", "stderr", "n", "seconds", "cached"]
+    samples = pd.concat(samples, ignore_index=True)
+    samples["seed"] = samples["seed"].astype("Int64")
+    results = pd.concat(tables, ignore_index=True)[columns]
+    results["seed"] = results["seed"].astype("Int64")
+    return results, samples
+
+
+# --------------------------------------------------------------------------------- measures
+def measure_values(samples: pd.DataFrame, measure: str, blimp_dir=None) -> dict:
+    """The documents of one measure, aligned over models: ``{"models": frame of method, ratio, seed,
+    "values": (n_models, n_docs), "counts": (n_docs,) or None, "strata": (n_docs,) or None}``.
+    Raises ValueError if the models were not evaluated on the same documents."""
+    kind, label, selects, count = measure_spec(measure)
+    rows = samples[samples["task"].map(selects)]
+    if rows.empty:
+        raise ValueError(f"no documents of {label} were evaluated")
+    column = "correct" if kind == "acc" else "loglikelihood"
+    keyed = rows.assign(seed=rows["seed"].astype("Int64").fillna(-1))  # -1: a deterministic method
+    if keyed.duplicated(["task", "doc_id", *MODEL_KEYS]).any():
+        raise ValueError(f"a model was evaluated twice on the same documents of {label}")
+    table = keyed.set_index(["task", "doc_id", *MODEL_KEYS])[column].unstack(MODEL_KEYS)
+    if table.isna().any().any():
+        raise ValueError(f"the models were evaluated on different documents of {label}: use the same limits")
+    docs = table.index.to_frame(index=False)
+    out = {"models": table.columns.to_frame(index=False), "values": table.to_numpy().T, "counts": None, "strata": None}
+    if kind == "acc":
+        out["strata"] = docs["task"].to_numpy()
+    else:
+        first = rows.drop_duplicates(["task", "doc_id"]).set_index(["task", "doc_id"])[count]
+        out["counts"] = first.reindex(table.index).to_numpy(float)
+    return out
+
+
+def _model_rows(data: dict, method: str, ratio: float) -> np.ndarray:
+    models = data["models"]
+    chosen = (models["method"] == method) & np.isclose(models["ratio"], ratio)
+    if not chosen.any():
+        raise ValueError(f"no model {method!r} at ratio {ratio} was evaluated")
+    return data["values"][chosen.to_numpy()]
+
+
+def model_scores(samples: pd.DataFrame, measures: Sequence[str], *, n_boot: int = 1000,
+                 confidence: float = 0.95) -> pd.DataFrame:
+    """Each model's measures (random: mean over seeds) with a bootstrap interval over documents
+    (and seeds): one row per measure, method and ratio (``estimate, low, high, n_docs, n_seeds``)."""
+    rows = []
+    for measure in measures:
+        kind = measure_spec(measure)[0]
+        data = measure_values(samples, measure)
+        for (method, ratio), _ in data["models"].groupby(["method", "ratio"], sort=False):
+            values = _model_rows(data, method, ratio)
+            # the score's interval is the paired interval against a constant reference
+            zero = np.zeros(values.shape[1])
+            diff = paired.paired_difference(kind, zero, values, strata=data["strata"], counts=data["counts"],
+                                            n_boot=n_boot, confidence=confidence)
+            shift = 0.0 if kind == "acc" else 1.0  # perplexity: ppl / exp(0) - 1
+            rows.append({"measure": measure, "method": method, "ratio": ratio, "estimate": diff.estimate + shift,
+                         "low": diff.low + shift, "high": diff.high + shift, "n_docs": values.shape[1],
+                         "n_seeds": values.shape[0]})
+    return pd.DataFrame(rows)
+
+
+def comparisons(samples: pd.DataFrame, measures: Sequence[str], *, references: Sequence[str] = ("unpruned", "random"),
+                n_boot: int = 1000, confidence: float = 0.95, power: float = 0.8) -> pd.DataFrame:
+    """Every pruned model's paired difference from each reference model at the same ratio
+    (``unpruned``: at ratio 0), per measure: accuracy B - A, perplexity B / A - 1, with interval,
+    standard error, minimum detectable difference and whether the interval excludes 0."""
+    rows = []
+    for measure in measures:
+        kind = measure_spec(measure)[0]
+        data = measure_values(samples, measure)
+        pruned = data["models"][data["models"]["method"] != "unpruned"].drop_duplicates(["method", "ratio"])
+        for method, ratio in pruned[["method", "ratio"]].itertuples(index=False):
+            for reference in references:
+                if reference == method:
+                    continue
+                ref_ratio = 0.0 if reference == "unpruned" else ratio
+                diff = paired.paired_difference(kind, _model_rows(data, reference, ref_ratio),
+                                                _model_rows(data, method, ratio), strata=data["strata"],
+                                                counts=data["counts"], n_boot=n_boot, confidence=confidence,
+                                                power=power)
+                rows.append({"measure": measure, "method": method, "ratio": ratio, "reference": reference,
+                             "estimate": diff.estimate, "low": diff.low, "high": diff.high, "se": diff.se,
+                             "mde": diff.mde, "significant": diff.significant, "n_docs": diff.n_docs})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- tables
+def format_value(kind: str, value: float, relative: bool = False) -> str:
+    if relative:
+        return f"{value * 100:+.1f}" if kind == "acc" else f"{value:+.0%}"
+    return f"{value * 100:.1f}" if kind == "acc" else f"{value:.4g}"
+
+
+def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares: Mapping[str, float] | None = None,
+           measures: Sequence[str] | None = None) -> pd.DataFrame:
+    """The paper's Table 1 at one ratio with intervals: the unpruned row first, then each method;
+    per measure its value [95% interval], and its paired difference from the unpruned model and
+    from random masks [interval] (accuracy: points; perplexity: relative change); ``*``: the
+    interval excludes 0. ``shares``: the share of experts each method actually pruned. The
+    ablation's variants (:func:`moe_utils.compression.ablation.is_variant`) are left out."""
+    measures = list(dict.fromkeys(scores["measure"])) if measures is None else list(measures)
+    chosen = scores[(np.isclose(scores["ratio"], ratio) | (scores["method"] == "unpruned"))
+                    & ~scores["method"].map(is_variant)]
+    order = list(dict.fromkeys(["unpruned", *chosen["method"]]))
+    table = pd.DataFrame(index=order)
+    if shares is not None:
+        table["pruned"] = [f"{shares.get(m, 0.0):.0%}" for m in order]
+    for measure in measures:
+        kind, label = measure_spec(measure)[:2]
+        unit = " (%)" if kind == "acc" else ""
+        part = chosen[chosen["measure"] == measure].set_index("method")
+        table[label + unit] = [f"{format_value(kind, r.estimate)} [{format_value(kind, r.low)}, {format_value(kind, r.high)}]"
+                               for r in part.reindex(order).itertuples()]
+        for reference in ("unpruned", "random"):
+            diffs = compared[(compared["measure"] == measure) & np.isclose(compared["ratio"], ratio)
+                             & (compared["reference"] == reference)].set_index("method")
+            if diffs.empty:
+                continue
+            table[f"{label}: vs {reference}"] = [
+                "" if m not in diffs.index else
+                f"{format_value(kind, diffs.at[m, 'estimate'], True)} [{format_value(kind, diffs.at[m, 'low'], True)}, "
+                f"{format_value(kind, diffs.at[m, 'high'], True)}]{'*' if diffs.at[m, 'significant'] else ''}"
+                for m in order]
+    table.index.name = None
+    return table
+
+
+#: The differences the default samples should detect: 1 BLiMP point, 10% of a perplexity.
+MDE_TARGETS = {"acc": 0.01, "ppl": 0.10}
+
+
+def detectable(compared: pd.DataFrame, targets: Mapping[str, float] = MDE_TARGETS) -> pd.DataFrame:
+    """The minimum detectable differences (80% power, 5% two-sided) of the page's comparisons, per
+    measure and reference: median and range over the methods and ratios, the documents used, and
+    how many documents the median would need to reach ``targets`` (the MDE falls as 1/sqrt(n))."""
+    rows = []
+    compared = compared[~compared["method"].map(is_variant)]
+    for (measure, reference), part in compared.groupby(["measure", "reference"], sort=False):
+        kind, label = measure_spec(measure)[:2]
+        unit = " points" if kind == "acc" else "%"
+        n, median = int(part["n_docs"].iloc[0]), float(part["mde"].median())
+        rows.append({"measure": label, "against": reference, "documents": n,
+                     "MDE (median)": f"{median * 100:.2g}{unit}",
+                     "MDE (range)": f"{part['mde'].min() * 100:.2g} to {part['mde'].max() * 100:.2g}{unit}",
+                     "target MDE": f"{targets[kind] * 100:g}{unit}",
+                     "documents for the target": int(np.ceil(n * (median / targets[kind]) ** 2))})
+    return pd.DataFrame(rows)
+
+
+def curve_summary(samples: pd.DataFrame, measures: Sequence[str],
+                  shares: Mapping[tuple, float] | None = None) -> pd.DataFrame:
+    """The measures as one row per method, ratio and measure (task = the measure's label, metric,
+    mean and standard deviation over seeds, n_seeds), for the Fig 8 curves and ranks;
+    without the ablation's variants."""
+    samples = samples[~samples["method"].map(is_variant)]
+    rows = []
+    for measure in measures:
+        kind, label = measure_spec(measure)[:2]
+        data = measure_values(samples, measure)
+        if kind == "acc":
+            strata = pd.factorize(data["strata"])[0]
+            per_model = np.stack([data["values"][:, strata == g].mean(axis=1) for g in range(strata.max() + 1)]).mean(0)
+        else:
+            per_model = np.exp(-data["values"].sum(axis=1) / data["counts"].sum())
+        frame = data["models"].assign(value=per_model)
+        for (method, ratio), part in frame.groupby(["method", "ratio"], sort=False):
+            rows.append({"method": method, "ratio": ratio, "task": label, "metric": "acc" if kind == "acc"
+                         else "word_perplexity", "mean": part["value"].mean(),
+                         "std": part["value"].std(ddof=1) if len(part) > 1 else 0.0, "n_seeds": len(part),
+                         "pruned_share": (shares or {}).get((method, ratio), ratio)})
+    return pd.DataFrame(rows)
+
+
+def available_measures(samples: pd.DataFrame) -> list[str]:
+    """The measures of :data:`MEASURES` whose documents were evaluated, in that order, then one
+    ``task:<name>`` accuracy per other task scored by correctness (a real model's stock tasks)."""
+    tasks = samples["task"].unique()
+    known = [m for m, (_, _, selects, _) in MEASURES.items() if any(selects(t) for t in tasks)]
+    covered = {t for t in tasks if any(MEASURES[m][2](t) for m in MEASURES)}
+    scored = samples.dropna(subset=["correct"])["task"].unique()
+    return known + [TASK_PREFIX + t for t in tasks if t not in covered and t in set(scored)]
+
+
+def sample_sizes(samples: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+    """Per measure: the tasks and documents every model was scored on."""
+    first = samples.drop_duplicates(["task", "doc_id"])
+    rows = []
+    for measure in measures:
+        label, selects = measure_spec(measure)[1], measure_spec(measure)[2]
+        part = first[first["task"].map(selects)]
+        rows.append({"measure": label, "tasks": part["task"].nunique(), "documents": len(part)})
+    return pd.DataFrame(rows).set_index("measure")

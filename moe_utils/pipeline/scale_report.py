@@ -1,0 +1,60 @@
+"""The status page's sections for the scale and thread benchmarks (``bench/scale_store.py``, ``bench/contention.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _machine(result: dict) -> str:
+    machine = result["machine"]
+    load = machine.get("loadavg_at_start")
+    return (f"{machine['cpu_count']} CPUs, torch {machine['torch']}, {machine.get('torch_threads')} torch thread(s)"
+            + (f", load average {load[0]:.1f} at the start" if load else ""))
+
+
+def scale_store_section(path: Path) -> list[str]:
+    """Markdown lines summarising ``bench/scale_store.py``'s JSON, if it has been run and committed."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    lines = ["", "## Benchmark: the store-only analysis at the paper's shapes", "",
+             f"From `bench/scale_store.py` on {result['date'][:10]} ({_machine(result)}): synthetic routing "
+             "stores of the paper's shapes, run through the package functions that stages 02, 03 and the "
+             "store-only parts of 05 and 06 call. Seconds and peak resident memory (GB) per step. "
+             f"Target: {result['target']}.", ""]
+    for case in result["cases"]:
+        rankings = sum(s["seconds"] for s in case["steps"] if s["stage"] == "06" and s["step"].startswith("rankings"))
+        at_notebook = case["analysis_seconds"] - rankings + case["rankings_seconds_at_notebook_heldout"]
+        lines += [f"**{case['like']}** ({case['n_layers']} MoE layers x {case['n_experts']} experts, top-"
+                  f"{case['top_k']}; {case['n_tokens']:,} tokens; stage 6 on {case['n_heldout_tokens']:,} held-out "
+                  f"tokens): {case['analysis_seconds']:.0f} s in all, peak {case['analysis_peak_rss_gb']:.1f} GB, "
+                  f"target {'met' if case['meets_target'] else 'missed'} with these held-out tokens. Stage 6's rankings take "
+                  f"{case['rankings_seconds_per_heldout_token'] * 1000:.0f} ms per held-out token, "
+                  f"{case['rankings_seconds_at_notebook_heldout'] / 60:.0f} minutes at the notebook's held-out size "
+                  f"({case['notebook_heldout_tokens']:,} tokens), which brings the analysis to "
+                  f"{at_notebook / 60:.0f} minutes (target {'met' if at_notebook <= 600 else 'missed'}). HSDL: {case['hsdl_steps']} steps of "
+                  f"{case['hsdl_seconds_per_step']:.2f} s (the notebook's default: 600). Fig 6's counts cover "
+                  f"{case['coverage_columns_counted']:,} of the tokens.", "",
+                  "| stage | step | seconds | peak GB |", "|---|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['step']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for s in case["steps"]]
+        lines += [f"- {note}" for note in case.get("notes", [])]
+        lines.append("")
+    return lines
+
+
+def contention_section(path: Path) -> list[str]:
+    """Markdown lines summarising ``bench/contention.py``'s JSON, if it has been run and committed."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    lines = ["", "## Benchmark: a stage beside a competing process", "",
+             f"From `bench/contention.py` on {result['date'][:10]} ({_machine(result)}): {result['workload']}, "
+             "alone and beside one CPU-bound process, with torch's default threads and with the pipeline's "
+             f"policy (`moe_utils.common.threads`). Target: {result['target']}. \"Alone\" means without the added "
+             "competitor: other work on a shared machine (its load average above) runs in every case.", "",
+             "| threads | alone (s) | beside a competitor (s) | ratio | target met |", "|---|---|---|---|---|"]
+    for row in result["settings"]:
+        lines.append(f"| {row['setting']} ({row['threads']}) | {row['alone_seconds']:.1f} | "
+                     f"{row['contended_seconds']:.1f} | {row['ratio']:.2f} | {'yes' if row['meets_target'] else 'no'} |")
+    return lines

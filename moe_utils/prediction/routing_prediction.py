@@ -1,0 +1,332 @@
+"""Predicting a token's experts in later MoE layers from its routing so far, and scoring predictions.
+
+If experts collaborate across layers (Tang et al. 2025, sections 3 and 5: HSDL atoms span several
+layers), a token's experts in layers <= l should tell which experts it needs at layer l+h. That is
+what an inference system that keeps experts off the accelerator needs to prefetch them. Every
+predictor here returns *rankings*: an array ``(n_tokens, n_layers, n_ranked)`` of expert indices,
+indexed by the **target** layer t (the layer predicted), best first; rows of targets t < h (nothing
+to predict from) are -1. The predictors that read the routing alone:
+
+* :func:`prior_rankings`: layer t's most used experts on the fitting tokens, the same for every token;
+* :func:`affinity_rankings`: first-order affinity. With ``S`` the token's experts at layer t-h, expert
+  b of layer t scores ``mean_{a in S} P(b at t | a at t-h)``, the conditional frequencies counted on the
+  fitting tokens (pairwise co-activation between two layers; ExFlow's inter-layer affinity);
+* :func:`token_rankings`: token identity, each token type's most frequent experts at layer t on the
+  fitting tokens (the control for the token itself: in a small vocabulary the token largely fixes
+  its experts);
+* :func:`bayes_rankings`: pairwise statistics of every layer <= t-h (Bernoulli naive Bayes), the
+  information HSDL reads, without its patterns;
+* :func:`hsdl_rankings`: the token's HSDL level-1 code inferred from its routing in layers <= t-h
+  only (:func:`masked_codes`: the rows of the later layers are left out of the fit), and layer t's
+  experts read from ``D_1 r``;
+* :func:`oracle_rankings`: the true top-k (the ceiling).
+
+The hidden-state predictor, which needs the model, is :mod:`moe_utils.prediction.hidden_prediction`. Ties in a
+score are broken by the prior (the more used expert first), then by the lower index, so every
+ranking is deterministic. :func:`hit_counts` and :func:`recall_summary` score rankings as recall@m
+(|top-m ∩ true top-k| / k) and precision@m (the same / m), with intervals from a bootstrap over
+prompts (tokens of one prompt are not independent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from moe_utils.common.stats import Interval, bootstrap_interval
+
+
+def _check_topk(topk: np.ndarray, n_experts: int, name: str) -> np.ndarray:
+    topk = np.asarray(topk, dtype=np.int64)
+    if topk.ndim != 3:
+        raise ValueError(f"{name} must be (n_tokens, n_layers, k) expert indices, got shape {topk.shape}")
+    if topk.size and (topk.min() < 0 or topk.max() >= n_experts):
+        raise ValueError(f"{name} holds expert indices outside [0, {n_experts})")
+    return topk
+
+
+def _empty(n_tokens: int, n_layers: int, n_ranked: int) -> np.ndarray:
+    return np.full((n_tokens, n_layers, n_ranked), -1, dtype=np.int64)
+
+
+def usage_counts(topk: np.ndarray, n_experts: int) -> np.ndarray:
+    """(n_layers, E): how many tokens chose each expert, per layer."""
+    topk = _check_topk(topk, n_experts, "topk")
+    return np.stack([np.bincount(topk[:, layer].ravel(), minlength=n_experts) for layer in range(topk.shape[1])])
+
+
+def rank_scores(scores: np.ndarray, prior: np.ndarray, n_ranked: int) -> np.ndarray:
+    """(N, n_ranked) experts by decreasing score; ties by decreasing ``prior``, then lower index."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n, n_experts = scores.shape
+    keys = (np.broadcast_to(np.arange(n_experts), (n, n_experts)),
+            np.broadcast_to(-np.asarray(prior, dtype=np.float64), (n, n_experts)), -scores)
+    return np.lexsort(keys, axis=-1)[:, :n_ranked]
+
+
+def prior_rankings(fit_topk: np.ndarray, n_tokens: int, n_experts: int, horizon: int, n_ranked: int) -> np.ndarray:
+    """Usage prior: every token gets layer t's most used experts (on the fitting tokens)."""
+    counts = usage_counts(fit_topk, n_experts)
+    out = _empty(n_tokens, counts.shape[0], n_ranked)
+    for target in range(horizon, counts.shape[0]):
+        out[:, target] = rank_scores(np.zeros((1, n_experts)), counts[target], n_ranked)[0]
+    return out
+
+
+def affinity(fit_topk: np.ndarray, n_experts: int, source: int, target: int) -> np.ndarray:
+    """(E, E) ``P(b chosen at target | a chosen at source)`` on the fitting tokens; rows of experts
+    never chosen at ``source`` are 0."""
+    fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
+    a = np.repeat(fit_topk[:, source], fit_topk.shape[2], axis=1).ravel()
+    b = np.tile(fit_topk[:, target], (1, fit_topk.shape[2])).ravel()
+    joint = np.zeros((n_experts, n_experts))
+    np.add.at(joint, (a, b), 1.0)
+    chosen = np.bincount(fit_topk[:, source].ravel(), minlength=n_experts)
+    return np.divide(joint, chosen[:, None], out=np.zeros_like(joint), where=chosen[:, None] > 0)
+
+
+def affinity_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizon: int,
+                      n_ranked: int) -> np.ndarray:
+    """First-order affinity: expert b of layer t scores the mean over the token's experts a at layer
+    t-h of ``P(b at t | a at t-h)`` (:func:`affinity`)."""
+    topk = _check_topk(topk, n_experts, "topk")
+    prior = usage_counts(fit_topk, n_experts)
+    out = _empty(topk.shape[0], topk.shape[1], n_ranked)
+    for target in range(horizon, topk.shape[1]):
+        conditional = affinity(fit_topk, n_experts, target - horizon, target)
+        scores = conditional[topk[:, target - horizon]].mean(axis=1)  # (N, E)
+        out[:, target] = rank_scores(scores, prior[target], n_ranked)
+    return out
+
+
+def token_rankings(fit_topk: np.ndarray, fit_token_ids, token_ids, n_experts: int, horizon: int,
+                   n_ranked: int) -> np.ndarray:
+    """Token identity: expert b of layer t scores how often the token's type (its id) chose b at
+    layer t on the fitting tokens; a type never seen there gets the prior's order. Known before any
+    layer runs, so the same for every horizon (rows t < h stay -1, as for every predictor)."""
+    fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
+    fit_token_ids, token_ids = np.asarray(fit_token_ids), np.asarray(token_ids)
+    if len(fit_token_ids) != len(fit_topk):
+        raise ValueError(f"fit_token_ids has {len(fit_token_ids)} entries for {len(fit_topk)} fitting tokens")
+    prior = usage_counts(fit_topk, n_experts)
+    types, fit_type = np.unique(fit_token_ids, return_inverse=True)
+    where = np.clip(np.searchsorted(types, token_ids), 0, len(types) - 1)
+    seen = types[where] == token_ids
+    k = fit_topk.shape[2]
+    out = _empty(len(token_ids), fit_topk.shape[1], n_ranked)
+    for target in range(horizon, fit_topk.shape[1]):
+        counts = np.zeros((len(types), n_experts))
+        np.add.at(counts, (np.repeat(fit_type, k), fit_topk[:, target].ravel()), 1.0)
+        out[:, target] = rank_scores(np.where(seen[:, None], counts[where], 0.0), prior[target], n_ranked)
+    return out
+
+
+def _one_hot(topk: np.ndarray, n_experts: int) -> np.ndarray:
+    """(N, n_layers * E) 0/1: expert e of layer s chosen, column s * E + e."""
+    n, n_layers, _ = topk.shape
+    out = np.zeros((n, n_layers * n_experts))
+    np.put_along_axis(out, (topk + (np.arange(n_layers) * n_experts)[None, :, None]).reshape(n, -1), 1.0, axis=1)
+    return out
+
+
+def naive_bayes_scores(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, n_observed: int, target: int, *,
+                       alpha: float = 1.0) -> np.ndarray:
+    """(N, E) Bernoulli naive Bayes scores of layer ``target``'s experts from the experts chosen in
+    the first ``n_observed`` layers: ``log P(b) + sum_f [x_f log p_fb + (1 - x_f) log(1 - p_fb)]`` over
+    the features f (expert e of layer s < n_observed chosen), with ``P(b)`` the share of layer
+    ``target``'s choices that go to b and ``p_fb = (n(f, b) + alpha) / (n(b) + 2 alpha)``, counted on
+    the fitting tokens (scikit-learn's ``BernoulliNB`` with one sample per chosen expert). Experts
+    never chosen at ``target`` score -inf."""
+    fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
+    topk = _check_topk(topk, n_experts, "topk")
+    features = _one_hot(fit_topk[:, :n_observed], n_experts)
+    chosen = _one_hot(fit_topk[:, target:target + 1], n_experts)
+    n_b = chosen.sum(axis=0)
+    p = (features.T @ chosen + alpha) / (n_b + 2 * alpha)  # (F, E)
+    log_p, log_not = np.log(p), np.log1p(-p)
+    with np.errstate(divide="ignore"):
+        log_prior = np.log(n_b / n_b.sum())
+    scores = log_prior + _one_hot(topk[:, :n_observed], n_experts) @ (log_p - log_not) + log_not.sum(axis=0)
+    return np.where(n_b > 0, scores, -np.inf)
+
+
+def bayes_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizon: int, n_ranked: int, *,
+                   alpha: float = 1.0) -> np.ndarray:
+    """Pairwise statistics of every layer <= t-h, the information HSDL reads: layer t's experts
+    ranked by :func:`naive_bayes_scores` from the token's experts in layers 0 .. t-h."""
+    topk = _check_topk(topk, n_experts, "topk")
+    prior = usage_counts(fit_topk, n_experts)
+    out = _empty(topk.shape[0], topk.shape[1], n_ranked)
+    for target in range(horizon, topk.shape[1]):
+        scores = naive_bayes_scores(fit_topk, topk, n_experts, target - horizon + 1, target, alpha=alpha)
+        out[:, target] = rank_scores(scores, prior[target], n_ranked)
+    return out
+
+
+def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty: float, *, n_steps: int = 100,
+                 learning_rate: float = 0.05) -> np.ndarray:
+    """Non-negative codes ``r`` (N, p) of the columns ``x`` (N, N_e) that fit only their first
+    ``n_observed`` rows: ``min_{r >= 0} ||x_obs - D_obs r||_1 + penalty * ||r||_1`` per column, HSDL's
+    level-1 objective of one column (reconstruction and usage terms, divided by lambda_rec; the
+    L_inf term belongs to the dictionary, which is fixed here) with the later rows masked out.
+
+    Solved by projected Adam on the Huber-smoothed L1 (the width falling from 0.5 to 0.01), from
+    r = 0; atoms with no entry in the observed rows cannot lower the fit and stay at 0.
+    """
+    d_obs = torch.as_tensor(np.asarray(dictionary)[:n_observed], dtype=torch.float32)
+    target = torch.as_tensor(np.asarray(x)[:, :n_observed], dtype=torch.float32)
+    live = (d_obs > 0).any(0)
+    codes = torch.zeros(len(target), d_obs.shape[1])
+    if not bool(live.any()) or len(target) == 0:
+        return codes.numpy()
+    d_live = d_obs[:, live]
+    r = torch.zeros(len(target), d_live.shape[1], requires_grad=True)
+    optimiser = torch.optim.Adam([r], lr=learning_rate)
+    for step in range(n_steps):  # threads: the stage's (moe_utils.common.threads)
+        delta = 0.5 * (0.02 ** (step / max(1, n_steps - 1)))
+        resid = (target - r @ d_live.T).abs()
+        fit = torch.where(resid < delta, resid.pow(2) / (2 * delta), resid - delta / 2).sum(1)
+        loss = (fit + penalty * r.sum(1)).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
+        with torch.no_grad():
+            r.clamp_(min=0.0)
+    codes[:, live] = r.detach()
+    return codes.numpy()
+
+
+def hsdl_rankings(hsdl, x: sp.spmatrix | np.ndarray, fit_topk: np.ndarray, n_layers: int, n_experts: int,
+                  horizons, n_ranked: int, *, n_steps: int = 100) -> dict[int, np.ndarray]:
+    """HSDL, for each horizon h: the code of every token from its X rows of layers <= t-h
+    (:func:`masked_codes` with HSDL's ``lambda_hier / lambda_rec``, in HSDL's normalised units), and
+    layer t's experts ranked by ``D_1 r`` (ties: the prior). One fit per observed prefix serves
+    every horizon.
+
+    ``x`` is the held-out expert matrix (N_e, n_tokens) of the kind HSDL was fitted on
+    (:func:`moe_utils.patterns.expert_matrix.expert_matrix` with the same ``value``).
+    """
+    dictionary = np.asarray(hsdl.dictionaries_[0])
+    if dictionary.shape[0] != n_layers * n_experts:
+        raise ValueError(f"the HSDL dictionary has {dictionary.shape[0]} rows, not {n_layers} x {n_experts}")
+    columns = (x.T.toarray() if sp.issparse(x) else np.asarray(x).T) / hsdl.x_scale_  # (N, N_e)
+    prior = usage_counts(fit_topk, n_experts)
+    penalty = hsdl.lambda_hier / hsdl.lambda_rec
+    out = {h: _empty(columns.shape[0], n_layers, n_ranked) for h in horizons}
+    for source in range(n_layers - min(horizons)):
+        codes = masked_codes(dictionary, columns, (source + 1) * n_experts, penalty, n_steps=n_steps)
+        for h in horizons:
+            target = source + h
+            if target < n_layers:
+                scores = codes @ dictionary[target * n_experts:(target + 1) * n_experts].T  # (N, E)
+                out[h][:, target] = rank_scores(scores, prior[target], n_ranked)
+    return out
+
+
+def oracle_rankings(topk: np.ndarray, fit_topk: np.ndarray, n_experts: int, horizon: int,
+                    n_ranked: int) -> np.ndarray:
+    """The true top-k of layer t first, then the prior's order: recall@k is 1 by construction."""
+    topk = _check_topk(topk, n_experts, "topk")
+    prior = usage_counts(fit_topk, n_experts)
+    out = _empty(topk.shape[0], topk.shape[1], n_ranked)
+    for target in range(horizon, topk.shape[1]):
+        scores = np.zeros((len(topk), n_experts))
+        np.put_along_axis(scores, topk[:, target], np.arange(topk.shape[2], 0, -1, dtype=float)[None], axis=1)
+        out[:, target] = rank_scores(scores, prior[target], n_ranked)
+    return out
+
+
+def hit_counts(rankings: np.ndarray, topk: np.ndarray, m: int) -> np.ndarray:
+    """(n_tokens, n_layers): how many of the top ``m`` ranked experts are in the true top-k (0 where
+    the ranking is -1, i.e. no prediction)."""
+    rankings, topk = np.asarray(rankings), np.asarray(topk)
+    if rankings.shape[:2] != topk.shape[:2] or rankings.shape[2] < m:
+        raise ValueError(f"rankings {rankings.shape} do not match truth {topk.shape} with m = {m}")
+    head = rankings[:, :, :m]
+    return (head[:, :, :, None] == topk[:, :, None, :]).any(axis=3).sum(axis=2)
+
+
+def _per_prompt(values: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    _, prompt = np.unique(sample_ids, return_inverse=True)
+    return np.bincount(prompt, weights=values), np.bincount(prompt)
+
+
+def ratio_interval(values: np.ndarray, sample_ids: np.ndarray, scale: float, *, confidence: float = 0.95,
+                   n_boot: int = 1000, random_state=0) -> Interval:
+    """``sum(values) / (n_tokens * scale)`` over tokens, with a percentile bootstrap interval that
+    resamples whole prompts (:func:`moe_utils.common.stats.bootstrap_interval`)."""
+    sums, counts = _per_prompt(np.asarray(values, dtype=float), np.asarray(sample_ids))
+
+    def statistic(index):
+        return sums[index[0]].sum(axis=-1) / (counts[index[0]].sum(axis=-1) * scale)
+
+    return bootstrap_interval(statistic, len(sums), n_boot=n_boot, confidence=confidence,
+                              random_state=random_state, vectorized=True)
+
+
+def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, sample_ids: np.ndarray, layers: np.ndarray, k: int, *,
+                      confidence: float = 0.95, n_boot: int = 1000) -> Interval:
+    """Recall of predictor a minus that of predictor b (:func:`hit_counts` of each at the same m) over
+    the tokens and target ``layers``, on the same tokens, with an interval resampling prompts."""
+    gain = (np.asarray(hits_a) - np.asarray(hits_b))[:, layers].sum(axis=1)
+    return ratio_interval(gain, sample_ids, k * len(layers), confidence=confidence, n_boot=n_boot)
+
+
+def verdict(difference: Interval) -> str:
+    """"better than", "worse than" or "not distinguishable from", by the sign of the interval."""
+    return "better than" if difference.low > 0 else "worse than" if difference.high < 0 else "not distinguishable from"
+
+
+def recall_summary(hits: dict[str, dict[int, np.ndarray]], sample_ids: np.ndarray, layers: np.ndarray, k: int,
+                   *, confidence: float = 0.95, n_boot: int = 1000) -> pd.DataFrame:
+    """One row per (predictor, m): recall@m and precision@m over the tokens and the target
+    ``layers``, each with its interval. ``hits[predictor][m]`` is :func:`hit_counts` at m."""
+    rows = []
+    for name, by_m in hits.items():
+        for m, counts in by_m.items():
+            per_token = counts[:, layers].sum(axis=1)
+            recall = ratio_interval(per_token, sample_ids, k * len(layers), confidence=confidence, n_boot=n_boot)
+            factor = k / m  # precision@m = recall@m * k / m on the same hits
+            rows.append({"predictor": name, "m": m, "recall": recall.estimate, "recall_low": recall.low,
+                         "recall_high": recall.high, "precision": recall.estimate * factor,
+                         "precision_low": recall.low * factor, "precision_high": recall.high * factor})
+    return pd.DataFrame(rows)
+
+
+def recall_by_layer(hits: dict[str, np.ndarray], sample_ids: np.ndarray, layers: np.ndarray, k: int, *,
+                    confidence: float = 0.95, n_boot: int = 1000) -> pd.DataFrame:
+    """Recall@k per predictor and target layer, with intervals (prompts resampled)."""
+    rows = []
+    for name, counts in hits.items():
+        for layer in layers:
+            value = ratio_interval(counts[:, layer], sample_ids, k, confidence=confidence, n_boot=n_boot)
+            rows.append({"predictor": name, "layer": int(layer), "recall": value.estimate, "low": value.low,
+                         "high": value.high})
+    return pd.DataFrame(rows)
+
+
+#: The predictors the stage compares, in the order its tables and figures show them, and the short
+#: names its glued values use.
+PREDICTORS = ("usage prior", "token id", "first-order affinity", "naive Bayes (layers <= l)", "HSDL (layers <= l)",
+              "hidden state (next router)", "oracle")
+KEYS = dict(zip(("prior", "token", "affinity", "bayes", "hsdl", "hidden", "oracle"), PREDICTORS))
+
+
+def all_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizons, n_ranked: int, *, hsdl, x,
+                 hidden: dict[int, np.ndarray], fit_token_ids, token_ids,
+                 n_steps: int = 100) -> dict[int, dict[str, np.ndarray]]:
+    """Every predictor of :data:`PREDICTORS` for every horizon: ``{h: {name: rankings}}``; ``hidden``
+    holds the hidden-state predictor's rankings (:mod:`moe_utils.prediction.hidden_prediction`), the token ids
+    those of the fitting and the scored tokens."""
+    n_layers = np.asarray(topk).shape[1]
+    from_hsdl = hsdl_rankings(hsdl, x, fit_topk, n_layers, n_experts, horizons, n_ranked, n_steps=n_steps)
+    return {h: dict(zip(PREDICTORS, (
+        prior_rankings(fit_topk, len(topk), n_experts, h, n_ranked),
+        token_rankings(fit_topk, fit_token_ids, token_ids, n_experts, h, n_ranked),
+        affinity_rankings(fit_topk, topk, n_experts, h, n_ranked),
+        bayes_rankings(fit_topk, topk, n_experts, h, n_ranked), from_hsdl[h], hidden[h][:, :, :n_ranked],
+        oracle_rankings(topk, fit_topk, n_experts, h, n_ranked)))) for h in horizons}
