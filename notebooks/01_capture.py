@@ -54,7 +54,7 @@ from moe_utils.evaluation.data import load_prompts
 from moe_utils.common.markup import code_span
 from moe_utils.models.loading import load_model
 from moe_utils.capture.routing import capture_routing
-from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 
 plotting.use_style()
 store_dir = stage_paths(artifacts_dir).store
@@ -73,7 +73,8 @@ display(Markdown(
     f"**Data:** {len(texts)} MMLU-Pro test questions, {n_per_category} per category from "
     f"{', '.join(categories)}, sampled with seed {seed}."
 ))
-show_model_caveat(model)
+if caveat := model_caveat(model):
+    display(Markdown(caveat))
 
 # %% [markdown]
 # ## 2. Capture

@@ -59,7 +59,7 @@ from moe_utils.patterns.cooccurrence import Cooccurrence
 from moe_utils.patterns.expert_matrix import expert_matrix
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.common.markup import code_span
-from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.capture.store import RoutingStore
 
 plotting.use_style()
@@ -80,7 +80,8 @@ display(Markdown(
     f"{granularity} columns of `{value}` values from {code_span(model_name)}, "
     f"{X.nnz / X.shape[1]:.1f} non-zeros per column."
 ))
-show_model_caveat(model_name)
+if caveat := model_caveat(model_name):
+    display(Markdown(caveat))
 
 # %% [markdown]
 # ## 2. Fitting the hierarchy

@@ -48,7 +48,7 @@ from moe_utils.stages import annotation as annotation_report
 from moe_utils.common import plotting
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.common.markup import code_span
-from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.capture.store import RoutingStore
 
 plotting.use_style()
@@ -80,7 +80,8 @@ display(Markdown(
     f"from {', '.join(categories)}. **HSDL:** {len(result.levels)} levels of "
     f"{', '.join(map(str, hsdl.level_sizes_))} atoms. **Tokenizer:** `{type(tokenizer).__name__}`."
 ))
-show_model_caveat(model_name)
+if caveat := model_caveat(model_name):
+    display(Markdown(caveat))
 annotation_report.class_table(tokens).style.format({"share": "{:.1%}"}, escape="html")
 
 # %% [markdown]

@@ -73,7 +73,6 @@ import time
 
 from IPython.display import Markdown, display
 
-from moe_utils.compression import ablation as abl
 from moe_utils.compression import calibration, pruning
 from moe_utils.common import plotting
 from moe_utils.evaluation import pruning_eval
@@ -94,7 +93,7 @@ middle = ratios[len(ratios) // 2]
 # %%
 setup = pruning_stage.load_setup(model, artifacts_dir, pruning_methods, min_per_layer=min_per_layer, device=device,
                                  dtype=dtype, trust_remote_code=trust_remote_code)
-pruning_stage.describe(setup, caep_level)  # glues the guard
+display(Markdown(pruning_stage.describe(setup, caep_level)))  # glues the guard
 
 # %% [markdown]
 # ## 2. One calibration pass
@@ -273,7 +272,7 @@ pruning_stage.rank_table(curves, ratios).style.format("{:.1f}", escape="html")
 # ## 9. CAEP against random masks: the ablation
 
 # %%
-abl.ablation_table(variants, compared, measures)
+pruning_stage.ablation_table(variants, compared, measures)
 
 # %% [markdown]
 # One row per variant of CAEP at {glue:text}`middle_pct` pruned (one setting changed from the

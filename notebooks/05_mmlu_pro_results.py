@@ -67,7 +67,7 @@ from moe_utils.common import plotting
 from moe_utils.evaluation.data import load_prompts
 from moe_utils.evaluation.harness import resolve_category
 from moe_utils.evaluation.metrics import lower_is_better
-from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 
 plotting.use_style()
 started = time.perf_counter()
@@ -85,7 +85,8 @@ store, stage4 = inputs.store, inputs.stage4
 glue_values(model_name=model, ratio_pct=domain_prune_ratio * 100, n_domains=len(domain_names), metric_label=metric_label)
 display(Markdown(results5.describe_inputs(inputs, model, domain_names, n_per_category=n_per_category,
                                           ratio=domain_prune_ratio)))
-show_model_caveat(model, results5.SMALL_MODEL_CAVEAT)
+if caveat := model_caveat(model, results5.SMALL_MODEL_CAVEAT):
+    display(Markdown(caveat))
 
 # %% [markdown]
 # ## 2. Pruning fitted on one domain

@@ -66,7 +66,7 @@ from moe_utils.common.markup import code_span
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.models.loading import load_model
 from moe_utils.capture.routing import router_fingerprint
-from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.common.stats import Interval
 from moe_utils.capture.store import RoutingStore
 
@@ -106,7 +106,8 @@ for name, value in (("n_test_tokens", store.n_tokens), ("model_name", model), ("
 display(Markdown(f"**Model:** {code_span(model)}, {n_layers} MoE layers of {n_experts} experts, top-{k}. **Fitting tokens:** "
                  f"{fit_store.n_tokens} (stage 1). **Held-out tokens:** {store.n_tokens} from {len(texts)} other "
                  f"MMLU-Pro questions ({heldout_per_category} per category, seed {heldout_seed}), none of stage 1's."))
-show_model_caveat(model, "These predictions are not those of the paper's Phi-3.5-MoE or of any production model.")
+if caveat := model_caveat(model, "These predictions are not those of the paper's Phi-3.5-MoE or of any production model."):
+    display(Markdown(caveat))
 
 # %% [markdown]
 # **What the hidden-state predictor sees.** In these pre-norm decoder layers the router of MoE layer

@@ -55,7 +55,7 @@ from moe_utils.common.artifacts import ArtifactMissing
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.common.markup import code_span
 from moe_utils.compression.pruning import load_pruning
-from moe_utils.stages import glue_values, show_model_caveat, stage_paths
+from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.capture.store import RoutingStore
 
 paths = stage_paths(artifacts_dir)
@@ -90,7 +90,8 @@ display(Markdown(
     + (" (a random sample taken from each domain in turn)" if meta["subsampled"] else "")
     + (f", each cut after its first {explorer_max_tokens} tokens" if meta["truncated"] else "")
     + f". **HSDL:** {len(data['levels'])} levels. **Pruning masks:** {len(data['masks'])}."))
-show_model_caveat(model_name)
+if caveat := model_caveat(model_name):
+    display(Markdown(caveat))
 
 # %% [markdown]
 # ## 2. The explorer

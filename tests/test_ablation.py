@@ -12,6 +12,7 @@ from moe_utils.patterns.expert_matrix import expert_matrix
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.compression.pruning import hsdl_factors
 from moe_utils.capture.routing import capture_routing
+from moe_utils.stages import pruning as pruning_stage
 
 from .conftest import TEXTS
 
@@ -67,6 +68,6 @@ def test_ablation_table_reads_the_comparisons(fitted, tmp_path):
                              "low": [-0.03, 0.005, -0.01, -0.05][:len(methods)],
                              "high": [-0.01, 0.02, 0.01, -0.01][:len(methods)],
                              "significant": [True, True, False, True][:len(methods)]})
-    table = ablation.ablation_table(rows, compared, ["blimp"])
+    table = pruning_stage.ablation_table(rows, compared, ["blimp"])
     assert list(table["factor"]) == ["reference", "HSDL level", "threshold k1", "scope"]
     assert table["BLiMP accuracy: vs random"].iloc[0] == "-2.0 [-3.0, -1.0]*"

@@ -11,7 +11,8 @@ import logging
 import pytest
 
 from moe_utils.common import artifacts
-from moe_utils.common.artifacts import ArtifactError, ArtifactMissing, KeyedCache
+from moe_utils.common.artifacts import ArtifactError, ArtifactMissing
+from moe_utils.common.cache import KeyedCache
 from moe_utils.common.fingerprint import dependency_key
 
 

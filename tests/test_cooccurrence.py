@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from moe_utils.patterns import cooccurrence, hierarchy as patterns
+from moe_utils.patterns import cooccurrence, atoms as patterns
 from moe_utils.patterns.cooccurrence import Cooccurrence
 
 

@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 from moe_utils.compression import domains
-from moe_utils.common.artifacts import KeyedCache
+from moe_utils.common.cache import KeyedCache
 from moe_utils.compression.caep import PruningBudget
 from moe_utils.patterns.expert_matrix import expert_matrix
 from moe_utils.capture.store import RoutingStore, write_store

@@ -20,7 +20,7 @@ import pytest
 from moe_utils.patterns import annotation as an
 from moe_utils.stages import explorer
 from moe_utils.patterns import token_null
-from moe_utils.patterns.hierarchy import atom_experts
+from moe_utils.patterns.atoms import atom_experts
 from moe_utils.compression.pruning import PruningMask
 from moe_utils.capture.store import RoutingStore, write_store
 from tests.test_annotation import LAYOUT, fit, synthetic_store

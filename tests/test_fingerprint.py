@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_utils.common import fingerprint
-from moe_utils.common.artifacts import KeyedCache
+from moe_utils.common.cache import KeyedCache
 from moe_utils.models.loading import load_model
 from moe_utils.capture.routing import capture_routing, model_identity, router_fingerprint
 from moe_utils.capture.store import StoreError

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from moe_utils.patterns import hsdl_controls as hc
-from moe_utils.patterns import hierarchy as patterns
+from moe_utils.patterns import atoms as patterns
 from moe_utils.patterns.cooccurrence import Cooccurrence
 from tests.test_token_null import synthetic_store
 

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from matplotlib.figure import Figure
 
-from moe_utils.patterns import hierarchy as patterns
+from moe_utils.patterns import atoms as patterns
 from moe_utils.common import plotting
 from moe_utils.patterns.hsdl import HSDL
 

@@ -1,4 +1,4 @@
-"""Artifacts on disk: atomic writes, digests, package versions, checksummed folders and a keyed cache.
+"""Artifacts on disk: atomic writes, digests, package versions and checksummed folders.
 
 Every stage of the study leaves files that a later stage (or a later run of the same stage) reads
 back. They all go through this module, so that one rule holds everywhere:
@@ -10,9 +10,8 @@ back. They all go through this module, so that one rule holds everywhere:
   :func:`read_artifact` refuses a manifest that is not valid JSON, not an object, of another
   format, or whose files are missing or do not match their checksums, with a message that names
   the folder and what to re-run;
-* a *keyed cache* (:class:`KeyedCache`) keeps one artifact folder per key (a JSON-able description
-  of everything a result depends on, named by :func:`json_digest`); an entry that does not verify
-  is recomputed, never trusted.
+* a *keyed cache* (:class:`moe_utils.common.cache.KeyedCache`) keeps one artifact folder per key;
+  an entry that does not verify is recomputed, never trusted.
 
 The routing store (:mod:`moe_utils.capture.store`), the HSDL estimator (:meth:`moe_utils.patterns.hsdl.HSDL.save`),
 stage 4's pruning artifact (:func:`moe_utils.compression.pruning.save_pruning`), the calibration, mask and
@@ -23,18 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
-
-log = logging.getLogger(__name__)
+from typing import Any
 
 MANIFEST = "manifest.json"
-T = TypeVar("T")
 #: What a file of an artifact folder is given as: its bytes, or a function that writes it to a path.
 Content = bytes | Callable[[str], None]
 
@@ -178,66 +173,3 @@ def read_artifact(path: str | os.PathLike, *, what: str, fix: str, format: str |
         raise ArtifactError(f"{path}: format {manifest.get('format')!r} is not {format!r}; {fix}")
     verify_files(path, manifest, what=what, fix=fix, required=required, exact=exact, verify=verify)
     return manifest
-
-
-# -------------------------------------------------------------------------------- keyed cache
-class KeyedCache:
-    """Results kept under ``root``, one artifact folder per key: ``root/<kind>-<json_digest(key)>/``.
-
-    The key is a JSON-able description of what the result is computed from (model identity,
-    input digests, settings); :func:`moe_utils.common.fingerprint.dependency_key` adds the package's code,
-    the data and the library versions, so no entry outlives a change to any of them. The full key
-    is kept in the entry's manifest. :meth:`get_or_compute` reads an entry only after it verifies
-    and when it was not written before ``$MOE_FRESH_SINCE`` (``--force``), and recomputes (with a
-    warning for a damaged one) otherwise. A cache with ``root=None`` keeps nothing.
-    """
-
-    FORMAT = "moe-cache/1"
-
-    def __init__(self, root: str | os.PathLike | None, kind: str):
-        self.root = None if root is None else Path(root)
-        self.kind = kind
-
-    def entry(self, key: Any) -> Path | None:
-        from moe_utils.common.fingerprint import dependency_key
-
-        return None if self.root is None else self.root / f"{self.kind}-{json_digest(dependency_key(key))}"
-
-    def load(self, key: Any) -> tuple[Path, dict] | None:
-        """``(folder, manifest)`` of the verified entry for ``key``, or None (also for one written
-        before ``$MOE_FRESH_SINCE``)."""
-        from moe_utils.common.fingerprint import is_stale
-
-        folder = self.entry(key)
-        if folder is None or not folder.is_dir() or is_stale(folder / MANIFEST):
-            return None
-        try:
-            manifest = read_artifact(folder, what=f"{self.kind} cache entry", fix="it is recomputed",
-                                     format=self.FORMAT)
-        except ArtifactError as err:
-            log.warning("%s", err)
-            return None
-        return folder, manifest
-
-    def store(self, key: Any, files: Mapping[str, Content], meta: Mapping[str, Any] | None = None) -> Path | None:
-        """Write the entry for ``key``: ``files`` and a manifest holding ``meta`` and the key."""
-        from moe_utils.common.fingerprint import dependency_key
-
-        folder = self.entry(key)
-        if folder is not None:
-            write_artifact(folder, files, {"format": self.FORMAT, "kind": self.kind, "key": dependency_key(key),
-                                           **(meta or {})})
-        return folder
-
-    def get_or_compute(self, key: Any, compute: Callable[[], T],
-                       encode: Callable[[T], tuple[Mapping[str, Content], Mapping[str, Any]]],
-                       decode: Callable[[Path, dict], T]) -> tuple[T, bool]:
-        """``(value, from_cache)``: ``decode(folder, manifest)`` of a verified entry, else
-        ``compute()``, stored as ``encode(value) = (files, meta)``."""
-        found = self.load(key)
-        if found is not None:
-            return decode(*found), True
-        value = compute()
-        if self.root is not None:
-            self.store(key, *encode(value))
-        return value, False

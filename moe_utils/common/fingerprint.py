@@ -2,7 +2,7 @@
 
 A result may be reused only when everything it was computed from is unchanged. The pipeline's
 stage fingerprints (:func:`moe_utils.pipeline.runner.stage_fingerprint`), the routing capture's store
-(:func:`moe_utils.capture.routing.capture_routing`) and every :class:`moe_utils.common.artifacts.KeyedCache`
+(:func:`moe_utils.capture.routing.capture_routing`) and every :class:`moe_utils.common.cache.KeyedCache`
 (calibration, output search, masks, evaluations, the ablation's refits and captures) build their
 keys with :func:`dependency_key`, which adds to the caller's own parameters:
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_utils.common.artifacts import atomic_write_json, json_digest, sha256_file
+from moe_utils.models.loading import EMBEDDED, EMBEDDED_DIR, RANDOM_PREFIX
 
 PACKAGE = Path(__file__).resolve().parents[1]
 #: Environment variables naming the data a stage reads (or whether the Hub may be used).
@@ -130,13 +131,9 @@ def model_digest(name: str | None) -> dict[str, Any]:
     the digest of its checkpoint files (the embedded model's folder, a local directory, a Hub
     snapshot already on this machine); for ``random:<type>``, the name (the package code and versions
     in :func:`dependency_key` fix the rest); for a Hub id not on this machine, its name."""
-    from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX
-
     if name is None or str(name).startswith(RANDOM_PREFIX):
         return {"name": name}
     if name == EMBEDDED:
-        from moe_utils.models.tiny_moe import EMBEDDED_DIR
-
         return {"name": name, "files": tree_digest(EMBEDDED_DIR)}
     if Path(name).expanduser().is_dir():
         return {"name": name, "files": tree_digest(name)}

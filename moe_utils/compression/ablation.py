@@ -107,28 +107,3 @@ def caep_variants(hsdl: HSDL, X, ratio: float, *, budget: PruningBudget, thresho
         if not np.isclose(k1, threshold_ratio):
             rows.append(("threshold k1", f"k1 {k1}", mask(D, R, k1, f"k1 {k1}")))
     return pd.DataFrame(rows, columns=["factor", "setting", "mask"])
-
-
-def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
-    """Each variant's paired difference from random masks at its ratio, per measure (estimate,
-    interval), and the experts it prunes; ``per layer`` is read from the ``caep_layer`` rows."""
-    from moe_utils.evaluation.pruning_eval import format_value, measure_spec
-
-    methods = [m.method for m in variants["mask"]]
-    rows = list(zip(variants["factor"], variants["setting"], methods))
-    rows.append(("scope", "per layer (each layer keeps its share)", "caep_layer"))
-    ratio = variants["mask"].iloc[0].ratio
-    out = []
-    for factor, setting, method in rows:
-        row = {"factor": factor, "setting": setting}
-        for measure in measures:
-            kind, label = measure_spec(measure)[:2]
-            hit = compared[(compared["method"] == method) & (compared["reference"] == "random")
-                           & np.isclose(compared["ratio"], ratio) & (compared["measure"] == measure)]
-            if hit.empty:
-                continue
-            r = hit.iloc[0]
-            row[f"{label}: vs random"] = (f"{format_value(kind, r.estimate, True)} [{format_value(kind, r.low, True)}, "
-                                          f"{format_value(kind, r.high, True)}]{'*' if r.significant else ''}")
-        out.append(row)
-    return pd.DataFrame(out)

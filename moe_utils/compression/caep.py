@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from moe_utils.models.expert_surgery import allowed_counts
+from moe_utils.models.loading import moe_layers
 
 
 # ------------------------------------------------------------------------------------ budget
@@ -62,9 +64,6 @@ class PruningBudget:
         """The budget of a loaded model: its layers' expert counts, the guard ``min_per_layer``
         (default: the model's top-k) and the counts its routers allow. ``layers``: the model's
         :func:`moe_utils.models.loading.moe_layers`, found when not given."""
-        from moe_utils.models.expert_surgery import allowed_counts
-        from moe_utils.models.loading import moe_layers
-
         layers = moe_layers(model) if layers is None else layers
         guard = max(layer.top_k for layer in layers) if min_per_layer is None else min_per_layer
         return cls(tuple(layer.num_experts for layer in layers), guard, allowed_counts(model, layers))

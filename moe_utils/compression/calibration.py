@@ -28,9 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_utils.common.artifacts import KeyedCache, json_digest, sha256_bytes
+from moe_utils.common.artifacts import json_digest, sha256_bytes
+from moe_utils.common.cache import KeyedCache
 from moe_utils.models.loading import MoELayer, is_small_model, moe_layers
 from moe_utils.capture.routing import forward_kwargs, model_identity
+from moe_utils.evaluation.harness import wikitext_documents
+from moe_utils.evaluation.wikitext import load_wikitext
+from moe_utils.models.expert_surgery import masked_experts, PruningError
 
 #: Per-expert statistics of a calibration pass (see :class:`ExpertStats`).
 SCORES = ("frequency", "router_weight", "ean", "reap")
@@ -91,9 +95,6 @@ def calibration_texts(tokenizer, source: str = "mmlu", *, n_samples: int | None 
     if source == "mmlu":
         documents = load_mmlu("test", data_dir)
     elif source == "wikitext":
-        from moe_utils.evaluation.harness import wikitext_documents
-        from moe_utils.evaluation.wikitext import load_wikitext
-
         documents = wikitext_documents(load_wikitext("train", data_dir))
     else:
         raise ValueError(f"calibration source must be 'capture', 'mmlu' or 'wikitext', got {source!r}")
@@ -225,7 +226,7 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: 
     real (non-padding) tokens, every (token, chosen expert) pair's output f_e(x) is computed with
     :func:`expert_outputs`. ``keep_hidden`` > 0 also keeps the first that many real tokens' block
     inputs per layer, for :func:`output_removal_order`. Hooks are always removed. With
-    ``cache_dir``, the result is kept there (:class:`moe_utils.common.artifacts.KeyedCache`) under the
+    ``cache_dir``, the result is kept there (:class:`moe_utils.common.cache.KeyedCache`) under the
     model (:func:`moe_utils.capture.routing.model_identity`), the texts and the settings, and read back,
     verified, instead of recomputed.
     """
@@ -319,7 +320,7 @@ def output_removal_order(model: nn.Module, hidden: Sequence[torch.Tensor], n_rem
     unpruned output y. The pruned block re-routes every token among the remaining experts with
     :func:`moe_utils.models.expert_surgery.masked_experts` (the architecture's own routing rule); ties go
     to the lowest index. The orders are nested, so one search serves every ratio. With
-    ``cache_dir``, the orders are kept there (:class:`moe_utils.common.artifacts.KeyedCache`) under the
+    ``cache_dir``, the orders are kept there (:class:`moe_utils.common.cache.KeyedCache`) under the
     model, the tokens and the counts.
     """
     layers = moe_layers(model)
@@ -336,8 +337,6 @@ def output_removal_order(model: nn.Module, hidden: Sequence[torch.Tensor], n_rem
 
 def _greedy_search(model: nn.Module, layers: list[MoELayer], hidden: Sequence[torch.Tensor], n_remove: Sequence[int],
                    *, progress: bool) -> list[list[int]]:
-    from moe_utils.models.expert_surgery import PruningError, masked_experts
-
     orders: list[list[int]] = []
     steps = tqdm(total=int(sum(n_remove)), desc="output-based search", disable=not progress)
     with torch.no_grad():

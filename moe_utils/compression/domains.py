@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from moe_utils.common import stats
-from moe_utils.common.artifacts import KeyedCache, package_versions
+from moe_utils.common.artifacts import package_versions
+from moe_utils.common.cache import KeyedCache
 from moe_utils.compression.caep import PruningBudget
 from moe_utils.compression import merging, registry
 from moe_utils.compression.value import Compression
@@ -41,6 +42,11 @@ from moe_utils.evaluation.metrics import better_sign, lower_is_better
 from moe_utils.models.loading import moe_layers
 from moe_utils.capture.routing import model_identity
 from moe_utils.capture.store import RoutingStore
+from moe_utils.compression.calibration import calibrate
+from moe_utils.compression.pruning import (
+    PruningMask, evaluation_key, hsdl_factors, label_columns, primary_metric, pruning_masks,
+)
+from moe_utils.evaluation.data import load_mmlu_pro, select_questions
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +91,6 @@ def domain_factors(hsdl, store: RoutingStore, domain: str, *, level: int = 1, re
     """
     from sklearn.base import clone
 
-    from moe_utils.compression.pruning import hsdl_factors, label_columns
-
     granularity = check_alignment(hsdl, store)
     columns = label_columns(store, domain, granularity)
     if not refit:
@@ -109,9 +113,6 @@ def domain_masks(hsdl, store: RoutingStore, domains: Sequence[str], *, ratio: fl
     with the same ``budget`` (experts per layer, guard, the counts group-limited routers allow) and
     threshold as stage 4.
     """
-    from moe_utils.compression.calibration import calibrate
-    from moe_utils.compression.pruning import pruning_masks
-
     needs_stats = [m for m in methods if registry.needs_stats([m])]
     if needs_stats and (model is None or calibration is None):
         raise ValueError(f"methods {needs_stats} need model, tokenizer and calibration texts per domain")
@@ -141,8 +142,6 @@ def rank_methods(results: pd.DataFrame, ratio: float, *, task_prefix: str | None
     change, signed so that larger is better (accuracy up, perplexity down), and averaged over tasks
     and seeds. Columns: ``method, score, n_tasks, n_seeds``; empty when nothing matches.
     """
-    from moe_utils.compression.pruning import primary_metric
-
     frame = results
     if task_prefix is not None and frame["task"].str.startswith(task_prefix).any():
         frame = frame[frame["task"].str.startswith(task_prefix)]
@@ -181,8 +180,6 @@ def category_breakdown(results: pd.DataFrame, *, task_prefix: str = PPL_GROUP) -
 
     Columns: ``method, ratio, category, metric, value, change, change_min, change_max, n_seeds, n``.
     """
-    from moe_utils.compression.pruning import primary_metric
-
     frame = results[results["task"].str.startswith(task_prefix + "_")]
     if frame.empty:
         raise ValueError(f"stage 4's results have no {task_prefix}_<category> tasks")
@@ -200,8 +197,6 @@ def category_breakdown(results: pd.DataFrame, *, task_prefix: str = PPL_GROUP) -
 
 def chance_accuracy(question_ids, data_dir: str | os.PathLike | None = None) -> float:
     """Expected accuracy of uniform guessing on these MMLU-Pro test questions: mean of 1 / options."""
-    from moe_utils.evaluation.data import load_mmlu_pro
-
     questions = load_mmlu_pro("test", data_dir).set_index("question_id")
     options = questions.loc[list(question_ids), "options"].map(len)
     return float((1.0 / options).mean())
@@ -210,11 +205,9 @@ def chance_accuracy(question_ids, data_dir: str | os.PathLike | None = None) -> 
 def cached_masks(cache_dir: str | os.PathLike, key: Mapping[str, Any],
                  compute: Callable[[], dict[tuple[str, str], Any]]) -> tuple[dict[tuple[str, str], Any], bool]:
     """``compute()`` (e.g. :func:`domain_masks`) once per ``key`` (a JSON-able mapping of everything
-    the masks depend on), kept as a verified entry of a :class:`moe_utils.common.artifacts.KeyedCache`:
+    the masks depend on), kept as a verified entry of a :class:`moe_utils.common.cache.KeyedCache`:
     the keep-masks in ``masks.npz``, methods, domains and notes in its manifest.
     Returns ``({(method, domain): PruningMask}, from_cache)``."""
-    from moe_utils.compression.pruning import PruningMask
-
     def encode(masks):
         buffer = io.BytesIO()
         np.savez_compressed(buffer, keep=np.array([m.keep for m in masks.values()], dtype=bool))
@@ -234,8 +227,6 @@ def captured_questions(store: RoutingStore, data_dir: str | os.PathLike | None =
     """The MMLU-Pro questions the store was captured on (``question_id``, ``category``), rebuilt
     from its data spec, so that an evaluation can leave them out. Empty (with a warning) when the
     spec does not say how they were drawn."""
-    from moe_utils.evaluation.data import load_mmlu_pro, select_questions
-
     spec = store.manifest.get("data", {})
     if not {"categories", "n_per_category", "seed"} <= set(spec):
         log.warning("the store's data spec %s does not say which questions it holds: none excluded", spec)
@@ -295,7 +286,7 @@ def evaluate_documents(model, tokenizer, tasks: Sequence[str], *, limit: int | N
 def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[str, Any],
                       run: Callable[[], tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
     """``run()`` once per ``key`` (a hex digest, e.g. :func:`moe_utils.compression.pruning.evaluation_key`), kept
-    as a verified entry of a :class:`moe_utils.common.artifacts.KeyedCache`: the harness table and the
+    as a verified entry of a :class:`moe_utils.common.cache.KeyedCache`: the harness table and the
     documents in ``table.parquet`` and ``documents.parquet`` (lossless: a warm run reads back
     exactly the numbers a cold one computed), ``describe`` and versions in its manifest; an entry
     that does not verify is recomputed. Returns ``(table, documents, from_cache)``."""
@@ -327,8 +318,6 @@ def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: 
     tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
     model (``model_id``, default :func:`moe_utils.capture.routing.model_identity`); the cache adds the
     package's code, the data and the versions (:func:`moe_utils.common.fingerprint.dependency_key`)."""
-    from moe_utils.compression.pruning import evaluation_key
-
     layers = moe_layers(model)
     n_e = sum(layer.num_experts for layer in layers)
     if not isinstance(keep, Compression):

@@ -35,6 +35,8 @@ from moe_utils.compression import registry
 from moe_utils.compression.value import Compression
 from moe_utils.evaluation.metrics import better_sign
 from moe_utils.models.loading import is_small_model
+from moe_utils.common.fingerprint import tree_digest
+from moe_utils.evaluation.harness import category_slug, MC_GROUP, PPL_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +169,6 @@ def evaluation_runs(tasks: Sequence[str], categories: Sequence[str], limit: int 
     every table column is one category); other names are kept. ``task_limits`` (by task or group
     name) overrides ``limit``; limits of tasks not asked for are ignored.
     """
-    from moe_utils.evaluation.harness import MC_GROUP, PPL_GROUP, category_slug
-
     task_limits = dict(task_limits or {})
     unused = [name for name in task_limits if name not in tasks]
     if unused:
@@ -204,9 +204,7 @@ def evaluation_key(compression: Compression | np.ndarray, run: Mapping[str, Any]
     a bare keep-mask is a pruning), the tasks and limit, the other evaluate() settings
     with the digest of each data folder they name (``data_dir``, ``blimp_dir`` ...), and the model
     (:func:`moe_utils.capture.routing.model_identity`); the evaluation cache
-    (:class:`moe_utils.common.artifacts.KeyedCache`) adds the code, the ``$MOE_*_DIR`` data and versions."""
-    from moe_utils.common.fingerprint import tree_digest
-
+    (:class:`moe_utils.common.cache.KeyedCache`) adds the code, the ``$MOE_*_DIR`` data and versions."""
     if not isinstance(compression, Compression):
         compression = Compression("mask", 0.0, np.asarray(compression, dtype=bool))
     payload = {"compression": compression.digest, "run": run,

@@ -15,6 +15,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from moe_utils.evaluation.blimp import paradigms, BLIMP_ENV, FIELDS
+from moe_utils.evaluation.data import MMLU_PRO_ENV, REQUIRED_COLUMNS
+from moe_utils.evaluation.wikitext import SPLITS, WIKITEXT_ENV
 
 
 def _location(params: Mapping[str, Any], key: str, env: str) -> Path | None:
@@ -25,8 +28,6 @@ def _location(params: Mapping[str, Any], key: str, env: str) -> Path | None:
 def mmlu_pro_problems(directory: Path) -> list[str]:
     """What is missing from an MMLU-Pro folder: the test split's parquet files and their columns."""
     import pyarrow.parquet as pq
-
-    from moe_utils.evaluation.data import MMLU_PRO_ENV, REQUIRED_COLUMNS
 
     where = f"MMLU-Pro folder {directory} (data_dir or ${MMLU_PRO_ENV})"
     if not directory.is_dir():
@@ -48,8 +49,6 @@ def mmlu_pro_problems(directory: Path) -> list[str]:
 
 def wikitext_problems(directory: Path) -> list[str]:
     """The WikiText-2 split files missing from a folder."""
-    from moe_utils.evaluation.wikitext import SPLITS, WIKITEXT_ENV
-
     where = f"WikiText-2 folder {directory} (wikitext_dir or ${WIKITEXT_ENV})"
     if not directory.is_dir():
         return [f"{where} does not exist"]
@@ -59,8 +58,6 @@ def wikitext_problems(directory: Path) -> list[str]:
 
 def blimp_problems(directory: Path) -> list[str]:
     """BLiMP paradigm files missing from a folder, or whose first record lacks the pair's fields."""
-    from moe_utils.evaluation.blimp import BLIMP_ENV, FIELDS, paradigms
-
     where = f"BLiMP folder {directory} (blimp_dir or ${BLIMP_ENV})"
     if not directory.is_dir():
         return [f"{where} does not exist"]
@@ -84,10 +81,6 @@ def blimp_problems(directory: Path) -> list[str]:
 def data_problems(params: Mapping[str, Any], declared: set[str]) -> list[str]:
     """Problems with the data the stages declaring ``declared`` parameters will read, given ``params``
     (the profile's values over the notebooks' defaults)."""
-    from moe_utils.evaluation.blimp import BLIMP_ENV
-    from moe_utils.evaluation.data import MMLU_PRO_ENV
-    from moe_utils.evaluation.wikitext import WIKITEXT_ENV
-
     problems = []
     for key, env, check in (("data_dir", MMLU_PRO_ENV, mmlu_pro_problems),
                             ("wikitext_dir", WIKITEXT_ENV, wikitext_problems),

@@ -79,6 +79,7 @@ import yaml
 from moe_utils.evaluation import blimp
 from moe_utils.evaluation.data import LETTERS, MMLU_PRO_ENV, format_prompt, load_mmlu_pro
 from moe_utils.evaluation.wikitext import WIKITEXT_ENV, count_words, load_wikitext
+from moe_utils.models.loading import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -498,8 +499,6 @@ def _require_finite(lm) -> None:
     """Make the harness model's log-likelihood methods raise :class:`~moe_utils.models.loading.NonFiniteError`,
     naming the task and document, for a NaN or infinite log-likelihood: a broken model must stop the
     run, not score 100% on BLiMP (NaN comparisons) or report a perplexity of nan."""
-    from moe_utils.models.loading import NonFiniteError
-
     def checked(method):
         @functools.wraps(method)
         def wrapper(requests, *args, **kwargs):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from moe_utils.models.loading import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ def word_perplexity(model, tokenizer, text: str, *, context: int = 256, batch_si
         n_tok += tgt.numel()
     model.train(was_training)
     if not math.isfinite(nll):
-        from moe_utils.models.loading import NonFiniteError
-
         raise NonFiniteError(f"WikiText-2 perplexity: the model's log-likelihood is {nll} (NaN or inf); its weights "
                              "are broken, check the checkpoint")
     # Words in the evaluated span only, in proportion to the tokens covered.

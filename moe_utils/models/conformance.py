@@ -42,6 +42,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from moe_utils.capture.routing import capture_routing
+from moe_utils.common.artifacts import atomic_write_json, package_versions
+from moe_utils.compression.calibration import dense_dispatch, expert_outputs
+from moe_utils.compression.merging import applied, compress
+from moe_utils.compression.value import Compression
+from moe_utils.models.discovery import DiscoveryError
+from moe_utils.models.expert_surgery import (
+    allowed_counts, load_pruned, masked_experts, remove_experts, save_pruned,
+)
+from moe_utils.models.loading import moe_layers
+from moe_utils.models.tiny_configs import byte_tokenizer, tiny_config
 
 #: Largest |logit difference| accepted between masked, removed and reloaded models.
 TOLERANCE = 1e-5
@@ -74,8 +85,6 @@ def moe_model_types() -> list[str]:
 def _randomize_routers(model: nn.Module) -> None:
     """Give every router distinct random rows and a non-zero per-expert bias, so that choices differ
     between tokens and a bias that is not applied would show (some configs initialise routers at 0)."""
-    from moe_utils.models.loading import moe_layers
-
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in moe_layers(model):
@@ -139,9 +148,6 @@ def _logits(model, tokenizer) -> torch.Tensor:
 def _keep_masks(model) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """An even keep-list (two experts fewer per layer, or the nearest count the router allows) and
     an uneven one (a different count per layer), chosen at random but reproducibly."""
-    from moe_utils.models.expert_surgery import allowed_counts
-    from moe_utils.models.loading import moe_layers
-
     rng = np.random.default_rng(0)
     even, uneven = [], []
     layers = moe_layers(model)
@@ -158,8 +164,6 @@ def _keep_masks(model) -> tuple[list[np.ndarray], list[np.ndarray]]:
 def _check_capture(model, tokenizer, layers, workdir: Path) -> str:
     """The store, captured from one padded batch, against the experts' own inputs in that same
     forward pass, at the real (unpadded) positions."""
-    from moe_utils.capture.routing import capture_routing
-
     store = capture_routing(model, tokenizer, list(TEXTS), out_dir=workdir / "store", batch_size=len(TEXTS),
                             progress=False)
     enc = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
@@ -177,8 +181,6 @@ def _check_capture(model, tokenizer, layers, workdir: Path) -> str:
 
 
 def _check_masked(model, tokenizer, layers, keep) -> str:
-    from moe_utils.models.expert_surgery import masked_experts
-
     enc = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
     with masked_experts(model, keep), ExpertCalls(layers) as calls, torch.no_grad():
         model(**enc, use_cache=False)
@@ -189,8 +191,6 @@ def _check_masked(model, tokenizer, layers, keep) -> str:
 
 
 def _check_removal(model, tokenizer, keeps, workdir: Path, *, reload: bool) -> tuple[str, str]:
-    from moe_utils.models.expert_surgery import load_pruned, masked_experts, remove_experts, save_pruned
-
     removal, reloaded = "pass", "pass" if reload else "not run"
     for name, keep in zip(("even", "uneven"), keeps):
         with masked_experts(model, keep):
@@ -210,8 +210,6 @@ def _check_removal(model, tokenizer, keeps, workdir: Path, *, reload: bool) -> t
 def _check_calibration(model, tokenizer, layers) -> str:
     """Per-expert outputs recombined against the experts module's own output in the block: weighted
     by the routing weights, or, for dense dispatch (Llama 4), each run on its score-scaled input."""
-    from moe_utils.compression.calibration import dense_dispatch, expert_outputs
-
     enc = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
     with ExpertCalls(layers) as calls, torch.no_grad():
         model(**enc, use_cache=False)
@@ -244,11 +242,6 @@ def _check_merging(model, tokenizer, keep: list[np.ndarray], workdir: Path, *, r
     """A merge of every removed expert into a kept one (expert ``i`` into the ``i % n``-th kept
     expert), with random positive weights and aligned neurons: applied in place, compressed and
     reloaded, the logits agree, and the compressed model holds fewer parameters."""
-    from moe_utils.compression.merging import applied, compress
-    from moe_utils.compression.value import Compression
-    from moe_utils.models.expert_surgery import load_pruned, save_pruned
-    from moe_utils.models.loading import moe_layers
-
     layers = moe_layers(model)
     width = max(layer.num_experts for layer in layers)
     flat = np.zeros(len(layers) * width, dtype=bool)
@@ -289,10 +282,6 @@ def check_model_type(model_type: str, workdir: str | Path | None = None) -> dict
     table: ``status`` (``"supported"``, ``"unsupported"`` with the error that users get, or
     ``"not buildable"`` where its config cannot be made tiny), how its layers were found, E, k, and
     each check's ``"pass"`` or ``"fail: ..."``."""
-    from moe_utils.models.discovery import DiscoveryError
-    from moe_utils.models.loading import moe_layers
-    from moe_utils.models.tiny_configs import byte_tokenizer, tiny_config
-
     row: dict[str, Any] = {"model_type": model_type}
     start = time.perf_counter()
     try:
@@ -315,8 +304,6 @@ def check_model_type(model_type: str, workdir: str | Path | None = None) -> dict
 def check_model(model: nn.Module, tokenizer, workdir: str | Path | None = None, *, reload: bool = True) -> dict:
     """Every check of this module on one model (its routers are re-drawn at random first); ``reload``
     False skips ``save_reload`` for a model class that transformers cannot build from a config."""
-    from moe_utils.models.loading import moe_layers
-
     layers = moe_layers(model)
     row: dict[str, Any] = dict(status="supported", found_by=layers[0].architecture.found_by,
                                n_moe_layers=len(layers), n_experts=layers[0].num_experts, top_k=layers[0].top_k,
@@ -360,8 +347,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = [check_model_type(t) for t in tqdm(args.types or moe_model_types(), desc="conformance")]
-    from moe_utils.common.artifacts import atomic_write_json, package_versions
-
     atomic_write_json(args.out, {"transformers": transformers.__version__, "versions": package_versions(),
                                  "summary": summary(rows), "rows": rows})
     print(json.dumps(summary(rows)))

@@ -53,6 +53,7 @@ from transformers import PretrainedConfig
 
 from moe_utils.models.discovery import EXPERT_COUNT_FIELDS, find_blocks, router_output_layout
 from moe_utils.models.loading import PROBED, MoELayer, moe_layers
+from moe_utils.common.artifacts import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -419,8 +420,6 @@ def save_pruned(model: nn.Module, path: str | Path, *, tokenizer: Any = None, ov
     import tempfile
 
     from safetensors.torch import save_model
-
-    from moe_utils.common.artifacts import atomic_write_json
 
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:

@@ -27,6 +27,7 @@ from moe_utils.models.discovery import (
     EXPERT_COUNT_FIELDS, DiscoveryError, OutputLayout, config_value, count_experts, declared_top_k, find_blocks,
     is_hash_router, probe_router, router_output_layout, router_scoring,
 )
+from moe_utils.models.tiny_configs import random_model
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +345,25 @@ def model_summary(model: nn.Module, layers: list[MoELayer] | None = None) -> dic
     }
 
 
+def parameter_counts(model) -> dict:
+    """``{"total", "routed_experts", "active_per_token"}`` parameters of a causal LM.
+
+    Routed experts are the parameters of each MoE layer's experts module (shared experts, routers
+    and dense layers are outside it and always active); a token uses top-k of a layer's E routed
+    experts, so the active count is every other parameter plus ``k / E`` of each layer's experts.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = [(sum(p.numel() for p in layer.experts.parameters()), layer.top_k, layer.num_experts)
+                 for layer in moe_layers(model)]
+    routed = sum(n for n, _, _ in per_layer)
+    active = total - routed + sum(n * k // e for n, k, e in per_layer)
+    return {"total": total, "routed_experts": routed, "active_per_token": active}
+
+
 #: Name of the model shipped with the package (see :mod:`moe_utils.models.tiny_moe`).
 EMBEDDED = "embedded"
+#: Where the trained model ships inside the package; ``load_model("embedded")`` reads it.
+EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-moe"
 #: Prefix of names that build a small randomly initialised model from an architecture's config.
 RANDOM_PREFIX = "random:"
 
@@ -409,14 +427,10 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if name.startswith(RANDOM_PREFIX):
-        from moe_utils.models.tiny_configs import random_model
-
         model, tokenizer = random_model(name[len(RANDOM_PREFIX):])
         model = model.to(dtype)
     else:
         if name == EMBEDDED:
-            from moe_utils.models.tiny_moe import EMBEDDED_DIR
-
             if not (EMBEDDED_DIR / "model.safetensors").is_file():
                 raise FileNotFoundError(
                     f"the embedded model is missing from {EMBEDDED_DIR}; train it with "

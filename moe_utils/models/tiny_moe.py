@@ -31,12 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_utils.evaluation.wikitext import load_wikitext, unigram_word_perplexity, word_perplexity
-from moe_utils.stages.model_card import parameter_counts
+from moe_utils.models.loading import EMBEDDED_DIR, parameter_counts
 
 log = logging.getLogger(__name__)
 
-#: Where the trained model ships inside the package; ``load_model("embedded")`` reads it.
-EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-moe"
 EOS = "<|endoftext|>"
 
 

@@ -22,7 +22,7 @@ of every HSDL level is annotated from the captured tokens, automatically:
   (:mod:`moe_utils.patterns.stratified`), since domains differ in their tokens. From these, a short automatic
   label (:func:`auto_label`), whose categories are those enriched with questions as the unit.
 * **Hierarchy** (:func:`hierarchy_tree`): each level-k atom with the level-(k+1) atoms composing it
-  (edges from :func:`moe_utils.patterns.hierarchy.hierarchy`), their labels, and whether the child's tokens
+  (edges from :func:`moe_utils.patterns.atoms.hierarchy`), their labels, and whether the child's tokens
   nest in the parent's and its token classes are purer than the parent's.
 * **Domains** (:func:`domain_similarity`): cosine similarity of per-category expert-selection
   frequency distributions, the paper's Fig 7.
@@ -37,11 +37,13 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from moe_utils.patterns import hierarchy as patterns
+from moe_utils.patterns import atoms as patterns
 from moe_utils.patterns.expert_matrix import label_profiles
 from moe_utils.capture.store import RoutingStore
 from moe_utils.patterns.stratified import cmh_enrichment
 from moe_utils.capture.token_text import CLASSES, classify_tokens, detect_scheme, render_prompt
+from moe_utils.models.loading import EMBEDDED, EMBEDDED_DIR, RANDOM_PREFIX
+from moe_utils.models.tiny_configs import byte_tokenizer
 
 CORRECTIONS = ("bh", "bonferroni")
 
@@ -86,19 +88,13 @@ def attribute_tokens(model, block: int = 8192) -> pd.DataFrame:
 
 def tokenizer_for(store: RoutingStore, *, trust_remote_code: bool = False):
     """The tokenizer of the model a store was captured from, without loading the model's weights."""
-    from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX
-
     model = store.manifest["model"]
     name = str(model["name"])
     if name.startswith(RANDOM_PREFIX):
-        from moe_utils.models.tiny_configs import byte_tokenizer
-
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
     if name == EMBEDDED:
-        from moe_utils.models.tiny_moe import EMBEDDED_DIR
-
         name = str(EMBEDDED_DIR)
     return AutoTokenizer.from_pretrained(name, revision=model.get("revision"), trust_remote_code=trust_remote_code)
 
@@ -254,7 +250,7 @@ class LevelAnnotation:
 
     Attributes:
         level: 1-based HSDL level.
-        atoms: one row per atom: the pattern view of :func:`moe_utils.patterns.hierarchy.atom_table` plus
+        atoms: one row per atom: the pattern view of :func:`moe_utils.patterns.atoms.atom_table` plus
             ``n_tokens`` assigned, ``token_share``, ``top_class``, ``top_tokens``, ``categories``
             (significant with questions as the unit: the ones the label names), ``min_q`` and
             ``domain_specific`` (tokens as the unit), ``min_q_by_sample`` and
@@ -356,7 +352,7 @@ def _entropy(profile: pd.DataFrame) -> np.ndarray:
 
 def hierarchy_tree(annotation: Annotation, model, level: int = 1, min_share: float = 0.1) -> pd.DataFrame:
     """Each level-``level`` atom (parent) with the level-(``level`` + 1) atoms that compose it
-    (:func:`moe_utils.patterns.hierarchy.hierarchy`), their labels, and whether the child refines the parent:
+    (:func:`moe_utils.patterns.atoms.hierarchy`), their labels, and whether the child refines the parent:
 
     * ``overlap``: tokens assigned to the parent at level ``level`` and to the child one level
       down; ``taken``: their share of the parent's tokens (a parent split by its children has

@@ -22,8 +22,10 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
 from moe_utils.stages import hsdl as hsdl_report
-from moe_utils.patterns import hierarchy as patterns
+from moe_utils.patterns import atoms as patterns
 from moe_utils.patterns.cooccurrence import Cooccurrence
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.patterns.token_null import question_halves, surrogate_store
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
@@ -38,7 +40,7 @@ def random_atom_rows(sizes, n_rows: int, *, n_draws: int = 1000, weights: np.nda
 
     Each atom's rows are distinct, drawn uniformly or, with ``weights`` (one per row, >= 0),
     one after another in proportion to the weights of the rows not yet drawn (Gumbel top-k), in
-    draw order (the first rows play the "strongest" experts of :func:`moe_utils.patterns.hierarchy.coverage`).
+    draw order (the first rows play the "strongest" experts of :func:`moe_utils.patterns.atoms.coverage`).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     if sizes.size and (sizes.min() < 0 or sizes.max() > n_rows):
@@ -77,7 +79,7 @@ def cross_layer_chance(sizes, layout: tuple[int, int], *, n_draws: int = 1000, w
 
 def coverage_chance(sizes, counts: Cooccurrence, *, percents, n_draws: int = 1000,
                     weights: np.ndarray | None = None, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
-    """The coverage (``mode="core"`` of :func:`moe_utils.patterns.hierarchy.coverage`) of random atoms of the
+    """The coverage (``mode="core"`` of :func:`moe_utils.patterns.atoms.coverage`) of random atoms of the
     given sizes over ``n_draws`` draws, against the exact co-selection ``counts`` shared with the
     fitted atoms' coverage: one row per order and k% with ``mean``, ``low``, ``high`` (the ``level``
     interval of the draws)."""
@@ -123,8 +125,6 @@ def stability(hsdl, X, column_questions: np.ndarray, threshold: float, *, seed: 
     and batch order), against a refit from random initial atoms (``init="random"``), and a fit on
     one half of the questions against a fit on the other half (``column_questions``: the question
     of each column of X)."""
-    from moe_utils.patterns.token_null import question_halves
-
     params = hsdl.get_params()
     base_seed = 0 if params["random_state"] is None else int(params["random_state"])
 
@@ -149,7 +149,7 @@ def stability_summary(matched: dict[str, np.ndarray]) -> pd.DataFrame:
 
 def hierarchy_structure(tables: pd.DataFrame, edges: pd.DataFrame, *, copy_share: float = 0.9) -> dict:
     """How level 2 relates to level 1 (of :func:`moe_utils.stages.hsdl.atom_sizes`' tables and
-    :func:`moe_utils.patterns.hierarchy.hierarchy`'s edges between levels 1 and 2).
+    :func:`moe_utils.patterns.atoms.hierarchy`'s edges between levels 1 and 2).
 
     Returns the mean size (experts) of the level-1 and level-2 atoms in use, the number of
     level-1 parents with edges, how many split into two or more children, how many are copied
@@ -193,9 +193,6 @@ def surrogate_fits(hsdl, store, threshold: float, *, n_surrogates: int = 3, gran
                    value: str = "weight", seed: int = 0) -> pd.DataFrame:
     """:func:`fit_statistics` of HSDL (``hsdl``'s parameters) refitted on ``n_surrogates``
     token-stratified surrogates of ``store``, one row per surrogate seed."""
-    from moe_utils.patterns.expert_matrix import expert_matrix
-    from moe_utils.patterns.token_null import surrogate_store
-
     rows = []
     for draw in range(n_surrogates):
         surrogate = surrogate_store(store, seed=seed + draw)

@@ -48,6 +48,12 @@ from moe_utils.common.artifacts import (
 from moe_utils.evaluation.data_checks import data_problems
 from moe_utils.common.fingerprint import DIGEST_CACHE_ENV, FRESH_ENV, dependency_key, model_digest, tree_digest
 from moe_utils.common.markup import code_span
+from moe_utils.compression import caep, pruning
+from moe_utils.evaluation import harness as evaluation
+from moe_utils.models.conformance import CHECKS, MERGING_CHECKS
+from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX
+from moe_utils.models.tiny_configs import BENCH_SHAPES
+from moe_utils.patterns import annotation, hsdl
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +202,6 @@ RANGES: dict[str, tuple[Any, str]] = {
 def _stage_checks() -> dict[str, Any]:
     """Parameters the stages check with their own functions, run here on the same values before
     any stage starts: each raises ValueError saying what is wrong (one definition for both)."""
-    from moe_utils.patterns import annotation, hsdl
-    from moe_utils.compression import caep, pruning
-    from moe_utils.evaluation import harness as evaluation
-
     def correction(value):
         if value not in annotation.CORRECTIONS:
             raise ValueError(f"must be one of {annotation.CORRECTIONS}, got {value!r}")
@@ -237,14 +239,10 @@ def _range_problems(key: str, value: Any) -> list[str]:
 def _model_problems(name: str) -> list[str]:
     """A model must be ``embedded``, ``random:<type>``, an existing local directory with a
     ``config.json``, or a Hub id of the form ``owner/name``: checked before any stage runs."""
-    from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX
-
     if name == EMBEDDED:
         return []
     if name.startswith(RANDOM_PREFIX):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-        from moe_utils.models.tiny_configs import BENCH_SHAPES
 
         kind = name[len(RANDOM_PREFIX):]
         return [] if kind in CONFIG_MAPPING_NAMES or kind in BENCH_SHAPES else [
@@ -662,8 +660,6 @@ def conformance_section(path: Path) -> list[str]:
     """Markdown lines showing the conformance table of ``python -m moe_utils.models.conformance``."""
     if not path.is_file():
         return []
-    from moe_utils.models.conformance import CHECKS, MERGING_CHECKS
-
     columns = (*CHECKS, *MERGING_CHECKS)
     result = json.loads(path.read_text())
     total = result["summary"]

@@ -91,15 +91,6 @@ def model_caveat(model_name: str, detail: str = "") -> str | None:
     return None
 
 
-def show_model_caveat(model_name: str, detail: str = "") -> None:
-    """Display :func:`model_caveat` in a notebook, if there is one."""
-    from IPython.display import Markdown, display
-
-    caveat = model_caveat(model_name, detail)
-    if caveat is not None:
-        display(Markdown(caveat))
-
-
 def glue_values(**values) -> None:
     """Glue every value under its name for the book's text (myst_nb ``glue``, not displayed)."""
     from myst_nb import glue

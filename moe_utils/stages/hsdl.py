@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from moe_utils.patterns import hierarchy as patterns
+from moe_utils.patterns import atoms as patterns
 from moe_utils.common.artifacts import sha256_file
 from moe_utils.patterns.cooccurrence import Cooccurrence
 from moe_utils.capture.store import MANIFEST, RoutingStore
@@ -43,7 +43,7 @@ def fit_summary(hsdl, X) -> dict:
 
 
 def atom_sizes(hsdl, threshold: float) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """``(tables, summary, values)``: :func:`moe_utils.patterns.hierarchy.atom_table` of every level, the
+    """``(tables, summary, values)``: :func:`moe_utils.patterns.atoms.atom_table` of every level, the
     atoms in use per level (count, mean experts and layers, share spanning layers), and level 1's
     atoms in use, mean experts and cross-layer share (%)."""
     tables = pd.concat([patterns.atom_table(hsdl, level=k + 1, threshold=threshold)
@@ -75,7 +75,7 @@ def top_atoms(tables: pd.DataFrame, n: int = 8) -> tuple[pd.DataFrame, int]:
 
 
 def hierarchy_summary(hsdl, min_share: float = 0.1) -> tuple[list[pd.DataFrame], list[np.ndarray], dict]:
-    """``(edges, usages, values)``: :func:`moe_utils.patterns.hierarchy.hierarchy` between consecutive levels,
+    """``(edges, usages, values)``: :func:`moe_utils.patterns.atoms.hierarchy` between consecutive levels,
     every level's atom usage, level 2's relative L1 error on D_1 and children per level-1 atom.
     RuntimeError when level 2 does not reconstruct level 1 (error >= 0.5)."""
     n_levels = len(hsdl.level_sizes_)

@@ -34,8 +34,12 @@ from moe_utils.common import stats
 from moe_utils.common.artifacts import ArtifactMissing, read_artifact, write_artifact
 from moe_utils.evaluation.harness import MC_GROUP, PPL_GROUP, category_slug
 from moe_utils.common.markup import code_span
-from moe_utils.models.loading import is_small_model
 from moe_utils.compression.pruning import PruningMask
+from moe_utils.capture.routing import model_identity
+from moe_utils.capture.store import RoutingStore
+from moe_utils.models.loading import is_small_model, load_model, moe_layers
+from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.patterns.hsdl import HSDL
 
 FORMAT = "moe-domain-results/1"
 METRIC_LABELS = {"byte_perplexity": "byte perplexity", "word_perplexity": "word perplexity",
@@ -78,11 +82,6 @@ def open_inputs(paths, model: str, domain_names: Sequence[str], *, min_per_layer
     """Open and check the earlier stages' artifacts (``paths``: :class:`moe_utils.stages.StagePaths`)
     and load ``model`` (``load_kwargs``: device, dtype, trust_remote_code); the budget is stage 4's
     (guard: top-k unless ``min_per_layer``)."""
-    from moe_utils.patterns.hsdl import HSDL
-    from moe_utils.models.loading import load_model, moe_layers
-    from moe_utils.capture.routing import model_identity
-    from moe_utils.capture.store import RoutingStore
-
     store, hsdl = RoutingStore.open(paths.store), HSDL.load(paths.hsdl)
     check_inputs(store, domain_names, model)
     lm, tokenizer = load_model(model, **load_kwargs)
@@ -164,8 +163,6 @@ def fit_masks(inputs: Inputs, domain_names: Sequence[str], *, calibration_texts:
     every domain alone (:func:`moe_utils.compression.domains.domain_masks`, cached under everything they depend
     on, the code included), and CAEP fitted on all domains; every mask keeps at least the budget's
     minimum per layer."""
-    from moe_utils.patterns.expert_matrix import expert_matrix
-
     hsdl, store, budget, stage4 = inputs.hsdl, inputs.store, inputs.budget, inputs.stage4
 
     if baseline is not None:

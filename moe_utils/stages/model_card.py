@@ -23,23 +23,8 @@ import pandas as pd
 from moe_utils.evaluation import blimp, paired
 from moe_utils.evaluation.harness import run_harness, sample_table
 from moe_utils.common.markup import code_span
-from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX, moe_layers
+from moe_utils.models.loading import EMBEDDED, EMBEDDED_DIR, RANDOM_PREFIX, moe_layers
 from moe_utils.evaluation.wikitext import count_words, load_wikitext
-
-
-def parameter_counts(model) -> dict:
-    """``{"total", "routed_experts", "active_per_token"}`` parameters of a causal LM.
-
-    Routed experts are the parameters of each MoE layer's experts module (shared experts, routers
-    and dense layers are outside it and always active); a token uses top-k of a layer's E routed
-    experts, so the active count is every other parameter plus ``k / E`` of each layer's experts.
-    """
-    total = sum(p.numel() for p in model.parameters())
-    per_layer = [(sum(p.numel() for p in layer.experts.parameters()), layer.top_k, layer.num_experts)
-                 for layer in moe_layers(model)]
-    routed = sum(n for n, _, _ in per_layer)
-    active = total - routed + sum(n * k // e for n, k, e in per_layer)
-    return {"total": total, "routed_experts": routed, "active_per_token": active}
 
 
 def kind_of(name: str) -> str:
@@ -51,8 +36,6 @@ def kind_of(name: str) -> str:
 
 def training_record() -> dict:
     """The embedded model's training record (command, machine, loss curve, parameter counts)."""
-    from moe_utils.models.tiny_moe import EMBEDDED_DIR
-
     return json.loads((EMBEDDED_DIR / "training.json").read_text())
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from IPython.display import Markdown, display
 
 from moe_utils.compression import ablation as abl
 from moe_utils.compression import caep as caep_module
@@ -27,6 +26,7 @@ from moe_utils.models.loading import load_model, moe_layers
 from moe_utils.capture.routing import model_identity
 from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.capture.store import RoutingStore
+from moe_utils.patterns.expert_matrix import expert_matrix
 
 #: How the page names each calibration source.
 CALIBRATION_SOURCES = {"capture": "the stage-1 prompts (the texts CAEP's dictionary was fitted on)",
@@ -90,16 +90,16 @@ def load_setup(model: str, artifacts_dir, methods: Sequence[str] | None, *, min_
                  [m for m in methods if m not in skipped], skipped)
 
 
-def describe(setup: Setup, level: int) -> None:
-    """Show the model, the dictionary, what the numbers of this model can mean, and skipped methods."""
+def describe(setup: Setup, level: int) -> str:
+    """Markdown: the model, the dictionary, what the numbers of this model can mean, and skipped methods."""
     note = model_caveat(setup.model_name, "It is above chance on BLiMP's minimal pairs and its perplexities move "
                         "when experts are pruned.") or ""
     glue_values(guard=setup.guard)
-    display(Markdown(f"**Model:** {code_span(setup.model_name)} ({setup.lm.config.model_type}, {len(setup.layer_sizes)} MoE "
-                     f"layers of {setup.layer_sizes[0]} routed experts, top-{setup.top_k}). **Dictionary:** level "
-                     f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"))
-    for method, why in setup.skipped.items():
-        display(Markdown(f"**Skipped for this model:** `{method}` {why}."))
+    lines = [f"**Model:** {code_span(setup.model_name)} ({setup.lm.config.model_type}, {len(setup.layer_sizes)} MoE "
+             f"layers of {setup.layer_sizes[0]} routed experts, top-{setup.top_k}). **Dictionary:** level "
+             f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"]
+    lines += [f"**Skipped for this model:** `{method}` {why}." for method, why in setup.skipped.items()]
+    return "\n\n".join(lines)
 
 
 # -------------------------------------------------------------------------- calibration
@@ -186,8 +186,6 @@ def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | 
 
 
 def _stage1_matrix(setup: Setup):
-    from moe_utils.patterns.expert_matrix import expert_matrix
-
     return expert_matrix(setup.store)
 
 
@@ -338,3 +336,27 @@ def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measur
                else "No single change of CAEP's settings makes it better than random masks on any measure.")
     return (f"{opening} CAEP's variants minus random masks at the same ratio (paired, 95% intervals; perplexity as "
             "a relative change, lower is better): " + "; ".join(sentences) + ".")
+
+
+def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+    """Each variant's paired difference from random masks at its ratio, per measure (estimate,
+    interval), and the experts it prunes; ``per layer`` is read from the ``caep_layer`` rows."""
+    methods = [m.method for m in variants["mask"]]
+    rows = list(zip(variants["factor"], variants["setting"], methods))
+    rows.append(("scope", "per layer (each layer keeps its share)", "caep_layer"))
+    ratio = variants["mask"].iloc[0].ratio
+    out = []
+    for factor, setting, method in rows:
+        row = {"factor": factor, "setting": setting}
+        for measure in measures:
+            kind, label = pruning_eval.measure_spec(measure)[:2]
+            fmt = pruning_eval.format_value
+            hit = compared[(compared["method"] == method) & (compared["reference"] == "random")
+                           & np.isclose(compared["ratio"], ratio) & (compared["measure"] == measure)]
+            if hit.empty:
+                continue
+            r = hit.iloc[0]
+            row[f"{label}: vs random"] = (f"{fmt(kind, r.estimate, True)} [{fmt(kind, r.low, True)}, "
+                                          f"{fmt(kind, r.high, True)}]{'*' if r.significant else ''}")
+        out.append(row)
+    return pd.DataFrame(out)
