@@ -183,3 +183,19 @@ def test_the_package_data_ships():
     for path in data:
         relative = path.relative_to(PACKAGE)
         assert any(relative.match(pattern) for pattern in declared), relative
+
+
+def test_one_list_of_data_variables():
+    """Every data location variable is spelled once, in moe_utils/common/data_env.py, and the Makefile
+    exports exactly those."""
+    import re
+
+    from moe_utils.common.data_env import DATA_ENV
+
+    spelled = {}
+    for name, path in MODULES.items():
+        for literal in re.findall(r"[\"'](MOE_[A-Z_]+_DIR)[\"']", path.read_text()):
+            spelled.setdefault(literal, []).append(name)
+    assert spelled == {v: ["moe_utils.common.data_env"] for v in DATA_ENV}
+    exported = re.findall(r"^export (MOE_[A-Z_]+_DIR)\b", (ROOT / "Makefile").read_text(), re.M)
+    assert sorted(exported) == sorted(DATA_ENV)

@@ -32,12 +32,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from moe_utils.common.data_env import DATA_ENV as DATA_LOCATIONS
 from moe_utils.common.artifacts import atomic_write_json, json_digest, sha256_file
 from moe_utils.models.loading import EMBEDDED, EMBEDDED_DIR, RANDOM_PREFIX
 
 PACKAGE = Path(__file__).resolve().parents[1]
 #: Environment variables naming the data a stage reads (or whether the Hub may be used).
-DATA_ENV = ("MOE_MMLU_PRO_DIR", "MOE_WIKITEXT_DIR", "MOE_MMLU_DIR", "MOE_BLIMP_DIR", "HF_HUB_OFFLINE")
+#: what the data a result read depends on: every data location (:mod:`moe_utils.common.data_env`) and
+#: whether the Hub is off
+DATA_ENV = (*DATA_LOCATIONS, "HF_HUB_OFFLINE")
 DIGEST_CACHE_ENV = "MOE_DIGEST_CACHE"
 FRESH_ENV = "MOE_FRESH_SINCE"
 VERSIONED = ("torch", "transformers", "lm_eval", "numpy")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+
 from moe_utils.models.expert_surgery import allowed_counts
 from moe_utils.models.loading import moe_layers
 

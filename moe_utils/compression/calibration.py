@@ -34,13 +34,12 @@ from moe_utils.models.loading import MoELayer, is_small_model, moe_layers
 from moe_utils.capture.routing import forward_kwargs, model_identity
 from moe_utils.evaluation.harness import wikitext_documents
 from moe_utils.evaluation.wikitext import load_wikitext
-from moe_utils.models.expert_surgery import masked_experts, PruningError
+from moe_utils.models.expert_surgery import PruningError, masked_experts
+from moe_utils.common.data_env import MMLU_ENV
 
 #: Per-expert statistics of a calibration pass (see :class:`ExpertStats`).
 SCORES = ("frequency", "router_weight", "ean", "reap")
 _SUMS = ("counts", "weight_sum", "norm_sum", "weighted_norm_sum")
-#: Environment variable naming a local MMLU directory (``test/<subject>_test.csv`` ...).
-MMLU_ENV = "MOE_MMLU_DIR"
 
 
 # -------------------------------------------------------------------------- calibration data
@@ -108,7 +107,6 @@ def calibration_texts(tokenizer, source: str = "mmlu", *, n_samples: int | None 
     if len(ids) < needed:
         raise ValueError(f"{source} holds {len(ids)} tokens, fewer than {n_samples} x {n_tokens}")
     return [tokenizer.decode(ids[i * n_tokens:(i + 1) * n_tokens]) for i in range(n_samples)]
-
 
 
 def resolve_calibration(model_name: str, source: str | None = None, n_samples: int | None = None,

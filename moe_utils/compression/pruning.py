@@ -36,7 +36,7 @@ from moe_utils.compression.value import Compression
 from moe_utils.evaluation.metrics import better_sign
 from moe_utils.models.loading import is_small_model
 from moe_utils.common.fingerprint import tree_digest
-from moe_utils.evaluation.harness import category_slug, MC_GROUP, PPL_GROUP
+from moe_utils.evaluation.harness import MC_GROUP, PPL_GROUP, category_slug
 
 log = logging.getLogger(__name__)
 

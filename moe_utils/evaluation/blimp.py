@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-BLIMP_ENV = "MOE_BLIMP_DIR"
+from moe_utils.common.data_env import BLIMP_ENV
+
 HUB_DATASET = "nyu-mll/blimp"
 TASK_PREFIX = "blimp_"
 #: The name of the group of all paradigms' tasks.

@@ -28,10 +28,10 @@ from typing import Any
 
 import pandas as pd
 
+from moe_utils.common.data_env import MMLU_PRO_ENV
+
 log = logging.getLogger(__name__)
 
-#: Environment variable naming a local MMLU-Pro parquet directory; used when no data_dir is given.
-MMLU_PRO_ENV = "MOE_MMLU_PRO_DIR"
 #: Hugging Face Hub id of the data set.
 HUB_ID = "TIGER-Lab/MMLU-Pro"
 #: The five MMLU-Pro categories of the paper's section 5 experiments.

@@ -15,7 +15,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from moe_utils.evaluation.blimp import paradigms, BLIMP_ENV, FIELDS
+
+from moe_utils.evaluation.blimp import BLIMP_ENV, FIELDS, paradigms
 from moe_utils.evaluation.data import MMLU_PRO_ENV, REQUIRED_COLUMNS
 from moe_utils.evaluation.wikitext import SPLITS, WIKITEXT_ENV
 

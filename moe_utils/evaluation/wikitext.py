@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
 from moe_utils.models.loading import NonFiniteError
+from moe_utils.common.data_env import WIKITEXT_ENV
 
 log = logging.getLogger(__name__)
 
-#: Environment variable naming a local WikiText-2 directory; used when no path is given.
-WIKITEXT_ENV = "MOE_WIKITEXT_DIR"
 SPLITS = ("train", "valid", "test")
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+
 from moe_utils.capture.routing import capture_routing
 from moe_utils.common.artifacts import atomic_write_json, package_versions
 from moe_utils.compression.calibration import dense_dispatch, expert_outputs
