@@ -385,7 +385,7 @@ sorted(p.name for p in paths.hsdl.iterdir())
 # not from this notebook's run; the command to reproduce them is in `bench/README.md`.
 
 # %%
-bench = hsdl_report.benchmark("bench/results/hsdl.json")
+bench = hsdl_report.benchmark()  # bench/results/hsdl.json of the project, wherever the notebook runs
 if bench is not None:
     table, values, machine = bench
     glue_values(**values)

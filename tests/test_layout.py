@@ -199,3 +199,23 @@ def test_one_list_of_data_variables():
     assert spelled == {v: ["moe_utils.common.data_env"] for v in DATA_ENV}
     exported = re.findall(r"^export (MOE_[A-Z_]+_DIR)\b", (ROOT / "Makefile").read_text(), re.M)
     assert sorted(exported) == sorted(DATA_ENV)
+
+
+def test_notebooks_read_no_path_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Outside their parameters cell, notebooks spell no project path; the package resolves them from
+    the project root (moe_utils.common.project), so a notebook run from elsewhere reads the same files."""
+    import re
+
+    from moe_utils.common import project
+    from moe_utils.stages import hsdl as hsdl_glue, stage_paths
+
+    for path in sorted((ROOT / "notebooks").glob("0*.py")):
+        cells = path.read_text().split("# %%")
+        code = [c for c in cells if not c.startswith(" [markdown]") and 'tags=["parameters"]' not in c.splitlines()[0]]
+        lines = [line for cell in code for line in cell.splitlines() if not line.lstrip().startswith("#")]
+        spelled = [line for line in lines if re.search(r"[\"'](bench|params|book|notebooks|artifacts)/", line)]
+        assert spelled == [], path.name
+    monkeypatch.chdir(tmp_path)
+    assert stage_paths("artifacts/x").root == project.ROOT / "artifacts" / "x"
+    assert stage_paths(tmp_path).root == tmp_path
+    assert (hsdl_glue.benchmark() is None) == (not (project.BENCH_RESULTS / "hsdl.json").is_file())

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_utils.common.project import BENCH_RESULTS
 from moe_utils.capture.routing import capture_routing
 from moe_utils.common.artifacts import atomic_write_json, package_versions
 from moe_utils.compression.calibration import dense_dispatch, expert_outputs
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/conformance.json"))
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "conformance.json")
     parser.add_argument("types", nargs="*", help="model types (default: every MoE causal LM transformers ships)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))

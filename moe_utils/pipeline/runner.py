@@ -48,6 +48,7 @@ from moe_utils.common.artifacts import (
 from moe_utils.evaluation.data_checks import data_problems
 from moe_utils.common.fingerprint import DIGEST_CACHE_ENV, FRESH_ENV, dependency_key, model_digest, tree_digest
 from moe_utils.common.markup import code_span
+from moe_utils.common.project import BENCH_RESULTS, EXECUTED, NOTEBOOKS, PROFILES, ROOT, resolve
 from moe_utils.compression import caep, pruning
 from moe_utils.evaluation import harness as evaluation
 from moe_utils.models.conformance import CHECKS, MERGING_CHECKS
@@ -57,12 +58,7 @@ from moe_utils.patterns import annotation, hsdl
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOKS = ROOT / "notebooks"
-EXECUTED = ROOT / "book" / "executed"
-PROFILES = ROOT / "params"
 DEFAULT_PROFILE = PROFILES / "tiny.yaml"
-BENCH_RESULTS = ROOT / "bench" / "results"
 STATE_FILE = "pipeline_state.json"  # in the run's artifacts_dir: the state lives with what it describes
 LOCK_FILE = ".pipeline.lock"
 DIGESTS_FILE = ".file-digests.json"  # in the run's artifacts_dir: file digests by path, size and mtime
@@ -519,8 +515,7 @@ def _artifacts_root(params: dict, stages: list[Stage]) -> Path | None:
         (s.defaults["artifacts_dir"] for s in stages if s.defaults.get("artifacts_dir")), None)
     if value is None:
         return None
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else ROOT / path
+    return resolve(value)
 
 
 def _read_state(path: Path) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_utils.common.markup import code_span
+from moe_utils.common.project import resolve
 from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX
 
 #: The stage notebooks, in order (``notebooks/<stage>.py``).
@@ -70,7 +71,8 @@ class StagePaths:
 
 
 def stage_paths(artifacts_dir: str | os.PathLike) -> StagePaths:
-    return StagePaths(Path(artifacts_dir))
+    """The run's folders; a relative ``artifacts_dir`` is taken from the project root (:func:`moe_utils.common.project.resolve`)."""
+    return StagePaths(resolve(artifacts_dir))
 
 
 RANDOM_CAVEAT = ("**This run used a randomly initialised model ({name}): its routing is noise, not learned "

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from moe_utils.common.project import BENCH_RESULTS, resolve
 from moe_utils.patterns import atoms as patterns
 from moe_utils.common.artifacts import sha256_file
 from moe_utils.patterns.cooccurrence import Cooccurrence
@@ -121,11 +122,11 @@ def artifact_extra(store: RoutingStore, X, *, granularity: str, value: str) -> d
                       "fingerprint": store.manifest.get("fingerprint"), "model": store.manifest["model"]}}
 
 
-def benchmark(path: str | Path) -> tuple[pd.DataFrame, dict, str] | None:
+def benchmark(path: str | Path = BENCH_RESULTS / "hsdl.json") -> tuple[pd.DataFrame, dict, str] | None:
     """The committed results of ``bench/hsdl.py`` at ``path``: ``(table, values, machine)`` with one
     row per case and method, the date and HSDL's speed-up over the fastest scikit-learn method per
     case, and the machine they ran on; None when there are none."""
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
         return None
     bench = json.loads(path.read_text())
