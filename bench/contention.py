@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
+from moe_utils.pipeline import profiles
 from moe_utils.pipeline import runner as pipeline  # noqa: E402
 from moe_utils.common import threads  # noqa: E402
 from moe_utils.common.artifacts import atomic_write_json  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in threads.ENV_VARS:  # the policy must see no user setting
         os.environ.pop(name, None)
-    extra = pipeline.parse_overrides(args.overrides)
+    extra = profiles.parse_overrides(args.overrides)
     machine = machine_info()
     cores = threads.available_cores()
     settings = {"torch's default (one per core)": cores, "the pipeline's policy": None}

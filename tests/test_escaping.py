@@ -97,7 +97,7 @@ def test_every_markdown_that_names_the_model_escapes_it(tmp_path):
 
     from moe_utils import stages
     from moe_utils.stages import mmlu_pro_results as domain_results, model_card
-    from moe_utils.pipeline import runner as pipeline
+    from moe_utils.pipeline.status import write_status_page
 
     layers = [SimpleNamespace(num_experts=4, top_k=2)]
     usage = pd.DataFrame([[0.25, 0.25, 0.25, 0.25]]).to_numpy()
@@ -113,7 +113,7 @@ def test_every_markdown_that_names_the_model_escapes_it(tmp_path):
               "machine": {"platform": "p", "python": "3", "cpus": 1}, "versions": {"x": "1"},
               "stages": [{"stage": "01_capture", "parameters": {"model": HOSTILE + "```\n<img src=x>"}}]}
     page = tmp_path / "status.md"
-    pipeline.write_status_page(status, page)
+    write_status_page(status, page)
     rendered = _render(page.read_text())
     assert "<img" not in rendered and "<em>x</em>" not in rendered  # (the page's own emphasis is fine)
 

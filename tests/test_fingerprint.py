@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import moe_utils
 from moe_utils.common import fingerprint
 from moe_utils.common.cache import KeyedCache
 from moe_utils.models.loading import load_model
@@ -62,8 +64,11 @@ def test_the_package_digest_covers_task_yamls_and_data_files(tmp_path, monkeypat
 
 
 def test_the_real_package_digest_lists_its_task_definitions():
+    """The whole package, subpackages and their data files included."""
+    assert fingerprint.PACKAGE == Path(moe_utils.__file__).resolve().parent
     listed = {p.relative_to(fingerprint.PACKAGE).as_posix() for p in fingerprint._listed(fingerprint.PACKAGE)}
-    assert {"tasks/blimp.yaml", "tasks/mmlu_pro_mc.yaml", "evaluation.py"} <= listed
+    assert {"evaluation/tasks/blimp.yaml", "evaluation/tasks/mmlu_pro_mc.yaml", "evaluation/harness.py",
+            "compression/methods/caep.py", "stages/explorer.js", "__init__.py"} <= listed
     assert not any(name.endswith(".pyc") for name in listed)
 
 
@@ -110,7 +115,8 @@ def test_a_checkpoint_changed_in_place_is_a_different_model(checkpoint, tmp_path
 
 
 def test_a_stage_key_covers_the_weights_and_the_package_files(checkpoint, tmp_path, monkeypatch):
-    from moe_utils.pipeline.runner import Stage, stage_fingerprint
+    from moe_utils.pipeline.profiles import Stage
+    from moe_utils.pipeline.runner import stage_fingerprint
 
     notebook = tmp_path / "01_stage.py"
     notebook.write_text("x = 1\n")

@@ -9,7 +9,9 @@ import nbformat
 import pytest
 
 from moe_utils.pipeline import runner as pipeline
-from moe_utils.pipeline.runner import PipelineError, discover_stages, notebook_parameters, validate
+from moe_utils.pipeline.profiles import (
+    PipelineError, discover_stages, load_profile, notebook_parameters, parse_overrides, validate,
+)
 from moe_utils.capture.store import RoutingStore
 
 HEADER = """# ---
@@ -36,7 +38,7 @@ def test_every_profile_is_valid(stages):
     profiles = sorted(pipeline.PROFILES.glob("*.yaml"))
     assert pipeline.DEFAULT_PROFILE in profiles
     for profile in profiles:
-        validate(pipeline.load_profile(profile), stages)
+        validate(load_profile(profile), stages)
 
 
 def test_every_stage_shares_the_artifacts_dir(stages):
@@ -65,11 +67,11 @@ def test_invalid_profiles_are_errors(stages, params, message):
 
 
 def test_overrides_are_yaml(stages):
-    parsed = pipeline.parse_overrides(["n_per_category=5", "categories=[math, law]", "data_dir=null"])
+    parsed = parse_overrides(["n_per_category=5", "categories=[math, law]", "data_dir=null"])
     assert parsed == {"n_per_category": 5, "categories": ["math", "law"], "data_dir": None}
     validate(parsed, stages)
     with pytest.raises(PipelineError, match="key=value"):
-        pipeline.parse_overrides(["oops"])
+        parse_overrides(["oops"])
 
 
 def test_bad_values_stop_the_run_before_any_stage(tmp_path):
@@ -82,13 +84,13 @@ def test_malformed_yaml_names_its_source(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [embedded\n")
     with pytest.raises(PipelineError, match=r"bad.yaml is not valid YAML"):
-        pipeline.load_profile(bad)
+        load_profile(bad)
     with pytest.raises(PipelineError, match=r"--set 'prune_ratios=\[0.5' : the value is not valid YAML".replace(" :", ":")):
-        pipeline.parse_overrides(["prune_ratios=[0.5"])
+        parse_overrides(["prune_ratios=[0.5"])
 
 
 def test_a_mistyped_stage_in_only_is_an_error_before_anything_runs(tmp_path):
-    with pytest.raises(pipeline.PipelineError, match=r"--only names no stage \['01_captur'\].*01_capture"):
+    with pytest.raises(PipelineError, match=r"--only names no stage \['01_captur'\].*01_capture"):
         pipeline.run(only=["01_captur"], executed=tmp_path)
     assert not any(tmp_path.iterdir())
 

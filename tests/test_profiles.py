@@ -15,10 +15,11 @@ import pytest
 import torch
 import yaml
 
+from moe_utils.pipeline import profiles
 from moe_utils.pipeline import runner as pipeline
 from moe_utils.models.conformance import moe_model_types
 from moe_utils.models.loading import REGISTRY, moe_layers
-from moe_utils.pipeline.runner import PipelineError, load_about, load_profile, validate, validate_about
+from moe_utils.pipeline.profiles import PipelineError, load_about, load_profile, validate, validate_about
 
 from moe_utils.models.deepseek_moe import REMOTE_MODEL_TYPE, DeepseekMoeForCausalLM, port_config
 
@@ -46,7 +47,7 @@ DECLARED = [p for p in PROFILES if "config" in (load_about(p) or {})]
 
 @pytest.fixture(scope="module")
 def stages():
-    return pipeline.discover_stages()
+    return profiles.discover_stages()
 
 
 def test_the_issue_profiles_exist():
@@ -58,7 +59,7 @@ def test_the_issue_profiles_exist():
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_profile_validates_without_its_about_block(stages, path):
     params = load_profile(path)
-    assert pipeline.ABOUT not in params
+    assert profiles.ABOUT not in params
     validate(params, stages)
 
 
@@ -79,7 +80,7 @@ def test_real_profiles_set_only_what_differs_from_the_defaults(stages, path):
 def test_about_block_is_complete_and_names_a_supported_architecture(path):
     about = load_about(path)
     assert about is not None, f"{path.name} has no about block"
-    assert set(pipeline.ABOUT_REQUIRED) <= set(about)
+    assert set(profiles.ABOUT_REQUIRED) <= set(about)
     assert about["model_type"] in REGISTRY or about["model_type"] in moe_model_types()
     params = load_profile(path)
     model = params.get("model", "embedded")

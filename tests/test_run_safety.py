@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from moe_utils.compression import caep
+from moe_utils.pipeline import profiles
 from moe_utils.pipeline import runner as pipeline
-from moe_utils.pipeline.runner import PipelineError
+from moe_utils.pipeline.profiles import PipelineError
 
 HEADER = ("# ---\n# jupyter:\n#   kernelspec:\n#     display_name: Python 3\n#     language: python\n"
           "#     name: python3\n# ---\n")
@@ -123,14 +124,14 @@ def test_a_stage_that_filled_the_disk_says_so():
 
 @pytest.mark.parametrize("value", [0.0, 0.5, 0.999, 1.0, 1.5, -0.1])
 def test_the_threshold_ratio_is_accepted_up_front_exactly_when_the_stage_accepts_it(value):
-    stages = pipeline.discover_stages()
+    stages = profiles.discover_stages()
     try:
         caep.caep([[1.0, 0.0], [0.0, 1.0]], [[1.0], [2.0]], value, 0.5)
         stage_accepts = True
     except ValueError:
         stage_accepts = False
     try:
-        pipeline.validate({"caep_threshold_ratio": value}, stages)
+        profiles.validate({"caep_threshold_ratio": value}, stages)
         pipeline_accepts = True
     except PipelineError:
         pipeline_accepts = False
@@ -145,7 +146,7 @@ def test_the_threshold_ratio_is_accepted_up_front_exactly_when_the_stage_accepts
 ])
 def test_values_the_stages_refuse_are_refused_before_any_stage(key, value, message):
     with pytest.raises(PipelineError, match=message):
-        pipeline.validate({key: value}, pipeline.discover_stages())
+        profiles.validate({key: value}, profiles.discover_stages())
 
 
 def _mmlu_pro_without_answers(folder: Path) -> Path:

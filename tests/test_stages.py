@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from moe_utils import stages
+from moe_utils.pipeline import profiles
 from moe_utils.pipeline import runner as pipeline
 
 
@@ -21,7 +22,7 @@ def test_stage_paths_follow_the_stage_names(tmp_path):
 
 def test_the_stages_are_the_notebooks():
     """The pipeline runs notebooks/<stage>.py and records <artifacts_dir>/<stage>: the same names."""
-    assert tuple(stage.name for stage in pipeline.discover_stages()) == stages.STAGES
+    assert tuple(stage.name for stage in profiles.discover_stages()) == stages.STAGES
 
 
 def test_model_caveat():
@@ -34,16 +35,16 @@ def test_model_caveat():
 def test_parameters_shared_by_stages_have_one_default():
     """Every parameter several notebooks declare defaults to the same value in each: a profile sets
     it once for all of them, and a stage run alone must not silently use another value."""
-    notebooks = pipeline.discover_stages()
+    notebooks = profiles.discover_stages()
     shared = {name for name in notebooks[1].defaults if sum(name in s.defaults for s in notebooks) > 1}
     assert {"model", "artifacts_dir", "categories", "seed"} <= shared
-    assert pipeline.conflicting_defaults(notebooks) == {}
+    assert profiles.conflicting_defaults(notebooks) == {}
 
 
 def test_a_disagreeing_default_is_found_and_refused(tmp_path):
     for name, value in (("01_a", 1), ("02_b", 2), ("03_c", 1)):
         (tmp_path / f"{name}.py").write_text(f'# %% tags=["parameters"]\nseed = {value}\nother_{name} = 0\n')
-    found = pipeline.discover_stages(Path(tmp_path))
-    assert pipeline.conflicting_defaults(found) == {"seed": {"01_a": 1, "02_b": 2, "03_c": 1}}
-    with pytest.raises(pipeline.PipelineError, match="different defaults.*seed"):
+    found = profiles.discover_stages(Path(tmp_path))
+    assert profiles.conflicting_defaults(found) == {"seed": {"01_a": 1, "02_b": 2, "03_c": 1}}
+    with pytest.raises(profiles.PipelineError, match="different defaults.*seed"):
         pipeline.run(notebooks=Path(tmp_path), executed=tmp_path / "executed")

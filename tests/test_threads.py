@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from moe_utils.pipeline import profiles
 from moe_utils.pipeline import runner as pipeline
 from moe_utils.common import threads
 from tests.test_pipeline import _notebook
@@ -69,9 +70,9 @@ def test_every_stage_kernel_runs_the_chosen_threads(tmp_path, monkeypatch):
 
 
 def test_bad_thread_settings_stop_the_run_before_any_stage(tmp_path, monkeypatch):
-    with pytest.raises(pipeline.PipelineError, match="'threads' = 0 must be a positive integer"):
+    with pytest.raises(profiles.PipelineError, match="'threads' = 0 must be a positive integer"):
         pipeline.run(overrides={"threads": 0}, executed=tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "all")
-    with pytest.raises(pipeline.PipelineError, match="OMP_NUM_THREADS='all' is not a positive integer"):
+    with pytest.raises(profiles.PipelineError, match="OMP_NUM_THREADS='all' is not a positive integer"):
         pipeline.run(executed=tmp_path)
     assert not any(tmp_path.iterdir())

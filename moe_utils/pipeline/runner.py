@@ -7,14 +7,15 @@
    profile's ``about:`` block (the model's architecture, hardware and time it needs, the paper's
    setting) is checked and shown on the status page, never passed to the notebooks;
 2. validates every key against the parameters cells of the notebooks in ``notebooks/``: a key no
-   notebook declares, or a value of the wrong type, is an error, before anything runs;
+   notebook declares, or a value of the wrong type, is an error, before anything runs
+   (:mod:`moe_utils.pipeline.profiles`);
 3. executes the notebooks in order with papermill into ``book/executed/``; a stage whose inputs
    (notebook text, parameters, every file of the package, the model's weights, the data, library
    versions, the previous stage: :mod:`moe_utils.common.fingerprint`) did not change since its last
    successful run is reused, not re-run; a failed stage stops the run and names the notebook and
    the cell; ``--force`` re-runs the stages and recomputes every cache entry and capture they read
    that was written before this run;
-4. builds the HTML book with Jupyter Book 1.x without re-executing anything, under the same lock
+4. writes the status page (:mod:`moe_utils.pipeline.status`) and builds the HTML book with Jupyter Book 1.x without re-executing anything, under the same lock
    as the stages, so the book only ever shows the run its status page describes.
 """
 
@@ -22,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ast
 import errno
-import html
 import json
 import logging
 import os
@@ -34,27 +33,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moe_utils.pipeline import scale_report
 from moe_utils.common import threads
 from moe_utils.common.artifacts import (
     atomic_write_bytes, atomic_write_json, json_digest, package_versions, sha256_file,
 )
 from moe_utils.evaluation.data_checks import data_problems
 from moe_utils.common.fingerprint import DIGEST_CACHE_ENV, FRESH_ENV, dependency_key, model_digest, tree_digest
-from moe_utils.common.markup import code_span
-from moe_utils.common.project import BENCH_RESULTS, EXECUTED, NOTEBOOKS, PROFILES, ROOT, resolve
-from moe_utils.compression import caep, pruning
-from moe_utils.evaluation import harness as evaluation
-from moe_utils.models.conformance import CHECKS, MERGING_CHECKS
-from moe_utils.models.loading import EMBEDDED, RANDOM_PREFIX
-from moe_utils.models.tiny_configs import BENCH_SHAPES
-from moe_utils.patterns import annotation, hsdl
+from moe_utils.common.project import EXECUTED, NOTEBOOKS, PROFILES, ROOT, resolve
+from moe_utils.pipeline.profiles import (
+    PipelineError, Stage, conflicting_defaults, discover_stages, load_about, load_profile, parse_overrides, validate,
+)
+from moe_utils.pipeline.status import write_status_page
 
 log = logging.getLogger(__name__)
 
@@ -62,254 +54,6 @@ DEFAULT_PROFILE = PROFILES / "tiny.yaml"
 STATE_FILE = "pipeline_state.json"  # in the run's artifacts_dir: the state lives with what it describes
 LOCK_FILE = ".pipeline.lock"
 DIGESTS_FILE = ".file-digests.json"  # in the run's artifacts_dir: file digests by path, size and mtime
-#: The top-level key of a profile that describes it; everything else in a profile is a parameter.
-ABOUT = "about"
-#: Fields of the ``about`` block and their types; those in ABOUT_REQUIRED must be there.
-ABOUT_FIELDS: dict[str, type] = {
-    "summary": str,      # one sentence: which model, which question
-    "model_type": str,   # ``config.model_type``: the registry adapter that reads it (moe_utils.models.loading)
-    "hardware": str,     # what it needs to run: GPU memory, RAM
-    "time": str,         # how long, saying whether that is an estimate or measured
-    "parameters": dict,  # {total_b, active_b}: billions of parameters, all and used per token; optional
-    #                      active_counts_input_embedding: false where the model card leaves it out
-    "config": dict,      # the checkpoint's config.json fields that fix its shape (tests build it from them)
-    "paper": str,        # the paper's setting this profile follows, where one applies
-    "notes": str,        # anything else a user must know (remote code, missing features)
-}
-ABOUT_REQUIRED = ("summary", "model_type", "hardware", "time")
-
-
-class PipelineError(RuntimeError):
-    """A profile is invalid or a stage failed."""
-
-
-@dataclass
-class Stage:
-    """One notebook of the pipeline and the parameters its parameters cell declares."""
-
-    name: str  # file stem, e.g. "01_capture"
-    path: Path
-    defaults: dict[str, Any]
-
-
-def notebook_parameters(path: Path) -> dict[str, Any]:
-    """Names and default values of the ``parameters``-tagged cell of a jupytext notebook.
-
-    The cell may hold only ``name = <literal>`` assignments (papermill's convention).
-    """
-    import jupytext
-
-    notebook = jupytext.read(path)
-    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-    if len(cells) != 1:
-        raise PipelineError(f"{path.name}: expected exactly one cell tagged 'parameters', found {len(cells)}")
-    defaults = {}
-    for node in ast.parse(cells[0].source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise PipelineError(f"{path.name}: the parameters cell may only assign literals to names")
-        try:
-            defaults[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError as err:
-            raise PipelineError(f"{path.name}: parameter {node.targets[0].id} is not a literal") from err
-    return defaults
-
-
-def discover_stages(notebooks: Path = NOTEBOOKS) -> list[Stage]:
-    """The notebooks ``NN_name.py`` in order."""
-    paths = sorted(p for p in notebooks.glob("[0-9][0-9]_*.py"))
-    if not paths:
-        raise PipelineError(f"no stage notebooks in {notebooks}")
-    return [Stage(p.stem, p, notebook_parameters(p)) for p in paths]
-
-
-def conflicting_defaults(stages: list[Stage]) -> dict[str, dict[str, Any]]:
-    """``{parameter: {stage: default}}`` for every parameter that several stages declare with
-    different defaults: a profile sets a parameter once for every stage, so a stage run alone must
-    not silently use another value (empty when they all agree)."""
-    declared: dict[str, dict[str, Any]] = {}
-    for stage in stages:
-        for name, default in stage.defaults.items():
-            declared.setdefault(name, {})[stage.name] = default
-    return {name: by_stage for name, by_stage in declared.items() if len({repr(v) for v in by_stage.values()}) > 1}
-
-
-def _type_ok(value: Any, default: Any) -> bool:
-    if default is None:
-        return True  # None defaults mean "optional": any value, or None for the stage's fallback
-    if value is None:
-        return False  # an empty --set (n_per_category=) must not silently mean something else
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default))
-
-
-def validate(params: dict[str, Any], stages: list[Stage]) -> None:
-    """Every key must be declared by some stage, with a value of the declared default's type."""
-    declared: dict[str, list[tuple[str, Any]]] = {name: [("the pipeline", None)] for name in PIPELINE_KEYS}
-    for stage in stages:
-        for name, default in stage.defaults.items():
-            declared.setdefault(name, []).append((stage.name, default))
-    problems = []
-    for key, value in params.items():
-        if key not in declared:
-            problems.append(f"unknown key {key!r} (no notebook declares it; known: {', '.join(sorted(declared))})")
-            continue
-        for stage_name, default in declared[key]:
-            if not _type_ok(value, default):
-                problems.append(f"{key!r} = {value!r} is {type(value).__name__}, but {stage_name} expects "
-                                f"{type(default).__name__} (default {default!r})")
-    problems += [problem for key, value in params.items() if key in declared for problem in _range_problems(key, value)]
-    if problems:
-        raise PipelineError("invalid parameters:\n  " + "\n  ".join(problems))
-
-
-def _fraction(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-#: Values each parameter may take, beyond its type: (check, what it must be).
-RANGES: dict[str, tuple[Any, str]] = {
-    "prune_ratios": (lambda v: isinstance(v, list) and v, "a non-empty list of fractions strictly between 0 and 1"),
-    "annotation_alpha": (_fraction, "a significance level strictly between 0 and 1"),
-    "confidence": (_fraction, "strictly between 0 and 1"),
-    "atom_threshold": (lambda v: isinstance(v, (int, float)) and v >= 0, ">= 0"),
-    "n_per_category": (_positive_int, "a positive integer (a number above a category's size takes all of it)"),
-    "n_bootstrap": (lambda v: isinstance(v, int) and v >= 0, ">= 0"),
-    **{name: (_positive_int, "a positive integer") for name in (
-        "batch_size", "eval_batch_size", "hsdl_batch_size", "hsdl_steps", "max_length", "output_tokens",
-        "annotation_rows", "render_max_tokens", "domain_mc_limit", "domain_ppl_limit", "heldout_per_category",
-        "hsdl_inference_steps", "card_paragraphs", "blimp_pairs", "explorer_questions", "explorer_max_tokens",
-        "explorer_partners")},
-    "prediction_horizons": (lambda v: isinstance(v, list) and v and all(_positive_int(x) for x in v),
-                            "a non-empty list of positive layer counts (1 = the next MoE layer)"),
-    "random_seeds": (lambda v: isinstance(v, list) and v and all(isinstance(x, int) for x in v),
-                     "a non-empty list of integer seeds"),
-}
-
-
-def _stage_checks() -> dict[str, Any]:
-    """Parameters the stages check with their own functions, run here on the same values before
-    any stage starts: each raises ValueError saying what is wrong (one definition for both)."""
-    def correction(value):
-        if value not in annotation.CORRECTIONS:
-            raise ValueError(f"must be one of {annotation.CORRECTIONS}, got {value!r}")
-
-    return {
-        "prune_ratios": lambda v: [caep.check_ratio("prune_ratio", r) for r in v],
-        "domain_prune_ratio": lambda v: caep.check_ratio("prune_ratio", v),
-        "caep_threshold_ratio": lambda v: caep.check_ratio("threshold_ratio", v),
-        "hsdl_levels": hsdl.check_levels,
-        "pruning_methods": pruning.check_methods,
-        "categories": lambda v: [evaluation.resolve_category(c) for c in v],
-        "annotation_correction": correction,
-    }
-
-
-#: Parameters of the pipeline itself, declared by no notebook: ``threads`` (every stage's torch/OpenMP
-#: threads; unset: :func:`moe_utils.common.threads.choose_threads` decides per stage).
-PIPELINE_KEYS = ("threads",)
-RANGES["threads"] = (_positive_int, "a positive integer (leave it unset to choose from the cores free)")
-
-
-def _range_problems(key: str, value: Any) -> list[str]:
-    if key in RANGES and value is not None and not RANGES[key][0](value):
-        return [f"{key!r} = {value!r} must be {RANGES[key][1]}"]
-    if key == "model" and isinstance(value, str):
-        return _model_problems(value)
-    if value is not None and (check := _stage_checks().get(key)) is not None:
-        try:
-            check(value)
-        except (ValueError, TypeError) as err:
-            return [f"{key!r} = {value!r}: {err}"]
-    return []
-
-
-def _model_problems(name: str) -> list[str]:
-    """A model must be ``embedded``, ``random:<type>``, an existing local directory with a
-    ``config.json``, or a Hub id of the form ``owner/name``: checked before any stage runs."""
-    if name == EMBEDDED:
-        return []
-    if name.startswith(RANDOM_PREFIX):
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-        kind = name[len(RANDOM_PREFIX):]
-        return [] if kind in CONFIG_MAPPING_NAMES or kind in BENCH_SHAPES else [
-            f"model {name!r}: {kind!r} is no transformers model type (see `python -m moe_utils.models.conformance`)"]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return [] if (path / "config.json").is_file() else [f"model {name!r}: the directory has no config.json"]
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return [f"model {name!r} is neither an existing directory nor a Hub id of the form 'owner/name'"]
-    return []
-
-
-def load_profile(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(PROFILES.glob("*.yaml")))
-        raise PipelineError(f"profile {path} not found (profiles in {PROFILES}: {known})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: a profile is a mapping of parameter names to values")
-    return {key: value for key, value in data.items() if key != ABOUT}
-
-
-def validate_about(about: Any, source: str = "profile") -> dict[str, Any]:
-    """Check a profile's ``about`` block: required fields present, every field known and of its type."""
-    if not isinstance(about, dict):
-        raise PipelineError(f"{source}: 'about' must be a mapping with the fields {', '.join(ABOUT_FIELDS)}")
-    problems = [f"missing about.{name}" for name in ABOUT_REQUIRED if name not in about]
-    for name, value in about.items():
-        if name not in ABOUT_FIELDS:
-            problems.append(f"unknown field about.{name} (known: {', '.join(ABOUT_FIELDS)})")
-        elif not isinstance(value, ABOUT_FIELDS[name]):
-            problems.append(f"about.{name} must be {ABOUT_FIELDS[name].__name__}, got {type(value).__name__}")
-    if isinstance(about.get("time"), str) and not any(w in about["time"].lower() for w in ("estimate", "measured")):
-        problems.append("about.time must say whether it is an estimate or measured")
-    parameters = about.get("parameters")
-    if isinstance(parameters, dict) and not all(
-            isinstance(parameters.get(k), (int, float)) and not isinstance(parameters.get(k), bool) and parameters[k] > 0
-            for k in ("total_b", "active_b")):
-        problems.append("about.parameters needs positive numbers total_b and active_b (billions)")
-    if problems:
-        raise PipelineError(f"{source}: invalid about block:\n  " + "\n  ".join(problems))
-    return about
-
-
-def load_about(path: Path) -> dict[str, Any] | None:
-    """The profile's validated ``about`` block, or None if it has none."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict) or ABOUT not in data:
-        return None
-    return validate_about(data[ABOUT], str(path))
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings; values are read as YAML (``n=5`` is an int, ``x=[a, b]`` a list)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise PipelineError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise PipelineError(f"--set {pair!r}: the value is not valid YAML ({err})") from err
-    return out
-
-
 def stage_fingerprint(stage: Stage, params: dict, previous: str) -> str:
     """The stage's key (:func:`moe_utils.common.fingerprint.dependency_key`): its notebook, parameters,
     the previous stage's key and artifacts, the weights of its ``model`` (when it declares one), the
@@ -589,157 +333,6 @@ def run_lock(folders: list[Path]):
     finally:
         for handle in handles:
             handle.close()
-
-
-def capture_benchmark_section(path: Path) -> list[str]:
-    """Markdown lines summarising ``bench/capture.py``'s JSON, if it has been run and committed."""
-    if not path.is_file():
-        return []
-    result = json.loads(path.read_text())
-    lines = ["", "## Benchmark: capture overhead", "",
-             f"From `{result['command']}` on {result['created'][:10]} ({result['machine']['cpu_count']} CPUs, "
-             f"torch {result['machine']['torch']}): the same {result['inputs']['n_texts']} MMLU-Pro prompts, "
-             "bare forward pass versus `capture_routing`, medians of interleaved repeats. Targets: ratio "
-             "<= 1.10, at most 2 bytes per (token, layer, k) index slot.", "",
-             "The second ratio counts only the time capture spends outside the model's forward calls, "
-             "which is steadier on a shared machine.", "",
-             "| model | tokens | bare tok/s | capture tok/s | time ratio | ratio from own time | index bytes/slot "
-             "| targets met |",
-             "|---|---|---|---|---|---|---|---|"]
-    for model in result["models"]:
-        lines.append(
-            f"| `{model['model']}` | {model['n_tokens']} | {model['tokens_per_s']['bare']:.0f} | "
-            f"{model['tokens_per_s']['capture']:.0f} | {model['overhead']['ratio']:.3f} | "
-            f"{model['overhead']['ratio_from_own_time']:.3f} | "
-            f"{model['store']['index_bytes_per_slot']:.0f} | {'yes' if model['meets_targets'] else 'no'} |")
-    return lines
-
-
-def pruning_benchmark_section(path: Path) -> list[str]:
-    """Markdown lines summarising ``bench/pruning.py``'s JSON, if it has been run and committed."""
-    if not path.is_file():
-        return []
-    result = json.loads(path.read_text())
-    lines = ["", "## Benchmark: expert removal", "",
-             f"From `{result['command']}` on {result['created'][:10]} ({result['machine']['cpu_count']} CPUs, "
-             f"torch {result['machine']['torch']}): models with experts removed by "
-             "`moe_utils.models.expert_surgery.remove_experts` against the original, in the same run. Ratios are "
-             "pruned / original: parameters, `save_pretrained` bytes on disk, resident memory of a fresh "
-             "process after loading and at its peak while running one batch, and tokens/s of a full forward "
-             f"pass (medians of {result['parameters']['repeats']} interleaved rounds; per second of process CPU "
-             "time when one thread runs on a CPU, which leaves out other jobs' time on a shared machine). "
-             "Targets: parameters fall by exactly the removed experts' weights, tokens/s no lower than the "
-             f"original's (within {result['parameters']['speed_tolerance']:.0%} for timing noise), removed "
-             "model equal to the masked one.", "",
-             "| model | experts removed | parameters | exact | checkpoint | memory loaded | memory peak "
-             "| tokens/s | speed ratio | targets met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for model in result["models"]:
-        lines.append(f"| `{model['model']}` ({model['original']['n_params']:,} parameters) | none | 1 | | 1 | 1 | "
-                     f"1 | {model['original']['tokens_per_s_on_basis']:.0f} | 1 | |")
-        for row in model["pruned"]:
-            lines.append(
-                f"| | {row['label']} | {row['param_ratio']:.3f} | {'yes' if row['params_exact'] else 'no'} | "
-                f"{row['checkpoint_ratio']:.3f} | {row['loaded_memory_ratio']:.3f} | "
-                f"{row['peak_memory_ratio']:.3f} | {row['tokens_per_s_on_basis']:.0f} | {row['speed_ratio']:.3f} | "
-                f"{'yes' if row['meets_targets'] else 'no'} |")
-    return lines
-
-
-def _cell(text: str) -> str:
-    """Model or library text made safe for a Markdown table cell: HTML-escaped, pipes and newlines removed."""
-    return html.escape(" ".join(str(text).split())).replace("|", "\\|")
-
-
-def conformance_section(path: Path) -> list[str]:
-    """Markdown lines showing the conformance table of ``python -m moe_utils.models.conformance``."""
-    if not path.is_file():
-        return []
-    columns = (*CHECKS, *MERGING_CHECKS)
-    result = json.loads(path.read_text())
-    total = result["summary"]
-    lines = ["", "## Conformance: every MoE causal LM of transformers", "",
-             f"From `python -m moe_utils.models.conformance` with transformers {result['transformers']}, re-checked by "
-             "`tests/test_conformance.py` on every `make test`: each MoE causal-LM type that transformers ships "
-             "(its causal-LM auto mapping, filtered to modeling code that defines an experts class), built tiny "
-             "from its own config class with random weights. Each check is against an independent truth: the "
-             "experts the block actually ran for every real token of a padded batch (capture); no pruned "
-             "expert ever reaching the experts module (masking); masked against physically removed logits, "
-             "max |diff| <= 1e-5 (removal), and after `save_pruned` / `load_pruned` (reload); per-expert "
-             "outputs recombined with the routing weights against the experts module's own output "
-             f"(calibration). **{total['n_passing']} of {total['n_buildable']} buildable types pass every "
-             f"check** ({total['share_passing']:.0%}); {total['n_types'] - total['n_buildable']} types cannot be "
-             "built tiny from their default config. Merging (experts merged into kept ones with aligned "
-             "neurons: applied in place, compressed and reloaded give the same logits) passes on "
-             f"{total.get('n_merging', 0)} of the {total['n_passing']}. Random routers carry no learned collaboration: this "
-             "table says the code reads and prunes these models exactly, not what their experts do.", "",
-             "| model type | status | found by | E | k | scoring | " + " | ".join(columns) + " | reason |",
-             "|" + "---|" * (7 + len(columns))]
-    for row in result["rows"]:
-        checks = [("pass" if row.get(c) == "pass" else "not run" if row.get(c) == "not run" else "fail")
-                  if c in row else "" for c in columns]
-        failures = "; ".join(f"{c}: {row[c]}" for c in columns if str(row.get(c, "")).startswith("fail"))
-        lines.append("| " + " | ".join(_cell(v) for v in (
-            f"`{row['model_type']}`", row["status"], row.get("found_by", ""), row.get("n_experts", ""),
-            row.get("top_k", ""), row.get("scoring", ""), *checks, row.get("reason", failures))) + " |")
-    return lines
-
-
-def about_section(about: dict | None) -> list[str]:
-    """Markdown lines showing the profile's ``about`` block (nothing if it has none)."""
-    if not about:
-        return []
-    lines = ["", "## The profile", "", about["summary"], "", f"- **Architecture:** `{about['model_type']}`"]
-    if "parameters" in about:
-        def count(billions: float) -> str:
-            return f"{billions:g}B" if billions >= 1 else f"{billions * 1000:.3g}M"
-
-        lines.append(f"- **Parameters:** {count(about['parameters']['total_b'])} in all, "
-                     f"{count(about['parameters']['active_b'])} used per token")
-    lines += [f"- **Hardware:** {about['hardware']}", f"- **Time:** {about['time']}"]
-    lines += [f"- **{label}:** {about[key]}" for key, label in (("paper", "The paper's setting"), ("notes", "Notes"))
-              if key in about]
-    return lines
-
-
-def write_status_page(status: dict, path: Path) -> None:
-    """The book's status page: each stage's run time and parameters, versions, commit, machine."""
-    lines = [
-        "# Status of this build", "",
-        "*What produced the pages of this book: generated by the pipeline at the end of its run.*", "",
-        f"- **Profile:** {code_span(status['profile'])}"
-        + (f", overrides {code_span(status['overrides'])}" if status["overrides"] else ""),
-        f"- **Commit:** {code_span(status['commit'] or 'unknown')}",
-        f"- **Machine:** {status['machine']['platform']}, Python {status['machine']['python']}, "
-        f"{status['machine']['cpus']} CPUs",
-        *about_section(status.get("about")), "",
-        "## Stages", "",
-        "| stage | run time (s) | threads | finished | reused from an earlier run |", "|---|---|---|---|---|",
-    ]
-    for stage in status["stages"]:
-        reused = "skipped" if stage.get("skipped") else "yes" if stage.get("reused") else "no"
-        lines.append(f"| {stage['stage']} | {stage.get('seconds', '')} | {stage.get('threads', '')} | "
-                     f"{stage.get('finished', '')} | {reused} |")
-    lines += ["", "A stage that runs again still reads the captures and caches it keeps under `artifacts_dir` "
-              "(calibration, masks, evaluations), each keyed by everything it depends on (parameters, the "
-              "model's weights, every package file, the data, library versions), so its run time here can be far "
-              "below that of a first run from a clean checkout."
-              + (" This run was started with `--force`: every capture and cache entry written before it was "
-                 "recomputed." if status.get("force") else ""),
-              "", "## Parameters", ""]
-    for stage in status["stages"]:
-        block = yaml.safe_dump(stage["parameters"], sort_keys=False).strip()
-        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", block)), default=0))  # no value closes it
-        lines += [f"**{stage['stage']}**", "", f"{fence}yaml", block, fence, ""]
-    lines += ["## Package versions", "", "| package | version |", "|---|---|"]
-    lines += [f"| {name} | {version} |" for name, version in status["versions"].items()]
-    lines += capture_benchmark_section(BENCH_RESULTS / "capture.json")
-    lines += pruning_benchmark_section(BENCH_RESULTS / "pruning.json")
-    lines += conformance_section(BENCH_RESULTS / "conformance.json")
-    lines += scale_report.scale_store_section(BENCH_RESULTS / "scale_store.json")
-    lines += scale_report.contention_section(BENCH_RESULTS / "contention.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def build_book(builder: str = "html") -> Path:
