@@ -52,10 +52,9 @@ from moe_utils.stages import model_card
 from moe_utils.common import plotting
 from moe_utils.evaluation.harness import evaluate
 from moe_utils.common.markup import code_span
-from moe_utils.models.loading import load_model, moe_layers
+from moe_utils.models.loading import EMBEDDED_DIR, load_model, moe_layers, parameter_counts
 from moe_utils.capture.routing import capture_routing
 from moe_utils.stages import stage_paths
-from moe_utils.models.tiny_moe import EMBEDDED_DIR
 from moe_utils.evaluation.wikitext import unigram_word_perplexity, word_perplexity
 
 plotting.use_style()
@@ -69,7 +68,7 @@ context = record["config"]["seq_len"] if record else max_length
 # ## 1. Architecture
 
 # %%
-counts = model_card.parameter_counts(lm)
+counts = parameter_counts(lm)
 if record:
     assert counts == record["parameters"], "the shipped weights do not match their training record"
 glue("model_name", model, display=False)

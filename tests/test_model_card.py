@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_utils.stages import model_card
+from moe_utils.models.loading import moe_layers, parameter_counts
 from moe_utils.models.tiny_configs import random_model
 from moe_utils.evaluation.wikitext import count_words
 
@@ -18,7 +19,7 @@ def test_parameter_counts_against_the_config(model_type):
     n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
     expert_size = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
     routed = cfg.num_hidden_layers * n_experts * 3 * cfg.hidden_size * expert_size
-    counts = model_card.parameter_counts(model)
+    counts = parameter_counts(model)
     assert counts["routed_experts"] == routed
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["active_per_token"] == counts["total"] - routed + routed * cfg.num_experts_per_tok // n_experts
@@ -43,7 +44,7 @@ def test_limited_text_keeps_the_first_lines_and_counts_words_like_the_split(tmp_
 
 def test_architecture_table_reads_the_model_as_discovery_does():
     model, _ = random_model("qwen2_moe")
-    counts = model_card.parameter_counts(model)
+    counts = parameter_counts(model)
     table = model_card.architecture_table(model, counts)
     cfg = model.config
     assert table.loc["routed experts per MoE layer", "value"] == str(cfg.num_experts)
@@ -56,7 +57,7 @@ def test_summary_states_training_only_for_a_recorded_model():
     import numpy as np
 
     model, _ = random_model("olmoe")
-    counts, layers = model_card.parameter_counts(model), model_card.moe_layers(model)
+    counts, layers = parameter_counts(model), moe_layers(model)
     usage = np.full((len(layers), layers[0].num_experts), 1 / layers[0].num_experts)
     plain = model_card.summary("random:olmoe", counts, layers, 1234.5, 2.0, usage, None)
     assert "Trained here" not in plain and "Licence" not in plain and "1,234" in plain and "2 times" in plain

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils.stages import model_card
 from moe_utils.models import tiny_moe
+from moe_utils.models.loading import parameter_counts
 from moe_utils.evaluation.wikitext import count_words, unigram_word_perplexity
 
 CORPUS = "\n".join(
@@ -62,7 +62,7 @@ def test_shipped_model_loads_plainly_and_matches_its_record():
     config = model.config
     assert config.model_type == "olmoe" and config.num_hidden_layers >= 6 and config.num_experts >= 16
     assert config.num_experts_per_tok >= 2
-    assert model_card.parameter_counts(model) == record["parameters"]
+    assert parameter_counts(model) == record["parameters"]
     assert (tiny_moe.EMBEDDED_DIR / "model.safetensors").stat().st_size <= 30 * 2**20
     assert record["wikitext2_test"]["ratio_to_unigram"] <= 0.6
     ids = tokenizer("The river flows", return_tensors="pt")
