@@ -112,7 +112,7 @@ def caep_variants(hsdl: HSDL, X, ratio: float, *, budget: PruningBudget, thresho
 def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
     """Each variant's paired difference from random masks at its ratio, per measure (estimate,
     interval), and the experts it prunes; ``per layer`` is read from the ``caep_layer`` rows."""
-    from moe_utils.pruning_eval import format_value, measure_spec
+    from moe_utils.pruning_eval import format_value, measure_spec, star
 
     methods = [m.method for m in variants["mask"]]
     rows = list(zip(variants["factor"], variants["setting"], methods))
@@ -129,6 +129,6 @@ def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Seq
                 continue
             r = hit.iloc[0]
             row[f"{label}: vs random"] = (f"{format_value(kind, r.estimate, True)} [{format_value(kind, r.low, True)}, "
-                                          f"{format_value(kind, r.high, True)}]{'*' if r.significant else ''}")
+                                          f"{format_value(kind, r.high, True)}]{star(r)}")
         out.append(row)
     return pd.DataFrame(out)

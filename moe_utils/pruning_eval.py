@@ -239,7 +239,7 @@ def star(row) -> str:
     (:func:`moe_utils.compression.verdicts.adjust`); before adjustment, where the interval excludes 0."""
     if "rejected" in row and not pd.isna(row["rejected"]):
         return "*" if row["rejected"] else ""
-    return "*" if row["significant"] else ""
+    return "*" if row["low"] > 0 or row["high"] < 0 else ""
 
 
 def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares: Mapping[str, float] | None = None,

@@ -19,7 +19,7 @@ from moe_utils import calibration, pruning, pruning_eval
 from moe_utils.data import load_prompts
 from moe_utils.artifacts import sha256_file
 from moe_utils.caep import PruningBudget
-from moe_utils.compression import registry
+from moe_utils.compression import registry, sensitivity, verdicts
 from moe_utils.hsdl import HSDL
 from moe_utils.markup import code_span
 from moe_utils.models import load_model, moe_layers
@@ -184,6 +184,55 @@ def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | 
         cache_dir=cache_dir)
 
 
+def caep_refits(setup: Setup, ratio: float, settings: Mapping[str, Any] | None, *, threshold_ratio: float,
+                level: int, cache_dir) -> pd.DataFrame:
+    """CAEP's mask at ``ratio`` from dictionaries refitted on resampled stage-1 questions and with other
+    HSDL seeds (:func:`moe_utils.compression.sensitivity.caep_refits`); ``settings`` (None: none)
+    gives ``seeds`` and ``resamples``."""
+    if not settings:
+        return pd.DataFrame(columns=["input", "setting", "mask"])
+    return sensitivity.caep_refits(
+        setup.hsdl, _stage1_matrix(setup), setup.store.tokens["sample_id"].to_numpy(), ratio, budget=setup.budget,
+        threshold_ratio=threshold_ratio, level=level, seeds=settings.get("seeds", (1, 2)),
+        n_resamples=settings.get("resamples", 2), cache_dir=cache_dir)
+
+
+def evaluate(setup: Setup, masks: Sequence[pruning.PruningMask], runs: Sequence[Mapping[str, Any]],
+             extra: Sequence[pruning.PruningMask], extra_runs: Sequence[Mapping[str, Any]], *, cache_dir,
+             **settings: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every mask of ``masks`` on every run of ``runs``, and the ``extra`` masks (the random-mask
+    reference distributions and CAEP's refits) on ``extra_runs`` only (the reference tasks, on the
+    same documents): :func:`moe_utils.pruning_eval.evaluate_documents`, results and per-document
+    rows of both concatenated."""
+    results, samples = pruning_eval.evaluate_documents(setup.lm, setup.tokenizer, masks, runs, cache_dir=cache_dir,
+                                                       **settings)
+    if not extra or not extra_runs:
+        return results, samples
+    more, more_samples = pruning_eval.evaluate_documents(setup.lm, setup.tokenizer, extra, extra_runs,
+                                                         cache_dir=cache_dir, **settings)
+    return pd.concat([results, more], ignore_index=True), pd.concat([samples, more_samples], ignore_index=True)
+
+
+def reference_measures(samples: pd.DataFrame, masks: Sequence[pruning.PruningMask]) -> list[str]:
+    """The measures (:func:`moe_utils.pruning_eval.available_measures`) the reference ``masks`` were
+    scored on, read off their per-document rows."""
+    keys = {(m.method, float(m.ratio), -1 if m.seed is None else int(m.seed)) for m in masks}
+    seeds = samples["seed"].astype("Int64").fillna(-1).astype(int)
+    mine = [k in keys for k in zip(samples["method"], samples["ratio"].astype(float), seeds)]
+    return pruning_eval.available_measures(samples[mine]) if any(mine) else []
+
+
+def reference_tasks(tasks: Sequence[str], chosen: Sequence[str] | None) -> list[str]:
+    """The tasks the reference distributions are scored on: ``chosen`` (None: all of ``tasks``);
+    ValueError for a task the stage does not evaluate (its documents would differ)."""
+    chosen = list(tasks if chosen is None else chosen)
+    unknown = [t for t in chosen if t not in tasks]
+    if unknown:
+        raise ValueError(f"reference_tasks {unknown} are not among eval_tasks {list(tasks)}: the reference masks "
+                         "must be scored on the same documents as the methods")
+    return chosen
+
+
 def _stage1_matrix(setup: Setup):
     from moe_utils.expert_matrix import expert_matrix
 
@@ -219,6 +268,51 @@ def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: ca
     reloaded, _, _ = pruning.load_pruning(out_dir)
     if [m.digest for m in reloaded] != [m.digest for m in every]:
         raise AssertionError(f"the masks read back from {out_dir} differ from those written")
+
+
+# ------------------------------------------------------------------------ reference, verdicts
+def allocation_table(distribution: Mapping[tuple[str, float], str], references: Sequence[pruning.PruningMask],
+                     budget: PruningBudget) -> pd.DataFrame:
+    """One row per reference distribution and ratio: its masks, the experts each layer keeps, and
+    the methods it is the matched reference of (:func:`moe_utils.compression.reference.allocations`)."""
+    rows = {}
+    for m in references:
+        row = rows.setdefault((m.method, m.ratio), {"distribution": m.method, "ratio": f"{m.ratio:.0%}", "masks": 0,
+                                                    "kept per layer": " ".join(map(str, budget.kept_per_layer(m.keep)))})
+        row["masks"] += 1
+    for (name, ratio), row in rows.items():
+        row["matched reference of"] = ", ".join(
+            meth for (meth, r), dist in distribution.items() if dist == name and np.isclose(r, ratio)
+            and meth not in ("unpruned", "random")) or "-"
+    return pd.DataFrame(list(rows.values()))
+
+
+def placement_table(placed: pd.DataFrame) -> pd.DataFrame:
+    """:func:`moe_utils.compression.reference.placement` as the page shows it: per measure, ratio,
+    method and distribution, the method's score, the masks' mean and range, the percentile and the
+    difference from the masks' mean with its interval."""
+    if placed.empty:
+        return pd.DataFrame()
+    out = []
+    for r in placed.itertuples():
+        kind, label = pruning_eval.measure_spec(r.measure)[:2]
+        f = pruning_eval.format_value
+        out.append({"measure": label, "ratio": f"{r.ratio:.0%}", "method": r.method, "random masks": r.distribution,
+                    "masks": r.n_masks, "method's score": f(kind, r.score),
+                    "masks: mean [min, max]": f"{f(kind, r.reference_mean)} [{f(kind, r.reference_min)}, "
+                                              f"{f(kind, r.reference_max)}]",
+                    "percentile": f"{r.percentile:.0f}",
+                    "minus the masks' mean": f"{f(kind, r.estimate, True)} [{f(kind, r.low, True)}, "
+                                             f"{f(kind, r.high, True)}]"})
+    return pd.DataFrame(out)
+
+
+def verdict_table(compared: pd.DataFrame, ratios: Sequence[float]) -> pd.DataFrame:
+    """:func:`moe_utils.compression.verdicts.method_verdicts` at every ratio, one row per method and ratio."""
+    frames = [verdicts.method_verdicts(compared, r).assign(ratio=f"{r:.0%}") for r in ratios]
+    table = pd.concat(frames)
+    table.index.name = "method"
+    return table.reset_index().set_index(["ratio", "method"]).fillna("")
 
 
 # ------------------------------------------------------------------------------ findings
@@ -281,8 +375,9 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
 
 def verdict_vs_random(compared: pd.DataFrame, measures: Sequence[str], pct: str) -> str:
     """One plain sentence: on which measures CAEP is better than random masks at the same ratio, on
-    which worse, and on which the paired interval cannot tell them apart (rows of ``compared`` with
-    ``reference == "random"`` at one ratio)."""
+    which worse, and on which they cannot be told apart (rows of ``compared`` with
+    ``reference == "random"`` at one ratio): by Holm's correction where ``compared`` carries it
+    (:func:`moe_utils.compression.verdicts.adjust`), else by the paired interval."""
     groups = {"better": [], "worse": [], "level": []}
     for measure in measures:
         hit = compared[(compared["method"] == "caep") & (compared["measure"] == measure)
@@ -291,16 +386,20 @@ def verdict_vs_random(compared: pd.DataFrame, measures: Sequence[str], pct: str)
             continue
         r = hit.iloc[0]
         kind, label = pruning_eval.measure_spec(measure)[:2]
-        good, bad = (r.low > 0, r.high < 0) if kind == "acc" else (r.high < 0, r.low > 0)
-        groups["better" if good else "worse" if bad else "level"].append(label)
+        differs = pruning_eval.star(r) == "*"
+        good = differs and ((r.estimate > 0) == (kind == "acc"))
+        groups["better" if good else "worse" if differs else "level"].append(label)
     if not any(groups.values()):
         return "CAEP was not compared with random masks in this run."
+    adjusted = "rejected" in compared.columns
     if not groups["better"] and not groups["worse"]:
-        return f"At {pct} pruned, CAEP cannot be told apart from random masks on any measure."
+        return (f"At {pct} pruned, CAEP cannot be told apart from random masks on any measure"
+                + (" after Holm's correction." if adjusted else "."))
     parts = [f"{word} random masks on {', '.join(names)}" for word, names in
              (("better than", groups["better"]), ("worse than", groups["worse"]),
               ("not distinguishable from", groups["level"])) if names]
-    return f"At {pct} pruned, CAEP is " + "; ".join(parts) + "."
+    return (f"At {pct} pruned, CAEP is " + "; ".join(parts)
+            + (" (secondary comparisons, Holm-corrected)." if adjusted else "."))
 
 
 def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> str:

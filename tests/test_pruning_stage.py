@@ -62,7 +62,12 @@ def test_verdict_against_random_masks_by_hand():
     # BLiMP accuracy higher (better); WikiText perplexity higher (worse); MMLU-Pro's interval holds 0
     assert verdict == ("At 50% pruned, CAEP is better than random masks on BLiMP accuracy; worse than random masks "
                        "on WikiText-2 word perplexity; not distinguishable from random masks on MMLU-Pro question "
-                       "word perplexity.")
+                       "bits per byte.")
     level = pruning_stage.verdict_vs_random(compared.iloc[[2]], ["mmlu_pro"], "25%")
     assert level == "At 25% pruned, CAEP cannot be told apart from random masks on any measure."
     assert pruning_stage.verdict_vs_random(compared.iloc[:0], ["blimp"], "25%").startswith("CAEP was not compared")
+    # after Holm's correction the interval alone no longer decides: WikiText-2's difference is not rejected
+    holm = compared.assign(rejected=[True, False, False, True])
+    assert pruning_stage.verdict_vs_random(holm, ["blimp", "wikitext", "mmlu_pro"], "50%") == (
+        "At 50% pruned, CAEP is better than random masks on BLiMP accuracy; not distinguishable from random masks on "
+        "WikiText-2 word perplexity, MMLU-Pro question bits per byte (secondary comparisons, Holm-corrected).")

@@ -77,12 +77,13 @@ def jaccard_pruned(a, b) -> float:
 
 
 def mask_movement(refits: pd.DataFrame, reference: Compression, budget: PruningBudget) -> pd.DataFrame:
-    """Per refit: the Jaccard overlap of its pruned experts with ``reference``'s (the stage's CAEP),
+    """Per refit: the Jaccard overlap of its pruned experts with ``reference``'s (the stage's CAEP;
+    column ``Jaccard of pruned experts``),
     how many experts change side, and its experts kept per layer next to the reference's."""
     rows = []
     for source, setting, c in refits.itertuples(index=False):
         rows.append({"input": source, "setting": setting, "method": c.method,
-                     "jaccard with the stage's CAEP": jaccard_pruned(c.keep, reference.keep),
+                     "Jaccard of pruned experts": jaccard_pruned(c.keep, reference.keep),
                      "experts that change side": int((c.keep != reference.keep).sum()),
                      "pruned": f"{c.pruned_share:.0%}",
                      "kept per layer": " ".join(map(str, budget.kept_per_layer(c.keep))),
