@@ -19,7 +19,7 @@ from moe_utils import calibration, pruning, pruning_eval
 from moe_utils.data import load_prompts
 from moe_utils.artifacts import sha256_file
 from moe_utils.caep import PruningBudget
-from moe_utils.compression import registry, sensitivity, verdicts
+from moe_utils.compression import reference, registry, sensitivity, verdicts
 from moe_utils.hsdl import HSDL
 from moe_utils.markup import code_span
 from moe_utils.models import load_model, moe_layers
@@ -307,6 +307,19 @@ def placement_table(placed: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def all_comparisons(samples: pd.DataFrame, measures: Sequence[str], placed: pd.DataFrame,
+                    endpoint: Mapping[str, Any], methods: Sequence[str], *, n_boot: int) -> pd.DataFrame:
+    """Every comparison of the page, adjusted (:func:`moe_utils.compression.verdicts.adjust`): each
+    model against the unpruned model and random masks (:func:`moe_utils.pruning_eval.comparisons`),
+    CAEP against random masks of its own allocation (``placed``), every method against CAEP."""
+    parts = [pruning_eval.comparisons(samples, measures, n_boot=n_boot)]
+    if len(placed):
+        parts.append(reference.matched_comparisons(placed))
+    if "caep" in methods:
+        parts.append(verdicts.versus_method(samples, measures, "caep", n_boot=n_boot))
+    return verdicts.adjust(pd.concat(parts, ignore_index=True), endpoint)
+
+
 def verdict_table(compared: pd.DataFrame, ratios: Sequence[float]) -> pd.DataFrame:
     """:func:`moe_utils.compression.verdicts.method_verdicts` at every ratio, one row per method and ratio."""
     frames = [verdicts.method_verdicts(compared, r).assign(ratio=f"{r:.0%}") for r in ratios]
@@ -365,8 +378,8 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
                         & ~compared["method"].map(abl.is_variant)]
         if not part.empty:
             kind, label = pruning_eval.measure_spec(measure)[:2]
-            unit = " points" if kind == "acc" else "%"
-            mde.append(f"{label} {part['mde'].median() * 100:.2g}{unit}")
+            unit, scale = {"acc": (" points", 100), "ppl": ("%", 100), "bpb": (" bits per byte", 1)}[kind]
+            mde.append(f"{label} {part['mde'].median() * scale:.2g}{unit}")
     out["finding_pruning_mde"] = ("Smallest differences from random masks these samples detect (80% power, 5% "
                                   "two-sided, median over methods and ratios): " + ", ".join(mde) + ".")
     out["finding_pruning_ablation"] = ablation_verdict(ablation_rows, cmp, measures)

@@ -281,11 +281,7 @@ ref_measures = pruning_stage.reference_measures(all_samples, references)
 scores = pruning_eval.model_scores(samples, measures, n_boot=n_bootstrap)
 placed = reference.placement(all_samples, [m for m in measures if m in ref_measures], distribution,
                              n_boot=n_bootstrap)
-compared = verdicts.adjust(pd.concat([
-    pruning_eval.comparisons(samples, measures, n_boot=n_bootstrap),
-    reference.matched_comparisons(placed) if len(placed) else None,
-    verdicts.versus_method(samples, measures, "caep", n_boot=n_bootstrap) if "caep" in setup.methods else None],
-    ignore_index=True), endpoint)
+compared = pruning_stage.all_comparisons(samples, measures, placed, endpoint, setup.methods, n_boot=n_bootstrap)
 glue_values(n_secondary=int((compared["role"] == "secondary").sum()),
             n_secondary_rejected=int(compared.loc[compared["role"] == "secondary", "rejected"].sum()))
 pruning_eval.sample_sizes(samples, measures)
@@ -429,5 +425,5 @@ glue_values(artifact_dir=str(out_dir),
 #    counts of section 3 change, and at which ratios does the loop not run at all?
 # 2. Raise the guard (`--set min_per_layer=4`): which layers does it refill at 75%, and does CAEP
 #    then do better or worse than its per-layer variant?
-# 3. Raise the BLiMP pairs (`--set eval_task_limits='{blimp: 300, wikitext2_ppl: 8, mmlu_pro_ppl: 20}'`):
+# 3. Raise the BLiMP pairs (`--set eval_task_limits='{blimp: 300, wikitext2_ppl: 62, mmlu_pro_ppl: 20}'`):
 #    how far do the minimum detectable differences fall, and does any verdict change?

@@ -73,7 +73,7 @@ def test_method_verdicts_and_findings_say_who_wins():
                             "n_masks": 20, "percentile": 85.0}])
     found = verdicts.findings(adjusted, placed, ranks, verdicts.PRIMARY, model="embedded", ratio=0.5)
     assert "caep is better than random masks with its own per-layer allocation" in found["finding_pruning_primary"]
-    assert "+3.00 points" in found["finding_pruning_primary"]
+    assert "+3.0 points, 95% interval [+2.0, +4.0], 100 documents" in found["finding_pruning_primary"]
     assert found["finding_pruning_winner"].startswith("At 50% pruned, the best mean rank over the measures is reap's")
     assert "better than CAEP on at least one measure: reap" in found["finding_pruning_methods"]
     assert "worse than random masks on at least one: caep" in found["finding_pruning_methods"]

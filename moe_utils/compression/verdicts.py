@@ -28,7 +28,7 @@ import pandas as pd
 from moe_utils import paired, stats
 from moe_utils.ablation import is_variant
 from moe_utils.compression.reference import MATCHED_REFERENCE
-from moe_utils.pruning_eval import difference_row, measure_spec, measure_values
+from moe_utils.pruning_eval import difference_row, format_value, measure_spec, measure_values
 
 #: The primary endpoint every profile names unless it says otherwise.
 PRIMARY = {"method": "caep", "measure": "blimp", "ratio": 0.5, "reference": MATCHED_REFERENCE}
@@ -161,12 +161,12 @@ def primary_sentence(adjusted: pd.DataFrame, endpoint: Mapping[str, Any], model:
     r = row.iloc[0]
     kind = measure_spec(r.measure)[0]
     word = {1: "better than", -1: "worse than", 0: "not distinguishable from"}[_direction(kind, r)]
-    unit = " points" if kind == "acc" else ""
-    scale = 100 if kind == "acc" else 1
+    unit = {"acc": " points", "ppl": " (relative change)", "bpb": " bits per byte"}[kind]
     against = "random masks with its own per-layer allocation" if r.reference == MATCHED_REFERENCE else "random masks"
     return (f"Primary endpoint (named before the run; {model}): at {r.ratio:.0%} pruned, {endpoint['method']} is "
-            f"{word} {against} on {measure_spec(r.measure)[1]}: {r.estimate * scale:+.2f}{unit}, 95% interval "
-            f"[{r.low * scale:+.2f}, {r.high * scale:+.2f}], {int(r.n_docs)} documents.")
+            f"{word} {against} on {measure_spec(r.measure)[1]}: {format_value(kind, r.estimate, True)}{unit}, 95% "
+            f"interval [{format_value(kind, r.low, True)}, {format_value(kind, r.high, True)}], {int(r.n_docs)} "
+            "documents.")
 
 
 def findings(adjusted: pd.DataFrame, placed: pd.DataFrame, ranks: pd.Series, endpoint: Mapping[str, Any], *,
