@@ -602,7 +602,7 @@ def reference_distribution(scores: pd.DataFrame, labels: dict[str, str], distrib
     """The random-mask reference distributions of stage 4 with every method as a mark on them: one
     panel per measure (rows) and ratio (columns); in each, one row of dots per distribution (grey:
     uniform per layer; orange: a method's own per-layer allocation), its mean as a bar, and one
-    coloured marker per method. ``scores``: :func:`moe_utils.compression.reference.mask_scores`
+    coloured marker per method, over a band of the uniform masks' range. ``scores``: :func:`moe_utils.compression.reference.mask_scores`
     (without the unpruned model); ``labels``: measure -> axis label (with its direction);
     ``distributions``: the names of the reference distributions, the uniform one first."""
     uniform = distributions[0]
@@ -626,6 +626,9 @@ def reference_distribution(scores: pd.DataFrame, labels: dict[str, str], distrib
                     ax.scatter(values, y + jitter, s=10, color=colour, alpha=0.7, lw=0)
                     if len(values):
                         ax.plot([values.mean()] * 2, [y - 0.3, y + 0.3], color=colour, lw=2)
+                    if name == uniform and len(values):  # the uniform masks' range behind every row
+                        ax.axvspan(values.min(), values.max(), color="grey", alpha=0.08, lw=0)
+                        ax.axvline(values.mean(), color="grey", ls=":", lw=0.8)
                 else:
                     ax.scatter(values, [y] * len(values), marker="D", s=28, color=colours[name], zorder=3)
             ax.set_yticks(range(len(names)), [f"{n} ({(part['method'] == n).sum()} masks)" if n in distributions
