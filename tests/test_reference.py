@@ -112,3 +112,24 @@ def test_placement_against_hand_computation():
     assert placed.loc[("wikitext", "caep", "matched"), "percentile"] == pytest.approx(100 * 1.5 / 4)  # 3.8; 3.9 tie
     compared = reference.matched_comparisons(placed.reset_index())
     assert set(compared["reference"]) == {reference.MATCHED_REFERENCE} and set(compared["method"]) == {"caep"}
+
+
+def test_reference_figure_places_every_method_on_its_distributions():
+    from moe_utils import plotting
+
+    rows = [{"method": "random", "ratio": r, "seed": s, "measure": "blimp", "value": 0.5 + 0.01 * s}
+            for r in (0.25, 0.5) for s in range(5)]
+    rows += [{"method": "random [caep allocation]", "ratio": 0.5, "seed": s, "measure": "blimp", "value": 0.6}
+             for s in range(3)]
+    rows += [{"method": m, "ratio": r, "seed": None, "measure": "blimp", "value": v}
+             for m, v in (("caep", 0.7), ("reap", 0.4)) for r in (0.25, 0.5)]
+    fig = plotting.reference_distribution(pd.DataFrame(rows), {"blimp": "BLiMP"},
+                                          ["random", "random [caep allocation]"])
+    axes = fig.axes
+    assert len(axes) == 2 and [a.get_title() for a in axes] == ["25% pruned", "50% pruned"]
+    assert [t.get_text() for t in axes[1].get_yticklabels()] == [
+        "random (5 masks)", "random [caep allocation] (3 masks)", "caep", "reap"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["random (5 masks)", "caep", "reap"]
+    # the methods' diamonds sit at their scores
+    diamonds = [c.get_offsets()[0][0] for c in axes[1].collections if len(c.get_offsets()) == 1]
+    assert sorted(diamonds) == [0.4, 0.7]
