@@ -68,7 +68,7 @@ def test_method_verdicts_and_findings_say_who_wins():
     # caep's BLiMP verdict against random masks is its matched reference's; perplexity up is worse
     assert table.loc["caep", "vs random"] == ("better on BLiMP accuracy; worse on WikiText-2 word perplexity")
     assert table.loc["reap", "vs caep"] == "better on WikiText-2 word perplexity; no difference on BLiMP accuracy"
-    ranks = pd.Series({"reap": 1.5, "caep": 2.0, "random": 2.5})
+    ranks = pd.Series({"caep": 2.0, "random": 2.5, "reap": 1.5})  # not sorted: findings sorts them
     placed = pd.DataFrame([{"measure": "blimp", "ratio": 0.5, "method": "caep", "distribution": "matched",
                             "n_masks": 20, "percentile": 85.0}])
     found = verdicts.findings(adjusted, placed, ranks, verdicts.PRIMARY, model="embedded", ratio=0.5)
@@ -77,4 +77,5 @@ def test_method_verdicts_and_findings_say_who_wins():
     assert found["finding_pruning_winner"].startswith("At 50% pruned, the best mean rank over the measures is reap's")
     assert "better than CAEP on at least one measure: reap" in found["finding_pruning_methods"]
     assert "worse than random masks on at least one: caep" in found["finding_pruning_methods"]
-    assert "above 85% of 20 random masks of its own allocation" in found["finding_pruning_reference"]
+    assert "better than 17 of 20 random masks of its own allocation" in found["finding_pruning_reference"]
+    assert found["finding_pruning_winner"].endswith("last: random (2.5).")

@@ -177,6 +177,7 @@ def findings(adjusted: pd.DataFrame, placed: pd.DataFrame, ranks: pd.Series, end
     out = {"finding_pruning_primary": primary_sentence(adjusted, endpoint, model)}
     n_secondary = int((adjusted["role"] == "secondary").sum())
     pct = f"{ratio:.0%}"
+    ranks = ranks.sort_values(kind="stable")
     order = [m for m in ranks.index if not is_variant(m)]
     if order:
         caep_rank = f"; CAEP {ranks['caep']:.1f}" if "caep" in ranks.index and order[0] != "caep" else ""
@@ -204,7 +205,7 @@ def findings(adjusted: pd.DataFrame, placed: pd.DataFrame, ranks: pd.Series, end
         for r in caep_rows.itertuples():
             label = measure_spec(r.measure)[1]
             where = "uniform random masks" if r.distribution == "uniform" else "random masks of its own allocation"
-            parts.append(f"{label}: above {r.percentile:.0f}% of {r.n_masks} {where}")
+            parts.append(f"{label}: better than {r.percentile * r.n_masks / 100:g} of {r.n_masks} {where}")
         out["finding_pruning_reference"] = f"CAEP at {pct} pruned, placed among random masks: " + "; ".join(parts) + "."
     else:
         out["finding_pruning_reference"] = "CAEP was not placed among random masks in this run."
