@@ -27,6 +27,10 @@ from moe_utils.routing import model_identity
 from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.store import RoutingStore
 
+#: The methods stage 4's page describes (its introduction and section 4): a profile that leaves one
+#: out is told so on the page (:func:`describe`).
+DESCRIBED = ("caep", "caep_layer", "frequency", "router_weight", "ean", "reap", "output", "hc_smoe", "m_smoe", "random")
+
 #: How the page names each calibration source.
 CALIBRATION_SOURCES = {"capture": "the stage-1 prompts (the texts CAEP's dictionary was fitted on)",
                        "mmlu": "MMLU test questions", "wikitext": "WikiText-2 train"}
@@ -99,6 +103,18 @@ def describe(setup: Setup, level: int) -> None:
                      f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"))
     for method, why in setup.skipped.items():
         display(Markdown(f"**Skipped for this model:** `{method}` {why}."))
+    display(Markdown(not_run(setup.methods, setup.skipped)))
+
+
+def not_run(methods: Sequence[str], skipped: Mapping[str, str]) -> str:
+    """One sentence: the methods this run compares, and those the page describes that it does not run."""
+    ran = [m for m in methods if m not in skipped]
+    missing = [m for m in DESCRIBED if m not in ran and m not in skipped]
+    text = f"**Methods run:** {', '.join(ran)}."
+    if missing:
+        text += (f" **Described on this page but not run by this profile** (its `pruning_methods`): "
+                 f"{', '.join(missing)}; no result below is theirs.")
+    return text
 
 
 # -------------------------------------------------------------------------- calibration
