@@ -29,10 +29,12 @@
 # and the baselines are defined is on the {doc}`../method` page.
 #
 # **What you will see:** the calibration pass and how the methods' scores relate; what CAEP's
-# loop does at each ratio; which experts every method keeps; the paper's Table 1 with 95%
-# intervals, each method's paired difference from the unpruned model and from random masks, and
-# the smallest differences these samples can detect; its Fig 8; an ablation of CAEP's settings
-# that asks which of its settings explains how CAEP compares with random masks here.
+# loop does at each ratio; which experts every method keeps; every method placed among many
+# random masks (uniform per layer, and with the method's own per-layer allocation); how much
+# CAEP's mask moves when its dictionary is refitted; the paper's Table 1 with 95% intervals,
+# each method's paired difference from the unpruned model, from random masks and from CAEP, and
+# the smallest differences these samples can detect; its Fig 8; a verdict per method; an
+# ablation of CAEP's settings.
 
 # %% tags=["parameters"]
 model = "embedded"
@@ -67,13 +69,19 @@ eval_batch_size = 8
 eval_threads = None  # torch threads while evaluating (None: torch's default)
 n_bootstrap = 1000
 ablation = {"k1": [0.8, 0.99], "sizes": [0.5, 2.0], "samples": 64, "tokens": 256}  # None: no ablation
+reference_masks = 20  # random masks per ratio in each reference distribution (uniform; each other allocation)
+reference_tasks = None  # the tasks the reference distributions and refits are scored on (None: eval_tasks)
+caep_refits = {"seeds": [1, 2], "resamples": 2}  # CAEP refitted with other HSDL seeds / resampled questions; None: none
+primary_endpoint = None  # None: BLiMP macro accuracy at 50%, CAEP minus random masks of its own allocation
 
 # %% tags=["hide-input"]
 import time
 
 from IPython.display import Markdown, display
 
+from moe_utils.compression import ablation as abl
 from moe_utils.compression import calibration, pruning
+from moe_utils.compression import reference, sensitivity, verdicts
 from moe_utils.common import plotting
 from moe_utils.evaluation import pruning_eval
 from moe_utils.stages import pruning as pruning_stage
@@ -86,8 +94,20 @@ out_dir, cache_dir = paths.pruning, paths.pruning_cache  # calibration, output-b
 calibration_spec = calibration.resolve_calibration(model, calibration_data, calibration_samples, calibration_tokens)
 ratios = [float(r) for r in prune_ratios]
 middle = ratios[len(ratios) // 2]
+evaluation = pruning.resolve_evaluation(model, eval_tasks, eval_limit, eval_task_limits)
+endpoint = verdicts.check_primary(primary_endpoint or {}, ratios=ratios, methods=pruning_methods or pruning.METHODS,
+                                  tasks=evaluation["tasks"])
+ref_tasks = pruning_stage.reference_tasks(evaluation["tasks"], reference_tasks)
+glue_values(primary_text=verdicts.describe_primary(endpoint), n_reference=reference_masks,
+            reference_tasks=", ".join(ref_tasks))
 
 # %% [markdown]
+# **The primary endpoint, named before the run** (the profile's `primary_endpoint`):
+# {glue:text}`primary_text`. It is judged alone, by its interval. Every other comparison on
+# this page is secondary: its p-value (the difference over its bootstrap standard error, normal
+# approximation) is Holm-adjusted over all of them, and `*` marks it only where the adjusted
+# value is below 0.05.
+#
 # ## 1. The model, the routing and the dictionary
 
 # %%
@@ -181,6 +201,21 @@ pruning.mask_overlap(shown).style.format("{:.2f}", escape="html").background_gra
 # The table gives, for each pair of methods at the same ratio, the Jaccard overlap of the experts
 # they prune (1: the same experts).
 #
+# **The random-mask reference.** How far random masks spread is the yardstick of every
+# comparison, so each ratio gets {glue:text}`n_reference` random masks that keep each layer's
+# share (uniform per layer; the `random` rows of the tables are these), and, for each method that
+# keeps another number of experts in some layer (CAEP, global), {glue:text}`n_reference` random
+# masks with exactly its per-layer counts: against those only the choice of experts differs, not
+# how many each layer keeps. To keep the evaluation affordable the reference masks are scored on
+# {glue:text}`reference_tasks` only (the primary endpoint's task first); the
+# {glue:text}`n_seeds` first uniform masks are scored on every task.
+
+# %%
+references = reference.reference_masks(masks, setup.budget, ratios, n_masks=reference_masks, skip_seeds=random_seeds)
+distribution = reference.allocations(masks, setup.budget)
+glue_values(n_reference_models=len(references))
+pruning_stage.allocation_table(distribution, references, setup.budget)
+#
 # ## 5. The ablation's masks: CAEP with one setting changed
 #
 # Why CAEP might lose to random masks here: its dictionary was fitted on MMLU-Pro prompts, far
@@ -197,6 +232,24 @@ variants = pruning_stage.ablation_variants(setup, middle, ablation, threshold_ra
 variants.drop(columns="mask").assign(pruned=[f"{m.pruned_share:.0%}" for m in variants["mask"]])
 
 # %% [markdown]
+# **CAEP's sensitivity to its inputs.** CAEP reads its contributions off one HSDL fit of one
+# sample of questions. The dictionary is refitted with stage 2's settings with other HSDL seeds
+# and on bootstrap resamples of the stage-1 questions (all tokens of a question drawn together),
+# and CAEP is run on each refit at {glue:text}`middle_pct`; the table says how far each mask is
+# from the stage's (Jaccard overlap of the pruned experts). Section 11 gives how far their scores move.
+
+# %%
+refits = pruning_stage.caep_refits(setup, middle, caep_refits, threshold_ratio=caep_threshold_ratio, level=caep_level,
+                                   cache_dir=cache_dir)
+caep_mask = next((m for m in masks if m.method == "caep" and m.ratio == middle), None)
+movement = (sensitivity.mask_movement(refits, caep_mask, setup.budget) if caep_mask is not None and len(refits)
+            else None)
+jaccard = movement["Jaccard of pruned experts"] if movement is not None else None
+glue_values(middle_pct=f"{middle:.0%}", refit_jaccard=f"{jaccard.min():.2f} to {jaccard.max():.2f}"
+            if jaccard is not None else "n/a (no refits)")
+movement
+
+# %% [markdown]
 # ## 6. Evaluating the pruned models
 #
 # Every mask is applied exactly (`moe_utils.models.expert_surgery.masked_experts`: pruned experts can
@@ -209,25 +262,38 @@ variants.drop(columns="mask").assign(pruned=[f"{m.pruned_share:.0%}" for m in va
 # the settings, the model and the evaluation code, so a re-run with unchanged inputs only reads them.
 
 # %%
-evaluation = pruning.resolve_evaluation(model, eval_tasks, eval_limit, eval_task_limits)
 runs = pruning.evaluation_runs(categories=categories, **evaluation)
+ref_runs = pruning.evaluation_runs(ref_tasks, categories, evaluation["limit"], evaluation["task_limits"])
 every = [pruning.unpruned_mask(setup.n_experts), *masks, *variants["mask"]]
+extra = [*references, *refits["mask"]]
 t0 = time.perf_counter()
-results, samples = pruning_eval.evaluate_documents(
-    setup.lm, setup.tokenizer, every, runs, cache_dir=cache_dir, threads=eval_threads, num_fewshot=eval_num_fewshot,
+all_results, all_samples = pruning_stage.evaluate(
+    setup, every, runs, extra, ref_runs, cache_dir=cache_dir, threads=eval_threads, num_fewshot=eval_num_fewshot,
     batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir,
     blimp_dir=blimp_dir)
-glue_values(n_evaluations=len(every), eval_seconds=time.perf_counter() - t0,
-            n_cached=int(results.groupby(["method", "ratio"])["cached"].all().mean() * 100),
-            **pruning_stage.merging_cost(results))
+glue_values(n_evaluations=len(every) + len(extra), n_full=len(every), n_extra=len(extra),
+            eval_seconds=time.perf_counter() - t0,
+            n_cached=int(all_results.groupby(["method", "ratio", "seed"], dropna=False)["cached"].all().mean() * 100),
+            **pruning_stage.merging_cost(all_results))
+# Table 1, the curves and the comparisons: every model but the matched reference masks
+samples = all_samples[~all_samples["method"].map(reference.is_matched)]
+results = all_results[~all_results["method"].map(reference.is_matched) & ~all_results["method"].map(abl.is_variant)
+                      & (all_results["seed"].isna() | all_results["seed"].isin(random_seeds))]
 measures = pruning_eval.available_measures(samples)
+ref_measures = pruning_stage.reference_measures(all_samples, references)
 scores = pruning_eval.model_scores(samples, measures, n_boot=n_bootstrap)
-compared = pruning_eval.comparisons(samples, measures, n_boot=n_bootstrap)
+placed = reference.placement(all_samples, [m for m in measures if m in ref_measures], distribution,
+                             n_boot=n_bootstrap)
+compared = pruning_stage.all_comparisons(samples, measures, placed, endpoint, setup.methods, n_boot=n_bootstrap)
+glue_values(n_secondary=int((compared["role"] == "secondary").sum()),
+            n_secondary_rejected=int(compared.loc[compared["role"] == "secondary", "rejected"].sum()))
 pruning_eval.sample_sizes(samples, measures)
 
 # %% [markdown]
-# {glue:text}`n_evaluations` models were evaluated (for {glue:text}`n_cached`% of the methods and
-# ratios every evaluation was read from the cache) in {glue:text}`eval_seconds:.0f` s, on the documents above.
+# {glue:text}`n_evaluations` models were evaluated ({glue:text}`n_full` on every task, the
+# {glue:text}`n_extra` reference masks and refits on {glue:text}`reference_tasks`; for
+# {glue:text}`n_cached`% of them every evaluation was read from the cache) in
+# {glue:text}`eval_seconds:.0f` s, on the documents above.
 # The {glue:text}`merge_models` merged models took {glue:text}`merge_eval_seconds:.0f` s of the
 # {glue:text}`all_eval_seconds:.0f` s the evaluations took when computed.
 #
@@ -242,9 +308,14 @@ pruning_eval.detectable(compared)
 
 # %% [markdown]
 # Each cell: the value and its 95% bootstrap interval (BLiMP: pairs resampled within paradigms;
-# perplexities: articles or questions resampled; random: its {glue:text}`n_seeds` seeds resampled
-# too). "vs unpruned" and "vs random": the paired difference on the same documents (accuracy:
-# points; perplexity: relative change), `*` where its interval excludes 0. The last table gives
+# perplexities: articles or questions resampled; random: its masks resampled too, all
+# {glue:text}`n_reference` of them on {glue:text}`reference_tasks`, the first {glue:text}`n_seeds`
+# elsewhere). "vs unpruned", "vs random", "vs random, same allocation" (CAEP's matched masks)
+# and "vs caep": the paired difference on the same documents (accuracy: points; perplexity:
+# relative change; bits per byte: difference). `*`: the primary endpoint where its interval
+# excludes 0; every other cell where its Holm-adjusted p-value over the page's
+# {glue:text}`n_secondary` secondary comparisons is below 0.05 ({glue:text}`n_secondary_rejected`
+# of them are). The last table gives
 # the minimum detectable difference (MDE) of these comparisons: the true difference a 5%
 # two-sided test detects with 80% power at these sample sizes; a smaller difference can be real
 # and still look like noise here. Its last column says how many documents (pairs, articles,
@@ -252,7 +323,31 @@ pruning_eval.detectable(compared)
 # falls as one over the square root of the sample, and each document costs evaluation time in
 # every one of the {glue:text}`n_evaluations` models.
 #
-# ## 8. The paper's Fig 8
+# ## 8. Every method among random masks
+
+# %%
+scored = reference.mask_scores(all_samples[all_samples["method"] != "unpruned"], [m for m in measures if m in ref_measures])
+plotting.glue_figure("fig_reference", plotting.reference_distribution(
+    scored[~scored["method"].map(abl.is_variant)],
+    {m: f"{pruning_eval.measure_spec(m)[1]} ({'higher' if pruning_eval.measure_spec(m)[0] == 'acc' else 'lower'} is better)"
+     for m in ref_measures}, [reference.UNIFORM, *dict.fromkeys(m.method for m in references if m.method != "random")]))
+pruning_stage.placement_table(placed)
+
+# %% [markdown]
+# ```{glue:figure} fig_reference
+# :name: fig-pruning-reference
+#
+# Each measure of the reference tasks at each ratio: the random masks (grey: uniform per layer;
+# orange: with a method's own per-layer allocation), their mean as a bar, and every method as a
+# diamond.
+# ```
+#
+# The table places each method in its distributions: its percentile (the share of random masks it
+# beats, ties counted half; 50 is no better than random), and its difference from the
+# distribution's mean with a 95% interval that resamples the masks *and* the documents, so that
+# the masks that happened to be drawn are part of the uncertainty.
+#
+# ## 9. The paper's Fig 8
 
 # %%
 curves = pruning_eval.curve_summary(samples, measures, shares={(m.method, m.ratio): m.pruned_share for m in every})
@@ -269,7 +364,18 @@ pruning_stage.rank_table(curves, ratios).style.format("{:.1f}", escape="html")
 #
 # The table ranks the methods at each ratio by their mean rank over the measures (1 = best on every one).
 #
-# ## 9. CAEP against random masks: the ablation
+# ## 10. The verdicts, method by method
+
+# %%
+ranks = pruning_stage.rank_table(curves, ratios)
+pruning_stage.verdict_table(compared, ratios)
+
+# %% [markdown]
+# For each method and ratio, on which measures it is better or worse than random masks (CAEP:
+# than random masks of its own allocation where they were scored) and than CAEP, after Holm's
+# correction; "no difference": these samples cannot tell them apart.
+#
+# ## 11. CAEP against random masks: the ablation and the refits
 
 # %%
 pruning_stage.ablation_table(variants, compared, measures)
@@ -277,9 +383,15 @@ pruning_stage.ablation_table(variants, compared, measures)
 # %% [markdown]
 # One row per variant of CAEP at {glue:text}`middle_pct` pruned (one setting changed from the
 # reference row): its paired difference from random masks on the same documents, with the 95%
-# interval (`*`: excludes 0). The findings below read this table.
-#
-# ## 10. The artifact
+# interval (`*`: Holm-adjusted p below 0.05). The findings below read this table. The refits of
+# section 5 (their masks overlap the stage's CAEP by a Jaccard of {glue:text}`refit_jaccard`)
+# score as follows against the stage's CAEP:
+
+# %%
+sensitivity.score_spread(scored, refits, "caep", middle) if len(refits) else None
+
+# %% [markdown]
+# ## 12. The artifact
 #
 # Masks (one keep-mask per method, ratio and seed, in the layer-major order of X), the results
 # table, the per-document results and the calibration sums, with a checksummed manifest naming the inputs.
@@ -289,13 +401,19 @@ pruning_stage.save_artifact(out_dir, setup, masks, results, stats, {
     "prune_ratios": ratios, "random_seeds": random_seeds, "caep_threshold_ratio": caep_threshold_ratio,
     "caep_level": caep_level, "calibration": calibration_spec | {"n_texts": n_texts, "n_tokens_seen": stats.n_tokens},
     "output_tokens": output_tokens, "eval_runs": runs, "eval_num_fewshot": eval_num_fewshot, "ablation": ablation})
-glue_values(artifact_dir=str(out_dir), middle_pct=f"{middle:.0%}",
+glue_values(artifact_dir=str(out_dir),
                           stage_seconds=time.perf_counter() - started,
-                          **pruning_stage.findings(model, scores, compared, variants, measures, middle))
+                          **pruning_stage.findings(model, scores, compared, variants, measures, middle),
+                          **verdicts.findings(compared, placed, ranks[f"{endpoint['ratio']:.0%}"], endpoint, model=model,
+                                              ratio=endpoint["ratio"]))
 
 # %% [markdown]
 # ## Summary
 #
+# - {glue:text}`finding_pruning_primary`
+# - {glue:text}`finding_pruning_winner`
+# - {glue:text}`finding_pruning_methods`
+# - {glue:text}`finding_pruning_reference`
 # - {glue:text}`finding_pruning_verdict`
 # - {glue:text}`finding_pruning_blimp`
 # - {glue:text}`finding_pruning_vs_random`
@@ -310,5 +428,5 @@ glue_values(artifact_dir=str(out_dir), middle_pct=f"{middle:.0%}",
 #    counts of section 3 change, and at which ratios does the loop not run at all?
 # 2. Raise the guard (`--set min_per_layer=4`): which layers does it refill at 75%, and does CAEP
 #    then do better or worse than its per-layer variant?
-# 3. Raise the BLiMP pairs (`--set eval_task_limits='{blimp: 300, wikitext2_ppl: 8, mmlu_pro_ppl: 20}'`):
+# 3. Raise the BLiMP pairs (`--set eval_task_limits='{blimp: 300, wikitext2_ppl: 62, mmlu_pro_ppl: 20}'`):
 #    how far do the minimum detectable differences fall, and does any verdict change?

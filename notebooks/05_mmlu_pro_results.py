@@ -329,9 +329,7 @@ sorted(results5.load_results(paths.results)[-1]["files"])  # read back, verified
 #   {glue:text}`metric_label` change, permutation p = {glue:text}`p_caep:.3f`; for
 #   {glue:text}`baseline`, p = {glue:text}`p_baseline:.3f`.
 # - {glue:text}`finding_diagonal_verdict`.
-# - Against CAEP fitted on all domains, fitting on the domain changes its own domain's relative
-#   {glue:text}`metric_label` change by {glue:text}`gain_mean:+.2f` points on average (positive:
-#   better).
+# - {glue:text}`finding_domain_vs_general`
 # - Multiple-choice accuracy of the unpruned model: {glue:text}`acc_unpruned:.1f`% (chance
 #   {glue:text}`acc_chance:.1f`%).
 # - In stage 4's general pruning, {glue:text}`first_to_break` breaks first.

@@ -28,7 +28,7 @@ SETTINGS = [
     r"every 5% of the run", r"ratio is\s+the price of one unit of code .* at 0\.5", r"by more than 0\.5",
     r"about 0\.1% of the columns", r"entry of at least 0\.5", r"share at least 20% and at least 1\.5",
     r"share at least 20% and 1\.5", r"at least 10% of (a level-1|it|them)", r"more than 95% of the parent",
-    r"chance:? 50%", r"95% (bootstrap )?interval", r"5%\s+two-sided", r"80% power",
+    r"chance:? 50%", r"adjusted\s+value is below 0\.05", r"Holm-adjusted p below 0\.05", r"95% (bootstrap )?interval", r"5%\s+two-sided", r"80% power",
     r"at most 60% of its perplexity", r"below 0\.5%", r"CC BY-SA 3\.0", r"k_1 = 0\.9", r"0\.9 by default",
     r"k1 = 0\.5", r"at a 25% pruning ratio", r"prunes 50% whatever", r"with the default 0\.9",
     r"Re-run with\s+0\.8 and 0\.99", r"refill at 75%", r"10% of a perplexity", r"within 3% of the model card",

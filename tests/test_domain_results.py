@@ -23,10 +23,10 @@ CATS = ["math", "law", "physics", "psychology"]  # 4! = 24 permutations: p can f
 
 
 def test_domain_metric():
-    assert results5.domain_metric("embedded") == ("byte_perplexity", "byte perplexity")
-    assert results5.domain_metric("random:olmoe")[0] == "byte_perplexity"
+    assert results5.domain_metric("embedded") == ("bits_per_byte", "bits per byte")
+    assert results5.domain_metric("random:olmoe")[0] == "bits_per_byte"
     assert results5.domain_metric("org/real-moe") == ("acc", "accuracy")
-    assert results5.domain_metric("embedded", "bits_per_byte") == ("bits_per_byte", "bits per byte")
+    assert results5.domain_metric("embedded", "byte_perplexity") == ("byte_perplexity", "byte perplexity")
     with pytest.raises(ValueError, match="domain_metric must be one of"):
         results5.domain_metric("embedded", "f1")
 
@@ -164,3 +164,13 @@ def test_results_artifact_is_checksummed(tmp_path):
     (paths.results / "cells.csv").write_text("change\n0.2\n")
     with pytest.raises(ArtifactError, match="checksum of cells.csv"):
         results5.load_results(paths.results)
+
+
+def test_versus_general_sentence_counts_domains_both_ways():
+    versus = pd.DataFrame({"domain": ["math", "law", "physics"], "gain": [0.02, -0.03, 0.001],
+                           "low": [0.01, -0.05, -0.01], "high": [0.03, -0.01, 0.012]})
+    text = results5.versus_general_sentence(versus, "embedded", "bits per byte")
+    assert text.startswith("On embedded, CAEP fitted on one domain is mixed against CAEP fitted on all domains")
+    assert "more in 2 of 3 domains" in text and "above zero in 1 (math) and below zero in 1 (law)" in text
+    worse = versus.assign(low=versus["low"] - 0.1, gain=-versus["gain"].abs(), high=[-0.01, -0.01, 0.0])
+    assert "is worse than CAEP fitted on all domains" in results5.versus_general_sentence(worse, "m", "x")

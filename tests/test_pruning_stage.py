@@ -63,7 +63,25 @@ def test_verdict_against_random_masks_by_hand():
     # BLiMP accuracy higher (better); WikiText perplexity higher (worse); MMLU-Pro's interval holds 0
     assert verdict == ("At 50% pruned, CAEP is better than random masks on BLiMP accuracy; worse than random masks "
                        "on WikiText-2 word perplexity; not distinguishable from random masks on MMLU-Pro question "
-                       "word perplexity.")
+                       "bits per byte.")
     level = pruning_stage.verdict_vs_random(compared.iloc[[2]], ["mmlu_pro"], "25%")
     assert level == "At 25% pruned, CAEP cannot be told apart from random masks on any measure."
     assert pruning_stage.verdict_vs_random(compared.iloc[:0], ["blimp"], "25%").startswith("CAEP was not compared")
+    # after Holm's correction the interval alone no longer decides: WikiText-2's difference is not rejected
+    holm = compared.assign(rejected=[True, False, False, True])
+    assert pruning_stage.verdict_vs_random(holm, ["blimp", "wikitext", "mmlu_pro"], "50%") == (
+        "At 50% pruned, CAEP is better than random masks on BLiMP accuracy; not distinguishable from random masks on "
+        "WikiText-2 word perplexity, MMLU-Pro question bits per byte (secondary comparisons, Holm-corrected).")
+
+
+def test_the_page_names_the_described_methods_a_profile_leaves_out():
+    text = pruning_stage.not_run(["caep", "reap", "random", "weight_norm"], {})
+    assert text.startswith("**Methods run:** caep, reap, random, weight_norm.")
+    assert "not run by this profile** (its `pruning_methods`): caep_layer, frequency, router_weight, ean, output, " \
+           "hc_smoe, m_smoe;" in text
+    assert "not run" not in pruning_stage.not_run(list(pruning_stage.DESCRIBED), {})
+    skipped = pruning_stage.not_run(list(pruning_stage.DESCRIBED), {"output": "removes one expert at a time"})
+    assert "output" not in skipped.split("**Methods run:**")[1].split(".")[0] and "not run by" not in skipped
+    from moe_utils.compression import registry
+
+    assert set(pruning_stage.DESCRIBED) <= set(registry.names())  # the page describes registered methods only

@@ -595,3 +595,47 @@ def cache_hit_rates(frame: pd.DataFrame, *, n_experts: int,
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def reference_distribution(scores: pd.DataFrame, labels: dict[str, str], distributions: list[str], *,
+                           title: str = "Every method among random masks") -> Figure:
+    """The random-mask reference distributions of stage 4 with every method as a mark on them: one
+    panel per measure (rows) and ratio (columns); in each, one row of dots per distribution (grey:
+    uniform per layer; orange: a method's own per-layer allocation), its mean as a bar, and one
+    coloured marker per method, over a band of the uniform masks' range. ``scores``: :func:`moe_utils.compression.reference.mask_scores`
+    (without the unpruned model); ``labels``: measure -> axis label (with its direction);
+    ``distributions``: the names of the reference distributions, the uniform one first."""
+    uniform = distributions[0]
+    measures = list(dict.fromkeys(scores["measure"]))
+    ratios = sorted(scores["ratio"].unique())
+    fig, axes = plt.subplots(len(measures), len(ratios), figsize=(3.6 * len(ratios), 0.8 + 3.0 * len(measures)),
+                             squeeze=False)
+    methods = [m for m in dict.fromkeys(scores["method"]) if m not in distributions]
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for row, measure in enumerate(measures):
+        for col, ratio in enumerate(ratios):
+            ax = axes[row, col]
+            part = scores[(scores["measure"] == measure) & np.isclose(scores["ratio"], ratio)]
+            names = [d for d in distributions if d in set(part["method"])]
+            names += [m for m in methods if m in set(part["method"])]
+            for y, name in enumerate(names):
+                values = part.loc[part["method"] == name, "value"].to_numpy()
+                if name in distributions:
+                    jitter = np.random.default_rng(y).uniform(-0.15, 0.15, len(values))
+                    colour = "grey" if name == uniform else "tab:orange"
+                    ax.scatter(values, y + jitter, s=10, color=colour, alpha=0.7, lw=0)
+                    if len(values):
+                        ax.plot([values.mean()] * 2, [y - 0.3, y + 0.3], color=colour, lw=2)
+                    if name == uniform and len(values):  # the uniform masks' range behind every row
+                        ax.axvspan(values.min(), values.max(), color="grey", alpha=0.08, lw=0)
+                        ax.axvline(values.mean(), color="grey", ls=":", lw=0.8)
+                else:
+                    ax.scatter(values, [y] * len(values), marker="D", s=28, color=colours[name], zorder=3)
+            ax.set_yticks(range(len(names)), [f"{n} ({(part['method'] == n).sum()} masks)" if n in distributions
+                                              else n for n in names], fontsize=7)
+            ax.invert_yaxis()
+            ax.tick_params(axis="x", labelsize=7)
+            ax.set_title(f"{ratio:.0%} pruned", fontsize=8)
+            ax.set_xlabel(labels.get(measure, measure), fontsize=8)
+    fig.suptitle(title)
+    return fig

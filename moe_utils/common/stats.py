@@ -15,7 +15,9 @@ reader needs to believe such numbers:
   the domain labels of the columns. Every permutation uses each row and each column exactly once,
   so additive row effects (one pruning hurts everything) and column effects (one domain is fragile
   under any pruning) cancel: only the interaction "pruned for d, evaluated on d" is tested;
-* :func:`seed_spread`: mean, standard deviation and range of a quantity over random seeds.
+* :func:`seed_spread`: mean, standard deviation and range of a quantity over random seeds;
+* :func:`holm`: Holm's step-down adjustment of a family of p-values (the secondary comparisons of
+  stage 4, whose one primary endpoint is tested alone).
 """
 
 from __future__ import annotations
@@ -227,6 +229,26 @@ def seed_spread(frame: pd.DataFrame, value: str, by: Sequence[str] | str) -> pd.
 
 
 # ------------------------------------------------------------------------------ helpers
+def holm(p_values) -> np.ndarray:
+    """Holm's (1979) step-down adjusted p-values of one family of tests: sort the m p-values
+    ascending, multiply the i-th smallest (i from 0) by m - i, carry the running maximum forward and
+    cap at 1. Rejecting where the adjusted value is at most alpha controls the family-wise error rate
+    at alpha under any dependence between the tests. NaN p-values are left out of the family and
+    stay NaN."""
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1:
+        raise ValueError(f"p_values must be one-dimensional, got shape {p.shape}")
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    scaled = p[order] * (m - np.arange(m))
+    out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return out
+
+
 def check_confidence(confidence: float) -> None:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")

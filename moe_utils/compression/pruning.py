@@ -141,7 +141,7 @@ PAPER_TASKS = ("arc_challenge", "boolq", "hellaswag", "mmlu", "openbookqa", "piq
 #: multiple choice), WikiText-2 and per-category MMLU-Pro question perplexity.
 SMALL_MODEL_TASKS = ("blimp", "wikitext2_ppl", "mmlu_pro_ppl")
 #: Their default sample sizes: pairs per BLiMP paradigm, WikiText-2 articles, questions per category.
-SMALL_MODEL_LIMITS = {"blimp": 20, "wikitext2_ppl": 4, "mmlu_pro_ppl": 5}
+SMALL_MODEL_LIMITS = {"blimp": 20, "wikitext2_ppl": 20, "mmlu_pro_ppl": 5}
 
 
 def resolve_evaluation(model_name: str, tasks: Sequence[str] | None = None, limit: int | float | None = None,

@@ -8,8 +8,8 @@ the embedded model can do):
 
 ``blimp``     BLiMP accuracy, macro-averaged over its 67 paradigms (higher is better);
 ``wikitext``  WikiText-2 test word perplexity, pooled over the articles (lower is better);
-``mmlu_pro``  word perplexity of MMLU-Pro question text, pooled over the categories: the text the
-              stage-1 calibration set is made of;
+``mmlu_pro``  bits per byte of MMLU-Pro question text, pooled over the categories: the text the
+              stage-1 calibration set is made of, in the unit stage 5 reports it in (lower is better);
 ``mmlu_pro_mc``  MMLU-Pro multiple-choice accuracy, macro-averaged over categories (real models'
               profiles; the embedded model sits at chance on it).
 
@@ -43,8 +43,8 @@ from moe_utils.capture.routing import model_identity
 MEASURES = {
     "blimp": ("acc", "BLiMP accuracy", lambda task: blimp.paradigm_of(task) is not None, None),
     "wikitext": ("ppl", "WikiText-2 word perplexity", lambda task: task == evaluation.WIKITEXT_TASK, "n_words"),
-    "mmlu_pro": ("ppl", "MMLU-Pro question word perplexity",
-                 lambda task: task.startswith(evaluation.PPL_GROUP + "_"), "n_words"),
+    "mmlu_pro": ("bpb", "MMLU-Pro question bits per byte",
+                 lambda task: task.startswith(evaluation.PPL_GROUP + "_"), "n_bytes"),
     "mmlu_pro_mc": ("acc", "MMLU-Pro accuracy", lambda task: task.startswith(evaluation.MC_GROUP + "_"), None),
 }
 MODEL_KEYS = ["method", "ratio", "seed"]
@@ -177,7 +177,7 @@ def model_scores(samples: pd.DataFrame, measures: Sequence[str], *, n_boot: int 
             zero = np.zeros(values.shape[1])
             diff = paired.paired_difference(kind, zero, values, strata=data["strata"], counts=data["counts"],
                                             n_boot=n_boot, confidence=confidence)
-            shift = 0.0 if kind == "acc" else 1.0  # perplexity: ppl / exp(0) - 1
+            shift = 1.0 if kind == "ppl" else 0.0  # perplexity: ppl / exp(0) - 1
             rows.append({"measure": measure, "method": method, "ratio": ratio, "estimate": diff.estimate + shift,
                          "low": diff.low + shift, "high": diff.high + shift, "n_docs": values.shape[1],
                          "n_seeds": values.shape[0]})
@@ -203,26 +203,53 @@ def comparisons(samples: pd.DataFrame, measures: Sequence[str], *, references: S
                                                 _model_rows(data, method, ratio), strata=data["strata"],
                                                 counts=data["counts"], n_boot=n_boot, confidence=confidence,
                                                 power=power)
-                rows.append({"measure": measure, "method": method, "ratio": ratio, "reference": reference,
-                             "estimate": diff.estimate, "low": diff.low, "high": diff.high, "se": diff.se,
-                             "mde": diff.mde, "significant": diff.significant, "n_docs": diff.n_docs})
+                rows.append(difference_row(diff, measure=measure, method=method, ratio=ratio, reference=reference))
     return pd.DataFrame(rows)
+
+
+def difference_row(diff: paired.PairedDifference, **ident: Any) -> dict:
+    """One row of :func:`comparisons`: ``ident`` (measure, method, ratio, reference), then the
+    difference's estimate, interval, standard error, MDE, p-value and whether the interval excludes 0."""
+    return ident | {"estimate": diff.estimate, "low": diff.low, "high": diff.high, "se": diff.se, "mde": diff.mde,
+                    "p_value": diff.p_value, "significant": diff.significant, "n_docs": diff.n_docs}
+
+
+def model_values(data: dict, kind: str) -> np.ndarray:
+    """Each model's score of one measure (:func:`measure_values`): macro accuracy over the strata,
+    pooled perplexity, or pooled bits per byte; one value per row of ``data["models"]``."""
+    if kind == "acc":
+        strata = pd.factorize(data["strata"])[0]
+        return np.stack([data["values"][:, strata == g].mean(axis=1) for g in range(strata.max() + 1)]).mean(0)
+    nats = -data["values"].sum(axis=1) / data["counts"].sum()
+    return np.exp(nats) if kind == "ppl" else nats / np.log(2)
 
 
 # ----------------------------------------------------------------------------------- tables
 def format_value(kind: str, value: float, relative: bool = False) -> str:
+    if kind == "bpb":
+        return f"{value:+.3f}" if relative else f"{value:.3f}"
     if relative:
         return f"{value * 100:+.1f}" if kind == "acc" else f"{value:+.0%}"
     return f"{value * 100:.1f}" if kind == "acc" else f"{value:.4g}"
 
 
+def star(row) -> str:
+    """``*`` where a comparison counts as a difference: the primary endpoint where its interval
+    excludes 0, a secondary comparison where its Holm-adjusted p-value is below 0.05
+    (:func:`moe_utils.compression.verdicts.adjust`); before adjustment, where the interval excludes 0."""
+    if "rejected" in row and not pd.isna(row["rejected"]):
+        return "*" if row["rejected"] else ""
+    return "*" if row["low"] > 0 or row["high"] < 0 else ""
+
+
 def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares: Mapping[str, float] | None = None,
            measures: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper's Table 1 at one ratio with intervals: the unpruned row first, then each method;
-    per measure its value [95% interval], and its paired difference from the unpruned model and
-    from random masks [interval] (accuracy: points; perplexity: relative change); ``*``: the
-    interval excludes 0. ``shares``: the share of experts each method actually pruned. The
-    ablation's variants (:func:`moe_utils.compression.ablation.is_variant`) are left out."""
+    per measure its value [95% interval], and its paired difference from each reference of
+    ``compared`` (the unpruned model, random masks, random masks with the method's own allocation)
+    [interval] (accuracy: points; perplexity: relative change; bits per byte: difference); ``*``:
+    :func:`star`. ``shares``: the share of experts each method actually pruned. The ablation's
+    variants (:func:`moe_utils.compression.ablation.is_variant`) are left out."""
     measures = list(dict.fromkeys(scores["measure"])) if measures is None else list(measures)
     chosen = scores[(np.isclose(scores["ratio"], ratio) | (scores["method"] == "unpruned"))
                     & ~scores["method"].map(is_variant)]
@@ -236,7 +263,7 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
         part = chosen[chosen["measure"] == measure].set_index("method")
         table[label + unit] = [f"{format_value(kind, r.estimate)} [{format_value(kind, r.low)}, {format_value(kind, r.high)}]"
                                for r in part.reindex(order).itertuples()]
-        for reference in ("unpruned", "random"):
+        for reference in dict.fromkeys(compared["reference"]):
             diffs = compared[(compared["measure"] == measure) & np.isclose(compared["ratio"], ratio)
                              & (compared["reference"] == reference)].set_index("method")
             if diffs.empty:
@@ -244,14 +271,15 @@ def table1(scores: pd.DataFrame, compared: pd.DataFrame, ratio: float, *, shares
             table[f"{label}: vs {reference}"] = [
                 "" if m not in diffs.index else
                 f"{format_value(kind, diffs.at[m, 'estimate'], True)} [{format_value(kind, diffs.at[m, 'low'], True)}, "
-                f"{format_value(kind, diffs.at[m, 'high'], True)}]{'*' if diffs.at[m, 'significant'] else ''}"
+                f"{format_value(kind, diffs.at[m, 'high'], True)}]{star(diffs.loc[m])}"
                 for m in order]
     table.index.name = None
     return table
 
 
-#: The differences the default samples should detect: 1 BLiMP point, 10% of a perplexity.
-MDE_TARGETS = {"acc": 0.01, "ppl": 0.10}
+#: The differences the default samples should detect: 1 BLiMP point, 10% of a perplexity, and in
+#: bits per byte the same 10% of the byte perplexity (log2 1.1).
+MDE_TARGETS = {"acc": 0.01, "ppl": 0.10, "bpb": float(np.log2(1.1))}
 
 
 def detectable(compared: pd.DataFrame, targets: Mapping[str, float] = MDE_TARGETS) -> pd.DataFrame:
@@ -262,12 +290,12 @@ def detectable(compared: pd.DataFrame, targets: Mapping[str, float] = MDE_TARGET
     compared = compared[~compared["method"].map(is_variant)]
     for (measure, reference), part in compared.groupby(["measure", "reference"], sort=False):
         kind, label = measure_spec(measure)[:2]
-        unit = " points" if kind == "acc" else "%"
+        unit, scale = {"acc": (" points", 100), "ppl": ("%", 100), "bpb": (" bits per byte", 1)}[kind]
         n, median = int(part["n_docs"].iloc[0]), float(part["mde"].median())
         rows.append({"measure": label, "against": reference, "documents": n,
-                     "MDE (median)": f"{median * 100:.2g}{unit}",
-                     "MDE (range)": f"{part['mde'].min() * 100:.2g} to {part['mde'].max() * 100:.2g}{unit}",
-                     "target MDE": f"{targets[kind] * 100:g}{unit}",
+                     "MDE (median)": f"{median * scale:.2g}{unit}",
+                     "MDE (range)": f"{part['mde'].min() * scale:.2g} to {part['mde'].max() * scale:.2g}{unit}",
+                     "target MDE": f"{targets[kind] * scale:.2g}{unit}",
                      "documents for the target": int(np.ceil(n * (median / targets[kind]) ** 2))})
     return pd.DataFrame(rows)
 
@@ -282,15 +310,10 @@ def curve_summary(samples: pd.DataFrame, measures: Sequence[str],
     for measure in measures:
         kind, label = measure_spec(measure)[:2]
         data = measure_values(samples, measure)
-        if kind == "acc":
-            strata = pd.factorize(data["strata"])[0]
-            per_model = np.stack([data["values"][:, strata == g].mean(axis=1) for g in range(strata.max() + 1)]).mean(0)
-        else:
-            per_model = np.exp(-data["values"].sum(axis=1) / data["counts"].sum())
-        frame = data["models"].assign(value=per_model)
+        frame = data["models"].assign(value=model_values(data, kind))
+        metric = {"acc": "acc", "ppl": "word_perplexity", "bpb": "bits_per_byte"}[kind]
         for (method, ratio), part in frame.groupby(["method", "ratio"], sort=False):
-            rows.append({"method": method, "ratio": ratio, "task": label, "metric": "acc" if kind == "acc"
-                         else "word_perplexity", "mean": part["value"].mean(),
+            rows.append({"method": method, "ratio": ratio, "task": label, "metric": metric, "mean": part["value"].mean(),
                          "std": part["value"].std(ddof=1) if len(part) > 1 else 0.0, "n_seeds": len(part),
                          "pruned_share": (shares or {}).get((method, ratio), ratio)})
     return pd.DataFrame(rows)

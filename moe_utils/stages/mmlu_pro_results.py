@@ -5,7 +5,8 @@ evaluation, relative changes, the diagonal test); this module puts them together
 runs them, so that the page only narrates:
 
 1. :func:`domain_metric` picks what the heatmaps measure (accuracy, as the paper does, or the
-   byte perplexity of the question text for the small models, whose accuracy sits at chance);
+   bits per byte of the question text for the small models, whose accuracy sits at chance: the
+   MMLU-Pro measure stage 4 reports too);
 2. :func:`fit_masks` chooses the baseline, checks that the stage-1 store holds this profile's
    questions, fits every domain's masks (cached under a key of everything they depend on,
    including the code) and CAEP fitted on all domains (Tang et al. 2025, section 5, Fig 9);
@@ -49,15 +50,15 @@ METRIC_LABELS = {"byte_perplexity": "byte perplexity", "word_perplexity": "word 
 RESULT_FILES = ("masks.csv", "cells.csv", "versus_general.csv")
 SMALL_MODEL_CAVEAT = (
     "It cannot answer MMLU-Pro questions (its multiple-choice accuracy sits near chance, section 4), so the "
-    "heatmaps use the **perplexity of each category's question text** (per byte, so that tokenisation does not "
-    "matter), which moves measurably when experts are pruned. A real model's profile uses accuracy, as the "
+    "heatmaps use the **bits per byte of each category's question text** (per byte, so that tokenisation does not "
+    "matter; the MMLU-Pro measure of stage 4 too), which moves measurably when experts are pruned. A real model's profile uses accuracy, as the "
     "paper does.")
 
 
 def domain_metric(model: str, metric: str | None = None) -> tuple[str, str]:
-    """``(metric, label)`` of the heatmaps: ``metric`` when set, else the byte perplexity for the
+    """``(metric, label)`` of the heatmaps: ``metric`` when set, else bits per byte for the
     embedded and random models and accuracy (the paper's) for real checkpoints."""
-    metric = metric or ("byte_perplexity" if is_small_model(model) else "acc")
+    metric = metric or ("bits_per_byte" if is_small_model(model) else "acc")
     if metric not in METRIC_LABELS:
         raise ValueError(f"domain_metric must be one of {sorted(METRIC_LABELS)}, got {metric!r}")
     return metric, METRIC_LABELS[metric]
@@ -404,6 +405,7 @@ def findings(model: str, domain_names: Sequence[str], *, n_per_category: int, ra
         "finding_diagonal_p_baseline": float(base_test.p_value),
         "finding_diagonal_advantage_baseline": float(base_adv.estimate * 100),
         "finding_domain_vs_general_gain": float(versus["gain"].mean() * 100),
+        "finding_domain_vs_general": versus_general_sentence(versus, model, metric_label),
         "finding_mask_jaccard": masks.values["jaccard_mean"],
         "finding_mc_accuracy": accuracy["acc_unpruned"],
         "finding_mc_chance": accuracy["acc_chance"],
@@ -417,6 +419,24 @@ def findings(model: str, domain_names: Sequence[str], *, n_per_category: int, ra
             f"sizes the test detects a planted diagonal advantage with 80% power only from {detectable * 100:.1f} "
             "points on"),
     }
+
+
+def versus_general_sentence(versus: pd.DataFrame, model: str, metric_label: str) -> str:
+    """Domain-specific CAEP against CAEP fitted on all domains, in plain words: in how many domains
+    it spares its own domain more or less, and where the paired interval excludes no difference
+    (``versus``: :func:`versus_general`, gain > 0: the domain-specific pruning is better)."""
+    if versus.empty:
+        return "Domain-specific CAEP was not compared with general CAEP in this run."
+    n = len(versus)
+    better, worse = versus.loc[versus["low"] > 0, "domain"].tolist(), versus.loc[versus["high"] < 0, "domain"].tolist()
+    ahead = int((versus["gain"] > 0).sum())
+    verdict = ("better than" if better and not worse else "worse than" if worse and not better else
+               "mixed against" if better and worse else "not distinguishable from")
+    return (f"On {model}, CAEP fitted on one domain is {verdict} CAEP fitted on all domains for that domain's own "
+            f"questions ({metric_label}): it spares its own domain more in {ahead} of {n} domains (mean gain "
+            f"{versus['gain'].mean() * 100:+.2f} points of relative change); the 95% interval lies above zero in "
+            f"{len(better)} ({', '.join(better) or 'none'}) and below zero in {len(worse)} "
+            f"({', '.join(worse) or 'none'}).")
 
 
 def paper_comparison(found: Mapping[str, Any], results: Mapping[str, tuple], stage4: pd.DataFrame | None, store,

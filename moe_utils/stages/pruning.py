@@ -19,7 +19,7 @@ from moe_utils.evaluation import pruning_eval
 from moe_utils.evaluation.data import load_prompts
 from moe_utils.common.artifacts import sha256_file
 from moe_utils.compression.caep import PruningBudget
-from moe_utils.compression import registry
+from moe_utils.compression import reference, registry, sensitivity, verdicts
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.common.markup import code_span
 from moe_utils.models.loading import load_model, moe_layers
@@ -27,6 +27,10 @@ from moe_utils.capture.routing import model_identity
 from moe_utils.stages import glue_values, model_caveat, stage_paths
 from moe_utils.capture.store import RoutingStore
 from moe_utils.patterns.expert_matrix import expert_matrix
+
+#: The methods stage 4's page describes (its introduction and section 4): a profile that leaves one
+#: out is told so on the page (:func:`describe`).
+DESCRIBED = ("caep", "caep_layer", "frequency", "router_weight", "ean", "reap", "output", "hc_smoe", "m_smoe", "random")
 
 #: How the page names each calibration source.
 CALIBRATION_SOURCES = {"capture": "the stage-1 prompts (the texts CAEP's dictionary was fitted on)",
@@ -99,7 +103,19 @@ def describe(setup: Setup, level: int) -> str:
              f"layers of {setup.layer_sizes[0]} routed experts, top-{setup.top_k}). **Dictionary:** level "
              f"{level} of stage 2's HSDL model, {setup.hsdl.dictionaries_[level - 1].shape[1]} atoms. {note}"]
     lines += [f"**Skipped for this model:** `{method}` {why}." for method, why in setup.skipped.items()]
+    lines.append(not_run(setup.methods, setup.skipped))
     return "\n\n".join(lines)
+
+
+def not_run(methods: Sequence[str], skipped: Mapping[str, str]) -> str:
+    """One sentence: the methods this run compares, and those the page describes that it does not run."""
+    ran = [m for m in methods if m not in skipped]
+    missing = [m for m in DESCRIBED if m not in ran and m not in skipped]
+    text = f"**Methods run:** {', '.join(ran)}."
+    if missing:
+        text += (f" **Described on this page but not run by this profile** (its `pruning_methods`): "
+                 f"{', '.join(missing)}; no result below is theirs.")
+    return text
 
 
 # -------------------------------------------------------------------------- calibration
@@ -185,6 +201,55 @@ def ablation_variants(setup: Setup, ratio: float, settings: Mapping[str, Any] | 
         cache_dir=cache_dir)
 
 
+def caep_refits(setup: Setup, ratio: float, settings: Mapping[str, Any] | None, *, threshold_ratio: float,
+                level: int, cache_dir) -> pd.DataFrame:
+    """CAEP's mask at ``ratio`` from dictionaries refitted on resampled stage-1 questions and with other
+    HSDL seeds (:func:`moe_utils.compression.sensitivity.caep_refits`); ``settings`` (None: none)
+    gives ``seeds`` and ``resamples``."""
+    if not settings:
+        return pd.DataFrame(columns=["input", "setting", "mask"])
+    return sensitivity.caep_refits(
+        setup.hsdl, _stage1_matrix(setup), setup.store.tokens["sample_id"].to_numpy(), ratio, budget=setup.budget,
+        threshold_ratio=threshold_ratio, level=level, seeds=settings.get("seeds", (1, 2)),
+        n_resamples=settings.get("resamples", 2), cache_dir=cache_dir)
+
+
+def evaluate(setup: Setup, masks: Sequence[pruning.PruningMask], runs: Sequence[Mapping[str, Any]],
+             extra: Sequence[pruning.PruningMask], extra_runs: Sequence[Mapping[str, Any]], *, cache_dir,
+             **settings: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every mask of ``masks`` on every run of ``runs``, and the ``extra`` masks (the random-mask
+    reference distributions and CAEP's refits) on ``extra_runs`` only (the reference tasks, on the
+    same documents): :func:`moe_utils.evaluation.pruning_eval.evaluate_documents`, results and per-document
+    rows of both concatenated."""
+    results, samples = pruning_eval.evaluate_documents(setup.lm, setup.tokenizer, masks, runs, cache_dir=cache_dir,
+                                                       **settings)
+    if not extra or not extra_runs:
+        return results, samples
+    more, more_samples = pruning_eval.evaluate_documents(setup.lm, setup.tokenizer, extra, extra_runs,
+                                                         cache_dir=cache_dir, **settings)
+    return pd.concat([results, more], ignore_index=True), pd.concat([samples, more_samples], ignore_index=True)
+
+
+def reference_measures(samples: pd.DataFrame, masks: Sequence[pruning.PruningMask]) -> list[str]:
+    """The measures (:func:`moe_utils.evaluation.pruning_eval.available_measures`) the reference ``masks`` were
+    scored on, read off their per-document rows."""
+    keys = {(m.method, float(m.ratio), -1 if m.seed is None else int(m.seed)) for m in masks}
+    seeds = samples["seed"].astype("Int64").fillna(-1).astype(int)
+    mine = [k in keys for k in zip(samples["method"], samples["ratio"].astype(float), seeds)]
+    return pruning_eval.available_measures(samples[mine]) if any(mine) else []
+
+
+def reference_tasks(tasks: Sequence[str], chosen: Sequence[str] | None) -> list[str]:
+    """The tasks the reference distributions are scored on: ``chosen`` (None: all of ``tasks``);
+    ValueError for a task the stage does not evaluate (its documents would differ)."""
+    chosen = list(tasks if chosen is None else chosen)
+    unknown = [t for t in chosen if t not in tasks]
+    if unknown:
+        raise ValueError(f"reference_tasks {unknown} are not among eval_tasks {list(tasks)}: the reference masks "
+                         "must be scored on the same documents as the methods")
+    return chosen
+
+
 def _stage1_matrix(setup: Setup):
     return expert_matrix(setup.store)
 
@@ -218,6 +283,64 @@ def save_artifact(out_dir, setup: Setup, masks, results: pd.DataFrame, stats: ca
     reloaded, _, _ = pruning.load_pruning(out_dir)
     if [m.digest for m in reloaded] != [m.digest for m in every]:
         raise AssertionError(f"the masks read back from {out_dir} differ from those written")
+
+
+# ------------------------------------------------------------------------ reference, verdicts
+def allocation_table(distribution: Mapping[tuple[str, float], str], references: Sequence[pruning.PruningMask],
+                     budget: PruningBudget) -> pd.DataFrame:
+    """One row per reference distribution and ratio: its masks, the experts each layer keeps, and
+    the methods it is the matched reference of (:func:`moe_utils.compression.reference.allocations`)."""
+    rows = {}
+    for m in references:
+        row = rows.setdefault((m.method, m.ratio), {"distribution": m.method, "ratio": f"{m.ratio:.0%}", "masks": 0,
+                                                    "kept per layer": " ".join(map(str, budget.kept_per_layer(m.keep)))})
+        row["masks"] += 1
+    for (name, ratio), row in rows.items():
+        row["matched reference of"] = ", ".join(
+            meth for (meth, r), dist in distribution.items() if dist == name and np.isclose(r, ratio)
+            and meth not in ("unpruned", "random")) or "-"
+    return pd.DataFrame(list(rows.values()))
+
+
+def placement_table(placed: pd.DataFrame) -> pd.DataFrame:
+    """:func:`moe_utils.compression.reference.placement` as the page shows it: per measure, ratio,
+    method and distribution, the method's score, the masks' mean and range, the percentile and the
+    difference from the masks' mean with its interval."""
+    if placed.empty:
+        return pd.DataFrame()
+    out = []
+    for r in placed.itertuples():
+        kind, label = pruning_eval.measure_spec(r.measure)[:2]
+        f = pruning_eval.format_value
+        out.append({"measure": label, "ratio": f"{r.ratio:.0%}", "method": r.method, "random masks": r.distribution,
+                    "masks": r.n_masks, "method's score": f(kind, r.score),
+                    "masks: mean [min, max]": f"{f(kind, r.reference_mean)} [{f(kind, r.reference_min)}, "
+                                              f"{f(kind, r.reference_max)}]",
+                    "percentile": f"{r.percentile:.0f}",
+                    "minus the masks' mean": f"{f(kind, r.estimate, True)} [{f(kind, r.low, True)}, "
+                                             f"{f(kind, r.high, True)}]"})
+    return pd.DataFrame(out)
+
+
+def all_comparisons(samples: pd.DataFrame, measures: Sequence[str], placed: pd.DataFrame,
+                    endpoint: Mapping[str, Any], methods: Sequence[str], *, n_boot: int) -> pd.DataFrame:
+    """Every comparison of the page, adjusted (:func:`moe_utils.compression.verdicts.adjust`): each
+    model against the unpruned model and random masks (:func:`moe_utils.evaluation.pruning_eval.comparisons`),
+    CAEP against random masks of its own allocation (``placed``), every method against CAEP."""
+    parts = [pruning_eval.comparisons(samples, measures, n_boot=n_boot)]
+    if len(placed):
+        parts.append(reference.matched_comparisons(placed))
+    if "caep" in methods:
+        parts.append(verdicts.versus_method(samples, measures, "caep", n_boot=n_boot))
+    return verdicts.adjust(pd.concat(parts, ignore_index=True), endpoint)
+
+
+def verdict_table(compared: pd.DataFrame, ratios: Sequence[float]) -> pd.DataFrame:
+    """:func:`moe_utils.compression.verdicts.method_verdicts` at every ratio, one row per method and ratio."""
+    frames = [verdicts.method_verdicts(compared, r).assign(ratio=f"{r:.0%}") for r in ratios]
+    table = pd.concat(frames)
+    table.index.name = "method"
+    return table.reset_index().set_index(["ratio", "method"]).fillna("")
 
 
 # ------------------------------------------------------------------------------ findings
@@ -270,8 +393,8 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
                         & ~compared["method"].map(abl.is_variant)]
         if not part.empty:
             kind, label = pruning_eval.measure_spec(measure)[:2]
-            unit = " points" if kind == "acc" else "%"
-            mde.append(f"{label} {part['mde'].median() * 100:.2g}{unit}")
+            unit, scale = {"acc": (" points", 100), "ppl": ("%", 100), "bpb": (" bits per byte", 1)}[kind]
+            mde.append(f"{label} {part['mde'].median() * scale:.2g}{unit}")
     out["finding_pruning_mde"] = ("Smallest differences from random masks these samples detect (80% power, 5% "
                                   "two-sided, median over methods and ratios): " + ", ".join(mde) + ".")
     out["finding_pruning_ablation"] = ablation_verdict(ablation_rows, cmp, measures)
@@ -280,8 +403,9 @@ def findings(model: str, scores: pd.DataFrame, compared: pd.DataFrame, ablation_
 
 def verdict_vs_random(compared: pd.DataFrame, measures: Sequence[str], pct: str) -> str:
     """One plain sentence: on which measures CAEP is better than random masks at the same ratio, on
-    which worse, and on which the paired interval cannot tell them apart (rows of ``compared`` with
-    ``reference == "random"`` at one ratio)."""
+    which worse, and on which they cannot be told apart (rows of ``compared`` with
+    ``reference == "random"`` at one ratio): by Holm's correction where ``compared`` carries it
+    (:func:`moe_utils.compression.verdicts.adjust`), else by the paired interval."""
     groups = {"better": [], "worse": [], "level": []}
     for measure in measures:
         hit = compared[(compared["method"] == "caep") & (compared["measure"] == measure)
@@ -290,16 +414,20 @@ def verdict_vs_random(compared: pd.DataFrame, measures: Sequence[str], pct: str)
             continue
         r = hit.iloc[0]
         kind, label = pruning_eval.measure_spec(measure)[:2]
-        good, bad = (r.low > 0, r.high < 0) if kind == "acc" else (r.high < 0, r.low > 0)
-        groups["better" if good else "worse" if bad else "level"].append(label)
+        differs = pruning_eval.star(r) == "*"
+        good = differs and ((r.estimate > 0) == (kind == "acc"))
+        groups["better" if good else "worse" if differs else "level"].append(label)
     if not any(groups.values()):
         return "CAEP was not compared with random masks in this run."
+    adjusted = "rejected" in compared.columns
     if not groups["better"] and not groups["worse"]:
-        return f"At {pct} pruned, CAEP cannot be told apart from random masks on any measure."
+        return (f"At {pct} pruned, CAEP cannot be told apart from random masks on any measure"
+                + (" after Holm's correction." if adjusted else "."))
     parts = [f"{word} random masks on {', '.join(names)}" for word, names in
              (("better than", groups["better"]), ("worse than", groups["worse"]),
               ("not distinguishable from", groups["level"])) if names]
-    return f"At {pct} pruned, CAEP is " + "; ".join(parts) + "."
+    return (f"At {pct} pruned, CAEP is " + "; ".join(parts)
+            + (" (secondary comparisons, Holm-corrected)." if adjusted else "."))
 
 
 def ablation_verdict(ablation_rows: pd.DataFrame, compared: pd.DataFrame, measures: Sequence[str]) -> str:
@@ -357,6 +485,6 @@ def ablation_table(variants: pd.DataFrame, compared: pd.DataFrame, measures: Seq
                 continue
             r = hit.iloc[0]
             row[f"{label}: vs random"] = (f"{fmt(kind, r.estimate, True)} [{fmt(kind, r.low, True)}, "
-                                          f"{fmt(kind, r.high, True)}]{'*' if r.significant else ''}")
+                                          f"{fmt(kind, r.high, True)}]{pruning_eval.star(r)}")
         out.append(row)
     return pd.DataFrame(out)
