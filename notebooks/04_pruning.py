@@ -75,6 +75,7 @@ from IPython.display import Markdown, display
 
 from moe_utils import ablation as abl
 from moe_utils import calibration, plotting, pruning, pruning_eval, pruning_stage
+from moe_utils.compression.evaluate import evaluate_compressions
 from moe_utils.stages import glue_values, stage_paths
 
 plotting.use_style()
@@ -201,7 +202,11 @@ variants.drop(columns="mask").assign(pruned=[f"{m.pruned_share:.0%}" for m in va
 # never be chosen, each token's top-k is re-chosen among the remaining experts by the model's own
 # rule; for a merge, the merged weights are written over the kept experts first,
 # `moe_utils.compression.merging.applied`, which gives the same logits as the saved smaller model)
-# and the model is evaluated with lm-evaluation-harness, keeping every document's result.
+# and the model is evaluated with lm-evaluation-harness, keeping every document's result. The pruned
+# models are scored many at a time: each batch of documents is replicated once per mask and each copy
+# routed as its mask routes it (`moe_utils.multi_mask`), which gives the scores of one-at-a-time
+# evaluation up to float rounding while the harness's own tasks score every model; a merge has its
+# own weights and is scored alone.
 # Each evaluation is cached in the stage's directory, keyed by the compressed model (the mask, and
 # for a merge its groups and weights), the tasks and limits,
 # the settings, the model and the evaluation code, so a re-run with unchanged inputs only reads them.
@@ -211,7 +216,7 @@ evaluation = pruning.resolve_evaluation(model, eval_tasks, eval_limit, eval_task
 runs = pruning.evaluation_runs(categories=categories, **evaluation)
 every = [pruning.unpruned_mask(setup.n_experts), *masks, *variants["mask"]]
 t0 = time.perf_counter()
-results, samples = pruning_eval.evaluate_documents(
+results, samples = evaluate_compressions(
     setup.lm, setup.tokenizer, every, runs, cache_dir=cache_dir, threads=eval_threads, num_fewshot=eval_num_fewshot,
     batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir,
     blimp_dir=blimp_dir)
