@@ -582,6 +582,16 @@ def _number(x: Any) -> float:
     return value
 
 
+def _target_index(sample: Mapping[str, Any]) -> int:
+    """The position of a multiple-choice sample's right answer among its choices: its ``target``
+    when that is an index, else the choice whose continuation is the target (an answer letter)."""
+    target = sample["target"]
+    if isinstance(target, (int, float)) or str(target).isdigit():
+        return int(target)
+    choices = [str(arguments[1]).strip() for arguments in sample["arguments"]]
+    return choices.index(str(target).strip())
+
+
 #: Columns of :func:`sample_table`.
 SAMPLE_COLUMNS = ("task", "doc_id", "question_id", "correct", "loglikelihood", "n_words", "n_bytes", "margin")
 
@@ -605,7 +615,7 @@ def sample_table(results: Mapping[str, Any]) -> pd.DataFrame:
             if "acc" in s:
                 row["correct"] = float(s["acc"])
                 lls = [float(r[0]) for r in s["filtered_resps"]]
-                target = int(s["target"])
+                target = _target_index(s)
                 row["margin"] = lls[target] - max(ll for i, ll in enumerate(lls) if i != target)
             elif "word_perplexity" in s:
                 row["loglikelihood"], row["n_words"] = s["word_perplexity"]
