@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
 from moe_utils.expert_surgery import row_masked_experts
@@ -107,18 +106,22 @@ class MultiMaskLM(HFLM):
                     batch[row, :len(tokens)] = torch.tensor(tokens)
                 logits = self._model_call(batch.repeat(n_masks, 1).to(self.device))
                 self.passes += 1
-                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-                self._keep(logprobs.view(n_masks, len(chunk), width, -1), chunk, by_input)
+                # log p(token) = logit - logsumexp(logits): the full log-softmax is never materialised
+                shape = (n_masks, len(chunk), width)
+                normaliser = torch.logsumexp(logits.to(self.softmax_dtype or logits.dtype), dim=-1).view(shape)
+                self._keep(logits.view(*shape, -1), normaliser, logits.argmax(-1).view(shape), chunk, by_input)
 
-    def _keep(self, logprobs: torch.Tensor, chunk, by_input) -> None:
-        """Store every mask's answer for the requests of ``chunk`` (``logprobs``: masks x rows x
-        positions x vocabulary)."""
+    def _keep(self, logits: torch.Tensor, normaliser: torch.Tensor, greedy: torch.Tensor, chunk, by_input) -> None:
+        """Store every mask's answer for the requests of ``chunk`` (``logits``: masks x rows x
+        positions x vocabulary; ``normaliser`` their logsumexp and ``greedy`` their argmax, masks x
+        rows x positions)."""
         for row, tokens in enumerate(chunk):
             for key in by_input[tokens]:
                 n = len(key[1])
-                scored = logprobs[:, row, len(tokens) - n: len(tokens)]  # masks x n x vocabulary
-                target = torch.tensor(key[1], device=scored.device)
-                lls = scored.gather(-1, target.expand(scored.shape[0], n).unsqueeze(-1)).squeeze(-1).sum(-1)
-                greedy = (scored.argmax(-1) == target).all(-1)
+                span = slice(len(tokens) - n, len(tokens))
+                target = torch.tensor(key[1], device=logits.device)
+                chosen = logits[:, row, span].gather(-1, target.expand(logits.shape[0], n).unsqueeze(-1)).squeeze(-1)
+                lls = (chosen.to(normaliser.dtype) - normaliser[:, row, span]).sum(-1)
+                hits = (greedy[:, row, span] == target).all(-1)
                 for mask, answers in enumerate(self._answers):
-                    answers[key] = (float(lls[mask]), bool(greedy[mask]))
+                    answers[key] = (float(lls[mask]), bool(hits[mask]))
