@@ -21,8 +21,9 @@ Modules, one concept each, in the order of the study:
 - stage 4: ``caep`` (paper section 4, Algorithm 1, and the pruning budget), ``calibration``
   (baseline scores from one calibration pass), ``compression`` (the registry of pruning and merging
   methods, one module per method under ``compression/methods``; the ``Compression`` value and its
-  digest; merging: HC-SMoE, M-SMoE), ``pruning`` (every method's masks, their evaluation
-  and artifacts), ``expert_surgery`` (masking and physically removing experts), ``evaluation``
+  digest; merging: HC-SMoE, M-SMoE; ``compression.evaluate``, the one evaluator of stages 4 and 5),
+  ``pruning`` (every method's masks and artifacts), ``multi_mask`` (several pruned models scored in
+  one forward pass), ``expert_surgery`` (masking and physically removing experts), ``evaluation``
   (lm-evaluation-harness);
 - stage 5: ``domains`` (domain-specific pruning), ``stats`` (intervals and permutation tests),
   ``domain_results`` (the stage assembled: masks, evaluation grid, findings, artifact);
