@@ -19,7 +19,7 @@ likely token. Requests with the same input (one-token continuations of one conte
 answer letters of a multiple-choice question) share one row, as the harness shares them. Rows are
 grouped by length, as many per pass as ``max_tokens`` (rows x padded length, all masks together)
 allows: a budget in tokens, not rows, because a row count sized for short texts is far too large
-for long ones (stage 5's zero-shot MMLU-Pro prompts, cut to 512 tokens, took 1.8 times the CPU
+for long ones (stage 5's zero-shot MMLU-Pro prompts, cut to 512 tokens, took 1.5 times the CPU
 time at the harness's batch size 64 as at 8; this scorer takes about what 8 does). Only the batch composition differs from scoring the masks one at a time, so the answers
 agree to float rounding (tests/test_multi_mask.py checks them against one-at-a-time scoring with
 the experts physically masked).
