@@ -18,7 +18,7 @@ the answer is the sum of the continuation tokens' log-probabilities and whether 
 likely token. Requests with the same input (one-token continuations of one context, as the
 answer letters of a multiple-choice question) share one row, as the harness shares them. Rows are
 grouped by length, as many per pass as ``max_tokens`` (rows x padded length, all masks together)
-allows: a budget in tokens, not rows, because a row count sized for short texts is far too large
+allows (when even one input per mask would exceed it, the masks share passes in smaller groups): a budget in tokens, not rows, because a row count sized for short texts is far too large
 for long ones (stage 5's zero-shot MMLU-Pro prompts, cut to 512 tokens, took 1.5 times the CPU
 time at the harness's batch size 64 as at 8; this scorer takes about what 8 does). Only the batch composition differs from scoring the masks one at a time, so the answers
 agree to float rounding (tests/test_multi_mask.py checks them against one-at-a-time scoring with
@@ -96,8 +96,17 @@ class MultiMaskLM(HFLM):
             by_input.setdefault((context + continuation)[-(self.max_length + 1):][:-1], []).append(
                 (context, continuation))
         order = sorted(by_input, key=len, reverse=True)
-        n_masks = len(self.keeps)
-        with row_masked_experts(self.model, self.keeps, self.layers):
+        # masks that share a pass: all of them, unless one input per mask of the longest input
+        # would already exceed the budget (long windows of a large vocabulary)
+        per_pass = max(1, min(len(self.keeps), self.max_tokens // len(order[0])))
+        for first in range(0, len(self.keeps), per_pass):
+            self._score_masks(list(range(first, min(first + per_pass, len(self.keeps)))), order, by_input)
+
+    def _score_masks(self, masks: list[int], order: list[tuple[int, ...]], by_input: dict) -> None:
+        """Answers of the masks ``masks`` for every input of ``order`` (longest first), passes filled
+        up to the token budget."""
+        n_masks = len(masks)
+        with row_masked_experts(self.model, [self.keeps[m] for m in masks], self.layers):
             start = 0
             while start < len(order):
                 width = len(order[start])
@@ -111,10 +120,11 @@ class MultiMaskLM(HFLM):
                 # log p(token) = logit - logsumexp(logits): the full log-softmax is never materialised
                 shape = (n_masks, len(chunk), width)
                 normaliser = torch.logsumexp(logits.to(self.softmax_dtype or logits.dtype), dim=-1).view(shape)
-                self._keep(logits.view(*shape, -1), normaliser, logits.argmax(-1).view(shape), chunk, by_input)
+                self._keep(masks, logits.view(*shape, -1), normaliser, logits.argmax(-1).view(shape), chunk, by_input)
 
-    def _keep(self, logits: torch.Tensor, normaliser: torch.Tensor, greedy: torch.Tensor, chunk, by_input) -> None:
-        """Store every mask's answer for the requests of ``chunk`` (``logits``: masks x rows x
+    def _keep(self, masks: list[int], logits: torch.Tensor, normaliser: torch.Tensor, greedy: torch.Tensor, chunk,
+              by_input) -> None:
+        """Store the answers of ``masks`` for the requests of ``chunk`` (``logits``: masks x rows x
         positions x vocabulary; ``normaliser`` their logsumexp and ``greedy`` their argmax, masks x
         rows x positions)."""
         for row, tokens in enumerate(chunk):
@@ -125,5 +135,5 @@ class MultiMaskLM(HFLM):
                 chosen = logits[:, row, span].gather(-1, target.expand(logits.shape[0], n).unsqueeze(-1)).squeeze(-1)
                 lls = (chosen.to(normaliser.dtype) - normaliser[:, row, span]).sum(-1)
                 hits = (greedy[:, row, span] == target).all(-1)
-                for mask, answers in enumerate(self._answers):
-                    answers[key] = (float(lls[mask]), bool(hits[mask]))
+                for position, mask in enumerate(masks):
+                    self._answers[mask][key] = (float(lls[position]), bool(hits[position]))

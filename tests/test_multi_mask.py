@@ -81,6 +81,10 @@ def test_the_scorer_answers_as_the_harness_does_one_mask_at_a_time(model_and_tok
         lm.select(index)
         batched.append(lm._loglikelihood_tokens(requests))
     assert lm.passes >= 2  # the token budget split the requests over several passes
+    small = MultiMaskLM(model, tok, keeps, batch_size=4, max_length=64, max_tokens=100)  # < 3 masks x 64 tokens
+    small.select(2)
+    np.testing.assert_allclose([ll for ll, _ in small._loglikelihood_tokens(requests)],
+                               [ll for ll, _ in batched[2]], rtol=1e-5, atol=1e-4)
     for keep, answers in zip(keeps, batched):
         with masked_experts(model, keep):
             alone = HFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=64)._loglikelihood_tokens(requests)
