@@ -15,10 +15,12 @@ Subpackages by concern, in the order of the study (each one's docstring lists it
   ``null_plots``, ``annotation`` (attribution, enrichment, labels), ``domain_intervals``;
 - ``compression`` (stages 4 and 5): the registry of pruning and merging methods (one module per
   method under ``compression/methods``), the ``Compression`` value and its digest, merging (HC-SMoE,
-  M-SMoE), ``caep`` (paper section 4, Algorithm 1, and the budget), ``calibration`` (baseline scores),
+  M-SMoE), ``evaluate`` (the one evaluator of stages 4 and 5, every document's score cached per
+  compressed model), ``caep`` (paper section 4, Algorithm 1, and the budget), ``calibration`` (baseline scores),
   ``pruning`` (every method's masks and artifacts), ``ablation``, ``domains`` (domain-specific pruning);
 - ``evaluation``: ``harness`` (lm-evaluation-harness), ``data`` (MMLU-Pro), ``wikitext``, ``blimp``,
-  ``data_checks``, ``pruning_eval`` (per-document scores of masked models), ``paired``, ``metrics``;
+  ``data_checks``, ``multi_mask`` (several pruned models scored in one forward pass), ``pruning_eval``
+  (stage 4's measures and Table 1), ``paired``, ``metrics``;
 - ``prediction`` (stage 6): ``routing_prediction``, ``hidden_prediction``, ``expert_cache``;
 - ``stages``: where each stage's artifacts live and the model caveat (``stages/__init__``), and one
   glue module per notebook, named after it (``model_card``, ``hsdl``, ``annotation``, ``pruning``,

@@ -256,7 +256,11 @@ movement
 # never be chosen, each token's top-k is re-chosen among the remaining experts by the model's own
 # rule; for a merge, the merged weights are written over the kept experts first,
 # `moe_utils.compression.merging.applied`, which gives the same logits as the saved smaller model)
-# and the model is evaluated with lm-evaluation-harness, keeping every document's result.
+# and the model is evaluated with lm-evaluation-harness, keeping every document's result. The pruned
+# models are scored many at a time: each batch of documents is replicated once per mask and each copy
+# routed as its mask routes it (`moe_utils.evaluation.multi_mask`), which gives the scores of one-at-a-time
+# evaluation up to float rounding while the harness's own tasks score every model; a merge has its
+# own weights and is scored alone.
 # Each evaluation is cached in the stage's directory, keyed by the compressed model (the mask, and
 # for a merge its groups and weights), the tasks and limits,
 # the settings, the model and the evaluation code, so a re-run with unchanged inputs only reads them.

@@ -136,7 +136,9 @@ fitted.overview.style.hide(axis="index")
 # Every pruned model is evaluated through lm-evaluation-harness on the MMLU-Pro test questions of
 # each domain, with its experts masked (never selected; each token's top-k is re-chosen among the
 # remaining experts). The questions used to fit the pruning (stage 1's) are left out of the
-# scores. Each (model, mask, settings) evaluation is cached in this stage's artifact directory.
+# scores. The evaluator is stage 4's (`moe_utils.compression.evaluate`: the masks of one task family
+# scored together in shared forward passes); each (model, mask, settings) evaluation is cached in this
+# stage's artifact directory.
 
 # %%
 grid = results5.evaluate_grid(

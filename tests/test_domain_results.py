@@ -100,21 +100,28 @@ def test_fig9_analysis_and_findings_on_a_planted_diagonal():
 def test_evaluation_grid_leaves_out_the_calibration_questions(monkeypatch):
     calls = []
 
-    def fake_evaluate(model, tokenizer, keep, tasks, *, cache_dir, model_id, limit, num_fewshot, **settings):
-        calls.append((None if keep is None else int(np.sum(keep)), tuple(tasks), limit, num_fewshot))
-        kind = "mc" if tasks[0].startswith("mmlu_pro_mc") else "ppl"
-        frame = pd.DataFrame({"kind": kind, "category": ["math"] * 3 + ["law"] * 3, "question_id": [1, 2, 3, 4, 5, 6]})
-        return None, frame, keep is None
+    def fake_evaluate(model, tokenizer, compressions, runs, *, cache_dir, model_id, threads, progress, num_fewshot,
+                      **settings):
+        (run,) = runs
+        calls.append(([int(np.sum(c.keep)) for c in compressions], tuple(run["tasks"]), run["limit"], num_fewshot))
+        docs, results = [], []
+        for c in compressions:
+            for k, task in enumerate(run["tasks"]):
+                docs.append(pd.DataFrame({"digest": c.digest, "task": task, "doc_id": range(3),
+                                          "question_id": [3 * k + 1, 3 * k + 2, 3 * k + 3]}))
+            results.append({"digest": c.digest, "seconds": 1.0, "cached": c.keep.all()})
+        return pd.DataFrame(results), pd.concat(docs, ignore_index=True)
 
-    monkeypatch.setattr(results5.domains, "evaluate_pruned", fake_evaluate)
-    masks = {(m, d): PruningMask(m, 0.5, np.array([True, False, True, True])) for m in ("caep", "reap")
-             for d in ("math", "law")}
+    monkeypatch.setattr(results5, "evaluate_compressions", fake_evaluate)
+    masks = {(m, d): PruningMask(m, 0.5, np.array([True, False, True, True] if m == "caep" else [True, True, False, True]))
+             for m in ("caep", "reap") for d in ("math", "law")}
     inputs = SimpleNamespace(lm=None, tokenizer=None, model_id={})
     grid = results5.evaluate_grid(inputs, masks, ["math", "law"], metric="byte_perplexity", held_out={1, 4},
                                   ppl_limit=3, mc_limit=2, mc_fewshot=0, settings={}, cache_dir=None)
-    assert grid.primary == "ppl" and len(calls) == 2 + 4 + 2  # unpruned twice, every mask, CAEP's second family
-    assert calls[0] == (None, ("mmlu_pro_ppl_math", "mmlu_pro_ppl_law"), 3, None)
-    assert calls[1] == (None, ("mmlu_pro_mc_math", "mmlu_pro_mc_law"), 2, 0)
+    assert grid.primary == "ppl" and len(calls) == 2  # one call per family: its models scored together
+    assert calls[0] == ([4, 3, 3, 3, 3], ("mmlu_pro_ppl_math", "mmlu_pro_ppl_law"), 3, None)
+    assert calls[1] == ([4, 3, 3], ("mmlu_pro_mc_math", "mmlu_pro_mc_law"), 2, 0)  # CAEP's second family
+    assert len(grid.log) == 2 + 4 + 2
     assert grid.docs[("reap", "law", "ppl")]["question_id"].tolist() == [2, 3, 5, 6]
     assert grid.values["n_left_out"] == 2 and grid.values["n_questions_min"] == 2 and grid.values["n_cached"] == 2
     with pytest.raises(ValueError, match="raise the limit"):
@@ -125,7 +132,7 @@ def test_evaluation_grid_leaves_out_the_calibration_questions(monkeypatch):
 def test_accuracy_summary_against_the_wilson_formula(monkeypatch):
     monkeypatch.setattr(results5.domains, "chance_accuracy", lambda ids, data_dir: 0.1)
     correct = {"math": [1, 1, 0, 1], "law": [0, 0, 1, 0]}
-    mc = pd.DataFrame([{"kind": "mc", "category": c, "doc_id": i, "question_id": 10 * k + i, "correct": float(v)}
+    mc = pd.DataFrame([{"task": f"mmlu_pro_mc_{c}", "doc_id": i, "question_id": 10 * k + i, "correct": float(v)}
                        for k, (c, values) in enumerate(correct.items()) for i, v in enumerate(values)])
     grid = results5.EvaluationGrid({("unpruned", "-", "mc"): mc, ("caep", "math", "mc"): mc,
                                     ("caep", "law", "mc"): mc}, pd.DataFrame(), "ppl", {})

@@ -1,10 +1,9 @@
 """moe_utils.compression.domains: domain columns, domain-restricted scores and CAEP on a store with planted
-domain routing, per-document evaluation against the harness's own aggregates, the cache, and the
+domain routing, per-document evaluation against the harness's own aggregates, and the
 relative-change matrix and its diagonal test on hand-made documents."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,9 +14,12 @@ import pytest
 import scipy.sparse as sp
 
 from moe_utils.compression import domains
-from moe_utils.common.cache import KeyedCache
 from moe_utils.compression.caep import PruningBudget
+from moe_utils.compression.evaluate import evaluate_compressions
+from moe_utils.compression.value import Compression
+from moe_utils.evaluation.harness import SAMPLE_COLUMNS
 from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.compression.pruning import unpruned_mask
 from moe_utils.capture.store import RoutingStore, write_store
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -210,73 +212,41 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def evaluated(small_model):
+    """The unpruned model and one pruned at half its experts per layer, through stage 5's evaluator
+    (stage 4's), on two perplexity categories and one multiple-choice category."""
     if not MMLU_PRO_DIR.is_dir():
         pytest.skip(f"no local MMLU-Pro at {MMLU_PRO_DIR}")
+    from moe_utils.models.loading import moe_layers
+
     model, tok = small_model
-    return domains.evaluate_documents(model, tok, ["mmlu_pro_ppl_math", "mmlu_pro_ppl_law", "mmlu_pro_mc_law"],
-                                      limit=3, num_fewshot=0, batch_size=4, max_length=128, data_dir=MMLU_PRO_DIR)
+    layers = moe_layers(model)
+    per = layers[0].num_experts
+    keep = np.tile(np.arange(per) < per // 2, len(layers))
+    compressions = [unpruned_mask(len(keep)), Compression("frequency", 0.5, keep)]
+    return evaluate_compressions(model, tok, compressions, [{"tasks": ["mmlu_pro_ppl_math", "mmlu_pro_ppl_law",
+                                                                       "mmlu_pro_mc_law"], "limit": 3}],
+                                 cache_dir=None, progress=False, num_fewshot=0, batch_size=4, max_length=128,
+                                 data_dir=MMLU_PRO_DIR)
 
 
 def test_documents_reproduce_the_harness_aggregates(evaluated):
     table, docs = evaluated
-    assert list(docs.columns) == list(domains.DOC_COLUMNS)
-    assert len(docs) == 9 and set(docs["kind"]) == {"ppl", "mc"}
-    values = table.set_index(["task", "metric"])["value"]
-    for category, task in (("math", "mmlu_pro_ppl_math"), ("law", "mmlu_pro_ppl_law")):
-        for metric in ("byte_perplexity", "word_perplexity", "bits_per_byte"):
-            got = domains.category_scores(docs, metric, [category], n_boot=20)["value"].item()
-            assert got == pytest.approx(values[(task, metric)], rel=1e-9)
-    acc = domains.category_scores(docs, "acc", ["law"])
-    assert acc["value"].item() == pytest.approx(values[("mmlu_pro_mc_law", "acc")])
-    assert acc["n"].item() == 3 and acc["low"].item() <= acc["value"].item() <= acc["high"].item()
-    with pytest.raises(ValueError, match="per-category MMLU-Pro task"):
-        domains.evaluate_documents(None, None, ["wikitext2_ppl"])
-
-
-def test_masked_evaluation_is_cached_and_differs_from_the_original(small_model, evaluated, tmp_path):
-    model, tok = small_model
-    settings = dict(limit=2, batch_size=4, max_length=128, data_dir=MMLU_PRO_DIR)
-    from moe_utils.models.loading import moe_layers
-
-    n_e = sum(layer.num_experts for layer in moe_layers(model))
-    keep = np.zeros(n_e, bool)
-    per = moe_layers(model)[0].num_experts
-    for layer in range(n_e // per):
-        keep[layer * per: layer * per + per // 2] = True
-    _, orig, hit0 = domains.evaluate_pruned(model, tok, None, ["mmlu_pro_ppl_math"], cache_dir=tmp_path, **settings)
-    _, pruned, hit1 = domains.evaluate_pruned(model, tok, keep, ["mmlu_pro_ppl_math"], cache_dir=tmp_path, **settings)
-    _, again, hit2 = domains.evaluate_pruned(model, tok, keep, ["mmlu_pro_ppl_math"], cache_dir=tmp_path, **settings)
-    assert (hit0, hit1, hit2) == (False, False, True)
-    pd.testing.assert_frame_equal(pruned, again)
-    assert not np.allclose(orig["loglikelihood"], pruned["loglikelihood"])
-    # after the context: the model is the original again (the cache is bypassed with a new directory)
-    _, after, _ = domains.evaluate_pruned(model, tok, None, ["mmlu_pro_ppl_math"], cache_dir=tmp_path / "fresh",
-                                          **settings)
-    np.testing.assert_allclose(after["loglikelihood"], orig["loglikelihood"], rtol=1e-5)
-    assert len(list(tmp_path.glob("eval-*/manifest.json"))) == 2 and not list(tmp_path.rglob(".*tmp"))
-
-
-def test_cache_recomputes_a_corrupted_entry_and_separates_keys(tmp_path):
-    calls = []
-
-    def run():
-        calls.append(1)
-        return (pd.DataFrame({"task": ["t"], "value": [1.0]}),
-                pd.DataFrame({"kind": ["ppl"], "loglikelihood": [-float(len(calls))]}))
-
-    _, first, hit = domains.cached_evaluation(tmp_path, "k3", {"limit": 3}, run)
-    assert not hit and len(calls) == 1
-    table, again, hit = domains.cached_evaluation(tmp_path, "k3", {"limit": 3}, run)
-    assert hit and len(calls) == 1 and table["value"].item() == 1.0
-    pd.testing.assert_frame_equal(first, again)
-    domains.cached_evaluation(tmp_path, "k4", {"limit": 4}, run)
-    assert len(calls) == 2
-    entries = KeyedCache(tmp_path, "eval")
-    assert json.loads((entries.entry("k4") / "manifest.json").read_text())["describe"] == {"limit": 4}
-    parquet = entries.entry("k3") / "documents.parquet"
-    parquet.write_bytes(parquet.read_bytes()[:-3] + b"xyz")
-    _, redone, hit = domains.cached_evaluation(tmp_path, "k3", {"limit": 3}, run)
-    assert not hit and len(calls) == 3 and redone["loglikelihood"].item() == -3.0
+    for method in ("unpruned", "frequency"):
+        own = docs[docs["method"] == method]
+        values = table[table["method"] == method].set_index(["task", "metric"])["value"]
+        assert len(own) == 9 and own["question_id"].notna().all()
+        for category, task in (("math", "mmlu_pro_ppl_math"), ("law", "mmlu_pro_ppl_law")):
+            for metric in ("byte_perplexity", "word_perplexity", "bits_per_byte"):
+                got = domains.category_scores(own, metric, [category], n_boot=20)["value"].item()
+                assert got == pytest.approx(values[(task, metric)], rel=1e-9)
+        acc = domains.category_scores(own, "acc", ["law"])
+        assert acc["value"].item() == pytest.approx(values[("mmlu_pro_mc_law", "acc")])
+        assert acc["n"].item() == 3 and acc["low"].item() <= acc["value"].item() <= acc["high"].item()
+    unpruned, pruned = (docs[docs["method"] == m].dropna(subset=["loglikelihood"]) for m in ("unpruned", "frequency"))
+    assert np.array_equal(unpruned["question_id"], pruned["question_id"])
+    assert not np.allclose(unpruned["loglikelihood"], pruned["loglikelihood"])
+    with pytest.raises(ValueError, match="mmlu_pro_ppl_physics"):
+        domains.category_scores(docs, "byte_perplexity", ["physics"])
 
 
 # --------------------------------------------------------------------------- analysis
@@ -284,9 +254,10 @@ def _docs(ll_by_category: dict[str, list[float]], n_bytes: float = 10.0) -> pd.D
     rows = []
     for category, lls in ll_by_category.items():
         for i, ll in enumerate(lls):
-            rows.append({"kind": "ppl", "category": category, "doc_id": i, "question_id": 100 * len(rows) + i,
-                         "loglikelihood": ll, "n_bytes": n_bytes, "n_words": 2.0, "correct": np.nan})
-    return pd.DataFrame(rows, columns=list(domains.DOC_COLUMNS))
+            rows.append({"task": domains.category_task(category, "byte_perplexity"), "doc_id": i,
+                         "question_id": 100 * len(rows) + i, "loglikelihood": ll, "n_bytes": n_bytes, "n_words": 2.0,
+                         "correct": np.nan})
+    return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
 
 
 def test_relative_change_by_hand():
@@ -376,10 +347,10 @@ def test_cached_masks_round_trip(tmp_path):
 
 
 def _mc_docs(correct_by_category: dict[str, list[int]]) -> pd.DataFrame:
-    rows = [{"kind": "mc", "category": c, "doc_id": i, "question_id": 1000 * k + i, "loglikelihood": np.nan,
+    rows = [{"task": domains.category_task(c, "acc"), "doc_id": i, "question_id": 1000 * k + i, "loglikelihood": np.nan,
              "n_bytes": np.nan, "n_words": np.nan, "correct": float(v)}
             for k, (c, values) in enumerate(correct_by_category.items()) for i, v in enumerate(values)]
-    return pd.DataFrame(rows, columns=list(domains.DOC_COLUMNS))
+    return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
 
 
 def test_accuracy_matrix_and_its_diagonal():

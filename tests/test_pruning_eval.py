@@ -1,4 +1,4 @@
-"""Stage 4's per-document evaluation (moe_utils.evaluation.pruning_eval) through the real harness on the
+"""Stage 4's per-document evaluation (moe_utils.compression.evaluate, measures of moe_utils.evaluation.pruning_eval) through the real harness on the
 embedded model: cached per mask, aligned over models, and its measures equal to the harness's own
 numbers and to hand computations from the per-document rows."""
 
@@ -16,8 +16,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_utils.evaluation import pruning_eval  # noqa: E402
+from moe_utils import pruning_eval  # noqa: E402
 from moe_utils.compression.caep import PruningBudget, random_mask  # noqa: E402
+from moe_utils.compression.evaluate import evaluate_compressions  # noqa: E402
 from moe_utils.compression.pruning import PruningMask, unpruned_mask  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -37,10 +38,10 @@ def evaluated(tmp_path_factory):
     masks = [unpruned_mask(96)] + [PruningMask("random", 0.5, random_mask(budget, 0.5, s), seed=s)
                                    for s in (0, 1)]
     cache = tmp_path_factory.mktemp("cache")
-    first = pruning_eval.evaluate_documents(model, tok, masks, RUNS, cache_dir=cache, progress=False, batch_size=16,
-                                            max_length=256, **DIRS)
-    second = pruning_eval.evaluate_documents(model, tok, masks, RUNS, cache_dir=cache, progress=False, batch_size=16,
-                                             max_length=256, **DIRS)
+    first = evaluate_compressions(model, tok, masks, RUNS, cache_dir=cache, progress=False, batch_size=16,
+                                  max_length=256, **DIRS)
+    second = evaluate_compressions(model, tok, masks, RUNS, cache_dir=cache, progress=False, batch_size=16,
+                                   max_length=256, **DIRS)
     torch.set_num_threads(before)
     return first, second
 

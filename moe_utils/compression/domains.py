@@ -11,9 +11,8 @@ diagonal. This module provides the pieces:
   on the domain alone); the calibration baselines of :mod:`moe_utils.compression.calibration` calibrated on the
   domain's texts only; all of them as keep-masks (:func:`domain_masks`); which baseline stage 4
   found strongest (:func:`strongest_baseline`);
-* evaluation that keeps every question's score (:func:`evaluate_documents`: the lm-evaluation-
-  harness tasks of :mod:`moe_utils.evaluation.harness`, with per-question log-likelihoods and correctness),
-  cached on disk per (model, keep-mask, settings) (:func:`evaluate_pruned`);
+* (the evaluation itself, every question's score cached per compressed model, is stage 4's:
+  :func:`moe_utils.compression.evaluate.evaluate_compressions`);
 * the domain x domain relative-change matrix with paired bootstrap intervals
   (:func:`relative_change_table`) and the diagonal test (:func:`diagonal_summary`, using
   :func:`moe_utils.common.stats.diagonal_permutation_test`).
@@ -32,19 +31,15 @@ import numpy as np
 import pandas as pd
 
 from moe_utils.common import stats
-from moe_utils.common.artifacts import package_versions
 from moe_utils.common.cache import KeyedCache
 from moe_utils.compression.caep import PruningBudget
-from moe_utils.compression import merging, registry
-from moe_utils.compression.value import Compression
-from moe_utils.evaluation.harness import MC_GROUP, PPL_GROUP, resolve_category, results_table, run_harness
+from moe_utils.compression import registry
+from moe_utils.evaluation.harness import MC_GROUP, PPL_GROUP, category_slug, resolve_category
 from moe_utils.evaluation.metrics import better_sign, lower_is_better
-from moe_utils.models.loading import moe_layers
-from moe_utils.capture.routing import model_identity
 from moe_utils.capture.store import RoutingStore
 from moe_utils.compression.calibration import calibrate
 from moe_utils.compression.pruning import (
-    PruningMask, evaluation_key, hsdl_factors, label_columns, primary_metric, pruning_masks,
+    PruningMask, hsdl_factors, label_columns, primary_metric, pruning_masks,
 )
 from moe_utils.evaluation.data import load_mmlu_pro, select_questions
 
@@ -54,8 +49,6 @@ log = logging.getLogger(__name__)
 #: accuracy of ``mmlu_pro_mc_*`` (which way each points: :func:`moe_utils.evaluation.metrics.lower_is_better`).
 PPL_METRICS = ("byte_perplexity", "word_perplexity", "bits_per_byte")
 METRICS = (*PPL_METRICS, "acc")
-#: Columns of the per-document table of :func:`evaluate_documents`.
-DOC_COLUMNS = ("kind", "category", "doc_id", "question_id", "loglikelihood", "n_bytes", "n_words", "correct")
 
 
 # --------------------------------------------------------------------------- domain pruning
@@ -236,112 +229,21 @@ def captured_questions(store: RoutingStore, data_dir: str | os.PathLike | None =
     return chosen[["question_id", "category"]].reset_index(drop=True)
 
 
-# -------------------------------------------------------------------------------- evaluation
-def _task_kind(name: str) -> tuple[str, str]:
-    for kind, prefix in (("ppl", PPL_GROUP), ("mc", MC_GROUP)):
-        if name.startswith(prefix + "_"):
-            return kind, resolve_category(name[len(prefix) + 1:])
-    raise ValueError(f"{name!r} is not a per-category MMLU-Pro task: use {PPL_GROUP}_<category> or "
-                     f"{MC_GROUP}_<category>")
-
-
-def document_table(results: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per evaluated document of a ``simple_evaluate(..., log_samples=True)`` result:
-    ``kind`` (ppl / mc), ``category``, ``doc_id``, ``question_id``, and the document's
-    ``loglikelihood``, ``n_bytes``, ``n_words`` (perplexity tasks) or ``correct`` (0/1, multiple choice)."""
-    rows = []
-    for task, samples in results["samples"].items():
-        kind, category = _task_kind(task)
-        for s in samples:
-            row = {"kind": kind, "category": category, "doc_id": int(s["doc_id"]),
-                   "question_id": int(s["doc"]["question_id"]), "loglikelihood": np.nan, "n_bytes": np.nan,
-                   "n_words": np.nan, "correct": np.nan}
-            if kind == "ppl":
-                row["loglikelihood"], row["n_bytes"] = s["byte_perplexity"]
-                row["n_words"] = s["word_perplexity"][1]
-            else:
-                row["correct"] = float(s["acc"])
-            rows.append(row)
-    frame = pd.DataFrame(rows, columns=list(DOC_COLUMNS))
-    return frame.sort_values(["kind", "category", "doc_id"], kind="stable").reset_index(drop=True)
-
-
-def evaluate_documents(model, tokenizer, tasks: Sequence[str], *, limit: int | None = None,
-                       num_fewshot: int | None = None, batch_size: int = 8, max_length: int | None = None,
-                       data_dir: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run the lm-evaluation-harness on per-category MMLU-Pro tasks and keep every document's score.
-
-    The same tasks and harness call as :func:`moe_utils.evaluation.harness.evaluate`
-    (:func:`~moe_utils.evaluation.harness.run_harness`), but with the harness's per-sample log, which the
-    paired bootstrap intervals of this stage need. Returns ``(table, documents)``: the tidy
-    ``task, metric, value, stderr, n`` table of ``evaluate`` and :func:`document_table`.
-    """
-    for name in tasks:
-        _task_kind(name)
-    results = run_harness(model, tokenizer, list(tasks), limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                          max_length=max_length, data_dir=data_dir, log_samples=True, bootstrap_iters=0)
-    return results_table(results), document_table(results)
-
-
-def cached_evaluation(cache_dir: str | os.PathLike, key: str, describe: Mapping[str, Any],
-                      run: Callable[[], tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
-    """``run()`` once per ``key`` (a hex digest, e.g. :func:`moe_utils.compression.pruning.evaluation_key`), kept
-    as a verified entry of a :class:`moe_utils.common.cache.KeyedCache`: the harness table and the
-    documents in ``table.parquet`` and ``documents.parquet`` (lossless: a warm run reads back
-    exactly the numbers a cold one computed), ``describe`` and versions in its manifest; an entry
-    that does not verify is recomputed. Returns ``(table, documents, from_cache)``."""
-    def parquet(frame: pd.DataFrame) -> bytes:
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        return buffer.getvalue()
-
-    def encode(result):
-        table, docs = result
-        return {"table.parquet": parquet(table), "documents.parquet": parquet(docs)}, {
-            "describe": dict(describe),
-            "versions": package_versions(("torch", "transformers", "lm_eval", "moe-collab-study"))}
-
-    def decode(folder: Path, manifest: dict):
-        return pd.read_parquet(folder / "table.parquet"), pd.read_parquet(folder / "documents.parquet")
-
-    (table, docs), cached = KeyedCache(cache_dir, "eval").get_or_compute(key, run, encode, decode)
-    return table, docs, cached
-
-
-def evaluate_pruned(model, tokenizer, keep, tasks: Sequence[str], *, cache_dir: str | os.PathLike,
-                    model_id: Mapping[str, Any] | None = None, limit: int | None = None,
-                    **settings) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
-    """:func:`evaluate_documents` of ``model`` compressed by ``keep`` (a
-    :class:`moe_utils.compression.value.Compression`, applied by :func:`moe_utils.compression.merging.applied`,
-    or a bare keep-mask; ``None``: the unpruned model), cached by
-    :func:`cached_evaluation` under :func:`moe_utils.compression.pruning.evaluation_key` of its digest, the
-    tasks and limit, the other ``settings`` (num_fewshot, batch_size, max_length, data_dir), the
-    model (``model_id``, default :func:`moe_utils.capture.routing.model_identity`); the cache adds the
-    package's code, the data and the versions (:func:`moe_utils.common.fingerprint.dependency_key`)."""
-    layers = moe_layers(model)
-    n_e = sum(layer.num_experts for layer in layers)
-    if not isinstance(keep, Compression):
-        keep = Compression("mask", 0.0, np.ones(n_e, dtype=bool) if keep is None else np.asarray(keep, dtype=bool))
-    mask = keep.keep
-    run_spec = {"tasks": sorted(tasks), "limit": limit, "per_document": True}
-    model_id = dict(model_id) if model_id is not None else model_identity(model, layers)
-    key = evaluation_key(keep, run_spec, settings, model_id)
-
-    def run():
-        with merging.applied(model, keep, layers):
-            return evaluate_documents(model, tokenizer, tasks, limit=limit, **settings)
-
-    return cached_evaluation(cache_dir, key, {"run": run_spec, "settings": settings, "model": model_id,
-                                              "n_kept": int(mask.sum()), "n_experts": n_e}, run)
-
-
 # ------------------------------------------------------------------------------- analysis
+def category_task(category: str, metric: str) -> str:
+    """The per-category MMLU-Pro task whose documents give ``metric`` (accuracy: multiple choice;
+    a perplexity: the question text)."""
+    return f"{MC_GROUP if metric == 'acc' else PPL_GROUP}_{category_slug(category)}"
+
+
 def _arrays(docs: pd.DataFrame, category: str, metric: str) -> tuple[np.ndarray, ...]:
-    kind = "mc" if metric == "acc" else "ppl"
-    part = docs[(docs["kind"] == kind) & (docs["category"] == category)].sort_values("doc_id")
+    """Per question of ``category`` (documents of :func:`moe_utils.compression.evaluate.evaluate_compressions`):
+    question ids and the values ``metric`` is computed from."""
+    task = category_task(category, metric)
+    part = docs[docs["task"] == task].sort_values("doc_id")
     if part.empty:
-        raise ValueError(f"no {kind} documents of category {category!r} were evaluated")
-    if kind == "mc":
+        raise ValueError(f"no documents of {task} were evaluated")
+    if metric == "acc":
         return part["question_id"].to_numpy(), part["correct"].to_numpy(float)
     counts = {"byte_perplexity": "n_bytes", "bits_per_byte": "n_bytes", "word_perplexity": "n_words"}[metric]
     return part["question_id"].to_numpy(), part["loglikelihood"].to_numpy(float), part[counts].to_numpy(float)

@@ -390,6 +390,36 @@ def build_tasks(
 
 
 # -------------------------------------------------------------------------------- evaluate
+def harness_tasks(
+    tasks: Sequence[str] | str,
+    *,
+    limit: int | float | None = None,
+    data_dir: str | os.PathLike | None = None,
+    categories: Iterable[str] | None = None,
+    wikitext_dir: str | os.PathLike | None = None,
+    blimp_dir: str | os.PathLike | None = None,
+) -> tuple[list, Any]:
+    """``(tasks, task_manager)`` as ``simple_evaluate`` takes them (:func:`build_tasks`, data loaded):
+    built once, they serve every :func:`run_harness` call with the same tasks and ``limit`` (the
+    harness builds each run's requests afresh from them). The stock task index is built only when
+    a stock task is asked for (it takes ~10 s); ValueError for an unknown task."""
+    from lm_eval.tasks import TaskManager
+
+    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories,
+                        blimp_dir=blimp_dir, limit=limit)
+    stock = [s for s in specs if isinstance(s, str)]
+    task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
+    if stock:
+        known = set(task_manager.all_tasks)
+        unknown = [s for s in stock if s not in known and not Path(s).is_file()]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: neither defined here "
+                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}, "
+                             f"{blimp.GROUP}[_<paradigm>]) "
+                             "nor lm-eval stock tasks")
+    return specs, task_manager
+
+
 def run_harness(
     model,
     tokenizer,
@@ -405,36 +435,29 @@ def run_harness(
     bootstrap_iters: int = 100,
     log_samples: bool = False,
     blimp_dir: str | os.PathLike | None = None,
+    lm: Any = None,
+    prepared: tuple[list, Any] | None = None,
 ) -> dict:
     """Run lm-evaluation-harness on an in-memory causal LM; return the raw ``simple_evaluate`` result.
 
     The arguments are those of :func:`evaluate`; ``log_samples`` keeps the harness's per-document
-    log (``result["samples"]``). The harness's environment report is skipped, the stock task index
-    is built only when a stock task is asked for, and the model's train mode is restored afterwards.
+    log (``result["samples"]``). ``lm``: the harness model to use instead of a fresh ``HFLM`` over
+    ``model`` (e.g. :class:`moe_utils.evaluation.multi_mask.MultiMaskLM`); ``prepared``: :func:`harness_tasks`
+    of these tasks and ``limit``, built earlier. The harness's environment report is skipped and
+    the model's train mode is restored afterwards.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories,
-                        blimp_dir=blimp_dir, limit=limit)
-    # Indexing the stock tasks takes ~10 s: only done when a stock task is asked for.
-    stock = [s for s in specs if isinstance(s, str)]
-    task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
-    if stock:
-        known = set(task_manager.all_tasks)
-        unknown = [s for s in stock if s not in known and not Path(s).is_file()]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}: neither defined here "
-                             f"({MC_GROUP}[_<category>], {PPL_GROUP}[_<category>], {WIKITEXT_TASK}, "
-                             f"{blimp.GROUP}[_<paradigm>]) "
-                             "nor lm-eval stock tasks")
+    specs, task_manager = prepared if prepared is not None else harness_tasks(
+        tasks, limit=limit, data_dir=data_dir, categories=categories, wikitext_dir=wikitext_dir, blimp_dir=blimp_dir)
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    if lm is None:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     _require_finite(lm)
-    log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%d)",
+    log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%s)",
              list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,
-             lm.max_length, batch_size)
+             lm.max_length, lm.batch_size)
     try:
         # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
         # costs ~0.5 s per call and is not part of what this module returns.
@@ -512,8 +535,11 @@ def _require_finite(lm) -> None:
             return results
         return wrapper
 
+    if getattr(lm, "_finite_checked", False):  # a harness model used for several runs is wrapped once
+        return
     lm.loglikelihood = checked(lm.loglikelihood)
     lm.loglikelihood_rolling = checked(lm.loglikelihood_rolling)
+    lm._finite_checked = True
 
 
 def _skip_environment_report(storage: dict) -> None:
@@ -555,15 +581,26 @@ def _number(x: Any) -> float:
     return value
 
 
+def _target_index(sample: Mapping[str, Any]) -> int:
+    """The position of a multiple-choice sample's right answer among its choices: its ``target``
+    when that is an index, else the choice whose continuation is the target (an answer letter)."""
+    target = sample["target"]
+    if isinstance(target, (int, float)) or str(target).isdigit():
+        return int(target)
+    choices = [str(arguments[1]).strip() for arguments in sample["arguments"]]
+    return choices.index(str(target).strip())
+
+
 #: Columns of :func:`sample_table`.
-SAMPLE_COLUMNS = ("task", "doc_id", "correct", "loglikelihood", "n_words", "n_bytes", "margin")
+SAMPLE_COLUMNS = ("task", "doc_id", "question_id", "correct", "loglikelihood", "n_words", "n_bytes", "margin")
 
 
 def sample_table(results: Mapping[str, Any]) -> pd.DataFrame:
     """One row per evaluated document of a ``run_harness(..., log_samples=True)`` result, for the
     paired statistics of a pruning study (every model sees the same documents).
 
-    Multiple-choice documents (BLiMP pairs, MMLU-Pro questions) get ``correct`` (0/1, the harness's
+    MMLU-Pro documents carry their ``question_id`` (NaN for other documents), so that a stage can
+    leave out the questions it fitted its pruning on. Multiple-choice documents (BLiMP pairs, MMLU-Pro questions) get ``correct`` (0/1, the harness's
     ``acc``) and ``margin``: the log-likelihood of the target choice minus the best other choice
     (for a BLiMP pair: log P(good) - log P(bad)). Rolling-perplexity documents get their
     ``loglikelihood`` (nats), ``n_words`` and ``n_bytes`` (the counts the task's metrics divide by).
@@ -572,14 +609,17 @@ def sample_table(results: Mapping[str, Any]) -> pd.DataFrame:
     for task, samples in results["samples"].items():
         for s in samples:
             row = dict.fromkeys(SAMPLE_COLUMNS, math.nan) | {"task": task, "doc_id": int(s["doc_id"])}
+            if isinstance(s.get("doc"), Mapping) and "question_id" in s["doc"]:
+                row["question_id"] = float(s["doc"]["question_id"])
             if "acc" in s:
                 row["correct"] = float(s["acc"])
                 lls = [float(r[0]) for r in s["filtered_resps"]]
-                target = int(s["target"])
+                target = _target_index(s)
                 row["margin"] = lls[target] - max(ll for i, ll in enumerate(lls) if i != target)
             elif "word_perplexity" in s:
                 row["loglikelihood"], row["n_words"] = s["word_perplexity"]
                 row["n_bytes"] = s["byte_perplexity"][1]
             rows.append(row)
     frame = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+    frame["question_id"] = frame["question_id"].astype("Int64")
     return frame.sort_values(["task", "doc_id"], kind="stable").reset_index(drop=True)

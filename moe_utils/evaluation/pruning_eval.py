@@ -1,8 +1,8 @@
 """Stage 4's evaluation kept per document, and the paper's Table 1 with paired intervals.
 
-Every pruned model is evaluated through lm-evaluation-harness (:func:`moe_utils.evaluation.harness.run_harness`
-with its per-sample log) on the same documents, and every document's result is kept
-(:func:`moe_utils.evaluation.harness.sample_table`), cached per (mask, run, settings, model, code).
+Every compressed model is evaluated through lm-evaluation-harness on the same documents, and every
+document's result is kept, cached per (compressed model, run, settings, model, code), by
+:func:`moe_utils.compression.evaluate.evaluate_compressions` (stage 5 uses the same evaluator).
 From those, three *measures* of a model (the columns of the paper's Table 1, section 4, on tasks
 the embedded model can do):
 
@@ -21,23 +21,16 @@ too) with the minimum detectable difference at these sample sizes.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from moe_utils.evaluation import blimp, harness as evaluation, paired
-from moe_utils.compression import merging
+from moe_utils.evaluation import blimp
+from moe_utils.evaluation import harness as evaluation
+from moe_utils.evaluation import paired
 from moe_utils.compression.ablation import is_variant
-from moe_utils.compression.domains import cached_evaluation
-from moe_utils.compression.pruning import PruningMask, evaluation_key
-from moe_utils.capture.routing import model_identity
 
 #: measure -> (statistic kind, label, which tasks' documents, count column for perplexities)
 MEASURES = {
@@ -59,74 +52,6 @@ def measure_spec(measure: str) -> tuple:
         name = measure[len(TASK_PREFIX):]
         return "acc", f"{name} accuracy", lambda task: task == name, None
     return MEASURES[measure]
-
-
-# ------------------------------------------------------------------------------ evaluation
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def evaluate_documents(model, tokenizer, masks: Sequence[PruningMask], runs: Sequence[Mapping[str, Any]], *,
-                       cache_dir: str | os.PathLike, progress: bool = True, threads: int | None = None,
-                       **settings: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluate the model under every mask, keeping every document's result.
-
-    Args:
-        masks: the keep-masks (with :func:`moe_utils.compression.pruning.unpruned_mask` for the reference).
-        runs: harness calls per mask, ``{"tasks": [...], "limit": n}``
-            (:func:`moe_utils.compression.pruning.evaluation_runs`).
-        cache_dir: one entry per (mask, run, settings, model, evaluation code) under this
-            directory (:func:`moe_utils.compression.domains.cached_evaluation`); a cached run is read, not re-run.
-        threads: torch's intra-op threads during the evaluations (None: unchanged). A model of a
-            few million parameters gains nothing from several, and on a busy machine they make
-            every forward pass wait for the slowest core (measured here: a BLiMP run several times
-            slower with 2 threads than with 1 at a load average of 9 on 2 cores). Not part of the
-            cache key.
-        settings: other keyword arguments of :func:`moe_utils.evaluation.harness.run_harness`
-            (num_fewshot, batch_size, max_length, categories, data_dir, wikitext_dir, blimp_dir).
-
-    Returns:
-        ``(results, samples)``: one row per model, task and metric (method, ratio, seed,
-        pruned_share, task, metric, value, stderr, n, seconds, cached) and one
-        row per model and document (method, ratio, seed and :data:`moe_utils.evaluation.harness.SAMPLE_COLUMNS`).
-    """
-    model_id = model_identity(model)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tables, samples = [], []
-    jobs = [(mask, dict(run)) for mask in masks for run in runs]
-    for mask, run in tqdm(jobs, desc="evaluating masks", disable=not progress):
-        spec = run | {"per_document": True}
-        key = evaluation_key(mask, spec, settings, model_id)
-
-        def compute(mask=mask, run=run):
-            start = time.perf_counter()
-            with merging.applied(model, mask), _torch_threads(threads):
-                raw = evaluation.run_harness(model, tokenizer, run["tasks"], limit=run.get("limit"), log_samples=True,
-                                             bootstrap_iters=0, **settings)
-            table = evaluation.results_table(raw).assign(seconds=time.perf_counter() - start)
-            return table, evaluation.sample_table(raw)
-
-        table, docs, cached = cached_evaluation(cache_dir, key, {"method": mask.method, "ratio": mask.ratio,
-                                                                 "seed": mask.seed, "run": spec,
-                                                                 "settings": settings, "model": model_id}, compute)
-        ident = {"method": mask.method, "ratio": mask.ratio, "seed": mask.seed}
-        tables.append(table.assign(**ident, pruned_share=mask.pruned_share, cached=cached))
-        samples.append(docs.assign(**ident))
-    columns = ["method", "ratio", "seed", "pruned_share", "task", "metric", "value", "stderr", "n", "seconds", "cached"]
-    samples = pd.concat(samples, ignore_index=True)
-    samples["seed"] = samples["seed"].astype("Int64")
-    results = pd.concat(tables, ignore_index=True)[columns]
-    results["seed"] = results["seed"].astype("Int64")
-    return results, samples
 
 
 # --------------------------------------------------------------------------------- measures

@@ -332,6 +332,82 @@ def masked_experts(model: nn.Module, keep: Any,
                 del router.forward
 
 
+def _split_rows(value: Any, rows: int, blocks: int) -> list:
+    """``value`` cut into ``blocks`` equal parts along dim 0 when it is a tensor with ``rows`` rows,
+    else the same value for every block."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+        return list(value.chunk(blocks))
+    return [value] * blocks
+
+
+def _joined(outputs: list) -> Any:
+    """The block outputs of a router put back together along dim 0 (tensors) or taken from the first
+    block (anything else)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs) if first.dim() else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_joined(list(parts)) for parts in zip(*outputs))
+    return first
+
+
+def _row_masked_forward(forwards: list, n_blocks: int):
+    """A router forward that routes block ``b`` of ``n_blocks`` equal blocks of rows (dim 0 of the
+    hidden states, and of any argument with as many rows) with ``forwards[b]``."""
+    def forward(hidden, *args, **kwargs):
+        rows = hidden.shape[0]
+        if rows % n_blocks:
+            raise PruningError(f"the batch has {rows} rows, not {n_blocks} equal blocks: row_masked_experts needs "
+                               "the batch replicated once per mask, mask-major")
+        parts_args = [_split_rows(a, rows, n_blocks) for a in args]
+        parts_kwargs = {k: _split_rows(v, rows, n_blocks) for k, v in kwargs.items()}
+        outputs = [forwards[b](part, *(p[b] for p in parts_args), **{k: p[b] for k, p in parts_kwargs.items()})
+                   for b, part in enumerate(hidden.chunk(n_blocks))]
+        return _joined(outputs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def row_masked_experts(model: nn.Module, keeps: list, layers: list[MoELayer] | None = None) -> Iterator[None]:
+    """Several keep-masks at once, one per block of the batch: while active, a batch of
+    ``len(keeps) * B`` sequences is ``len(keeps)`` blocks of ``B`` consecutive rows, and block ``b``
+    is routed exactly as :func:`masked_experts` routes ``keeps[b]`` (the same pruned router copies
+    and mapping back; a mask that keeps every expert of a layer leaves that layer's router as it
+    is). Every other module sees the whole batch, so one forward pass scores every mask: the rows
+    do not interact (causal attention within a sequence, experts applied per token). Used by
+    :mod:`moe_utils.evaluation.multi_mask` to score several pruned models in one pass."""
+    layers = moe_layers(model) if layers is None else layers
+    kept = [normalize_keep(model, keep, layers) for keep in keeps]
+    model_type = str(getattr(model.config, "model_type", ""))
+    patched: list[tuple[nn.Module, bool, Any]] = []
+    try:
+        for position, layer in enumerate(layers):
+            per_mask = [k[position] for k in kept]
+            if all(len(indices) == layer.num_experts for indices in per_mask):
+                continue
+            router = layer.router
+            own = router.forward
+            device = next(router.parameters()).device
+            forwards = []
+            for indices in per_mask:
+                if len(indices) == layer.num_experts:
+                    forwards.append(own)
+                    continue
+                _warn_regrouped(layer, indices)
+                index = torch.as_tensor(indices, device=device)
+                forwards.append(_masked_forward(_pruned_router(layer, index), index, layer, model_type))
+            patched.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
+            router.forward = _row_masked_forward(forwards, len(keeps))
+        yield
+    finally:
+        for router, had_own, previous in reversed(patched):
+            if had_own:
+                router.forward = previous
+            else:
+                del router.forward
+
+
 # ------------------------------------------------------------------------------ removal
 def _set_config_count(config: Any, count: Any) -> None:
     """Set the routed-expert count of ``config`` and of its text part (composite models, e.g. gemma4)."""

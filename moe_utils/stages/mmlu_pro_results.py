@@ -41,6 +41,7 @@ from moe_utils.capture.store import RoutingStore
 from moe_utils.models.loading import is_small_model, load_model, moe_layers
 from moe_utils.patterns.expert_matrix import expert_matrix
 from moe_utils.patterns.hsdl import HSDL
+from moe_utils.compression.evaluate import evaluate_compressions
 
 FORMAT = "moe-domain-results/1"
 METRIC_LABELS = {"byte_perplexity": "byte perplexity", "word_perplexity": "word perplexity",
@@ -220,37 +221,48 @@ class EvaluationGrid:
 
 def evaluate_grid(inputs: Inputs, masks: Mapping[tuple[str, str], PruningMask], domain_names: Sequence[str], *,
                   metric: str, held_out: set, ppl_limit: int, mc_limit: int, mc_fewshot: int | None,
-                  settings: Mapping[str, Any], cache_dir: str | os.PathLike) -> EvaluationGrid:
+                  settings: Mapping[str, Any], cache_dir: str | os.PathLike, threads: int | None = None) -> EvaluationGrid:
     """Evaluate the unpruned model on both families, every mask on the heatmaps' family and the
-    domains' CAEP masks on the other (:func:`moe_utils.compression.domains.evaluate_pruned`, cached), each on
-    every domain's questions, leaving out the ``held_out`` question ids (those the pruning was
-    fitted on). ValueError when a domain has no question left."""
+    domains' CAEP masks on the other (stage 4's evaluator,
+    :func:`moe_utils.compression.evaluate.evaluate_compressions`: cached per compressed model, the
+    masks of one family scored together), each on every domain's questions, leaving out the
+    ``held_out`` question ids (those the pruning was fitted on). ValueError when a domain has no
+    question left."""
     families = {"ppl": ([f"{PPL_GROUP}_{category_slug(d)}" for d in domain_names], ppl_limit, None),
                 "mc": ([f"{MC_GROUP}_{category_slug(d)}" for d in domain_names], mc_limit, mc_fewshot)}
     primary = "mc" if metric == "acc" else "ppl"
     secondary = "ppl" if primary == "mc" else "mc"
-    jobs = [("unpruned", "-", None, family) for family in (primary, secondary)]
-    jobs += [(m, d, mask.keep, primary) for (m, d), mask in masks.items()]
-    jobs += [("caep", d, masks[("caep", d)].keep, secondary) for d in domain_names]  # the second metric: CAEP only
+    n_e = len(next(iter(masks.values())).keep)
+    unpruned = pruning.unpruned_mask(n_e)
+    jobs = {primary: [("unpruned", "-", unpruned), *((m, d, mask) for (m, d), mask in masks.items())],
+            secondary: [("unpruned", "-", unpruned), *(("caep", d, masks[("caep", d)]) for d in domain_names)]}
     docs, log = {}, []
-    for method, fitted_on, keep, family in jobs:
+    for family in (primary, secondary):  # the second metric: CAEP only
         tasks, limit, fewshot = families[family]
         tick = time.perf_counter()
-        _, frame, cached = domains.evaluate_pruned(inputs.lm, inputs.tokenizer, keep, tasks, cache_dir=cache_dir,
-                                                   model_id=inputs.model_id, limit=limit, num_fewshot=fewshot,
-                                                   **settings)
-        docs[(method, fitted_on, family)] = frame[~frame["question_id"].isin(held_out)]
-        log.append({"method": method, "fitted on": fitted_on, "tasks": family, "questions per domain": limit,
-                    "questions left out": len(frame) - len(docs[(method, fitted_on, family)]),
-                    "seconds": time.perf_counter() - tick, "cached": cached})
+        results, documents = evaluate_compressions(
+            inputs.lm, inputs.tokenizer, [c for *_, c in jobs[family]], [{"tasks": tasks, "limit": limit}],
+            cache_dir=cache_dir, model_id=inputs.model_id, threads=threads, progress=False, num_fewshot=fewshot,
+            **settings)
+        seconds = time.perf_counter() - tick
+        for position, (method, fitted_on, compression) in enumerate(jobs[family]):
+            frame = documents[documents["digest"] == compression.digest].drop_duplicates(["task", "doc_id"])
+            own = results[results["digest"] == compression.digest]
+            docs[(method, fitted_on, family)] = frame[~frame["question_id"].isin(held_out)]
+            log.append({"method": method, "fitted on": fitted_on, "tasks": family, "questions per domain": limit,
+                        "questions left out": len(frame) - len(docs[(method, fitted_on, family)]),
+                        "seconds": float(own["seconds"].iloc[0]) if not own["cached"].all() else 0.0,
+                        "cached": bool(own["cached"].all())})
+        log[-1]["family seconds"] = seconds
     log = pd.DataFrame(log)
-    n_primary = docs[("unpruned", "-", primary)].groupby("category").size().reindex(list(domain_names), fill_value=0)
+    first = docs[("unpruned", "-", primary)]
+    n_primary = first.groupby("task").size().reindex(families[primary][0], fill_value=0)
     if not n_primary.min() > 0:
         raise ValueError("every evaluated question of some domain was a calibration question: raise the limit")
     values = {"n_left_out": int(log.loc[0, "questions left out"]), "n_eval_models": int((log["tasks"] == primary).sum()),
               "n_questions_min": int(n_primary.min()), "n_questions_max": int(n_primary.max()),
-              "eval_seconds": float(log["seconds"].sum()), "n_cached": int(log["cached"].sum())}
-    return EvaluationGrid(docs, log, primary, values)
+              "eval_seconds": float(log["family seconds"].sum()), "n_cached": int(log["cached"].sum())}
+    return EvaluationGrid(docs, log.drop(columns="family seconds"), primary, values)
 
 
 # ------------------------------------------------------------------------------ analysis

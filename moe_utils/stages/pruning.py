@@ -20,6 +20,7 @@ from moe_utils.evaluation.data import load_prompts
 from moe_utils.common.artifacts import sha256_file
 from moe_utils.compression.caep import PruningBudget
 from moe_utils.compression import reference, registry, sensitivity, verdicts
+from moe_utils.compression.evaluate import evaluate_compressions
 from moe_utils.patterns.hsdl import HSDL
 from moe_utils.common.markup import code_span
 from moe_utils.models.loading import load_model, moe_layers
@@ -219,14 +220,15 @@ def evaluate(setup: Setup, masks: Sequence[pruning.PruningMask], runs: Sequence[
              **settings: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every mask of ``masks`` on every run of ``runs``, and the ``extra`` masks (the random-mask
     reference distributions and CAEP's refits) on ``extra_runs`` only (the reference tasks, on the
-    same documents): :func:`moe_utils.evaluation.pruning_eval.evaluate_documents`, results and per-document
-    rows of both concatenated."""
-    results, samples = pruning_eval.evaluate_documents(setup.lm, setup.tokenizer, masks, runs, cache_dir=cache_dir,
-                                                       **settings)
+    same documents), through the one evaluator of stages 4 and 5
+    (:func:`moe_utils.compression.evaluate.evaluate_compressions`: masks scored together in shared
+    passes, every document cached per compressed model); results and per-document rows of both
+    concatenated."""
+    results, samples = evaluate_compressions(setup.lm, setup.tokenizer, masks, runs, cache_dir=cache_dir, **settings)
     if not extra or not extra_runs:
         return results, samples
-    more, more_samples = pruning_eval.evaluate_documents(setup.lm, setup.tokenizer, extra, extra_runs,
-                                                         cache_dir=cache_dir, **settings)
+    more, more_samples = evaluate_compressions(setup.lm, setup.tokenizer, extra, extra_runs, cache_dir=cache_dir,
+                                               **settings)
     return pd.concat([results, more], ignore_index=True), pd.concat([samples, more_samples], ignore_index=True)
 
 
