@@ -64,6 +64,7 @@ output_tokens = 512
 eval_tasks = None
 eval_limit = None
 eval_task_limits = None
+wikitext_words = None  # score each WikiText-2 article's first whole lines holding this many words (None: whole articles)
 eval_num_fewshot = 0
 eval_batch_size = 8
 eval_threads = None  # torch threads while evaluating (None: torch's default)
@@ -274,11 +275,16 @@ t0 = time.perf_counter()
 all_results, all_samples = pruning_stage.evaluate(
     setup, every, runs, extra, ref_runs, cache_dir=cache_dir, threads=eval_threads, num_fewshot=eval_num_fewshot,
     batch_size=eval_batch_size, categories=categories, data_dir=data_dir, wikitext_dir=wikitext_dir,
+    wikitext_words=wikitext_words,
     blimp_dir=blimp_dir)
 glue_values(n_evaluations=len(every) + len(extra), n_full=len(every), n_extra=len(extra),
             eval_seconds=time.perf_counter() - t0,
             n_cached=int(all_results.groupby(["method", "ratio", "seed"], dropna=False)["cached"].all().mean() * 100),
             **pruning_stage.merging_cost(all_results))
+if wikitext_words and "wikitext2_ppl" in evaluation["tasks"]:
+    display(Markdown(f"WikiText-2 is scored on the opening of each article (its first whole lines holding at least "
+                     f"{wikitext_words} words): its perplexity here is that of article openings, which buys more "
+                     "articles, the units of its bootstrap, at the same cost."))
 # Table 1, the curves and the comparisons: every model but the matched reference masks
 samples = all_samples[~all_samples["method"].map(reference.is_matched)]
 results = all_results[~all_results["method"].map(reference.is_matched) & ~all_results["method"].map(abl.is_variant)

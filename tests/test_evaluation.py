@@ -191,3 +191,31 @@ def test_wikitext_word_perplexity_matches_direct_computation(model_and_tokenizer
     words = sum(len(line.split()) + 1 for line in doc.split("\n") if line.strip())
     assert got["word_perplexity"] == pytest.approx(math.exp(nll / words), rel=1e-3)
     assert got["byte_perplexity"] == pytest.approx(math.exp(nll / len(doc.encode("utf-8"))), rel=1e-3)
+
+
+def test_article_opening_keeps_whole_lines_up_to_the_word_count():
+    article = " = Title = \n\n one two three \n four five \n six seven eight nine \n"
+    assert evaluation.article_opening(article, None) == article
+    # the title line counts too ("=", "Title", "="): three words
+    assert evaluation.article_opening(article, 3) == " = Title = \n"
+    assert evaluation.article_opening(article, 4) == " = Title = \n\n one two three \n"
+    assert evaluation.article_opening(article, 7) == " = Title = \n\n one two three \n four five \n"
+    assert evaluation.article_opening(article, 1000) == article
+    with pytest.raises(ValueError, match="positive"):
+        evaluation.article_opening(article, 0)
+
+
+@torch.no_grad()
+def test_wikitext_openings_are_scored_on_the_opening_text(model_and_tokenizer):
+    """With ``wikitext_words`` the harness scores each article's opening: its byte count is the
+    opening's, and the opening's perplexity differs from the whole article's."""
+    model, tokenizer = model_and_tokenizer
+    whole = evaluation.run_harness(model, tokenizer, ["wikitext2_ppl"], limit=2, max_length=256,
+                                   wikitext_dir=WIKITEXT_DIR, log_samples=True, bootstrap_iters=0)
+    opening = evaluation.run_harness(model, tokenizer, ["wikitext2_ppl"], limit=2, max_length=256,
+                                     wikitext_dir=WIKITEXT_DIR, log_samples=True, bootstrap_iters=0,
+                                     wikitext_words=50)
+    docs = evaluation.wikitext_documents((WIKITEXT_DIR / "test.txt").read_text(encoding="utf-8"))[:2]
+    got = evaluation.sample_table(opening)
+    assert list(got["n_bytes"]) == [len(evaluation.article_opening(d, 50).encode("utf-8")) for d in docs]
+    assert (got["n_bytes"] < evaluation.sample_table(whole)["n_bytes"]).all()

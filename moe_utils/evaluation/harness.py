@@ -198,6 +198,25 @@ def wikitext_documents(text: str) -> list[str]:
     return ["".join(lines) for lines in docs]
 
 
+def article_opening(article: str, words: int | None) -> str:
+    """The first whole lines of ``article`` that hold at least ``words`` words (None: all of it).
+
+    Scoring the openings of many articles instead of a few whole ones buys more independent units
+    for a bootstrap over articles at the same cost (a model's perplexity is then that of the
+    openings: stage 4 says so where it reports it)."""
+    if words is None:
+        return article
+    if words < 1:
+        raise ValueError(f"wikitext_words must be a positive number of words, got {words}")
+    kept, count = [], 0
+    for line in article.splitlines(keepends=True):
+        if count >= words:
+            break
+        kept.append(line)
+        count += len(line.split())
+    return "".join(kept)
+
+
 # ------------------------------------------------------------------------------ task build
 def _template(name: str) -> dict[str, Any]:
     with open(TASKS_DIR / f"{name}.yaml", encoding="utf-8") as fh:
@@ -297,11 +316,11 @@ def _ppl_task(category: str, source: _MmluPro):
     return ConfigurableTask(config=cfg)
 
 
-def _wikitext_task(wikitext_dir: str | os.PathLike | None):
+def _wikitext_task(wikitext_dir: str | os.PathLike | None, words: int | None = None):
     from lm_eval.api.task import ConfigurableTask
 
     cfg = _template(WIKITEXT_TASK)
-    docs = wikitext_documents(load_wikitext("test", wikitext_dir))
+    docs = [article_opening(d, words) for d in wikitext_documents(load_wikitext("test", wikitext_dir))]
     log.info("WikiText-2 test: %d articles from %s", len(docs),
              wikitext_dir or os.environ.get(WIKITEXT_ENV) or "the Hub")
     dataset = _dataset_dict({"test": pd.DataFrame({"page": docs})})
@@ -330,6 +349,7 @@ def build_tasks(
     categories: Iterable[str] | None = None,
     blimp_dir: str | os.PathLike | None = None,
     limit: int | float | None = None,
+    wikitext_words: int | None = None,
 ) -> list:
     """Turn task names into what ``lm_eval.simple_evaluate(tasks=...)`` takes.
 
@@ -338,7 +358,8 @@ def build_tasks(
     names are returned unchanged for the harness's ``TaskManager``. ``categories`` restricts the
     two MMLU-Pro groups (not explicitly named category tasks). A category task also covered by a
     requested group is built once. ``limit`` (the harness's, when it is a count) builds each BLiMP
-    task on its first ``limit`` pairs only. Raises ValueError for an unknown MMLU-Pro category.
+    task on its first ``limit`` pairs only; ``wikitext_words`` scores each WikiText-2 article's opening
+    only (:func:`article_opening`). Raises ValueError for an unknown MMLU-Pro category.
     """
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -363,7 +384,7 @@ def build_tasks(
                 continue
             kind, category = spec
             if kind == "wikitext":
-                out.append(_wikitext_task(wikitext_dir))
+                out.append(_wikitext_task(wikitext_dir, wikitext_words))
             elif kind == "blimp":
                 out.append(_blimp_task(category, blimp_dir, limit))
             elif category is not None:
@@ -398,6 +419,7 @@ def harness_tasks(
     categories: Iterable[str] | None = None,
     wikitext_dir: str | os.PathLike | None = None,
     blimp_dir: str | os.PathLike | None = None,
+    wikitext_words: int | None = None,
 ) -> tuple[list, Any]:
     """``(tasks, task_manager)`` as ``simple_evaluate`` takes them (:func:`build_tasks`, data loaded):
     built once, they serve every :func:`run_harness` call with the same tasks and ``limit`` (the
@@ -406,7 +428,7 @@ def harness_tasks(
     from lm_eval.tasks import TaskManager
 
     specs = build_tasks(tasks, data_dir=data_dir, wikitext_dir=wikitext_dir, categories=categories,
-                        blimp_dir=blimp_dir, limit=limit)
+                        blimp_dir=blimp_dir, limit=limit, wikitext_words=wikitext_words)
     stock = [s for s in specs if isinstance(s, str)]
     task_manager = TaskManager() if stock else TaskManager(include_defaults=False)
     if stock:
@@ -437,10 +459,12 @@ def run_harness(
     blimp_dir: str | os.PathLike | None = None,
     lm: Any = None,
     prepared: tuple[list, Any] | None = None,
+    wikitext_words: int | None = None,
 ) -> dict:
     """Run lm-evaluation-harness on an in-memory causal LM; return the raw ``simple_evaluate`` result.
 
-    The arguments are those of :func:`evaluate`; ``log_samples`` keeps the harness's per-document
+    The arguments are those of :func:`evaluate`; ``wikitext_words``: score each WikiText-2
+    article's opening only (:func:`article_opening`); ``log_samples`` keeps the harness's per-document
     log (``result["samples"]``). ``lm``: the harness model to use instead of a fresh ``HFLM`` over
     ``model`` (e.g. :class:`moe_utils.evaluation.multi_mask.MultiMaskLM`); ``prepared``: :func:`harness_tasks`
     of these tasks and ``limit``, built earlier. The harness's environment report is skipped and
@@ -450,7 +474,8 @@ def run_harness(
     from lm_eval.models.huggingface import HFLM
 
     specs, task_manager = prepared if prepared is not None else harness_tasks(
-        tasks, limit=limit, data_dir=data_dir, categories=categories, wikitext_dir=wikitext_dir, blimp_dir=blimp_dir)
+        tasks, limit=limit, data_dir=data_dir, categories=categories, wikitext_dir=wikitext_dir, blimp_dir=blimp_dir,
+        wikitext_words=wikitext_words)
     was_training = model.training
     if lm is None:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
