@@ -12,8 +12,10 @@ parameters), this
    of the paper's five domains) and small evaluation limits, so that every stage runs, through the
    same notebooks and code as a real run, in an hour or so on 2 cores;
 3. records for each stage: its run time (the pipeline's own figure), the threads the pipeline chose,
-   the peak resident memory of the stage's kernel and the processes it started (the sum of their
-   RSS, sampled every 0.25 s from ``/proc``: Linux only), and the token positions the stage's models
+   the peak resident memory of the stage's kernel and the processes it started (the larger of the
+   sum of their RSS, sampled every 0.25 s, and the largest one's own peak ``VmHWM``, both from
+   ``/proc``: Linux only; RSS counts the pages of the safetensors file the weights are mapped
+   from), and the token positions the stage's models
    processed (padding included; counted by a forward pre-hook on token embeddings that
    ``bench/token_meter/sitecustomize.py`` installs in every kernel) and so its tokens per second.
 
@@ -110,6 +112,18 @@ def _process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
+def _high_water(pid: int) -> int:
+    """The process's peak resident memory so far (``VmHWM``, bytes): catches peaks between samples."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def descendants(root: int, table: dict[int, tuple[int, int]]) -> list[int]:
     """Every process below ``root`` in ``table`` (children, their children, ...)."""
     children: dict[int, list[int]] = {}
@@ -143,7 +157,8 @@ class StageMeter:
             table = _process_table()
             below = descendants(self.root, table)
             self.pids.setdefault(stage, set()).update(below)
-            self.peaks[stage] = max(self.peaks.get(stage, 0), sum(table[p][1] for p in below))
+            self.peaks[stage] = max(self.peaks.get(stage, 0), sum(table[p][1] for p in below),
+                                    max((_high_water(p) for p in below), default=0))
 
     def close(self) -> None:
         self._stop.set()
