@@ -181,7 +181,8 @@ def _pair_sums(groups: _Groups, question_weights: np.ndarray, mask: np.ndarray,
     """The sums over the pairs of ``mask`` of :func:`_expected`'s plain and given-stratum
     expectations, without forming them: each is a sum of quadratic forms ``c^T M c`` over the
     strata's selection counts, read through ``projected`` (``groups.counts @ M``, dense (groups,
-    N_e), computed once for every replicate). Cost per call: one pass over ``projected``."""
+    N_e) float32, computed once for every replicate: 4 bytes x groups x N_e, where a group is a
+    question's tokens of one type). Cost per call: one pass over ``projected``."""
     weights = question_weights[groups.group_question]
     n = float(weights @ groups.size)
     counts = np.asarray(groups.counts.T @ weights).ravel()
@@ -297,7 +298,7 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     n_questions = len(observed)
     rng = np.random.default_rng(seed + 1)
     mask = pairs.astype(np.float32)
-    projected = np.vstack([product for _, product in _times_mask(groups.counts, mask)]).astype(np.float64)
+    projected = np.vstack([product for _, product in _times_mask(groups.counts, mask)])  # exact: integer sums
     shares = np.empty(n_boot)
     for i in range(n_boot):
         weights = rng.dirichlet(np.ones(n_questions)) * n_questions
