@@ -4,12 +4,13 @@ A profile's ``about.time`` must come from measured rates, not from an assumed th
 profiles' models do not fit this machine's memory whole in float32, but their decoder layers are
 alike, so this measures the model a few layers at a time: for each profile of ``params/`` whose
 ``about`` block declares ``model_type`` and ``config``, it builds the model type's own config with
-the declared shape but ``a`` and then ``a + 1`` decoder layers (``a = first_k_dense_replace + 1``,
-so that the added layer is an MoE layer), random weights in float32, and times a forward pass of
-``--batch`` x ``--length`` random token ids with ``--threads`` torch threads (median of
-``--repeats`` after one warm-up). The whole model's seconds per token are then
-``t(a) + (L - a) x (t(a + 1) - t(a))``: measured per-layer cost, extrapolated over the layer count
-(stated as such in the JSON). Profiles whose ``a + 1``-layer model needs more than ``--max-gb`` of
+the declared shape but ``a`` and then ``a + d`` decoder layers (``a = first_k_dense_replace + 1``,
+so that the added layers are MoE layers; ``d = --added-layers``, default 2), random weights in float32, and times a forward pass of
+``--batch`` x ``--length`` random token ids with one torch thread, in CPU seconds of this process
+(median of ``--repeats`` after one warm-up): on a shared machine, CPU time leaves out the time
+other jobs hold the core, so the rate is that of one free core. The whole model's seconds per token are then
+``t(a) + (L - a) x (t(a + d) - t(a)) / d``: measured per-layer cost, extrapolated over the layer count
+(stated as such in the JSON). Profiles whose ``a + d``-layer model needs more than ``--max-gb`` of
 weights are skipped and listed. Writes ``bench/results/profile_rates.json``.
 
 Usage::
@@ -77,9 +78,9 @@ def seconds_per_token(about: dict, n_layers: int, args) -> float:
     times = []
     with torch.no_grad():
         for _ in range(args.repeats + 1):
-            start = time.perf_counter()
+            start = time.process_time()
             model(input_ids=ids)
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     del model
     return statistics.median(times[1:]) / ids.numel()
 
@@ -87,15 +88,16 @@ def seconds_per_token(about: dict, n_layers: int, args) -> float:
 def measure(name: str, about: dict, args) -> dict:
     first = about["config"].get("first_k_dense_replace", 0) + 1
     total_layers = about["config"]["num_hidden_layers"]
-    weights_gb = n_parameters(about, first + 1) * 4 / 1e9
+    more = args.added_layers
+    weights_gb = n_parameters(about, first + more) * 4 / 1e9
     row = {"profile": name, "model_type": about["model_type"], "n_layers": total_layers,
-           "n_parameters": n_parameters(about, total_layers), "measured_layers": [first, first + 1],
+           "n_parameters": n_parameters(about, total_layers), "measured_layers": [first, first + more],
            "measured_weights_gb": round(weights_gb, 2)}
     if weights_gb > args.max_gb:
-        return {**row, "skipped": f"{first + 1} layers need {weights_gb:.1f} GB of float32 weights (> --max-gb)"}
+        return {**row, "skipped": f"{first + more} layers need {weights_gb:.1f} GB of float32 weights (> --max-gb)"}
     t_a = seconds_per_token(about, first, args)
-    t_b = seconds_per_token(about, first + 1, args)
-    per_layer = max(t_b - t_a, 0.0)
+    t_b = seconds_per_token(about, first + more, args)
+    per_layer = max(t_b - t_a, 0.0) / more
     whole = t_a + (total_layers - first) * per_layer
     print(f"{name}: {t_a * 1e3:.2f} ms/token with {first} layers, {per_layer * 1e3:.2f} ms per more layer, "
           f"{1 / whole:.1f} tokens/s for all {total_layers}", flush=True)
@@ -112,11 +114,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--added-layers", type=int, default=2, help="layers added to the smallest model (d)")
     parser.add_argument("--max-gb", type=float, default=7.0, help="largest float32 weights to build")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "profile_rates.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # CPU time measures one thread's work
     names = args.profiles or [p.stem for p in sorted(PROFILES.glob("*.yaml"))]
     machine = machine_info()
     # rows of other profiles already in --out are kept: profiles can be measured one command at a time
