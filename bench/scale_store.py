@@ -13,8 +13,14 @@ Zipf-distributed synthetic words. It then runs, on one process, the package func
 notebooks call, timing each step and sampling the process's resident memory (RSS, every 50 ms) to
 record its peak:
 
+* stage 01 (store-only): the token-identity control (explained share with its bootstrap interval,
+  by token and by token and position, and the pair table: :mod:`moe_utils.patterns.token_null`);
 * stage 02: X (token columns of routing weights), the HSDL fit with the notebook's defaults,
   atom tables, hierarchy, and the Fig 6 coverage against chance (:mod:`moe_utils.patterns.cooccurrence`);
+  the controls: random atoms' cross-layer share and coverage (uniform and by usage), the stability
+  refits (another seed, random initial atoms, two question halves: 4 fits) and the surrogate refits
+  (:mod:`moe_utils.patterns.hsdl_controls`). ``--no-refits`` leaves out the refits (4 + ``n_surrogates`` HSDL
+  fits, each as long as the fit), ``--no-controls`` every control;
 * stage 03: token annotation and enrichment, levels, domain similarity, domain enrichment;
 * stage 05 (store-only): CAEP masks fitted on each domain and on all domains (the calibration
   baselines and the evaluations need the model and are not store-only);
@@ -26,7 +32,9 @@ record its peak:
   (``heldout_per_category = 6`` questions of each of 5 categories, ``--tokens-per-question`` each).
 
 With ``--hsdl-steps`` below the notebook's 600 (to fit a time budget), the JSON gives the fit's
-seconds per step, from which the full fit's time follows. Shapes can be run one command at a time:
+seconds per step, from which the full fit's time follows; ``analysis_seconds_at_notebook_settings``
+is that extrapolation for the whole analysis (every fit at 600 steps, stage 6 at the notebook's
+held-out size). Shapes can be run one command at a time:
 cases of other shapes already in ``--out`` are kept.
 
 Target (issue 21): each shape's analysis within 10 minutes and 8 GB. The JSON records, per shape
@@ -135,8 +143,14 @@ def write_synthetic_store(path: Path, shape: dict, n_tokens: int, tokens_per_que
 # ------------------------------------------------------------------------------- the stages
 def run_shape(name: str, shape: dict, args, work: Path) -> dict:
     from moe_utils.patterns import annotation
-    from moe_utils.stages import annotation as annotation_report, hsdl as hsdl_report
-    from moe_utils.compression import caep, domains, pruning
+    from moe_utils.stages import annotation as annotation_report
+    from moe_utils.compression import caep
+    from moe_utils.compression import domains
+    from moe_utils.patterns import hsdl_controls
+    from moe_utils.stages import hsdl as hsdl_report
+    from moe_utils.compression import pruning
+    from moe_utils.patterns import token_null as tn
+    from moe_utils.patterns.cooccurrence import Cooccurrence
     from moe_utils.prediction import routing_prediction as rp
     from moe_utils.patterns.expert_matrix import expert_matrix
     from moe_utils.patterns.hsdl import HSDL
@@ -147,6 +161,12 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
             store = write_synthetic_store(work / name / "store", shape, args.tokens, args.tokens_per_question, 0)
             heldout = write_synthetic_store(work / name / "heldout", shape, args.heldout_tokens,
                                             args.tokens_per_question, 1)
+        if args.controls:
+            with recorder.step("01", "token-identity control"):
+                tn.explained_share_interval(store, n_boot=args.null_bootstrap, seed=0)
+                tn.explained_share_interval(store, n_boot=args.null_bootstrap, seed=0,
+                                            strata=tn.token_position_strata(store))
+                tn.pair_table(tn.coselection(store, seed=0), n=10)
         with recorder.step("02", "expert matrix"):
             X = expert_matrix(store, granularity="token", value="weight")
         with recorder.step("02", "HSDL fit"):
@@ -160,8 +180,24 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
             except RuntimeError as error:  # a quality check of the fit, not a cost: recorded, not fatal
                 notes.append(f"hierarchy: {error}")
         with recorder.step("02", "coverage against chance"):
-            observed, _, coverage = hsdl_report.coverage_against_chance(
-                tables, expert_matrix(store, granularity="token", value="binary"), random_state=0)
+            selected = expert_matrix(store, granularity="token", value="binary")
+            counted = Cooccurrence(selected)
+            observed, _, coverage = hsdl_report.coverage_against_chance(tables, counted, random_state=0)
+        if args.controls:
+            with recorder.step("02", "chance atoms (cross-layer, coverage)"):
+                usage = np.asarray(selected.sum(axis=1)).ravel()
+                live_sizes = hsdl_report.live_atoms(tables)["n_experts"].to_numpy()
+                for weights in (None, usage):
+                    hsdl_controls.cross_layer_chance(live_sizes, (store.n_layers, store.n_experts),
+                                                     n_draws=args.control_draws, weights=weights, seed=0)
+                    hsdl_controls.coverage_chance(live_sizes, counted, percents=hsdl_report.COVERAGE_PERCENTS,
+                                                  n_draws=args.control_draws, weights=weights, seed=0)
+            if args.refits:
+                with recorder.step("02", "stability refits (3 comparisons, 4 fits)"):
+                    hsdl_controls.stability(model, X, store.tokens["sample_id"].to_numpy(), 0.5, seed=0)
+                with recorder.step("02", f"surrogate refits ({args.n_surrogates})"):
+                    hsdl_controls.surrogate_fits(model, store, 0.5, n_surrogates=args.n_surrogates, seed=0)
+        del selected, counted
         with recorder.step("02", "save"):
             model.save(work / name / "hsdl", extra=hsdl_report.artifact_extra(store, X, granularity="token",
                                                                               value="weight"))
@@ -197,12 +233,17 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
                               store.top_k, confidence=0.95, n_boot=1000)
     finally:
         recorder.close()
-    analysis = [s for s in recorder.steps if s["stage"] != "01"]
+    analysis = [s for s in recorder.steps if s["step"] != "write synthetic store"]
     rankings = next(s["seconds"] for s in recorder.steps if s["step"].startswith("rankings"))
     notebook_heldout = 6 * len(CATEGORIES) * args.tokens_per_question
     total = sum(s["seconds"] for s in analysis)
     peak = max(s["peak_rss_gb"] for s in analysis)
     fit = next(s["seconds"] for s in recorder.steps if s["step"] == "HSDL fit")
+    refits = sum(s["seconds"] for s in recorder.steps if "refits" in s["step"])
+    n_fits = 1 + (4 + args.n_surrogates if args.controls and args.refits else 0)
+    # every fit at the notebook's 600 steps (the refits take the fit's settings) and stage 6 at its held-out size
+    at_notebook = (total - fit - refits + n_fits * fit / args.hsdl_steps * 600
+                   - rankings + rankings / args.heldout_tokens * notebook_heldout)
     return {"shape": name, **shape, "n_tokens": args.tokens, "n_heldout_tokens": args.heldout_tokens,
             "hsdl_steps": args.hsdl_steps, "hsdl_seconds_per_step": fit / args.hsdl_steps,
             "inference_steps": args.inference_steps,
@@ -212,6 +253,10 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
             "rankings_seconds_per_heldout_token": rankings / args.heldout_tokens,
             "rankings_seconds_at_notebook_heldout": round(rankings / args.heldout_tokens * notebook_heldout, 1),
             "notebook_heldout_tokens": notebook_heldout,
+            "controls": args.controls, "refits": bool(args.controls and args.refits), "n_hsdl_fits": n_fits,
+            "null_bootstrap": args.null_bootstrap, "control_draws": args.control_draws,
+            "n_surrogates": args.n_surrogates,
+            "analysis_seconds_at_notebook_settings": round(at_notebook, 1),
             "meets_target": bool(total <= TARGET_SECONDS and peak <= TARGET_GB)}
 
 
@@ -225,6 +270,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens-per-question", type=int, default=216)
     parser.add_argument("--hsdl-steps", type=int, default=600, help="HSDL steps (the notebook's default)")
     parser.add_argument("--inference-steps", type=int, default=100, help="stage 6's hsdl_inference_steps")
+    parser.add_argument("--no-controls", dest="controls", action="store_false",
+                        help="leave out the controls of stages 1 and 2 (token identity, chance atoms, refits)")
+    parser.add_argument("--no-refits", dest="refits", action="store_false",
+                        help="leave out stage 2's HSDL refits (stability and surrogates): 4 + n_surrogates fits")
+    parser.add_argument("--null-bootstrap", type=int, default=200, help="stage 1's null_bootstrap (the default)")
+    parser.add_argument("--control-draws", type=int, default=1000, help="stage 2's control_draws (the default)")
+    parser.add_argument("--n-surrogates", type=int, default=3, help="stage 2's n_surrogates (the default)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the stores go (default: a temporary dir)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale_store.json")
     args = parser.parse_args(argv)

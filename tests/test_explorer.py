@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -247,7 +246,7 @@ def test_an_expert_lists_its_strongest_partners_in_other_layers(page, run):
     together = selected.T.astype(int) @ selected.astype(int)
     p = selected.mean(axis=0)
     expert = 1 * n_experts + 2  # layer 1, expert 2 (of the planted math group)
-    page.locator(f".mx-cell[data-layer='1'][data-expert='2']").click()
+    page.locator(".mx-cell[data-layer='1'][data-expert='2']").click()
     partners = _cells(page, "mx-partner")
     lift = together[expert] / store.n_tokens / (p[expert] * p)
     eligible = [b for b in range(n_layers * n_experts) if b // n_experts != 1 and together[expert, b] >= 5]

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from moe_utils.common.project import BENCH_RESULTS
 from moe_utils.pipeline import profiles
 from moe_utils.pipeline import runner as pipeline
 from moe_utils.models.conformance import moe_model_types
@@ -195,3 +196,18 @@ def test_tiny_model_of_the_declared_architecture_captures_routing(path, tmp_path
     n_experts = next(config[f] for f in ROUTING_FIELDS[:3] if f in config)
     assert (store.n_experts, store.top_k) == (n_experts, config["num_experts_per_tok"])
     assert store.n_layers == len(moe_layers(model))
+
+
+def test_measured_profile_times_quote_the_measured_rate_and_the_others_say_not_measured():
+    """A profile's about.time gives the rate bench/profile_rates.py measured at its shape, or says it was not
+    measured: no time is read off an assumed throughput."""
+    rates = json.loads((BENCH_RESULTS / "profile_rates.json").read_text())
+    measured = {row["profile"]: row for row in rates["profiles"] if "tokens_per_second" in row}
+    assert measured, "bench/results/profile_rates.json measured no profile"
+    for path in DECLARED:
+        time = " ".join(load_about(path)["time"].split())
+        if path.stem in measured:
+            assert f"{measured[path.stem]['tokens_per_second']:.0f} tokens per second" in time, path.stem
+            assert time.startswith("Measured")
+        elif path.stem not in ("tiny", "smoke"):
+            assert time.startswith("Not measured"), path.stem

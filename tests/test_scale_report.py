@@ -12,17 +12,21 @@ def test_a_small_scale_run_is_recorded_and_shown(tmp_path):
     out = tmp_path / "scale_store.json"
     scale_store.main(["--shapes", "phimoe", "--tokens", "2000", "--heldout-tokens", "100", "--hsdl-steps", "30",
                       "--inference-steps", "3", "--tokens-per-question", "50", "--out", str(out),
+                      "--null-bootstrap", "5", "--control-draws", "10", "--n-surrogates", "1",
                       "--work-dir", str(tmp_path / "work")])
     result = json.loads(out.read_text())
     case = result["cases"][0]
     steps = [(s["stage"], s["step"]) for s in case["steps"]]
     assert ("02", "coverage against chance") in steps and ("06", "rankings (every predictor)") in steps
     assert all(s["seconds"] >= 0 and s["peak_rss_gb"] > 0 for s in case["steps"])
-    assert case["analysis_seconds"] == round(sum(s["seconds"] for s in case["steps"] if s["stage"] != "01"), 1)
+    assert ("01", "token-identity control") in steps and ("02", "surrogate refits (1)") in steps
+    assert case["analysis_seconds"] == round(sum(s["seconds"] for s in case["steps"]
+                                                 if s["step"] != "write synthetic store"), 1)
+    assert case["n_hsdl_fits"] == 1 + 4 + 1 and case["analysis_seconds_at_notebook_settings"] > case["analysis_seconds"]
     assert case["coverage_columns_counted"] == 2000 and case["notebook_heldout_tokens"] == 6 * 5 * 50
     assert case["meets_target"] == (case["analysis_seconds"] <= 600 and case["analysis_peak_rss_gb"] <= 8)
     page = "\n".join(scale_report.scale_store_section(out))
-    assert "Phi-3.5-MoE" in page and "| 02 | coverage against chance |" in page
+    assert "Phi-3.5-MoE" in page and "| 02 | coverage against chance |" in page and "and their 5 HSDL refits" in page
     assert scale_report.scale_store_section(tmp_path / "missing.json") == []
 
 

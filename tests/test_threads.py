@@ -22,7 +22,11 @@ def test_the_parameter_wins_then_the_environment_then_the_free_cores():
     assert threads.choose_threads(None, environ={}, cores=8, load=2.6)[0] == 5
     assert threads.choose_threads(None, environ={}, cores=2, load=1.0)[0] == 1  # one core left beside one job
     assert threads.choose_threads(None, environ={}, cores=2, load=7.0)[0] == 1  # never fewer than 1
-    assert threads.choose_threads(None, environ={}, cores=8, load=0, active_params=2.4e6)[0] == 1  # small model
+    assert threads.choose_threads(None, environ={}, cores=8, load=0, active_params=2.4e6)[0] == 2  # small model
+    assert threads.choose_threads(None, environ={}, cores=2, load=0.2, active_params=2.4e6)[0] == 2  # idle: 2
+    assert threads.choose_threads(None, environ={}, cores=2, load=1.0, active_params=2.4e6)[0] == 1  # busy: 1
+    assert threads.choose_threads(None, environ={"OMP_NUM_THREADS": "4"}, cores=2, load=1.0,
+                                  active_params=2.4e6)[0] == 4  # the user's setting still wins
     assert threads.choose_threads(None, environ={}, cores=8, load=0, active_params=1.3e9)[0] == 8
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="positive integer"):

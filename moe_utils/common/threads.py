@@ -7,12 +7,19 @@ embedded model's card stage went from 85 s to more than 15 minutes. So the pipel
 
 1. the ``threads`` parameter, if the profile or ``--set threads=N`` gives one;
 2. else ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) if the user set it;
-3. else the cores free for this process (its CPU affinity minus the processes running now,
-   at least 1), and 1 for a small model (under :data:`SMALL_MODEL` parameters active per token).
-   A second thread does help a small model on an idle machine (the embedded model's WikiText-2
-   perplexity ran 1.4 to 1.75 times faster with 2 threads than with 1 on 2 idle cores), but a
-   process that starts competing after the stage has chosen makes it several times slower
-   (``bench/results/contention.json``); for a model this small the pipeline takes the steady choice.
+3. else from the cores free now and the work's size: the cores this process may use (its CPU
+   affinity, :func:`available_cores`) minus those other processes keep busy (the runnable
+   processes, :func:`busy_cores`), at least 1; and for a small model (under :data:`SMALL_MODEL`
+   parameters active per token) at most :data:`SMALL_MODEL_THREADS` (2). So on an idle 2-core machine
+   every stage gets 2 threads, and beside one CPU-bound process 1.
+
+   Measured on 2 idle cores: the embedded model's card stage (00) took 148 to 174 s with 1 thread
+   and ran 1.4 to 1.75 times faster with 2. The cost of 2 is on a machine that becomes busy after
+   the stage has chosen: torch's threads spin while they wait for a preempted one, and a stage can
+   run several times slower (``bench/results/contention.json``). A small model's stage is short, so
+   the choice made at its start usually holds for all of it. More than 2 threads for a small model
+   was not measured; the cap keeps its short stages from spreading over a many-core machine that
+   other work shares.
 
 The choice reaches each stage's notebook through ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in
 its kernel's environment (:func:`environment`), which torch reads when it starts.
@@ -27,8 +34,10 @@ from pathlib import Path
 from typing import Mapping
 
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-#: Below this many parameters active per token, one thread: little to gain when idle, much to lose when busy.
+#: Below this many parameters active per token, at most SMALL_MODEL_THREADS threads: more cannot gain on
+#: matrices this small.
 SMALL_MODEL = 100e6
+SMALL_MODEL_THREADS = 2
 
 
 def available_cores() -> int:
@@ -88,9 +97,11 @@ def choose_threads(requested: int | None = None, *, active_params: float | None 
     cores = available_cores() if cores is None else cores
     load = busy_cores() if load is None else load
     free = max(1, min(cores, int(cores - load + 0.5)))
-    if active_params is not None and active_params < SMALL_MODEL:
-        return 1, f"a small model ({active_params / 1e6:.1f}M parameters active per token)"
-    return free, f"{free} of {cores} cores free ({load:.1f} busy)"
+    why = f"{free} of {cores} cores free ({load:.1f} busy)"
+    if active_params is not None and active_params < SMALL_MODEL and free > SMALL_MODEL_THREADS:
+        return SMALL_MODEL_THREADS, f"{why}; a small model ({active_params / 1e6:.1f}M parameters active per " \
+                                    f"token) uses at most {SMALL_MODEL_THREADS}"
+    return free, why
 
 
 @contextmanager

@@ -39,6 +39,8 @@ import scipy.sparse as sp
 from moe_utils.patterns.expert_matrix import expert_label, expert_matrix
 from moe_utils.capture.store import RoutingStore
 
+_BLOCK_ENTRIES = 8_000_000  # entries of one dense block of tokens x experts (32 MB in float32)
+
 
 @dataclass(frozen=True)
 class CoSelection:
@@ -106,6 +108,14 @@ def _strata(store: RoutingStore, strata: np.ndarray | None) -> np.ndarray:
     return keys
 
 
+def _times_mask(rows: sp.csr_matrix, mask: np.ndarray):
+    """``(start, rows[start:stop] @ mask)`` for blocks of rows, each product a dense float32 matrix
+    product (BLAS): counts of selections are integers, exact in float32 up to 2**24."""
+    block = max(1, _BLOCK_ENTRIES // rows.shape[1])
+    for start in range(0, rows.shape[0], block):
+        yield start, rows[start:start + block].toarray().astype(np.float32) @ mask
+
+
 class _Groups:
     """The tokens of a store grouped by (question, token type): everything the null model sums
     over tokens with per-question weights is a sum over these groups."""
@@ -135,16 +145,13 @@ class _Groups:
 
     def pair_counts(self, pairs: np.ndarray) -> np.ndarray:
         """(questions,): co-selections of each question's tokens summed over ``pairs`` (a boolean
-        (N_e, N_e) mask), one sparse product per question."""
-        order = np.argsort(self.question, kind="stable")
-        bounds = np.searchsorted(self.question[order], np.arange(self.question.max() + 2))
-        by_question = self.selected[order]
-        out = np.zeros(len(bounds) - 1)
-        for q in range(len(out)):
-            rows = by_question[bounds[q]:bounds[q + 1]]
-            both = (rows.T @ rows).tocoo()
-            out[q] = both.data @ pairs[both.row, both.col]
-        return out
+        (N_e, N_e) mask): per token ``s^T M s`` (s its selections, M the mask), summed per question."""
+        mask = np.asarray(pairs, dtype=np.float32)
+        per_token = np.empty(self.selected.shape[0])
+        for start, product in _times_mask(self.selected, mask):
+            rows = self.selected[start:start + len(product)]
+            per_token[start:start + len(product)] = np.asarray(rows.multiply(product).sum(axis=1)).ravel()
+        return np.bincount(self.question, weights=per_token, minlength=self.question.max() + 1)
 
     def per_type(self, group_weights: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
         """(types, N_e) weighted selection counts and (types,) weighted token counts."""
@@ -167,6 +174,33 @@ def _expected_given_type(groups: _Groups, weights: np.ndarray, fit: np.ndarray) 
         marginal = np.asarray(counts.sum(axis=0)).ravel() / n_fit.sum()
         expected += unseen_mass * np.outer(marginal, marginal)
     return expected
+
+
+def _pair_sums(groups: _Groups, question_weights: np.ndarray, mask: np.ndarray,
+               projected: np.ndarray) -> tuple[float, float]:
+    """The sums over the pairs of ``mask`` of :func:`_expected`'s plain and given-stratum
+    expectations, without forming them: each is a sum of quadratic forms ``c^T M c`` over the
+    strata's selection counts, read through ``projected`` (``groups.counts @ M``, dense (groups,
+    N_e) float32, computed once for every replicate: 4 bytes x groups x N_e, where a group is a
+    question's tokens of one type). Cost per call: one pass over ``projected``."""
+    weights = question_weights[groups.group_question]
+    n = float(weights @ groups.size)
+    counts = np.asarray(groups.counts.T @ weights).ravel()
+    plain = float((weights @ projected) @ counts) / n
+    given = 0.0
+    for fit in (groups.group_in_a, ~groups.group_in_a):
+        type_counts, n_fit = groups.per_type(weights * fit)
+        _, n_eval = groups.per_type(weights * ~fit)
+        agg = groups.by_type.copy()
+        agg.data = (weights * fit)[agg.indices]
+        quadratic = np.asarray(type_counts.multiply(agg @ projected).sum(axis=1)).ravel()  # c_t^T M c_t
+        seen = n_fit > 0
+        given += float(n_eval[seen] @ (quadratic[seen] / n_fit[seen] ** 2))
+        unseen_mass = n_eval[~seen].sum()
+        if unseen_mass > 0:
+            marginal = np.asarray(type_counts.sum(axis=0)).ravel() / n_fit.sum()
+            given += unseen_mass * float(marginal @ mask.astype(np.float64) @ marginal)
+    return plain, given
 
 
 def _expected(groups: _Groups, question_weights: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -249,7 +283,8 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     stay fixed, and the counts are summed over the pairs the full sample selects (selecting them
     anew in each replicate would add the replicate's noise to the excess); the observed sum is
     counted once per question, so a replicate costs only the type-level products. ``strata`` as in
-    :func:`coselection`. Returns the point estimate's values plus ``share_low``, ``share_high``,
+    :func:`coselection`. A replicate needs only sums over those pairs, which :func:`_pair_sums`
+    computes without the (N_e, N_e) matrices. Returns the point estimate's values plus ``share_low``, ``share_high``,
     ``remaining_low``, ``remaining_high`` and ``n_boot``.
     """
     if n_boot < 1:
@@ -262,11 +297,13 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     observed = groups.pair_counts(pairs)  # the observed sum is linear in the question weights
     n_questions = len(observed)
     rng = np.random.default_rng(seed + 1)
+    mask = pairs.astype(np.float32)
+    projected = np.vstack([product for _, product in _times_mask(groups.counts, mask)])  # exact: integer sums
     shares = np.empty(n_boot)
     for i in range(n_boot):
         weights = rng.dirichlet(np.ones(n_questions)) * n_questions
-        _, plain, given = _expected(groups, weights)
-        shares[i] = (given[pairs].sum() - plain[pairs].sum()) / (weights @ observed - plain[pairs].sum())
+        plain, given = _pair_sums(groups, weights, mask, projected)
+        shares[i] = (given - plain) / (weights @ observed - plain)
     low, high = np.nanpercentile(shares, [50 * (1 - level), 50 * (1 + level)])
     return {**point, "share_low": float(low), "share_high": float(high), "remaining_low": float(1 - high),
             "remaining_high": float(1 - low), "n_boot": int(n_boot)}

@@ -1,4 +1,5 @@
-"""The status page's sections for the scale and thread benchmarks (``bench/scale_store.py``, ``bench/contention.py``)."""
+"""The status page's sections for the scale and thread benchmarks (``bench/scale_model.py``,
+``bench/scale_store.py``, ``bench/contention.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,33 @@ def _machine(result: dict) -> str:
     load = machine.get("loadavg_at_start")
     return (f"{machine['cpu_count']} CPUs, torch {machine['torch']}, {machine.get('torch_threads')} torch thread(s)"
             + (f", load average {load[0]:.1f} at the start" if load else ""))
+
+
+def scale_model_section(path: Path) -> list[str]:
+    """Markdown lines summarising ``bench/scale_model.py``'s JSON, if it has been run and committed."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    model, config = result["model"], result["model"]["config"]
+    shape = (f"`{model['model_type']}`, {config.get('num_hidden_layers')} layers, "
+             f"{model['n_parameters'] / 1e9:.2f}B parameters in float32")
+    done = "every stage completed" if result["complete"] else "the run did not complete every stage"
+    peak = result["peak_rss_gb"]
+    lines = ["", f"## Benchmark: every stage at the shape of `params/{result['profile']}.yaml`", "",
+             f"From `bench/scale_model.py` on {result['date'][:10]} ({_machine(result)}): random weights of the "
+             f"profile's declared shape ({shape}; {result['tokenizer']}), run through the pipeline with small "
+             "limits (20 MMLU-Pro questions; the overrides are in the JSON). Per stage: the pipeline's run time, "
+             "the peak resident memory of the stage's kernel and the processes it started, and the token "
+             "positions its models processed (padding included) per second. Random routing: costs, not findings. "
+             f"Target: {result['target']}; {done}, peak {peak if peak is None else f'{peak:.1f} GB'}, target "
+             f"{'met' if result['meets_target'] else 'missed'}.", "",
+             "| stage | seconds | threads | peak GB | token positions | tokens/s |", "|---|---|---|---|---|---|"]
+    for row in result["stages"]:
+        seconds = "failed" if row.get("failed") else f"{row['seconds']:.1f}"
+        rate = "" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']:.1f}"
+        lines.append(f"| {row['stage']} | {seconds} | {row.get('threads') or ''} | {row['peak_rss_gb']:.2f} | "
+                     f"{row['token_positions']:,} | {rate} |")
+    return lines
 
 
 def scale_store_section(path: Path) -> list[str]:
@@ -35,12 +63,24 @@ def scale_store_section(path: Path) -> list[str]:
                   f"({case['notebook_heldout_tokens']:,} tokens), which brings the analysis to "
                   f"{at_notebook / 60:.0f} minutes (target {'met' if at_notebook <= 600 else 'missed'}). HSDL: {case['hsdl_steps']} steps of "
                   f"{case['hsdl_seconds_per_step']:.2f} s (the notebook's default: 600). Fig 6's counts cover "
-                  f"{case['coverage_columns_counted']:,} of the tokens.", "",
+                  f"{case['coverage_columns_counted']:,} of the tokens. "
+                  + _controls(case), "",
                   "| stage | step | seconds | peak GB |", "|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['step']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for s in case["steps"]]
         lines += [f"- {note}" for note in case.get("notes", [])]
         lines.append("")
     return lines
+
+
+def _controls(case: dict) -> str:
+    """What the case ran of the controls of stages 1 and 2, and the time at the notebook's settings."""
+    if "controls" not in case:
+        return "The controls of stages 1 and 2 were not part of this run."
+    ran = ("with the controls of stages 1 and 2" + (f" and their {case['n_hsdl_fits'] - 1} HSDL refits"
+                                                    if case["refits"] else ", without the HSDL refits"))
+    minutes = case["analysis_seconds_at_notebook_settings"] / 60
+    return (f"The run is {ran}; with every HSDL fit at 600 steps and stage 6 at the notebook's held-out size it "
+            f"would take about {minutes:.0f} minutes (extrapolated from the measured rates).")
 
 
 def contention_section(path: Path) -> list[str]:

@@ -163,6 +163,7 @@ def write_status_page(status: dict, path: Path) -> None:
     lines += capture_benchmark_section(BENCH_RESULTS / "capture.json")
     lines += pruning_benchmark_section(BENCH_RESULTS / "pruning.json")
     lines += conformance_section(BENCH_RESULTS / "conformance.json")
+    lines += scale_report.scale_model_section(BENCH_RESULTS / "scale_model.json")
     lines += scale_report.scale_store_section(BENCH_RESULTS / "scale_store.json")
     lines += scale_report.contention_section(BENCH_RESULTS / "contention.json")
     path.parent.mkdir(parents=True, exist_ok=True)
