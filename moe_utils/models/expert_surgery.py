@@ -325,11 +325,16 @@ def masked_experts(model: nn.Module, keep: Any,
                                              str(getattr(model.config, "model_type", "")))
         yield kept
     finally:
-        for router, had_own, previous in reversed(patched):
-            if had_own:
-                router.forward = previous
-            else:
-                del router.forward
+        _restore_forwards(patched)
+
+
+def _restore_forwards(patched: list[tuple[nn.Module, bool, Any]]) -> None:
+    """Undo router ``forward`` patches, newest first: ``(router, had its own forward, that forward)``."""
+    for router, had_own, previous in reversed(patched):
+        if had_own:
+            router.forward = previous
+        else:
+            del router.forward
 
 
 def _split_rows(value: Any, rows: int, blocks: int) -> list:
@@ -401,11 +406,7 @@ def row_masked_experts(model: nn.Module, keeps: list, layers: list[MoELayer] | N
             router.forward = _row_masked_forward(forwards, len(keeps))
         yield
     finally:
-        for router, had_own, previous in reversed(patched):
-            if had_own:
-                router.forward = previous
-            else:
-                del router.forward
+        _restore_forwards(patched)
 
 
 # ------------------------------------------------------------------------------ removal
