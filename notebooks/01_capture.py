@@ -42,22 +42,17 @@ artifacts_dir = "artifacts/tiny"
 null_bootstrap = 200
 
 # %% tags=["hide-input"]
-import numpy as np
 from IPython.display import Markdown, display
-from myst_nb import glue
 
+from moe_utils.common import plotting
+from moe_utils.evaluation.data import load_prompts
+from moe_utils.models.loading import load_model
 from moe_utils.patterns import expert_matrix as xm
 from moe_utils.patterns import null_plots
-from moe_utils.common import plotting
-from moe_utils.patterns import token_null as tn
-from moe_utils.evaluation.data import load_prompts
-from moe_utils.common.markup import code_span
-from moe_utils.models.loading import load_model
-from moe_utils.capture.routing import capture_routing
+from moe_utils.stages import capture as capture_report
 from moe_utils.stages import glue_values, model_caveat, stage_paths
 
 plotting.use_style()
-store_dir = stage_paths(artifacts_dir).store
 
 # %% [markdown]
 # ## 1. The model and the prompts
@@ -65,14 +60,10 @@ store_dir = stage_paths(artifacts_dir).store
 # %%
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 texts, labels, questions = load_prompts(categories, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
-glue("model_name", model, display=False)
-glue("n_questions", len(texts), display=False)
-glue("n_categories", len(set(labels)), display=False)
-display(Markdown(
-    f"**Model:** {code_span(model)} ({lm.config.model_type}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters). "
-    f"**Data:** {len(texts)} MMLU-Pro test questions, {n_per_category} per category from "
-    f"{', '.join(categories)}, sampled with seed {seed}."
-))
+inputs, values = capture_report.describe_inputs(model, lm, labels, categories=categories,
+                                                n_per_category=n_per_category, seed=seed)
+glue_values(**values)
+display(Markdown(inputs))
 if caveat := model_caveat(model):
     display(Markdown(caveat))
 
@@ -84,19 +75,11 @@ if caveat := model_caveat(model):
 # other inputs it replaces it.
 
 # %%
-store = capture_routing(
-    lm, tokenizer, texts, out_dir=store_dir, labels=labels, batch_size=batch_size, max_length=max_length,
-    record_probs=record_probs, overwrite=True,
-    data_spec={"dataset": "TIGER-Lab/MMLU-Pro", "split": "test", "categories": categories,
-               "n_per_category": n_per_category, "seed": seed, "source": data_dir or "env/Hub"},
-)
-assert store.n_samples == len(texts)
-assert store.topk_indices.max() < store.n_experts
-glue("n_tokens", store.n_tokens, display=False)
-glue("n_layers", store.n_layers, display=False)
-glue("n_experts", store.n_experts, display=False)
-glue("top_k", store.top_k, display=False)
-glue("n_rows", store.n_layers * store.n_experts, display=False)
+store = capture_report.capture(
+    lm, tokenizer, texts, labels, stage_paths(artifacts_dir).store, categories=categories,
+    n_per_category=n_per_category, seed=seed, data_dir=data_dir, batch_size=batch_size, max_length=max_length,
+    record_probs=record_probs)
+glue_values(**capture_report.store_summary(store, len(texts)))
 store
 
 # %% [markdown]
@@ -111,9 +94,8 @@ store.tokens.head(12)
 # ## 3. How evenly does each layer use its experts?
 
 # %%
-usage = xm.expert_usage(store)
-glue("min_usage_pct", float(usage.min() * 100), display=False)
-glue("max_usage_pct", float(usage.max() * 100), display=False)
+usage, values = capture_report.usage_summary(store)
+glue_values(**values)
 plotting.glue_figure("fig_usage", plotting.expert_usage(usage))
 
 # %% [markdown]
@@ -126,7 +108,7 @@ plotting.glue_figure("fig_usage", plotting.expert_usage(usage))
 # ```
 
 # %%
-plotting.glue_figure("fig_weights", plotting.routing_weight_histogram(np.asarray(store.topk_weights)))
+plotting.glue_figure("fig_weights", plotting.routing_weight_histogram(store.topk_weights))
 
 # %% [markdown]
 # ```{glue:figure} fig_weights
@@ -142,13 +124,9 @@ plotting.glue_figure("fig_weights", plotting.routing_weight_histogram(np.asarray
 # than chance, blue pairs avoid each other.
 
 # %%
-co = xm.coactivation(store)
-np.testing.assert_allclose(np.diag(co).reshape(store.n_layers, -1).sum(axis=1), store.top_k, rtol=1e-6)
-pairs = xm.top_cross_layer_pairs(store, co, n=10)
+co, pairs, values = capture_report.coactivation_summary(store)
+glue_values(**values)
 plotting.glue_figure("fig_coactivation", plotting.coactivation_heatmap(co, store.n_experts))
-glue("top_pair", f"{pairs.expert_a[0]} with {pairs.expert_b[0]}", display=False)
-glue("top_pair_p", float(pairs.p_together[0]), display=False)
-glue("top_pair_lift", float(pairs.lift[0]), display=False)
 
 # %% [markdown]
 # ```{glue:figure} fig_coactivation
@@ -163,7 +141,7 @@ glue("top_pair_lift", float(pairs.lift[0]), display=False)
 # choices would give). The ten strongest:
 
 # %%
-pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "lift": "{:.2f}"}, escape="html")
+pairs.style.format(capture_report.PAIRS_FORMAT, escape="html")
 
 # %% [markdown]
 # ## 5. Collaboration, or the token? (the token-identity control)
@@ -180,33 +158,11 @@ pairs.style.format({"p_together": "{:.3f}", "p_a": "{:.3f}", "p_b": "{:.3f}", "l
 # Bayesian bootstrap over questions ({glue:text}`null_bootstrap` replicates).
 
 # %%
-null = tn.explained_share_interval(store, n_boot=null_bootstrap, seed=seed)
-null_position = tn.explained_share_interval(store, n_boot=null_bootstrap, seed=seed,
-                                            strata=tn.token_position_strata(store))
-co_null = tn.coselection(store, seed=seed)
-null_pairs = tn.pair_table(co_null, n=10)
-np.testing.assert_allclose(co_null.observed[co_null.cross_layer], co[co_null.cross_layer] * store.n_tokens, rtol=1e-6)
-glue_values(
-    null_bootstrap=null_bootstrap, token_share=null["share"] * 100, token_share_low=null["share_low"] * 100,
-    token_share_high=null["share_high"] * 100, context_share=null["remaining"] * 100,
-    context_share_low=null["remaining_low"] * 100, context_share_high=null["remaining_high"] * 100,
-    position_share=null_position["share"] * 100, position_share_low=null_position["share_low"] * 100,
-    position_share_high=null_position["share_high"] * 100, n_excess_pairs=null["n_pairs"],
-    position_vs_token=tn.against(null_position["share"], null["share_low"], null["share_high"]),
-    excess_lift_plain=null["lift_plain"], excess_lift_token=null["lift_token"],
-    top10_lift_plain_min=float(null_pairs["lift_plain"].min()), top10_lift_plain_max=float(null_pairs["lift_plain"].max()),
-    top10_lift_token_min=float(null_pairs["lift_token"].min()), top10_lift_token_max=float(null_pairs["lift_token"].max()),
-    null_top_pair=f"{null_pairs.expert_a[0]} with {null_pairs.expert_b[0]}",
-    top_pair_lift_token=float(null_pairs["lift_token"][0]),
-    top_pair_observed=int(null_pairs["observed"][0]), top_pair_expected_plain=float(null_pairs["expected_plain"][0]),
-    top_pair_expected_token=float(null_pairs["expected_token"][0]))
-glue_values(finding_token_null=tn.finding(null))
-plotting.glue_figure("fig_coactivation_null", null_plots.lift_heatmaps(
-    {"plain (independent layers)": co_null.lift(),
-     "given the token (independent layers given the token id)": co_null.lift(given_token=True)},
-    store.n_experts))
-null_pairs.style.format({"observed": "{:.0f}", "expected_plain": "{:.0f}", "expected_token": "{:.0f}",
-                         "lift_plain": "{:.2f}", "lift_token": "{:.2f}", "token_share": "{:.0%}"}, escape="html")
+co_null, null_pairs, values = capture_report.token_control(store, co, n_boot=null_bootstrap, seed=seed)
+glue_values(**values)
+plotting.glue_figure("fig_coactivation_null", null_plots.lift_heatmaps(capture_report.lift_maps(co_null),
+                                                                      store.n_experts))
+null_pairs.style.format(capture_report.NULL_PAIRS_FORMAT, escape="html")
 
 # %% [markdown]
 # Token identity explains {glue:text}`token_share:.0f`% [{glue:text}`token_share_low:.0f`,
@@ -246,8 +202,7 @@ null_pairs.style.format({"observed": "{:.0f}", "expected_plain": "{:.0f}", "expe
 # the annotation stage develops (the paper's Fig 7).
 
 # %%
-profiles = xm.label_profiles(store)
-plotting.glue_figure("fig_profiles", plotting.label_usage_profiles(profiles))
+plotting.glue_figure("fig_profiles", plotting.label_usage_profiles(xm.label_profiles(store)))
 
 # %% [markdown]
 # ```{glue:figure} fig_profiles

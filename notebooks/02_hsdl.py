@@ -46,21 +46,13 @@ control_draws = 1000
 n_surrogates = 3
 
 # %% tags=["hide-input"]
-import pandas as pd
 from IPython.display import Markdown, display
 
-import numpy as np
-
-from moe_utils.patterns import hsdl_controls, null_plots
-from moe_utils.stages import hsdl as hsdl_report
 from moe_utils.common import plotting
-from moe_utils.patterns import token_null as tn
-from moe_utils.patterns.cooccurrence import Cooccurrence
-from moe_utils.patterns.expert_matrix import expert_matrix
+from moe_utils.patterns import hsdl_controls, null_plots
 from moe_utils.patterns.hsdl import HSDL
-from moe_utils.common.markup import code_span
 from moe_utils.stages import glue_values, model_caveat, stage_paths
-from moe_utils.capture.store import RoutingStore
+from moe_utils.stages import hsdl as hsdl_report
 
 plotting.use_style()
 paths = stage_paths(artifacts_dir)
@@ -69,18 +61,12 @@ paths = stage_paths(artifacts_dir)
 # ## 1. The matrix to factorise
 
 # %%
-store = RoutingStore.open(paths.store)
-X = expert_matrix(store, granularity=granularity, value=value)
+store, X = hsdl_report.open_matrix(paths.store, granularity=granularity, value=value)
 layout = (store.n_layers, store.n_experts)
-model_name = store.manifest["model"]["name"]
-assert X.shape == (store.n_layers * store.n_experts, store.n_tokens if granularity == "token" else store.n_samples)
-glue_values(n_rows=X.shape[0], n_cols=X.shape[1], nnz_per_col=float(X.nnz / X.shape[1]))
-display(Markdown(
-    f"**X:** {X.shape[0]} experts ({store.n_layers} MoE layers x {store.n_experts}) x {X.shape[1]} "
-    f"{granularity} columns of `{value}` values from {code_span(model_name)}, "
-    f"{X.nnz / X.shape[1]:.1f} non-zeros per column."
-))
-if caveat := model_caveat(model_name):
+text, values = hsdl_report.describe_matrix(store, X, granularity=granularity, value=value)
+glue_values(**values)
+display(Markdown(text))
+if caveat := model_caveat(store.manifest["model"]["name"]):
     display(Markdown(caveat))
 
 # %% [markdown]
@@ -93,7 +79,7 @@ if caveat := model_caveat(model_name):
 hsdl = HSDL(levels=hsdl_levels, lambda_hier=hsdl_lambda_hier, lambda_rec=hsdl_lambda_rec,
             n_steps=hsdl_steps, batch_size=hsdl_batch_size, layout=layout, device=device or "auto",
             random_state=hsdl_seed).fit(X)
-glue_values(**hsdl_report.fit_summary(hsdl, X))
+glue_values(**(fit := hsdl_report.fit_summary(hsdl, X)))
 plotting.glue_figure("fig_loss", plotting.hsdl_loss_curves(hsdl.loss_history_))
 hsdl
 
@@ -132,16 +118,10 @@ summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_
 # or in proportion to how often each expert is selected (intervals: 95% of the draws).
 
 # %%
-selected = expert_matrix(store, granularity="token", value="binary")
-usage = np.asarray(selected.sum(axis=1)).ravel()
-live_sizes = hsdl_report.live_atoms(tables)["n_experts"].to_numpy()
-cross_uniform = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=control_draws, seed=hsdl_seed)
-cross_usage = hsdl_controls.cross_layer_chance(live_sizes, layout, n_draws=control_draws, weights=usage, seed=hsdl_seed)
-glue_values(control_draws=control_draws, **{f"cross_chance_{name}{suffix}": chance[key] * 100
-            for name, chance in (("uniform", cross_uniform), ("usage", cross_usage))
-            for suffix, key in (("", "mean"), ("_low", "low"), ("_high", "high"))},
-            cross_vs_chance=tn.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
-                                                  max(cross_uniform["high"], cross_usage["high"])))
+selected, usage = hsdl_report.selections(store)
+_, values = hsdl_report.cross_layer_controls(tables, sizes["cross_share_1"], layout, usage, n_draws=control_draws,
+                                             seed=hsdl_seed)
+stage_values = {**sizes, **glue_values(**values)}
 
 # %% [markdown]
 # Random atoms of the same sizes span several layers {glue:text}`cross_chance_uniform:.0f`%
@@ -209,8 +189,8 @@ plotting.glue_figure("fig_tree", plotting.hierarchy_tree(edges, usages) if edges
 # atoms share them. The method page discusses this. What this fit shows:
 
 # %%
-structure = hsdl_controls.hierarchy_structure(tables, edges[0]) if edges else {}
-glue_values(**{f"tree_{key}": (value * 100 if key.startswith("edges_") else value) for key, value in structure.items()})
+structure, values = hsdl_report.tree_structure(tables, edges)
+stage_values.update(glue_values(**values))
 structure
 
 # %% [markdown]
@@ -232,20 +212,11 @@ structure
 # {glue:text}`control_draws` draws, experts drawn uniformly or by usage.
 
 # %%
-counted = Cooccurrence(selected)  # exact co-selection counts, shared by the atoms and every chance draw
-observed, chance, coverage = hsdl_report.coverage_against_chance(tables, counted, random_state=hsdl_seed)
-glue_values(**coverage)
-chances = {f"random atoms, {name}": hsdl_controls.coverage_chance(
-    live_sizes, counted, percents=hsdl_report.COVERAGE_PERCENTS, n_draws=control_draws,
-    weights=weights, seed=hsdl_seed) for name, weights in (("uniform", None), ("by usage", usage))}
-for (name, frame), key in zip(chances.items(), ("uniform", "usage")):
-    at10 = frame[frame["top_percent"] == 10].set_index("order")
-    glue_values(**{f"cover_chance_{key}_{order}_10{suffix}": float(at10.loc[order, column] * 100)
-                   for order in (2, 3) if order in at10.index
-                   for suffix, column in (("", "mean"), ("_low", "low"), ("_high", "high"))})
+observed, chances, coverage = hsdl_report.coverage_controls(tables, selected, usage, n_draws=control_draws,
+                                                            seed=hsdl_seed)
+stage_values.update(glue_values(**coverage))
 plotting.glue_figure("fig_coverage", null_plots.coverage_with_chance(observed, chances))
-observed.pivot(index="top_percent", columns="order", values="coverage").rename(
-    columns={2: "pairs", 3: "triplets"}).style.format("{:.0%}", escape="html")
+hsdl_report.coverage_table(observed).style.format("{:.0%}", escape="html")
 
 # %% [markdown]
 # {glue:text}`cover_pairs_10:.0f`% of the level-1 atoms have their strongest pair among the top
@@ -276,14 +247,9 @@ observed.pivot(index="top_percent", columns="order", values="coverage").rename(
 # co-selected pairs, and on one half of the questions against the other half.
 
 # %%
-column_questions = (store.tokens["sample_id"].to_numpy() if granularity == "token"
-                    else np.unique(store.tokens["sample_id"].to_numpy()))
-matched = hsdl_controls.stability(hsdl, X, column_questions, atom_threshold, seed=hsdl_seed)
-stable = hsdl_controls.stability_summary(matched).set_index("comparison")
-glue_values(**{f"stable_{key}_{column}": float(stable.loc[name, column] * (100 if column == "exact" else 1))
-               for name, key in (("another seed", "seed"), ("random initialisation", "init"),
-                                 ("question halves", "halves"))
-               for column in ("exact", "median_jaccard")})
+matched, stable, values = hsdl_report.stability_controls(hsdl, X, store, atom_threshold, granularity=granularity,
+                                                         seed=hsdl_seed)
+stage_values.update(glue_values(**values))
 plotting.glue_figure("fig_stability", null_plots.atom_stability(matched))
 stable.style.format({"exact": "{:.0%}", "median_jaccard": "{:.2f}"}, escape="html")
 
@@ -314,38 +280,9 @@ stable.style.format({"exact": "{:.0%}", "median_jaccard": "{:.2f}"}, escape="htm
 # %%
 surrogates = hsdl_controls.surrogate_fits(hsdl, store, atom_threshold, n_surrogates=n_surrogates,
                                           granularity=granularity, value=value, seed=hsdl_seed)
-real = {"rel_error": hsdl_report.fit_summary(hsdl, X)["rel_error"], **sizes,
-        "cover_pairs_10": coverage["cover_pairs_10"], "cover_triplets_10": coverage["cover_triplets_10"]}
-statistics = ["rel_error", "n_live_1", "mean_experts_1", "cross_share_1", "cover_pairs_10", "cover_triplets_10"]
-comparison = {"real store": {k: real[k] for k in statistics},
-              "surrogates, mean": surrogates[statistics].mean().to_dict(),
-              "surrogates, min": surrogates[statistics].min().to_dict(),
-              "surrogates, max": surrogates[statistics].max().to_dict()}
-glue_values(n_surrogates=n_surrogates, **{f"surr_vs_{k}": tn.against(
-                real[k], comparison["surrogates, min"][k], comparison["surrogates, max"][k]) for k in statistics},
-            **{f"surr_{k}": float(v) for k, v in comparison["surrogates, mean"].items()},
-            **{f"surr_{k}_min": float(v) for k, v in comparison["surrogates, min"].items()},
-            **{f"surr_{k}_max": float(v) for k, v in comparison["surrogates, max"].items()})
-pd.DataFrame(comparison).rename(index={
-    "rel_error": "relative L1 error", "n_live_1": "level-1 atoms in use", "mean_experts_1": "experts per atom",
-    "cross_share_1": "% spanning several layers", "cover_pairs_10": "% covered at 10% (pairs)",
-    "cover_triplets_10": "% covered at 10% (triplets)"}).style.format("{:.2f}", escape="html")
-
-# %%
-chance_pairs_at10 = {key: float(frame[(frame["top_percent"] == 10) & (frame["order"] == 2)]["mean"].iloc[0] * 100)
-                     for key, frame in zip(("uniform", "usage"), chances.values())}
-glue_values(finding_hsdl=hsdl_controls.finding(
-    cover_pairs_10=coverage["cover_pairs_10"], cover_chance_uniform_2_10=chance_pairs_at10["uniform"],
-    cover_chance_usage_2_10=chance_pairs_at10["usage"],
-    surr_cover_pairs_10_min=comparison["surrogates, min"]["cover_pairs_10"],
-    surr_cover_pairs_10_max=comparison["surrogates, max"]["cover_pairs_10"],
-    surr_vs_cover_pairs_10=tn.against(real["cover_pairs_10"], comparison["surrogates, min"]["cover_pairs_10"],
-                                      comparison["surrogates, max"]["cover_pairs_10"]),
-    cross_share_1=sizes["cross_share_1"], cross_chance_uniform=cross_uniform["mean"] * 100,
-    cross_vs_chance=tn.against(sizes["cross_share_1"] / 100, min(cross_uniform["low"], cross_usage["low"]),
-                               max(cross_uniform["high"], cross_usage["high"])),
-    stable_seed_exact=float(stable.loc["another seed", "exact"] * 100),
-    tree_mean_size_1=structure.get("mean_size_1"), tree_mean_size_2=structure.get("mean_size_2")))
+table, _, values = hsdl_report.surrogate_comparison({"rel_error": fit["rel_error"], **stage_values}, surrogates)
+glue_values(n_surrogates=n_surrogates, **values, **hsdl_report.stage_finding({**stage_values, **values}))
+table.style.format("{:.2f}", escape="html")
 
 # %% [markdown]
 # On the surrogates, where only token identity couples the layers, HSDL reconstructs X with a
@@ -369,11 +306,9 @@ glue_values(finding_hsdl=hsdl_controls.finding(
 # routing store (by the checksum of its manifest), and is read back through that manifest.
 
 # %%
-hsdl.save(paths.hsdl, extra=hsdl_report.artifact_extra(store, X, granularity=granularity, value=value))
-sample = X[:, : min(X.shape[1], 2000)]
-assert (HSDL.load(paths.hsdl).transform(sample) != hsdl.transform(sample)).nnz == 0
+files = hsdl_report.save_checked(hsdl, paths.hsdl, store, X, granularity=granularity, value=value)
 glue_values(artifact_dir=str(paths.hsdl))
-sorted(p.name for p in paths.hsdl.iterdir())
+files
 
 # %% [markdown]
 # ## 10. How fast is it? (benchmark)
@@ -385,16 +320,11 @@ sorted(p.name for p in paths.hsdl.iterdir())
 # not from this notebook's run; the command to reproduce them is in `bench/README.md`.
 
 # %%
-bench = hsdl_report.benchmark()  # bench/results/hsdl.json of the project, wherever the notebook runs
-if bench is not None:
-    table, values, machine = bench
-    glue_values(**values)
-    display(Markdown(machine))
-    display(table.style.format({"seconds": "{:.1f}", "L1 error": "{:.3f}", "Frobenius error": "{:.3f}",
-                                "codes per column": "{:.1f}"}, escape="html").hide(axis="index"))
-else:
-    glue_values(bench_date="n/a", bench_speedup_store=float("nan"), bench_speedup_synthetic=float("nan"))
-    display(Markdown("No benchmark results: run `python bench/hsdl.py`."))
+machine, table, values = hsdl_report.benchmark_view()  # bench/results/hsdl.json of the project
+glue_values(**values)
+display(Markdown(machine))
+if table is not None:
+    display(table.style.format(hsdl_report.BENCH_FORMAT, escape="html").hide(axis="index"))
 
 # %% [markdown]
 # With its default settings HSDL is {glue:text}`bench_speedup_store:.1f`x faster than the fastest

@@ -46,32 +46,15 @@ n_bootstrap = 1000
 confidence = 0.95
 
 # %% tags=["hide-input"]
-import json
-from itertools import product
-
-import numpy as np
-import pandas as pd
 from IPython.display import Markdown, display
-from myst_nb import glue
 
-from moe_utils.prediction import expert_cache
 from moe_utils.common import plotting
-from moe_utils.stages import routing_prediction as prediction_report
-from moe_utils.common.artifacts import write_artifact
-from moe_utils.prediction import routing_prediction as rp
-from moe_utils.evaluation.data import load_prompts
-from moe_utils.patterns.expert_matrix import expert_matrix
-from moe_utils.prediction.hidden_prediction import capture_with_hidden_predictions
-from moe_utils.common.markup import code_span
-from moe_utils.patterns.hsdl import HSDL
 from moe_utils.models.loading import load_model
-from moe_utils.capture.routing import router_fingerprint
 from moe_utils.stages import glue_values, model_caveat, stage_paths
-from moe_utils.common.stats import Interval
-from moe_utils.capture.store import RoutingStore
+from moe_utils.stages import routing_prediction as prediction_report
 
 plotting.use_style()
-out_dir = (paths := stage_paths(artifacts_dir)).prediction
+paths = stage_paths(artifacts_dir)
 
 # %% [markdown]
 # ## 1. The held-out protocol
@@ -83,29 +66,14 @@ out_dir = (paths := stage_paths(artifacts_dir)).prediction
 # an MoE block applies the next MoE layers' routers to the hidden state that layer hands on.
 
 # %%
-fit_store = RoutingStore.open(paths.store)
-hsdl = HSDL.load(paths.hsdl)
-x_spec, spec = hsdl.manifest_["x_spec"], fit_store.manifest["data"]
-if x_spec["granularity"] != "token":
-    raise ValueError("stage 6 reads a dictionary fitted on token columns: run stage 2 with granularity='token'")
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-if router_fingerprint(lm) != fit_store.manifest["fingerprint"]["model"]:
-    raise ValueError(f"model {model!r} is not the model of stage 1's store: run both stages with the same model")
-texts, labels, questions = load_prompts(spec["categories"], heldout_per_category, heldout_seed, data_dir, exclude_ids=(
-    load_prompts(spec["categories"], spec["n_per_category"], spec["seed"], data_dir)[2]["question_id"]))
-store, hidden = capture_with_hidden_predictions(
-    lm, tokenizer, texts, out_dir=out_dir / "heldout_store", horizons=prediction_horizons, labels=labels,
-    batch_size=batch_size, max_length=max_length, record_probs=x_spec["value"] == "prob",
-    data_spec={"dataset": "TIGER-Lab/MMLU-Pro", "split": "test", "categories": spec["categories"],
-               "n_per_category": heldout_per_category, "seed": heldout_seed, "excluded": "stage 1's questions"})
-n_layers, n_experts, k = store.n_layers, store.n_experts, store.top_k
-fit, test, samples = np.asarray(fit_store.topk_indices), np.asarray(store.topk_indices), store.tokens["sample_id"]
-for name, value in (("n_test_tokens", store.n_tokens), ("model_name", model), ("n_experts", n_experts),
-                    ("confidence_pct", confidence * 100)):
-    glue(name, value, display=False)
-display(Markdown(f"**Model:** {code_span(model)}, {n_layers} MoE layers of {n_experts} experts, top-{k}. **Fitting tokens:** "
-                 f"{fit_store.n_tokens} (stage 1). **Held-out tokens:** {store.n_tokens} from {len(texts)} other "
-                 f"MMLU-Pro questions ({heldout_per_category} per category, seed {heldout_seed}), none of stage 1's."))
+held = prediction_report.open_heldout(paths, lm, tokenizer, model, horizons=prediction_horizons,
+                                      per_category=heldout_per_category, seed=heldout_seed, data_dir=data_dir,
+                                      batch_size=batch_size, max_length=max_length)
+inputs, values = prediction_report.describe(held, model, per_category=heldout_per_category, seed=heldout_seed,
+                                            confidence=confidence)
+glue_values(**values)
+display(Markdown(inputs))
 if caveat := model_caveat(model, "These predictions are not those of the paper's Phi-3.5-MoE or of any production model."):
     display(Markdown(caveat))
 
@@ -130,24 +98,15 @@ if caveat := model_caveat(model, "These predictions are not those of the paper's
 # equal). Intervals: {glue:text}`confidence_pct:.0f`% bootstrap over the held-out questions.
 
 # %%
-m_values = sorted({k, min(2 * k, n_experts)})
-ranked = rp.all_rankings(fit, test, n_experts, prediction_horizons, m_values[-1], hsdl=hsdl, hidden=hidden,
-                         x=expert_matrix(store, "token", x_spec["value"]), n_steps=hsdl_inference_steps,
-                         fit_token_ids=fit_store.tokens["token_id"], token_ids=store.tokens["token_id"])
-hits = {h: {name: {m: rp.hit_counts(r, test, m) for m in m_values} for name, r in ranked[h].items()}
-        for h in prediction_horizons}
-targets = {h: np.arange(h, n_layers) for h in prediction_horizons}
-summary = rp.recall_summary(hits[1], samples, targets[1], k, confidence=confidence, n_boot=n_bootstrap)
-by_m = summary.set_index(["m", "predictor"])
-for (m, suffix), (key, name), column in product(zip(m_values, ("", "_2k")), rp.KEYS.items(),
-                                                ("recall", "recall_low", "recall_high")):
-    glue(f"{key}_{column}{suffix}", float(by_m.loc[(m, name), column] * 100), display=False)
+scores = prediction_report.score(held, prediction_horizons, n_steps=hsdl_inference_steps)
+summary, values = prediction_report.recall_table(scores, confidence=confidence, n_boot=n_bootstrap)
+glue_values(**values)
 summary.style.format({c: "{:.3f}" for c in summary.columns if c not in ("predictor", "m")}, escape="html").hide(
     axis="index")
 
 # %%
-plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(rp.recall_by_layer(
-    {n: v[k] for n, v in hits[1].items()}, samples, targets[1], k, confidence=confidence, n_boot=n_bootstrap), k=k))
+plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(prediction_report.recall_layers(
+    scores, confidence=confidence, n_boot=n_bootstrap), k=scores.k))
 
 # %% [markdown]
 # ```{glue:figure} fig_recall_layers
@@ -166,15 +125,8 @@ plotting.glue_figure("fig_recall_layers", plotting.recall_by_layer(rp.recall_by_
 # token id, which reads no routing at all.
 
 # %%
-differences = {}
-for m, suffix in zip(m_values, ("", "_2k")):
-    for prefix, other in (("", "affinity"), ("bayes_", "bayes"), ("token_", "token")):
-        d = rp.paired_difference(hits[1][rp.KEYS["hsdl"]][m], hits[1][rp.KEYS[other]][m], samples, targets[1], k,
-                                 confidence=confidence, n_boot=n_bootstrap)
-        differences[f"hsdl_minus_{other}_m{m}"] = d
-        glue_values(**{f"{prefix}diff{suffix}": d.estimate * 100, f"{prefix}diff_low{suffix}": d.low * 100,
-                       f"{prefix}diff_high{suffix}": d.high * 100,
-                       f"{prefix or 'hsdl_'}verdict{suffix}": rp.verdict(d)})
+differences, values = prediction_report.versus_controls(scores, confidence=confidence, n_boot=n_bootstrap)
+glue_values(**values)
 
 # %% [markdown]
 # HSDL's recall@k is {glue:text}`hsdl_recall:.1f`% [{glue:text}`hsdl_recall_low:.1f`,
@@ -207,9 +159,7 @@ for m, suffix in zip(m_values, ("", "_2k")):
 # layers that have a layer h before them.
 
 # %%
-ahead = pd.concat([rp.recall_summary(hits[h], samples, targets[h], k, confidence=confidence, n_boot=n_bootstrap)
-                   .assign(horizon=h) for h in prediction_horizons if len(targets[h])])
-ahead = ahead[ahead["m"] == k]
+ahead = prediction_report.ahead_table(scores, confidence=confidence, n_boot=n_bootstrap)
 ahead.pivot(index="predictor", columns="horizon", values="recall").style.format("{:.3f}", escape="html")
 
 # %% [markdown]
@@ -221,19 +171,9 @@ ahead.pivot(index="predictor", columns="horizon", values="recall").style.format(
 # alike; layer 0, which nothing predicts, is left out for every strategy.
 
 # %%
-prefetchers = {"LRU alone": None, **{f"LRU + {n}": r[:, :, :k] for n, r in ranked[1].items()}}
-cache = expert_cache.compare(test, prefetchers, targets[1], range(k, n_experts + 1), n_experts)
-plotting.glue_figure("fig_cache", plotting.cache_hit_rates(cache, n_experts=n_experts))
-sizes = sorted({max(k, n_experts // 4), max(k, n_experts // 2)})
-table = cache[cache["cache_size"].isin(sizes)].pivot(index="strategy", columns="cache_size",
-                                                     values=["hit_rate", "loads_per_token"])
-strategies = {"lru": "LRU alone", **{key: f"LRU + {name}" for key, name in rp.KEYS.items()}}
-for key, strategy in strategies.items():
-    glue_values(**{f"hit_{key}": float(table.loc[strategy, ("hit_rate", sizes[-1])] * 100),
-                   f"loads_{key}": float(table.loc[strategy, ("loads_per_token", sizes[-1])])})
-glue_values(cache_size=sizes[-1], cache_size_small=sizes[0],
-            loads_small_lru=float(table.loc["LRU alone", ("loads_per_token", sizes[0])]),
-            loads_small_hsdl=float(table.loc[strategies["hsdl"], ("loads_per_token", sizes[0])]))
+cache, table, cache_values = prediction_report.cache_summary(scores)
+glue_values(**cache_values)
+plotting.glue_figure("fig_cache", plotting.cache_hit_rates(cache, n_experts=scores.n_experts))
 table.style.format("{:.3f}", escape="html")
 
 # %% [markdown]
@@ -259,18 +199,9 @@ table.style.format("{:.3f}", escape="html")
 # only where it loads less than LRU alone; otherwise it buys hits, which hide latency, with bandwidth.
 
 # %%
-at_k = {key: Interval(*by_m.loc[(k, name), ["recall", "recall_low", "recall_high"]], confidence)
-        for key, name in rp.KEYS.items()}
-glue_values(**prediction_report.findings(
-    model, store.n_tokens, at_k, {o: differences[f"hsdl_minus_{o}_m{k}"] for o in ("affinity", "bayes", "token")},
-    loads={key: table.loc[s, ("loads_per_token", sizes[-1])] for key, s in strategies.items()},
-    hits={key: table.loc[s, ("hit_rate", sizes[-1])] for key, s in strategies.items()},
-    cache_size=sizes[-1], n_experts=n_experts))
-write_artifact(out_dir, {"results.json": json.dumps({
-    "recall": summary.to_dict(orient="records"), "ahead": ahead.to_dict(orient="records"),
-    "differences": {name: vars(d) for name, d in differences.items()}, "cache": cache.to_dict(orient="records"),
-    "n_test_tokens": store.n_tokens, "heldout_question_ids": questions["question_id"].tolist()},
-    indent=1, sort_keys=True, default=str).encode()}, {"format": "moe-routing-prediction/1", "model": model})
+glue_values(**prediction_report.stage_findings(model, scores, summary, differences, cache_values,
+                                               confidence=confidence))
+prediction_report.save_results(paths.prediction, model, held, summary, ahead, differences, cache)
 
 # %% [markdown]
 # ## Summary

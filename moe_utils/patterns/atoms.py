@@ -2,6 +2,8 @@
 
 * :func:`atom_table`: each atom of a level as the set of (layer, expert) pairs whose dictionary
   entry is at least ``threshold``; an atom spanning several layers is a cross-layer collaboration.
+  :func:`atom_sizes` gathers every level's table with the sizes stage 2 reports, :func:`live_atoms`
+  the atoms of a level in use.
 * :func:`hierarchy`: which level-(k+1) atoms compose each level-k atom, read from R_{k+1}.
 * :func:`coverage`: the paper's "top k% coverage": the share of atoms whose expert pairs (or
   triplets) are among the k% most frequently co-selected pairs (triplets), counted exactly by
@@ -68,6 +70,30 @@ def atom_table(model, level: int = 1, threshold: float = 0.5,
             "alive": bool(usage[atom] > 0 and len(experts) > 0),
         })
     return pd.DataFrame(rows)
+
+
+def atom_sizes(hsdl, threshold: float) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``(tables, summary, values)``: :func:`atom_table` of every level, the
+    atoms in use per level (count, mean experts and layers, share spanning layers), and level 1's
+    atoms in use, mean experts and cross-layer share (%)."""
+    tables = pd.concat([atom_table(hsdl, level=k + 1, threshold=threshold)
+                        for k in range(len(hsdl.level_sizes_))], ignore_index=True)
+    for level, usage in tables.groupby("level")["usage"].sum().items():
+        if not np.isclose(usage, 1.0, rtol=1e-5):
+            raise RuntimeError(f"the atom usages of level {level} sum to {usage}, not 1")
+    live = tables[tables["alive"]]
+    summary = live.groupby("level").agg(atoms=("atom", "size"), mean_experts=("n_experts", "mean"),
+                                        mean_layers=("n_layers", "mean"), cross_layer=("cross_layer", "mean"))
+    level1 = live[live["level"] == 1]
+    values = {"n_live_1": int(len(level1)),
+              "cross_share_1": float(level1["cross_layer"].mean() * 100) if len(level1) else 0.0,
+              "mean_experts_1": float(level1["n_experts"].mean()) if len(level1) else 0.0}
+    return tables, summary, values
+
+
+def live_atoms(tables: pd.DataFrame, level: int = 1) -> pd.DataFrame:
+    """The atoms of ``level`` in use (of :func:`atom_sizes`' tables)."""
+    return tables[tables["alive"] & (tables["level"] == level)]
 
 
 def hierarchy(model, level: int = 1, min_share: float = 0.1) -> pd.DataFrame:

@@ -21,7 +21,6 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
-from moe_utils.stages import hsdl as hsdl_report
 from moe_utils.patterns import atoms as patterns
 from moe_utils.patterns.cooccurrence import Cooccurrence
 from moe_utils.patterns.expert_matrix import expert_matrix
@@ -148,7 +147,7 @@ def stability_summary(matched: dict[str, np.ndarray]) -> pd.DataFrame:
 
 
 def hierarchy_structure(tables: pd.DataFrame, edges: pd.DataFrame, *, copy_share: float = 0.9) -> dict:
-    """How level 2 relates to level 1 (of :func:`moe_utils.stages.hsdl.atom_sizes`' tables and
+    """How level 2 relates to level 1 (of :func:`moe_utils.patterns.atoms.atom_sizes`' tables and
     :func:`moe_utils.patterns.atoms.hierarchy`'s edges between levels 1 and 2).
 
     Returns the mean size (experts) of the level-1 and level-2 atoms in use, the number of
@@ -179,11 +178,11 @@ def hierarchy_structure(tables: pd.DataFrame, edges: pd.DataFrame, *, copy_share
 
 
 def fit_statistics(hsdl, X, selected: sp.spmatrix, threshold: float) -> dict:
-    """The statistics stage 2 reports for one fit, as :mod:`moe_utils.stages.hsdl` computes them:
+    """The statistics stage 2 reports for one fit, as stage 2 reports them:
     relative L1 error, level-1 atoms in use, their mean size and cross-layer share (%), and the
     coverage of their strongest pair and triplet at 10% (%)."""
-    tables, _, sizes = hsdl_report.atom_sizes(hsdl, threshold)
-    atoms = [np.asarray(r) for r in hsdl_report.live_atoms(tables).sort_values("atom")["rows"]]
+    tables, _, sizes = patterns.atom_sizes(hsdl, threshold)
+    atoms = [np.asarray(r) for r in patterns.live_atoms(tables).sort_values("atom")["rows"]]
     at10 = patterns.coverage(atoms, selected, orders=(2, 3), top_percent=(10,)).set_index("order")["coverage"]
     return {"rel_error": float(hsdl.score(X)), **sizes, "cover_pairs_10": float(at10.get(2, np.nan) * 100),
             "cover_triplets_10": float(at10.get(3, np.nan) * 100)}
