@@ -61,13 +61,10 @@ import time
 
 from IPython.display import Markdown, display
 
-from moe_utils.stages import mmlu_pro_results as results5
-from moe_utils.compression import domains
 from moe_utils.common import plotting
-from moe_utils.evaluation.data import load_prompts
 from moe_utils.evaluation.harness import resolve_category
-from moe_utils.evaluation.metrics import lower_is_better
 from moe_utils.stages import glue_values, model_caveat, stage_paths
+from moe_utils.stages import mmlu_pro_results as results5
 
 plotting.use_style()
 started = time.perf_counter()
@@ -81,7 +78,6 @@ metric, metric_label = results5.domain_metric(model, domain_metric)
 # %%
 inputs = results5.open_inputs(paths, model, domain_names, min_per_layer=min_per_layer, device=device, dtype=dtype,
                               trust_remote_code=trust_remote_code)  # the pruning budget is stage 4's
-store, stage4 = inputs.store, inputs.stage4
 glue_values(model_name=model, ratio_pct=domain_prune_ratio * 100, n_domains=len(domain_names), metric_label=metric_label)
 display(Markdown(results5.describe_inputs(inputs, model, domain_names, n_per_category=n_per_category,
                                           ratio=domain_prune_ratio)))
@@ -102,11 +98,11 @@ if caveat := model_caveat(model, results5.SMALL_MODEL_CAVEAT):
 # recalibrated on each domain's questions alone.
 
 # %%
-texts, labels, _ = load_prompts(domain_names, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
 fitted = results5.fit_masks(
     inputs, domain_names, ratio=domain_prune_ratio, threshold_ratio=caep_threshold_ratio, level=caep_level,
-    calibration_texts=results5.domain_calibration(store, texts, labels, domain_names), metric=metric,
-    baseline=domain_baseline, refit=domain_refit_hsdl, cache_dir=paths.results / "masks",
+    calibration_texts=results5.calibration_texts(inputs.store, domain_names, n_per_category=n_per_category,
+                                                 seed=seed, data_dir=data_dir),
+    metric=metric, baseline=domain_baseline, refit=domain_refit_hsdl, cache_dir=paths.results / "masks",
     calibrate_kwargs={"batch_size": batch_size, "max_length": max_length})
 glue_values(**fitted.values)
 plotting.glue_figure("fig_overlap", plotting.domain_mask_overlap(fitted.jaccard, fitted.kept))
@@ -143,7 +139,7 @@ fitted.overview.style.hide(axis="index")
 # %%
 grid = results5.evaluate_grid(
     inputs, fitted.masks, domain_names, metric=metric, ppl_limit=domain_ppl_limit, mc_limit=domain_mc_limit,
-    held_out=set(domains.captured_questions(store, data_dir)["question_id"]), mc_fewshot=eval_num_fewshot,
+    held_out=results5.calibration_questions(inputs.store, data_dir), mc_fewshot=eval_num_fewshot,
     settings={"batch_size": eval_batch_size, "max_length": max_length, "data_dir": data_dir},
     cache_dir=paths.results / "evaluations")
 glue_values(**grid.values)
@@ -161,10 +157,8 @@ grid.log.style.format({"seconds": "{:.1f}"}, escape="html").hide(axis="index")
 results, diagonal = results5.diagonal_results(grid, ["caep", fitted.baseline], domain_names, metric=metric,
                                               confidence=confidence, n_boot=n_bootstrap, seed=seed)
 glue_values(**diagonal)
-matrices, subtitles = results5.heatmaps(results, domain_names)
-plotting.glue_figure("fig_heatmap", plotting.domain_change_heatmaps(
-    matrices, label=metric_label, lower_is_better=lower_is_better(metric), subtitles=subtitles,
-    title=f"Pruned {domain_prune_ratio:.0%} for one domain, evaluated on every domain ({model})"))
+plotting.glue_figure("fig_heatmap", results5.heatmap_figure(results, domain_names, metric=metric, metric_label=metric_label,
+                                                            ratio=domain_prune_ratio, model=model))
 
 # %% [markdown]
 # ```{glue:figure} fig_heatmap
@@ -206,7 +200,7 @@ plotting.glue_figure("fig_heatmap", plotting.domain_change_heatmaps(
 # 1,000 such matrices per size:
 
 # %%
-power, detectable = results5.diagonal_power(results, domain_names, confidence, lower_is_better(metric), seed)
+power, detectable = results5.diagonal_power(results, domain_names, confidence, metric, seed)
 glue_values(diag_mde_caep=detectable * 100)
 power.assign(advantage=power["advantage"] * 100).rename(columns={"advantage": "planted advantage (points)"}).T
 
@@ -272,10 +266,11 @@ accuracies.pivot(index="model", columns="category", values="value")[domain_names
 # per-question interval; the seed spread of random pruning is the yardstick of noise.
 
 # %%
-breakdown, breakdown_cells, breakdown_label, breaking = results5.stage4_breakdown(stage4, domain_names, metric=metric)
+breakdown, breakdown_cells, breakdown_label, breaking = results5.stage4_breakdown(inputs.stage4, domain_names,
+                                                                                   metric=metric)
 glue_values(**breaking)
 plotting.glue_figure("fig_breakdown", plotting.category_breakdown_curves(breakdown, label=breakdown_label))
-display(breakdown_cells if stage4 is not None else Markdown("**Stage 4's results are missing: run `04_pruning` first.**"))
+display(breakdown_cells if inputs.stage4 is not None else Markdown("**Stage 4's results are missing: run `04_pruning` first.**"))
 
 # %% [markdown]
 # Averaged over methods, pruning {glue:text}`first_ratio_pct:.0f`% of the experts hurts
@@ -299,10 +294,9 @@ display(breakdown_cells if stage4 is not None else Markdown("**Stage 4's results
 findings = results5.findings(
     model, domain_names, n_per_category=n_per_category, ratio=domain_prune_ratio, metric_label=metric_label,
     grid=grid, masks=fitted, results=results, versus=vs_general, accuracy=accuracy, confidence=confidence,
-    first_to_break=breaking["first_to_break"] if stage4 is not None else None, detectable=detectable)
-glue_values(**findings)
-side_by_side = results5.paper_comparison(findings, results, stage4, store, domain_names, metric=metric)
-glue_values(finding_paper_vs_run=side_by_side.style.hide(axis="index"))
+    first_to_break=breaking["first_to_break"] if inputs.stage4 is not None else None, detectable=detectable)
+side_by_side = results5.paper_comparison(findings, results, inputs.stage4, inputs.store, domain_names, metric=metric)
+glue_values(**findings, finding_paper_vs_run=side_by_side.style.hide(axis="index"))
 side_by_side.style.hide(axis="index")
 
 # %% [markdown]

@@ -73,6 +73,9 @@ def test_fig9_analysis_and_findings_on_a_planted_diagonal():
                                                 f"{cell['high'] * 100:+.1f}]"
     matrices, subtitles = results5.heatmaps(results, CATS)
     assert list(matrices) == ["CAEP", "frequency"] and "best in 4/4 columns" in subtitles["CAEP"]
+    figure = results5.heatmap_figure(results, CATS, metric="byte_perplexity", metric_label="bpb", ratio=0.5, model="m")
+    assert any(subtitles["CAEP"] in ax.get_title() for ax in figure.axes)
+    assert figure.get_suptitle() == "Pruned 50% for one domain, evaluated on every domain (m)"
     versus, gain = results5.versus_general(grid, CATS, metric="byte_perplexity", confidence=0.95, n_boot=50, seed=0)
     assert gain["gain_positive"] == (versus["low"] > 0).sum() and gain["gain_mean"] > 0
     masks = SimpleNamespace(baseline="frequency", values={"jaccard_mean": 0.25})
@@ -91,7 +94,7 @@ def test_fig9_analysis_and_findings_on_a_planted_diagonal():
                                  "acc_unpruned": 1.0, "acc_chance": 1.0}, first_to_break="law", confidence=0.95,
                              detectable=float("nan"))
     assert "not distinguishable from" in flat["finding_diagonal_verdict"]
-    power, detectable = results5.diagonal_power(results, CATS, 0.95, True, 0, n_sizes=5)
+    power, detectable = results5.diagonal_power(results, CATS, 0.95, "byte_perplexity", 0, n_sizes=5)
     assert len(power) == 5 and power["advantage"].iloc[0] == 0 and power["power"].between(0, 1).all()
     expected = stats.detectable_advantage(power)  # the smallest planted size detected with 80% power
     assert (np.isnan(detectable) and np.isnan(expected)) or detectable == expected
@@ -181,3 +184,36 @@ def test_versus_general_sentence_counts_domains_both_ways():
     assert "more in 2 of 3 domains" in text and "above zero in 1 (math) and below zero in 1 (law)" in text
     worse = versus.assign(low=versus["low"] - 0.1, gain=-versus["gain"].abs(), high=[-0.01, -0.01, 0.0])
     assert "is worse than CAEP fitted on all domains" in results5.versus_general_sentence(worse, "m", "x")
+
+
+def test_calibration_texts_are_the_stores_questions_by_domain(monkeypatch):
+    texts, labels = ["q1", "q2", "q3", "q4"], ["math", "law", "math", "law"]
+    asked = []
+
+    def fake_prompts(categories, *, n_per_category, seed, data_dir):
+        asked.append((list(categories), n_per_category, seed, data_dir))
+        return texts, labels, None
+
+    monkeypatch.setattr(results5, "load_prompts", fake_prompts)
+    store = SimpleNamespace(tokens=pd.DataFrame({"sample_id": [0, 0, 1, 2, 3, 3], "label": ["math", "math", "law",
+                                                                                           "math", "law", "law"]}))
+    assert results5.calibration_texts(store, ["math", "law"], n_per_category=2, seed=5, data_dir="d") == {
+        "math": ["q1", "q3"], "law": ["q2", "q4"]}
+    assert asked == [(["math", "law"], 2, 5, "d")]
+    other = SimpleNamespace(tokens=store.tokens.assign(label=["law"] * 6))
+    with pytest.raises(ValueError, match="re-run stage 1"):
+        results5.calibration_texts(other, ["math", "law"], n_per_category=2, seed=5)
+
+
+def test_calibration_questions_are_those_load_prompts_draws(monkeypatch):
+    from moe_utils.evaluation.data import load_prompts
+
+    from .conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "mmlu_pro").is_dir():
+        pytest.skip("needs the local MMLU-Pro copy")
+    monkeypatch.setenv("MOE_MMLU_PRO_DIR", str(SHARED_DATA / "mmlu_pro"))
+    store = SimpleNamespace(manifest={"data": {"categories": ["math", "law"], "n_per_category": 3, "seed": 2}})
+    drawn = load_prompts(["math", "law"], n_per_category=3, seed=2)[2]["question_id"]
+    assert results5.calibration_questions(store) == {int(i) for i in drawn} and len(drawn) == 6
+    assert results5.calibration_questions(SimpleNamespace(manifest={})) == set()  # no spec: none left out

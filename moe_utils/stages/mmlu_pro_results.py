@@ -7,13 +7,13 @@ runs them, so that the page only narrates:
 1. :func:`domain_metric` picks what the heatmaps measure (accuracy, as the paper does, or the
    bits per byte of the question text for the small models, whose accuracy sits at chance: the
    MMLU-Pro measure stage 4 reports too);
-2. :func:`fit_masks` chooses the baseline, checks that the stage-1 store holds this profile's
+2. :func:`fit_masks` (calibrated on :func:`calibration_texts`) chooses the baseline, checks that the stage-1 store holds this profile's
    questions, fits every domain's masks (cached under a key of everything they depend on,
    including the code) and CAEP fitted on all domains (Tang et al. 2025, section 5, Fig 9);
 3. :func:`evaluate_grid` evaluates the unpruned model and every mask on every domain's questions,
-   leaving out the questions the pruning was fitted on;
+   leaving out the questions the pruning was fitted on (:func:`calibration_questions`);
 4. :func:`diagonal_results`, :func:`cells_table`, :func:`accuracy_summary` and
-   :func:`stage4_breakdown` give the figures' numbers; :func:`findings` and
+   :func:`stage4_breakdown` give the figures' numbers (:func:`heatmap_figure` draws Fig 9); :func:`findings` and
    :func:`paper_comparison` the headline values and the comparison with the paper;
 5. :func:`save_results` / :func:`load_results` write and read the stage's checksummed artifact.
 """
@@ -31,9 +31,11 @@ import numpy as np
 import pandas as pd
 
 from moe_utils.compression import caep, domains, pruning
-from moe_utils.common import stats
+from moe_utils.common import plotting, stats
 from moe_utils.common.artifacts import ArtifactMissing, read_artifact, write_artifact
+from moe_utils.evaluation.data import load_prompts
 from moe_utils.evaluation.harness import MC_GROUP, PPL_GROUP, category_slug
+from moe_utils.evaluation.metrics import lower_is_better
 from moe_utils.common.markup import code_span
 from moe_utils.compression.pruning import PruningMask
 from moe_utils.capture.routing import model_identity
@@ -147,6 +149,20 @@ class DomainMasks:
     kept: pd.DataFrame
     values: dict = field(default_factory=dict)
     from_cache: bool = False
+
+
+def calibration_texts(store, domain_names: Sequence[str], *, n_per_category: int, seed: int,
+                      data_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """Each domain's calibration prompts: this profile's MMLU-Pro sample (the questions of stage 1's
+    store, checked by :func:`domain_calibration`)."""
+    texts, labels, _ = load_prompts(domain_names, n_per_category=n_per_category, seed=seed, data_dir=data_dir)
+    return domain_calibration(store, texts, labels, domain_names)
+
+
+def calibration_questions(store, data_dir: str | os.PathLike | None = None) -> set[int]:
+    """The ``question_id`` of every question of stage 1's store, which the evaluation leaves out
+    (:func:`moe_utils.compression.domains.captured_questions`)."""
+    return {int(i) for i in domains.captured_questions(store, data_dir)["question_id"]}
 
 
 def domain_calibration(store, texts: Sequence[str], labels: Sequence[str],
@@ -305,6 +321,16 @@ def heatmaps(results: Mapping[str, tuple], domain_names: Sequence[str]) -> tuple
     return matrices, subtitles
 
 
+def heatmap_figure(results: Mapping[str, tuple], domain_names: Sequence[str], *, metric: str, metric_label: str,
+                   ratio: float, model: str):
+    """The paper's Fig 9 on this run (:func:`moe_utils.common.plotting.domain_change_heatmaps` of
+    :func:`heatmaps`), red where the metric got worse."""
+    matrices, subtitles = heatmaps(results, domain_names)
+    return plotting.domain_change_heatmaps(
+        matrices, label=metric_label, lower_is_better=lower_is_better(metric), subtitles=subtitles,
+        title=f"Pruned {ratio:.0%} for one domain, evaluated on every domain ({model})")
+
+
 def versus_general(grid: EvaluationGrid, domain_names: Sequence[str], *, metric: str, confidence: float, n_boot: int,
                    seed: int) -> tuple[pd.DataFrame, dict]:
     """:func:`moe_utils.compression.domains.versus_general` of the grid's CAEP masks (each domain's against the
@@ -369,16 +395,17 @@ def stage4_breakdown(stage4: pd.DataFrame | None, domain_names: Sequence[str], *
 
 
 def diagonal_power(results: Mapping[str, tuple], domain_names: Sequence[str], confidence: float,
-                   lower_is_better: bool, seed: int, *, n_sizes: int = 21) -> tuple[pd.DataFrame, float]:
+                   metric: str, seed: int, *, n_sizes: int = 21) -> tuple[pd.DataFrame, float]:
     """Power of CAEP's diagonal test at this run's sample sizes (:func:`moe_utils.common.stats.diagonal_power`):
     advantages from 0 to four times the largest cell's standard error planted into CAEP's matrix, with
-    each cell's noise read off its bootstrap interval (:func:`moe_utils.compression.domains.cell_errors`).
-    Returns the power curve and the smallest advantage detected with 80% power (relative change)."""
+    each cell's noise read off its bootstrap interval (:func:`moe_utils.compression.domains.cell_errors`),
+    the better direction that of ``metric``. Returns the power curve and the smallest advantage detected
+    with 80% power (relative change)."""
     table = results["caep"][0]
     cell_se = domains.cell_errors(table, domain_names, confidence)
     power = stats.diagonal_power(domains.change_matrix(table, domain_names), cell_se,
                                  np.linspace(0, 4 * float(cell_se.to_numpy().max()), n_sizes),
-                                 lower_is_better=lower_is_better, random_state=seed)
+                                 lower_is_better=lower_is_better(metric), random_state=seed)
     return power, float(stats.detectable_advantage(power))
 
 
