@@ -306,11 +306,8 @@ side_by_side.style.hide(axis="index")
 # with a manifest; the per-question evaluations stay in its `evaluations/` cache.
 
 # %%
-results5.save_results(paths, inputs, fitted.masks, cells, vs_general, findings, parameters={
-    "categories": domain_names, "ratio": domain_prune_ratio, "threshold_ratio": caep_threshold_ratio,
-    "caep_level": caep_level, "min_per_layer": inputs.budget.min_per_layer, "baseline": fitted.baseline,
-    "refit_hsdl": domain_refit_hsdl, "metric": metric, "ppl_limit": domain_ppl_limit, "mc_limit": domain_mc_limit,
-    "mc_fewshot": eval_num_fewshot, "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed})
+results5.save_results(paths, inputs, fitted, grid, cells, vs_general, findings,
+                      analysis={"n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed})
 glue_values(stage_seconds=time.perf_counter() - started)
 sorted(results5.load_results(paths.results)[-1]["files"])  # read back, verified against its checksums
 

@@ -127,6 +127,7 @@ def test_evaluation_grid_leaves_out_the_calibration_questions(monkeypatch):
     assert len(grid.log) == 2 + 4 + 2
     assert grid.docs[("reap", "law", "ppl")]["question_id"].tolist() == [2, 3, 5, 6]
     assert grid.values["n_left_out"] == 2 and grid.values["n_questions_min"] == 2 and grid.values["n_cached"] == 2
+    assert grid.settings == {"ppl_limit": 3, "mc_limit": 2, "mc_fewshot": 0}  # what the artifact records
     with pytest.raises(ValueError, match="raise the limit"):
         results5.evaluate_grid(inputs, masks, ["math", "law"], metric="acc", held_out={1, 2, 3}, ppl_limit=3,
                                mc_limit=2, mc_fewshot=0, settings={}, cache_dir=None)
@@ -166,11 +167,14 @@ def test_results_artifact_is_checksummed(tmp_path):
     masks = {("caep", "math"): PruningMask("caep", 0.5, np.array([True, False])),
              ("caep", "all domains"): PruningMask("caep", 0.5, np.array([False, True]))}
     cells, versus = pd.DataFrame({"change": [0.1]}), pd.DataFrame({"gain": [0.2]})
-    written = results5.save_results(paths, inputs, masks, cells, versus, {"finding_model": "embedded"},
-                                    parameters={"ratio": 0.5})
+    fitted = SimpleNamespace(masks=masks, settings={"ratio": 0.5, "baseline": "frequency"})
+    grid = SimpleNamespace(settings={"ppl_limit": 40})
+    written = results5.save_results(paths, inputs, fitted, grid, cells, versus, {"finding_model": "embedded"},
+                                    analysis={"seed": 3})
     keeps, cells_read, _, manifest = results5.load_results(paths.results)
     assert list(keeps) == ["caep:math", "caep:all domains"] and keeps["caep:math"].tolist() == [True, False]
     assert manifest == written and manifest["stage4"] is None and cells_read["change"].item() == 0.1
+    assert manifest["parameters"] == {"ratio": 0.5, "baseline": "frequency", "ppl_limit": 40, "seed": 3}
     (paths.results / "cells.csv").write_text("change\n0.2\n")
     with pytest.raises(ArtifactError, match="checksum of cells.csv"):
         results5.load_results(paths.results)

@@ -139,6 +139,7 @@ class DomainMasks:
         kept: experts each layer keeps under each domain's CAEP mask.
         values: the numbers the page glues.
         from_cache: whether the domain masks were read from the cache.
+        settings: what they were fitted with, as the stage's artifact records it.
     """
 
     masks: dict[tuple[str, str], PruningMask]
@@ -149,6 +150,7 @@ class DomainMasks:
     kept: pd.DataFrame
     values: dict = field(default_factory=dict)
     from_cache: bool = False
+    settings: dict = field(default_factory=dict)
 
 
 def calibration_texts(store, domain_names: Sequence[str], *, n_per_category: int, seed: int,
@@ -213,7 +215,9 @@ def fit_masks(inputs: Inputs, domain_names: Sequence[str], *, calibration_texts:
     values = {"baseline": baseline, "baseline_reason": reason, "caep_kept_min": int(caep_kept.min()),
               "caep_kept_max": int(caep_kept.max()), "target_kept": int(np.floor((1 - ratio) * budget.n_experts)),
               "jaccard_mean": _off_diagonal_mean(jaccard), "baseline_jaccard_mean": _off_diagonal_mean(baseline_jaccard)}
-    return DomainMasks(masks, baseline, reason, overview, jaccard, kept, values, cached)
+    settings = {"categories": list(domain_names), "ratio": ratio, "threshold_ratio": threshold_ratio, "caep_level": level,
+                "min_per_layer": budget.min_per_layer, "baseline": baseline, "refit_hsdl": refit, "metric": metric}
+    return DomainMasks(masks, baseline, reason, overview, jaccard, kept, values, cached, settings)
 
 
 def _off_diagonal_mean(matrix: pd.DataFrame) -> float:
@@ -227,12 +231,14 @@ class EvaluationGrid:
     """Every evaluation of the experiment: ``docs[(method, fitted on, family)]`` holds the
     per-question scores (calibration questions left out) of the perplexity (``"ppl"``) or
     multiple-choice (``"mc"``) family; ``log`` one row per evaluation; ``primary`` the family of
-    the heatmaps; ``values`` the numbers the page glues."""
+    the heatmaps; ``values`` the numbers the page glues; ``settings`` the question limits and shots,
+    as the stage's artifact records them."""
 
     docs: dict[tuple[str, str, str], pd.DataFrame]
     log: pd.DataFrame
     primary: str
     values: dict
+    settings: dict = field(default_factory=dict)
 
 
 def evaluate_grid(inputs: Inputs, masks: Mapping[tuple[str, str], PruningMask], domain_names: Sequence[str], *,
@@ -278,7 +284,8 @@ def evaluate_grid(inputs: Inputs, masks: Mapping[tuple[str, str], PruningMask], 
     values = {"n_left_out": int(log.loc[0, "questions left out"]), "n_eval_models": int((log["tasks"] == primary).sum()),
               "n_questions_min": int(n_primary.min()), "n_questions_max": int(n_primary.max()),
               "eval_seconds": float(log["family seconds"].sum()), "n_cached": int(log["cached"].sum())}
-    return EvaluationGrid(docs, log.drop(columns="family seconds"), primary, values)
+    return EvaluationGrid(docs, log.drop(columns="family seconds"), primary, values,
+                          {"ppl_limit": ppl_limit, "mc_limit": mc_limit, "mc_fewshot": mc_fewshot})
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -514,12 +521,14 @@ def paper_comparison(found: Mapping[str, Any], results: Mapping[str, tuple], sta
 
 
 # ------------------------------------------------------------------------------ artifact
-def save_results(paths, inputs: Inputs, masks: Mapping[tuple[str, str], PruningMask], cells: pd.DataFrame,
-                 versus: pd.DataFrame, found: Mapping[str, Any], *, parameters: Mapping[str, Any]) -> dict:
+def save_results(paths, inputs: Inputs, fitted: DomainMasks, grid: EvaluationGrid, cells: pd.DataFrame,
+                 versus: pd.DataFrame, found: Mapping[str, Any], *, analysis: Mapping[str, Any]) -> dict:
     """Write the stage's artifact to ``paths.results`` (:func:`moe_utils.common.artifacts.write_artifact`):
-    ``masks.csv`` (one 0/1 column ``method:fitted on`` per mask), ``cells.csv``,
-    ``versus_general.csv`` and a checksummed manifest naming the inputs and holding ``parameters``
+    ``masks.csv`` (one 0/1 column ``method:fitted on`` per mask of ``fitted``), ``cells.csv``,
+    ``versus_general.csv`` and a checksummed manifest naming the inputs and holding the parameters
+    (those the masks and the grid were made with, and the ``analysis``'s: bootstrap, confidence, seed)
     and the findings ``found``. The evaluation and mask caches in the same folder are left alone."""
+    masks = fitted.masks
     names = [f"{m}:{d}" for (m, d) in masks]
     keeps = pd.DataFrame(np.array([k.keep for k in masks.values()]).T.astype(int), columns=names)
     files = {"masks.csv": keeps.to_csv(index=False).encode(), "cells.csv": cells.to_csv(index=False).encode(),
@@ -527,7 +536,7 @@ def save_results(paths, inputs: Inputs, masks: Mapping[tuple[str, str], PruningM
     return write_artifact(paths.results, files, {
         "format": FORMAT, "model": inputs.store.manifest["model"]["name"], "store": str(paths.store),
         "hsdl": str(paths.hsdl), "stage4": str(paths.pruning) if inputs.stage4 is not None else None,
-        "parameters": dict(parameters), "findings": dict(found)})
+        "parameters": {**fitted.settings, **grid.settings, **analysis}, "findings": dict(found)})
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], pd.DataFrame, pd.DataFrame, dict]:
