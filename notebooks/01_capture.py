@@ -75,11 +75,11 @@ if caveat := model_caveat(model):
 # other inputs it replaces it.
 
 # %%
-store = capture_report.capture(
+store, values = capture_report.capture(
     lm, tokenizer, texts, labels, stage_paths(artifacts_dir).store, categories=categories,
     n_per_category=n_per_category, seed=seed, data_dir=data_dir, batch_size=batch_size, max_length=max_length,
     record_probs=record_probs)
-glue_values(**capture_report.store_summary(store, len(texts)))
+glue_values(**values)
 store
 
 # %% [markdown]

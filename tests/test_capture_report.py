@@ -99,9 +99,9 @@ def test_capture_describes_and_checks_a_real_model(olmoe, tmp_path):
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     assert f"{n_params:.1f}M parameters" in text
     assert "``random:`olmoe``" in text  # a code span that the name's backtick cannot close
-    store = capture_report.capture(model, tok, TEXTS, labels, tmp_path / "store", categories=["math", "law"],
-                                   n_per_category=3, seed=4, batch_size=3, max_length=32)
-    assert store.n_samples == len(TEXTS)
+    store, values = capture_report.capture(model, tok, TEXTS, labels, tmp_path / "store", categories=["math", "law"],
+                                           n_per_category=3, seed=4, batch_size=3, max_length=32)
+    assert store.n_samples == len(TEXTS) and values == capture_report.store_summary(store, len(TEXTS))
     assert store.manifest["data"]["categories"] == ["math", "law"] and store.manifest["data"]["seed"] == 4
     again = RoutingStore.open(tmp_path / "store")
     assert again.n_tokens == store.n_tokens

@@ -36,16 +36,16 @@ def describe_inputs(model_name: str, lm, labels, *, categories, n_per_category: 
 
 
 def capture(lm, tokenizer, texts, labels, out_dir, *, categories, n_per_category: int, seed: int, data_dir=None,
-            batch_size: int = 8, max_length: int = 512, record_probs: bool = True) -> RoutingStore:
+            batch_size: int = 8, max_length: int = 512, record_probs: bool = True) -> tuple[RoutingStore, dict]:
     """The routing store of ``texts`` (:func:`moe_utils.capture.routing.capture_routing`, replacing a
-    store of other inputs), recording which MMLU-Pro sample it holds; checked by :func:`store_summary`."""
+    store of other inputs), recording which MMLU-Pro sample it holds, with its :func:`store_summary`
+    (which checks it)."""
     store = capture_routing(
         lm, tokenizer, texts, out_dir=out_dir, labels=labels, batch_size=batch_size, max_length=max_length,
         record_probs=record_probs, overwrite=True,
         data_spec={"dataset": "TIGER-Lab/MMLU-Pro", "split": "test", "categories": list(categories),
                    "n_per_category": n_per_category, "seed": seed, "source": data_dir or "env/Hub"})
-    store_summary(store, len(texts))
-    return store
+    return store, store_summary(store, len(texts))
 
 
 def store_summary(store: RoutingStore, n_prompts: int) -> dict:
