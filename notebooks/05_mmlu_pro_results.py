@@ -157,8 +157,8 @@ grid.log.style.format({"seconds": "{:.1f}"}, escape="html").hide(axis="index")
 results, diagonal = results5.diagonal_results(grid, ["caep", fitted.baseline], domain_names, metric=metric,
                                               confidence=confidence, n_boot=n_bootstrap, seed=seed)
 glue_values(**diagonal)
-plotting.glue_figure("fig_heatmap", results5.heatmap_figure(results, domain_names, metric=metric, metric_label=metric_label,
-                                                            ratio=domain_prune_ratio, model=model))
+plotting.glue_figure("fig_heatmap", results5.heatmap_figure(
+    results, domain_names, metric=metric, metric_label=metric_label, ratio=domain_prune_ratio, model=model))
 
 # %% [markdown]
 # ```{glue:figure} fig_heatmap
@@ -270,7 +270,7 @@ breakdown, breakdown_cells, breakdown_label, breaking = results5.stage4_breakdow
                                                                                    metric=metric)
 glue_values(**breaking)
 plotting.glue_figure("fig_breakdown", plotting.category_breakdown_curves(breakdown, label=breakdown_label))
-display(breakdown_cells if inputs.stage4 is not None else Markdown("**Stage 4's results are missing: run `04_pruning` first.**"))
+display(breakdown_cells if breakdown_cells is not None else Markdown(results5.STAGE4_MISSING))
 
 # %% [markdown]
 # Averaged over methods, pruning {glue:text}`first_ratio_pct:.0f`% of the experts hurts

@@ -133,7 +133,8 @@ def test_open_and_describe_the_matrix(small_store, tmp_path):
 def test_selections_count_each_experts_tokens(small_store):
     selected, usage = hsdl_report.selections(small_store)
     picks = np.asarray(small_store.topk_indices)
-    by_hand = [(picks[:, layer] == expert).any(axis=1).sum() for layer in range(N_LAYERS) for expert in range(N_EXPERTS)]
+    by_hand = [(picks[:, layer] == expert).any(axis=1).sum()
+               for layer in range(N_LAYERS) for expert in range(N_EXPERTS)]
     assert usage.tolist() == by_hand and selected.shape == (N_LAYERS * N_EXPERTS, small_store.n_tokens)
 
 
@@ -145,7 +146,8 @@ def test_cross_layer_controls_against_the_exact_chance():
     assert values["cross_chance_uniform"] == pytest.approx(100 / 3, abs=1.5)
     assert values["cross_chance_usage"] == 0.0  # only layer 0's experts are ever used
     assert values["control_draws"] == 4000 and values["cross_vs_chance"] == "within"  # draws give 0% or 50%
-    assert hsdl_report.cross_layer_controls(tables, 100.0, (2, 2), np.ones(4), n_draws=200)[1]["cross_vs_chance"] == "above"
+    _, above = hsdl_report.cross_layer_controls(tables, 100.0, (2, 2), np.ones(4), n_draws=200)
+    assert above["cross_vs_chance"] == "above"
 
 
 def test_tree_structure_in_percent_and_empty_for_one_level():
@@ -169,7 +171,8 @@ def test_coverage_controls_and_table():
     assert list(chances) == ["random atoms, uniform", "random atoms, by usage"]
     # by hand: a random pair of 4 rows is the top pair (L0E0, L1E0) 1 time in 6 (the pairs of 4 observed)
     assert values["cover_chance_uniform_2_10"] == pytest.approx(100 / 6, abs=5)
-    assert values["cover_chance_usage_2_10_low"] <= values["cover_chance_usage_2_10"] <= values["cover_chance_usage_2_10_high"]
+    low, high = values["cover_chance_usage_2_10_low"], values["cover_chance_usage_2_10_high"]
+    assert low <= values["cover_chance_usage_2_10"] <= high
     table = hsdl_report.coverage_table(observed)
     assert list(table.columns) == ["pairs", "triplets"] and table.loc[100.0, "pairs"] == 1.0
 

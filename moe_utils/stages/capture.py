@@ -101,8 +101,8 @@ def token_control(store: RoutingStore, co: np.ndarray, *, n_boot: int, seed: int
         "position_share_high": position["share_high"] * 100, "n_excess_pairs": null["n_pairs"],
         "position_vs_token": tn.against(position["share"], null["share_low"], null["share_high"]),
         "excess_lift_plain": null["lift_plain"], "excess_lift_token": null["lift_token"],
-        "top10_lift_plain_min": float(pairs["lift_plain"].min()), "top10_lift_plain_max": float(pairs["lift_plain"].max()),
-        "top10_lift_token_min": float(pairs["lift_token"].min()), "top10_lift_token_max": float(pairs["lift_token"].max()),
+        **{f"top10_{column}_{end}": float(getattr(pairs[column], end)())
+           for column in ("lift_plain", "lift_token") for end in ("min", "max")},
         "null_top_pair": f"{pairs.expert_a[0]} with {pairs.expert_b[0]}",
         "top_pair_lift_token": float(pairs["lift_token"][0]), "top_pair_observed": int(pairs["observed"][0]),
         "top_pair_expected_plain": float(pairs["expected_plain"][0]),

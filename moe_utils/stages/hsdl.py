@@ -224,7 +224,8 @@ def stability_controls(hsdl, X, store: RoutingStore, threshold: float, *, granul
 #: The statistics compared with the surrogates, as the table names them.
 SURROGATE_STATISTICS = {"rel_error": "relative L1 error", "n_live_1": "level-1 atoms in use",
                         "mean_experts_1": "experts per atom", "cross_share_1": "% spanning several layers",
-                        "cover_pairs_10": "% covered at 10% (pairs)", "cover_triplets_10": "% covered at 10% (triplets)"}
+                        "cover_pairs_10": "% covered at 10% (pairs)",
+                        "cover_triplets_10": "% covered at 10% (triplets)"}
 
 
 def surrogate_comparison(real: dict, surrogates: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
@@ -252,7 +253,8 @@ def stage_finding(values: dict) -> dict:
         cover_pairs_10=values["cover_pairs_10"], cover_chance_uniform_2_10=values["cover_chance_uniform_2_10"],
         cover_chance_usage_2_10=values["cover_chance_usage_2_10"],
         surr_cover_pairs_10_min=values["surr_cover_pairs_10_min"],
-        surr_cover_pairs_10_max=values["surr_cover_pairs_10_max"], surr_vs_cover_pairs_10=values["surr_vs_cover_pairs_10"],
+        surr_cover_pairs_10_max=values["surr_cover_pairs_10_max"],
+        surr_vs_cover_pairs_10=values["surr_vs_cover_pairs_10"],
         cross_share_1=values["cross_share_1"], cross_chance_uniform=values["cross_chance_uniform"],
         cross_vs_chance=values["cross_vs_chance"], stable_seed_exact=values["stable_seed_exact"],
         tree_mean_size_1=values.get("tree_mean_size_1"), tree_mean_size_2=values.get("tree_mean_size_2"))}

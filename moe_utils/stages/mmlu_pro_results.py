@@ -7,8 +7,8 @@ runs them, so that the page only narrates:
 1. :func:`domain_metric` picks what the heatmaps measure (accuracy, as the paper does, or the
    bits per byte of the question text for the small models, whose accuracy sits at chance: the
    MMLU-Pro measure stage 4 reports too);
-2. :func:`fit_masks` (calibrated on :func:`calibration_texts`) chooses the baseline, checks that the stage-1 store holds this profile's
-   questions, fits every domain's masks (cached under a key of everything they depend on,
+2. :func:`fit_masks` (calibrated on :func:`calibration_texts`) chooses the baseline, checks that
+   the stage-1 store holds this profile's questions, fits every domain's masks (cached under a key of everything they depend on,
    including the code) and CAEP fitted on all domains (Tang et al. 2025, section 5, Fig 9);
 3. :func:`evaluate_grid` evaluates the unpruned model and every mask on every domain's questions,
    leaving out the questions the pruning was fitted on (:func:`calibration_questions`);
@@ -215,8 +215,9 @@ def fit_masks(inputs: Inputs, domain_names: Sequence[str], *, calibration_texts:
     values = {"baseline": baseline, "baseline_reason": reason, "caep_kept_min": int(caep_kept.min()),
               "caep_kept_max": int(caep_kept.max()), "target_kept": int(np.floor((1 - ratio) * budget.n_experts)),
               "jaccard_mean": _off_diagonal_mean(jaccard), "baseline_jaccard_mean": _off_diagonal_mean(baseline_jaccard)}
-    settings = {"categories": list(domain_names), "ratio": ratio, "threshold_ratio": threshold_ratio, "caep_level": level,
-                "min_per_layer": budget.min_per_layer, "baseline": baseline, "refit_hsdl": refit, "metric": metric}
+    settings = {"categories": list(domain_names), "ratio": ratio, "threshold_ratio": threshold_ratio,
+                "caep_level": level, "min_per_layer": budget.min_per_layer, "baseline": baseline,
+                "refit_hsdl": refit, "metric": metric}
     return DomainMasks(masks, baseline, reason, overview, jaccard, kept, values, cached, settings)
 
 
@@ -376,6 +377,8 @@ def accuracy_summary(grid: EvaluationGrid, domain_names: Sequence[str], *, confi
     return accuracies, chance, values
 
 
+#: What the page shows in place of :func:`stage4_breakdown`'s cells when stage 4 has not run.
+STAGE4_MISSING = "**Stage 4's results are missing: run `04_pruning` first.**"
 BREAKDOWN_COLUMNS = ["method", "ratio", "category", "change", "change_min", "change_max", "n_seeds"]
 
 

@@ -214,7 +214,8 @@ def versus_controls(scores: Scores, *, confidence: float, n_boot: int) -> tuple[
                                  scores.samples, scores.targets[1], scores.k, confidence=confidence, n_boot=n_boot)
         differences[f"hsdl_minus_{other}_m{m}"] = d
         values.update({f"{prefix}diff{suffix}": d.estimate * 100, f"{prefix}diff_low{suffix}": d.low * 100,
-                       f"{prefix}diff_high{suffix}": d.high * 100, f"{prefix or 'hsdl_'}verdict{suffix}": rp.verdict(d)})
+                       f"{prefix}diff_high{suffix}": d.high * 100,
+                       f"{prefix or 'hsdl_'}verdict{suffix}": rp.verdict(d)})
     return differences, values
 
 
@@ -273,5 +274,5 @@ def save_results(out_dir, model: str, held: HeldOut, summary: pd.DataFrame, ahea
                "differences": {name: vars(d) for name, d in differences.items()},
                "cache": cache.to_dict(orient="records"), "n_test_tokens": held.store.n_tokens,
                "heldout_question_ids": held.questions["question_id"].tolist()}
-    return write_artifact(out_dir, {"results.json": json.dumps(results, indent=1, sort_keys=True, default=str).encode()},
-                          {"format": "moe-routing-prediction/1", "model": model})
+    content = json.dumps(results, indent=1, sort_keys=True, default=str).encode()
+    return write_artifact(out_dir, {"results.json": content}, {"format": "moe-routing-prediction/1", "model": model})
