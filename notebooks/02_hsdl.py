@@ -79,7 +79,8 @@ if caveat := model_caveat(store.manifest["model"]["name"]):
 hsdl = HSDL(levels=hsdl_levels, lambda_hier=hsdl_lambda_hier, lambda_rec=hsdl_lambda_rec,
             n_steps=hsdl_steps, batch_size=hsdl_batch_size, layout=layout, device=device or "auto",
             random_state=hsdl_seed).fit(X)
-glue_values(**(fit := hsdl_report.fit_summary(hsdl, X)))
+fit = hsdl_report.fit_summary(hsdl, X)
+glue_values(**fit)
 plotting.glue_figure("fig_loss", plotting.hsdl_loss_curves(hsdl.loss_history_))
 hsdl
 
@@ -119,9 +120,9 @@ summary.style.format({"mean_experts": "{:.2f}", "mean_layers": "{:.2f}", "cross_
 
 # %%
 selected, usage = hsdl_report.selections(store)
-_, values = hsdl_report.cross_layer_controls(tables, sizes["cross_share_1"], layout, usage, n_draws=control_draws,
-                                             seed=hsdl_seed)
-stage_values = {**sizes, **glue_values(**values)}
+_, cross = hsdl_report.cross_layer_controls(tables, sizes["cross_share_1"], layout, usage, n_draws=control_draws,
+                                            seed=hsdl_seed)
+glue_values(**cross)
 
 # %% [markdown]
 # Random atoms of the same sizes span several layers {glue:text}`cross_chance_uniform:.0f`%
@@ -189,8 +190,8 @@ plotting.glue_figure("fig_tree", plotting.hierarchy_tree(edges, usages) if edges
 # atoms share them. The method page discusses this. What this fit shows:
 
 # %%
-structure, values = hsdl_report.tree_structure(tables, edges)
-stage_values.update(glue_values(**values))
+structure, tree = hsdl_report.tree_structure(tables, edges)
+glue_values(**tree)
 structure
 
 # %% [markdown]
@@ -214,7 +215,7 @@ structure
 # %%
 observed, chances, coverage = hsdl_report.coverage_controls(tables, selected, usage, n_draws=control_draws,
                                                             seed=hsdl_seed)
-stage_values.update(glue_values(**coverage))
+glue_values(**coverage)
 plotting.glue_figure("fig_coverage", null_plots.coverage_with_chance(observed, chances))
 hsdl_report.coverage_table(observed).style.format("{:.0%}", escape="html")
 
@@ -247,9 +248,9 @@ hsdl_report.coverage_table(observed).style.format("{:.0%}", escape="html")
 # co-selected pairs, and on one half of the questions against the other half.
 
 # %%
-matched, stable, values = hsdl_report.stability_controls(hsdl, X, store, atom_threshold, granularity=granularity,
-                                                         seed=hsdl_seed)
-stage_values.update(glue_values(**values))
+matched, stable, stability = hsdl_report.stability_controls(hsdl, X, store, atom_threshold,
+                                                            granularity=granularity, seed=hsdl_seed)
+glue_values(**stability)
 plotting.glue_figure("fig_stability", null_plots.atom_stability(matched))
 stable.style.format({"exact": "{:.0%}", "median_jaccard": "{:.2f}"}, escape="html")
 
@@ -280,8 +281,9 @@ stable.style.format({"exact": "{:.0%}", "median_jaccard": "{:.2f}"}, escape="htm
 # %%
 surrogates = hsdl_controls.surrogate_fits(hsdl, store, atom_threshold, n_surrogates=n_surrogates,
                                           granularity=granularity, value=value, seed=hsdl_seed)
-table, _, values = hsdl_report.surrogate_comparison({"rel_error": fit["rel_error"], **stage_values}, surrogates)
-glue_values(n_surrogates=n_surrogates, **values, **hsdl_report.stage_finding({**stage_values, **values}))
+table, _, surrogate = hsdl_report.surrogate_comparison({**fit, **sizes, **coverage}, surrogates)
+glue_values(n_surrogates=n_surrogates, **surrogate, **hsdl_report.stage_finding(
+    {**sizes, **cross, **tree, **coverage, **stability, **surrogate}))
 table.style.format("{:.2f}", escape="html")
 
 # %% [markdown]

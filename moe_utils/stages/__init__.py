@@ -93,11 +93,9 @@ def model_caveat(model_name: str, detail: str = "") -> str | None:
     return None
 
 
-def glue_values(**values) -> dict:
-    """Glue every value under its name for the book's text (myst_nb ``glue``, not displayed); returns
-    them, for a page that gathers what it glued."""
+def glue_values(**values) -> None:
+    """Glue every value under its name for the book's text (myst_nb ``glue``, not displayed)."""
     from myst_nb import glue
 
     for name, value in values.items():
         glue(name, value, display=False)
-    return values
