@@ -66,8 +66,9 @@ paths = stage_paths(artifacts_dir)
 # an MoE block applies the next MoE layers' routers to the hidden state that layer hands on.
 
 # %%
+fit_store, hsdl = prediction_report.open_fitted(paths)  # checked before the model loads
 lm, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-held = prediction_report.open_heldout(paths, lm, tokenizer, model, horizons=prediction_horizons,
+held = prediction_report.open_heldout(paths, fit_store, hsdl, lm, tokenizer, model, horizons=prediction_horizons,
                                       per_category=heldout_per_category, seed=heldout_seed, data_dir=data_dir,
                                       batch_size=batch_size, max_length=max_length)
 inputs, values = prediction_report.describe(held, model, per_category=heldout_per_category, seed=heldout_seed,

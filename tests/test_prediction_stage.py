@@ -151,8 +151,10 @@ def stage_inputs(olmoe, tmp_path, monkeypatch):
 def test_the_stage_on_a_real_model_and_real_questions(olmoe, stage_inputs):
     paths, fitted = stage_inputs
     model, tok = olmoe
-    held = stage.open_heldout(paths, model, tok, "random:olmoe", horizons=[1, 2], per_category=2, seed=1,
-                              batch_size=4, max_length=48)
+    fit_store, hsdl = stage.open_fitted(paths)
+    assert fit_store.n_tokens == fitted.n_tokens and hsdl.manifest_["x_spec"]["granularity"] == "token"
+    held = stage.open_heldout(paths, fit_store, hsdl, model, tok, "random:olmoe", horizons=[1, 2], per_category=2,
+                              seed=1, batch_size=4, max_length=48)
     spec = fitted.manifest["data"]
     stage1 = set(load_prompts(spec["categories"], spec["n_per_category"], spec["seed"])[2]["question_id"])
     assert len(held.questions) == 4 and not stage1 & set(held.questions["question_id"])  # none of stage 1's

@@ -8,8 +8,8 @@ at all); :func:`findings` turns the measured recalls, paired differences and cac
 sentences for the book's introduction, each opening with what was found.
 
 The rest is the stage's pipeline, each step returning what the page shows with the values it glues:
-:func:`open_heldout` (stage 1's store and stage 2's dictionary, checked by
-:func:`require_token_dictionary` and :func:`require_same_model`, and the held-out capture),
+:func:`open_fitted` (stage 1's store and stage 2's dictionary), :func:`open_heldout` (the held-out
+capture; both check their inputs with :func:`require_token_dictionary` and :func:`require_same_model`),
 :func:`describe`, :func:`score` (every predictor's rankings and hits), :func:`recall_table`,
 :func:`recall_layers`, :func:`versus_controls`, :func:`ahead_table`, :func:`cache_summary`,
 :func:`stage_findings` and :func:`save_results`.
@@ -112,12 +112,19 @@ def heldout_prompts(spec: Mapping, per_category: int, seed: int, data_dir=None):
     return load_prompts(spec["categories"], per_category, seed, data_dir, exclude_ids=captured)
 
 
-def open_heldout(paths, lm, tokenizer, model: str, *, horizons, per_category: int, seed: int, data_dir=None,
-                 batch_size: int = 8, max_length: int = 512) -> HeldOut:
-    """Stage 1's store and stage 2's dictionary (checked: token columns, the same model), and the held-out
-    questions (:func:`heldout_prompts`) captured into ``paths.prediction / "heldout_store"`` while the
-    routers of the layers ``horizons`` ahead rank experts on the hidden state."""
-    fit_store, hsdl = RoutingStore.open(paths.store), HSDL.load(paths.hsdl)
+def open_fitted(paths) -> tuple[RoutingStore, HSDL]:
+    """Stage 1's store and stage 2's dictionary, the dictionary checked (:func:`require_token_dictionary`)
+    before the model loads."""
+    hsdl = HSDL.load(paths.hsdl)
+    require_token_dictionary(hsdl)
+    return RoutingStore.open(paths.store), hsdl
+
+
+def open_heldout(paths, fit_store: RoutingStore, hsdl: HSDL, lm, tokenizer, model: str, *, horizons,
+                 per_category: int, seed: int, data_dir=None, batch_size: int = 8, max_length: int = 512) -> HeldOut:
+    """The held-out questions (:func:`heldout_prompts`) captured by ``lm`` (checked to be stage 1's
+    model, :func:`require_same_model`) into ``paths.prediction / "heldout_store"`` while the routers of
+    the layers ``horizons`` ahead rank experts on the hidden state."""
     x_spec = require_token_dictionary(hsdl)
     require_same_model(lm, fit_store, model)
     spec = fit_store.manifest["data"]
