@@ -68,7 +68,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -440,6 +440,47 @@ def harness_tasks(
                              f"{blimp.GROUP}[_<paradigm>]) "
                              "nor lm-eval stock tasks")
     return specs, task_manager
+
+
+@contextlib.contextmanager
+def requests_reused(specs: Sequence) -> Iterator[None]:
+    """While active, each task object of ``specs`` (:func:`harness_tasks`) builds its requests (the
+    contexts, continuations and rolling windows of ``Task.build_all_requests``) on its first run
+    only; a later run with the same arguments and few-shot setting gets the same ``Instance`` objects
+    back, their responses cleared, and the harness does the rest as on every run: it asks the model,
+    applies the task's filters, ``process_results`` and aggregation. For scoring many pruned models
+    on the same documents (:func:`moe_utils.compression.evaluate.evaluate_compressions`): the
+    requests do not depend on the model, and building them was most of the harness's own time per
+    run (BLiMP's 67 tasks). Stock tasks given by name are built afresh by the harness on every run."""
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import Task
+
+    tasks = [task for spec in specs for task in
+             (spec.get_all_tasks() if isinstance(spec, Group) else [spec] if isinstance(spec, Task) else [])]
+    for task in tasks:
+        task.build_all_requests = _built_once(task, task.build_all_requests)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            vars(task).pop("build_all_requests", None)  # the class's own method again
+
+
+def _built_once(task, build):
+    """``task.build_all_requests`` that builds on the first call and, on a later call with the same
+    arguments and ``num_fewshot``, only clears the responses of the instances it built."""
+    built: dict[str, Any] = {}
+
+    def build_or_reuse(**kwargs: Any) -> None:
+        key = (task.config.num_fewshot, kwargs)
+        if built.get("key") != key:
+            build(**kwargs)
+            built["key"] = key
+            return
+        for instance in task.instances:
+            instance.resps, instance.filtered_resps = [], {}
+
+    return build_or_reuse
 
 
 def run_harness(
