@@ -129,6 +129,20 @@ def test_requests_built_once_give_exactly_the_runs_that_build_them_afresh(setup)
         pd.testing.assert_frame_equal(table, table1, check_exact=True)
 
 
+def test_the_harness_draws_no_progress_bars(setup, capfd):
+    """A run of the harness writes no bars of its own (a stage shows one for its whole loop), while a
+    bar outside the run still draws."""
+    from tqdm import tqdm
+
+    model, tok, *_ = setup
+    evaluation.run_harness(model, tok, ["blimp_wh_island", "wikitext2_ppl"], limit=1, log_samples=True,
+                           bootstrap_iters=0, wikitext_words=20, **SETTINGS)
+    assert "|" not in capfd.readouterr().err
+    for _ in tqdm(range(2), desc="the stage's own"):
+        pass
+    assert "the stage's own" in capfd.readouterr().err
+
+
 def _leaves(spec) -> list:
     return spec.get_all_tasks() if hasattr(spec, "get_all_tasks") else [spec] if hasattr(spec, "instances") else []
 

@@ -527,7 +527,7 @@ def run_harness(
     try:
         # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
         # costs ~0.5 s per call and is not part of what this module returns.
-        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report):
+        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report), _quiet_progress():
             return lm_eval.simple_evaluate(
                 model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
                 bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=log_samples,
@@ -606,6 +606,28 @@ def _require_finite(lm) -> None:
     lm.loglikelihood = checked(lm.loglikelihood)
     lm.loglikelihood_rolling = checked(lm.loglikelihood_rolling)
     lm._finite_checked = True
+
+
+#: The harness's modules that draw progress bars: one per task while building its requests, one per
+#: request type while tokenizing and scoring.
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def _silent_tqdm(*args: Any, **kwargs: Any):
+    """``tqdm`` with its bar off, whatever the caller asked for."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """The harness's own progress bars off during a run: a stage that scores a hundred models
+    shows one bar for its whole loop, not thousands of short ones in its executed notebook."""
+    with contextlib.ExitStack() as stack:
+        for module in _BAR_MODULES:
+            stack.enter_context(mock.patch(f"{module}.tqdm", _silent_tqdm))
+        yield
 
 
 def _skip_environment_report(storage: dict) -> None:
