@@ -526,8 +526,10 @@ def run_harness(
              lm.max_length, lm.batch_size)
     try:
         # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
-        # costs ~0.5 s per call and is not part of what this module returns.
-        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report), _quiet_progress():
+        # costs ~0.5 s per call, and its `git describe` of the working directory one more
+        # subprocess per call; neither is part of what this module returns.
+        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report), \
+                mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None), _quiet_progress():
             return lm_eval.simple_evaluate(
                 model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
                 bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=log_samples,
