@@ -448,7 +448,8 @@ def requests_reused(specs: Sequence) -> Iterator[None]:
     contexts, continuations and rolling windows of ``Task.build_all_requests``) on its first run
     only; a later run with the same arguments and few-shot setting gets the same ``Instance`` objects
     back, their responses cleared, and the harness does the rest as on every run: it asks the model,
-    applies the task's filters, ``process_results`` and aggregation. For scoring many pruned models
+    applies the task's filters, ``process_results`` and aggregation (each task's configuration, which
+    the harness copies into every result, is also dumped once). For scoring many pruned models
     on the same documents (:func:`moe_utils.compression.evaluate.evaluate_compressions`): the
     requests do not depend on the model, and building them was most of the harness's own time per
     run (BLiMP's 67 tasks). Stock tasks given by name are built afresh by the harness on every run."""
@@ -459,11 +460,27 @@ def requests_reused(specs: Sequence) -> Iterator[None]:
              (spec.get_all_tasks() if isinstance(spec, Group) else [spec] if isinstance(spec, Task) else [])]
     for task in tasks:
         task.build_all_requests = _built_once(task, task.build_all_requests)
+        task.dump_config = _dumped_once(task, task.dump_config)
     try:
         yield
     finally:
         for task in tasks:
-            vars(task).pop("build_all_requests", None)  # the class's own method again
+            for name in ("build_all_requests", "dump_config"):
+                vars(task).pop(name, None)  # the class's own method again
+
+
+def _dumped_once(task, dump):
+    """``task.dump_config`` computed once per ``num_fewshot`` (the harness copies every task's whole
+    configuration into every run's result; only the few-shot setting changes between runs)."""
+    dumped: dict[Any, dict] = {}
+
+    def dump_or_reuse() -> dict:
+        key = task.config.num_fewshot
+        if key not in dumped:
+            dumped[key] = dump()
+        return dumped[key]
+
+    return dump_or_reuse
 
 
 def _built_once(task, build):
