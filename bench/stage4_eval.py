@@ -1,30 +1,34 @@
-"""Benchmark: where one pruned model's evaluation in stage 4 spends its time, and what the BLiMP
-task set-up costs before and after its two fixes.
+"""Benchmark: what scoring one more random mask costs in stage 4's evaluation, before and after
+the harness's requests are built once per run.
 
-For the embedded model and the default profile's sample sizes (``params/tiny.yaml``), it times one
-lm-evaluation-harness run per task family (BLiMP pairs, WikiText-2 articles, MMLU-Pro question
-perplexity) and, inside each, the model's forward calls (a hook on the model), so that
-``harness_overhead = 1 - forward / total`` says how much is the harness rather than the model.
-It also times building the 67 BLiMP tasks on the first ``limit`` pairs (what
-:mod:`moe_utils.evaluation.harness` does) against building them on all 1,000 pairs, and one BLiMP run
-with the stock Jinja ``doc_to_choice`` template against the Python function the project uses.
-Wall and process CPU time are recorded: on a shared machine, CPU time is the steadier figure.
+Stage 4 scores about 150 masked variants of the embedded model, most of them the random-mask
+reference distributions on BLiMP (``params/tiny.yaml``: 20 masks per ratio and allocation, 10 pairs
+per paradigm, 67 paradigm tasks). This times :func:`moe_utils.compression.evaluate.evaluate_compressions`
+on ``--masks`` random 50% masks on that BLiMP run, in three configurations, interleaved round by
+round in one process so that a shared machine's load falls on all of them alike:
 
-Target: stage 4 within 6 minutes on 2 CPU cores; ``projected_stage4_eval_s`` multiplies the
-per-model wall time by the number of models the profile evaluates, ``projected_stage4_eval_cpu_s``
-the per-model process CPU time (with ``--threads 1``, what a machine without other jobs would
-take in wall time); the rest of the stage (calibration, masks, the ablation's refits) comes on top. The JSON records
-``meets_target`` and never fails.
+``rebuilt, 8192``  the evaluator as it was: the harness builds every task's requests anew for every
+                   mask (its own default), 8,192-token forward passes;
+``once, 8192``     the requests built once per run (:func:`moe_utils.evaluation.harness.requests_reused`);
+``once, 2048``     and 2,048-token passes (the default now, :data:`moe_utils.evaluation.multi_mask.MAX_TOKENS`).
+
+Per configuration: wall and process CPU time per mask, and the share of it in the shared forward
+passes (``MultiMaskLM._score``); the rest is the harness (requests, process_results, aggregation,
+logging). With ``--threads 1`` (the default) CPU time is what an idle core would take in wall time:
+on a shared machine it is the steadier figure, and the ratios between configurations are the
+result. The scores of every configuration are checked equal (documents' correctness exactly,
+log-likelihoods to float rounding). The JSON never fails on a target.
 
 Usage::
 
-    python bench/stage4_eval.py                      # -> bench/results/stage4_eval.json
-    python bench/stage4_eval.py --out /tmp/s4.json --threads 1
+    python bench/stage4_eval.py                       # -> bench/results/stage4_eval.json
+    python bench/stage4_eval.py --masks 4 --rounds 1 --out /tmp/s4.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -39,87 +43,85 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bench._common import finish_machine_info, machine_info  # noqa: E402
 
-
-def _timed(fn):
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - start_wall, time.process_time() - start_cpu
+#: name -> (requests built once, tokens per forward pass)
+CONFIGURATIONS = {"rebuilt, 8192": (False, 8192), "once, 8192": (True, 8192), "once, 2048": (True, 2048)}
 
 
 def main() -> None:
-    from moe_utils.evaluation import harness as evaluation
-    from moe_utils.compression import pruning
+    from moe_utils.compression import evaluate as compression_evaluate
+    from moe_utils.compression.caep import PruningBudget, random_mask
+    from moe_utils.compression.value import Compression
+    from moe_utils.evaluation import multi_mask
     from moe_utils.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default=str(REPO / "params" / "tiny.yaml"))
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--masks", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "stage4_eval.json"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     profile = yaml.safe_load(Path(args.profile).read_text())
     info = machine_info()
-    lm, tok = load_model("embedded")
-    spec = pruning.resolve_evaluation("embedded", profile.get("eval_tasks"), profile.get("eval_limit"),
-                                      profile.get("eval_task_limits"))
-    runs = pruning.evaluation_runs(categories=profile["categories"], **spec)
-    forward = {"s": 0.0}
+    model, tokenizer = load_model("embedded")
+    budget = PruningBudget((16,) * 6, 2)
+    masks = [Compression("random", 0.5, random_mask(budget, 0.5, 1000 + s), seed=1000 + s) for s in range(args.masks)]
+    run = {"tasks": ["blimp"], "limit": profile["eval_task_limits"]["blimp"]}
+    settings = dict(batch_size=profile["eval_batch_size"], max_length=profile["max_length"],
+                    num_fewshot=profile["eval_num_fewshot"])
+    forward = {"wall": 0.0, "cpu": 0.0}
+    score = multi_mask.MultiMaskLM._score
 
-    def pre(*_):
-        forward["t"] = time.perf_counter()
+    def timed_score(self, keys):
+        wall, cpu = time.perf_counter(), time.process_time()
+        score(self, keys)
+        forward["wall"] += time.perf_counter() - wall
+        forward["cpu"] += time.process_time() - cpu
 
-    def post(*_):
-        forward["s"] += time.perf_counter() - forward["t"]
-
-    hooks = [lm.register_forward_pre_hook(pre), lm.register_forward_hook(post)]
-    families = []
-    for run in runs:
-        forward["s"] = 0.0
-        _, wall, cpu = _timed(lambda: evaluation.run_harness(lm, tok, run["tasks"], limit=run["limit"], batch_size=64,
-                                                             max_length=profile.get("max_length"), log_samples=True,
-                                                             bootstrap_iters=0))
-        families.append({"tasks": run["tasks"][:3] + (["..."] if len(run["tasks"]) > 3 else []), "limit": run["limit"],
-                         "wall_s": wall, "cpu_s": cpu, "forward_s": forward["s"],
-                         "harness_overhead": 1 - forward["s"] / wall})
-    for hook in hooks:
-        hook.remove()
-    limit = spec["task_limits"].get("blimp", spec["limit"])
-    _, build_limited, _ = _timed(lambda: evaluation.build_tasks(["blimp"], limit=limit))
-    _, build_full, _ = _timed(lambda: evaluation.build_tasks(["blimp"]))
-    stock = "{{[sentence_good, sentence_bad]}}"
-    original = evaluation._blimp_task
-
-    def with_jinja(paradigm, blimp_dir, lim):
-        task = original(paradigm, blimp_dir, lim)
-        task.config.doc_to_choice = stock
-        return task
-
-    _, blimp_function, _ = _timed(lambda: evaluation.run_harness(lm, tok, ["blimp"], limit=limit, batch_size=64,
-                                                                 bootstrap_iters=0))
-    with mock.patch.object(evaluation, "_blimp_task", with_jinja):
-        _, blimp_jinja, _ = _timed(lambda: evaluation.run_harness(lm, tok, ["blimp"], limit=limit, batch_size=64,
-                                                                  bootstrap_iters=0))
-    per_model = sum(f["wall_s"] for f in families)
-    per_model_cpu = sum(f["cpu_s"] for f in families)
-    n_models = 1 + len(profile["prune_ratios"]) * (len(profile["pruning_methods"]) - 1 + len(profile["random_seeds"]))
-    n_models += 4 if profile.get("ablation") else 0  # the ablation's new variants at the middle ratio
+    rounds: dict[str, list[dict]] = {name: [] for name in CONFIGURATIONS}
+    documents = {}
+    with mock.patch.object(multi_mask.MultiMaskLM, "_score", timed_score):
+        for _ in range(args.rounds):
+            for name, (once, max_tokens) in CONFIGURATIONS.items():
+                forward.update(wall=0.0, cpu=0.0)
+                rebuilt = mock.patch.object(compression_evaluate.evaluation, "requests_reused",
+                                            lambda specs: contextlib.nullcontext())
+                wall, cpu = time.perf_counter(), time.process_time()
+                with contextlib.nullcontext() if once else rebuilt:
+                    _, docs = compression_evaluate.evaluate_compressions(
+                        model, tokenizer, masks, [run], cache_dir=None, group_size=len(masks), max_tokens=max_tokens,
+                        progress=False, **settings)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                documents[name] = docs
+                rounds[name].append({"wall_s": wall, "cpu_s": cpu, "forward_wall_s": forward["wall"],
+                                     "forward_cpu_s": forward["cpu"]})
+    first = documents[next(iter(CONFIGURATIONS))]
+    for docs in documents.values():
+        assert docs["correct"].equals(first["correct"]), "the configurations scored the pairs differently"
+        np.testing.assert_allclose(docs["loglikelihood"], first["loglikelihood"], rtol=1e-5, equal_nan=True)
+    n = len(masks)
+    summary = {}
+    for name, runs in rounds.items():
+        cpu = float(np.median([r["cpu_s"] for r in runs])) / n
+        forward_cpu = float(np.median([r["forward_cpu_s"] for r in runs])) / n
+        summary[name] = {"per_mask_wall_s": float(np.median([r["wall_s"] for r in runs])) / n,
+                         "per_mask_cpu_s": cpu, "per_mask_forward_cpu_s": forward_cpu,
+                         "per_mask_harness_cpu_s": cpu - forward_cpu, "rounds": runs}
+    before, after = summary["rebuilt, 8192"], summary["once, 2048"]
     report = {
         "benchmark": "stage4_eval", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "profile": args.profile, "families": families, "per_model_wall_s": per_model,
-        "per_model_cpu_s": per_model_cpu, "models_evaluated": n_models,
-        "projected_stage4_eval_s": per_model * n_models,
-        # with one thread, CPU time is what a quiet machine would take in wall time
-        "projected_stage4_eval_cpu_s": per_model_cpu * n_models,
-        "blimp_build": {"first_limit_pairs_s": build_limited, "all_pairs_s": build_full, "limit": limit},
-        "blimp_doc_to_choice": {"python_function_s": blimp_function, "stock_jinja_s": blimp_jinja},
-        "target_stage4_s": 360, "meets_target": per_model * n_models <= 360,
-        "meets_target_on_cpu_time": per_model_cpu * n_models <= 360,
+        "profile": Path(args.profile).name, "run": run, "settings": settings, "masks": n, "rounds": args.rounds,
+        "configurations": summary,
+        "cpu_per_mask_after_over_before": after["per_mask_cpu_s"] / before["per_mask_cpu_s"],
+        "wall_per_mask_after_over_before": after["per_mask_wall_s"] / before["per_mask_wall_s"],
+        "harness_cpu_per_mask_after_over_before": after["per_mask_harness_cpu_s"] / before["per_mask_harness_cpu_s"],
         "machine": finish_machine_info(info),
     }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

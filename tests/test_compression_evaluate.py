@@ -5,6 +5,7 @@ merged) model, and every compressed model is one verified cache entry keyed by i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -89,6 +90,61 @@ def test_one_at_a_time_is_exactly_the_harness_log_of_the_compressed_model(setup)
     own = docs1[(docs1["digest"] == merged.digest) & docs1["task"].str.startswith("blimp_")]
     pd.testing.assert_frame_equal(own[list(evaluation.SAMPLE_COLUMNS)].reset_index(drop=True),
                                   evaluation.sample_table(raw), check_exact=True)
+
+
+def test_requests_built_once_give_exactly_the_runs_that_build_them_afresh(setup):
+    """Several masks scored through the harness with their requests built once (the evaluator's path)
+    give exactly the per-document log and metrics of runs whose harness builds every request anew,
+    on single tasks, a rolling-perplexity task and a group."""
+    from moe_utils.evaluation.multi_mask import MultiMaskLM
+
+    model, tok, compressions, *_ = setup
+    mmlu_pro = Path(os.environ.get("MOE_MMLU_PRO_DIR") or SHARED / "mmlu_pro")
+    tasks = [*RUNS[0]["tasks"], "wikitext2_ppl"] + (["mmlu_pro_mc"] if mmlu_pro.is_dir() else [])
+    build = dict(limit=2, wikitext_words=40, categories=["law"], data_dir=mmlu_pro if mmlu_pro.is_dir() else None,
+                 **DIRS)
+    keeps = [c.keep for c in compressions[:3]]
+
+    def runs(reuse: bool) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+        lm = MultiMaskLM(model, tok, keeps, batch_size=16, max_length=128)
+        prepared = evaluation.harness_tasks(tasks, **build)
+        out, instances = [], []
+        with evaluation.requests_reused(prepared[0]) if reuse else contextlib.nullcontext():
+            for index in range(len(keeps)):
+                lm.select(index)
+                raw = evaluation.run_harness(model, tok, tasks, limit=2, num_fewshot=1, log_samples=True,
+                                             bootstrap_iters=0, lm=lm, prepared=prepared if reuse else
+                                             evaluation.harness_tasks(tasks, **build))
+                out.append((evaluation.results_table(raw), evaluation.sample_table(raw)))
+                if reuse:
+                    instances.append([id(i) for spec in prepared[0] for task in _leaves(spec) for i in task.instances])
+        assert all(ids == instances[0] for ids in instances)  # the same requests every run
+        return out
+
+    reused, fresh = runs(True), runs(False)
+    assert {t for _, docs in reused for t in docs["task"]} >= {*RUNS[0]["tasks"], "wikitext2_ppl"}
+    assert reused[0][1]["margin"].round(4).tolist() != reused[1][1]["margin"].round(4).tolist()  # masks differ
+    for (table, docs), (table1, docs1) in zip(reused, fresh):
+        pd.testing.assert_frame_equal(docs, docs1, check_exact=True)
+        pd.testing.assert_frame_equal(table, table1, check_exact=True)
+
+
+def test_the_harness_draws_no_progress_bars(setup, capfd):
+    """A run of the harness writes no bars of its own (a stage shows one for its whole loop), while a
+    bar outside the run still draws."""
+    from tqdm import tqdm
+
+    model, tok, *_ = setup
+    evaluation.run_harness(model, tok, ["blimp_wh_island", "wikitext2_ppl"], limit=1, log_samples=True,
+                           bootstrap_iters=0, wikitext_words=20, **SETTINGS)
+    assert "|" not in capfd.readouterr().err
+    for _ in tqdm(range(2), desc="the stage's own"):
+        pass
+    assert "the stage's own" in capfd.readouterr().err
+
+
+def _leaves(spec) -> list:
+    return spec.get_all_tasks() if hasattr(spec, "get_all_tasks") else [spec] if hasattr(spec, "instances") else []
 
 
 def test_every_compressed_model_is_one_cache_entry_read_back_exactly(setup):

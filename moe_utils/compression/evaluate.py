@@ -19,7 +19,9 @@ Fig 9). Stages 4 (pruning and merging methods on BLiMP, WikiText-2 and MMLU-Pro 
   documents as Parquet (lossless: a warm run reads back exactly what a cold one computed);
 * with ``batch_masks`` (the default) the pruned compressions still to compute are scored
   ``group_size`` at a time in shared forward passes (:class:`moe_utils.evaluation.multi_mask.MultiMaskLM`),
-  the harness's tasks built once per group; a merge has its own weights, so each is scored alone,
+  the harness's tasks and their requests built once per run (:func:`moe_utils.evaluation.harness.requests_reused`:
+  per compression the harness only asks the model and applies the tasks' filters, ``process_results``
+  and aggregation); a merge has its own weights, so each is scored alone,
   with its merged weights written over its kept experts (:func:`moe_utils.compression.merging.applied`).
   ``batch_masks=False`` is the plain harness model one compression at a time (``HFLM`` over the
   masked model), as both stages evaluated before; the two agree to float rounding
@@ -143,14 +145,16 @@ def evaluate_compressions(model, tokenizer, compressions: Sequence[Compression],
                 found[(i, r)] = (*_decode(*hit), True)
                 bar.update()
         todo = [i for i in first.values() if (i, r) not in found]
-        for group in _groups(compressions, todo, batch_masks, group_size):
-            for i, result in zip(group, _compute(model, tokenizer, [compressions[i] for i in group], run,
-                                                 run_settings, batch_masks, max_tokens, threads)):
-                cache.store(keys[i], *_encode(result, {"method": compressions[i].method, "ratio": compressions[i].ratio,
-                                                        "seed": compressions[i].seed, "run": spec,
-                                                        "settings": run_settings, "model": model_id}))
-                found[(i, r)] = (*result, False)
-                bar.update()
+        prepared = _prepared(run, run_settings) if todo and batch_masks else None
+        with evaluation.requests_reused(prepared[0]) if prepared else contextlib.nullcontext():
+            for group in _groups(compressions, todo, batch_masks, group_size):
+                for i, result in zip(group, _compute(model, tokenizer, [compressions[i] for i in group], run,
+                                                     run_settings, prepared, max_tokens, threads)):
+                    cache.store(keys[i], *_encode(result, {"method": compressions[i].method,
+                                                            "ratio": compressions[i].ratio, "seed": compressions[i].seed,
+                                                            "run": spec, "settings": run_settings, "model": model_id}))
+                    found[(i, r)] = (*result, False)
+                    bar.update()
         for i, c in enumerate(compressions):  # duplicates read their first's entry
             if (i, r) not in found:
                 found[(i, r)] = found[(first[c.digest], r)]
@@ -170,17 +174,29 @@ def evaluate_compressions(model, tokenizer, compressions: Sequence[Compression],
     return results, documents
 
 
-def _compute(model, tokenizer, group: list[Compression], run: Mapping[str, Any], settings: Mapping[str, Any],
-             batch_masks: bool, max_tokens: int, threads: int | None) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
-    """The harness's table and documents of every compression of ``group`` on ``run``."""
+def _harness_settings(settings: Mapping[str, Any]) -> tuple[dict, int, int | None, int | None]:
+    """``settings`` split into the task-building ones, and batch size, max length and num_fewshot."""
     harness = dict(settings)
-    batch_size = harness.pop("batch_size", 8)
-    max_length = harness.pop("max_length", None)
-    num_fewshot = harness.pop("num_fewshot", None)
+    return harness, harness.pop("batch_size", 8), harness.pop("max_length", None), harness.pop("num_fewshot", None)
+
+
+def _prepared(run: Mapping[str, Any], settings: Mapping[str, Any]) -> tuple[list, Any]:
+    """The harness's tasks of ``run`` (:func:`moe_utils.evaluation.harness.harness_tasks`), built once
+    for every group of the run."""
+    return evaluation.harness_tasks(run["tasks"], limit=run.get("limit"), **_harness_settings(settings)[0])
+
+
+def _compute(model, tokenizer, group: list[Compression], run: Mapping[str, Any], settings: Mapping[str, Any],
+             prepared: tuple[list, Any] | None, max_tokens: int,
+             threads: int | None) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """The harness's table and documents of every compression of ``group`` on ``run``: with
+    ``prepared`` (the run's tasks, their requests built once: :func:`moe_utils.evaluation.harness.requests_reused`)
+    in shared passes, else with the plain harness model."""
+    harness, batch_size, max_length, num_fewshot = _harness_settings(settings)
     limit = run.get("limit")
     out = []
     with torch_threads(threads):
-        if not batch_masks:  # the plain harness model, one compression at a time
+        if prepared is None:  # the plain harness model, one compression at a time
             (compression,) = group
             start = time.perf_counter()
             with merging.applied(model, compression):
@@ -196,7 +212,6 @@ def _compute(model, tokenizer, group: list[Compression], run: Mapping[str, Any],
             keeps = [np.ones_like(merged.keep)] if merged is not None else [c.keep for c in group]
             lm = MultiMaskLM(model, tokenizer, keeps, batch_size=batch_size, max_length=max_length,
                              max_tokens=max_tokens)
-            prepared = evaluation.harness_tasks(run["tasks"], limit=limit, **harness)
             for index in range(len(group)):
                 lm.select(index)
                 raw = evaluation.run_harness(model, tokenizer, run["tasks"], limit=limit, log_samples=True,

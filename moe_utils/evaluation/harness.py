@@ -68,7 +68,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -442,6 +442,64 @@ def harness_tasks(
     return specs, task_manager
 
 
+@contextlib.contextmanager
+def requests_reused(specs: Sequence) -> Iterator[None]:
+    """While active, each task object of ``specs`` (:func:`harness_tasks`) builds its requests (the
+    contexts, continuations and rolling windows of ``Task.build_all_requests``) on its first run
+    only; a later run with the same arguments and few-shot setting gets the same ``Instance`` objects
+    back, their responses cleared, and the harness does the rest as on every run: it asks the model,
+    applies the task's filters, ``process_results`` and aggregation (each task's configuration, which
+    the harness copies into every result, is also dumped once). For scoring many pruned models
+    on the same documents (:func:`moe_utils.compression.evaluate.evaluate_compressions`): the
+    requests do not depend on the model, and building them was most of the harness's own time per
+    run (BLiMP's 67 tasks). Stock tasks given by name are built afresh by the harness on every run."""
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import Task
+
+    tasks = [task for spec in specs for task in
+             (spec.get_all_tasks() if isinstance(spec, Group) else [spec] if isinstance(spec, Task) else [])]
+    for task in tasks:
+        task.build_all_requests = _built_once(task, task.build_all_requests)
+        task.dump_config = _dumped_once(task, task.dump_config)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            for name in ("build_all_requests", "dump_config"):
+                vars(task).pop(name, None)  # the class's own method again
+
+
+def _dumped_once(task, dump):
+    """``task.dump_config`` computed once per ``num_fewshot`` (the harness copies every task's whole
+    configuration into every run's result; only the few-shot setting changes between runs)."""
+    dumped: dict[Any, dict] = {}
+
+    def dump_or_reuse() -> dict:
+        key = task.config.num_fewshot
+        if key not in dumped:
+            dumped[key] = dump()
+        return dumped[key]
+
+    return dump_or_reuse
+
+
+def _built_once(task, build):
+    """``task.build_all_requests`` that builds on the first call and, on a later call with the same
+    arguments and ``num_fewshot``, only clears the responses of the instances it built."""
+    built: dict[str, Any] = {}
+
+    def build_or_reuse(**kwargs: Any) -> None:
+        key = (task.config.num_fewshot, kwargs)
+        if built.get("key") != key:
+            build(**kwargs)
+            built["key"] = key
+            return
+        for instance in task.instances:
+            instance.resps, instance.filtered_resps = [], {}
+
+    return build_or_reuse
+
+
 def run_harness(
     model,
     tokenizer,
@@ -485,8 +543,10 @@ def run_harness(
              lm.max_length, lm.batch_size)
     try:
         # The harness's environment report (torch's collect_env: pip and nvidia-smi subprocesses)
-        # costs ~0.5 s per call and is not part of what this module returns.
-        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report):
+        # costs ~0.5 s per call, and its `git describe` of the working directory one more
+        # subprocess per call; neither is part of what this module returns.
+        with mock.patch("lm_eval.evaluator.add_env_info", _skip_environment_report), \
+                mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None), _quiet_progress():
             return lm_eval.simple_evaluate(
                 model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
                 bootstrap_iters=bootstrap_iters, task_manager=task_manager, log_samples=log_samples,
@@ -565,6 +625,28 @@ def _require_finite(lm) -> None:
     lm.loglikelihood = checked(lm.loglikelihood)
     lm.loglikelihood_rolling = checked(lm.loglikelihood_rolling)
     lm._finite_checked = True
+
+
+#: The harness's modules that draw progress bars: one per task while building its requests, one per
+#: request type while tokenizing and scoring.
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def _silent_tqdm(*args: Any, **kwargs: Any):
+    """``tqdm`` with its bar off, whatever the caller asked for."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """The harness's own progress bars off during a run: a stage that scores a hundred models
+    shows one bar for its whole loop, not thousands of short ones in its executed notebook."""
+    with contextlib.ExitStack() as stack:
+        for module in _BAR_MODULES:
+            stack.enter_context(mock.patch(f"{module}.tqdm", _silent_tqdm))
+        yield
 
 
 def _skip_environment_report(storage: dict) -> None:
