@@ -122,6 +122,11 @@ class Cooccurrence:
         at_least = np.cumsum(hist[::-1])[::-1]  # at_least[c] = number of observed sets with count >= c
         return int(np.nonzero(at_least >= rank)[0][-1])
 
+    def pair_counts(self) -> np.ndarray:
+        """(N_e, N_e) int64: columns selecting both experts (the diagonal: each expert's own count),
+        every pair at once from the blocked Gram products."""
+        return np.rint(self._gram(None, np.arange(self.n_rows))).astype(np.int64)
+
     def count(self, sets) -> np.ndarray:
         """Exact number of columns selecting every expert of each set (rows of ``sets``, (n, r), r <= 3)."""
         sets = np.asarray(sets, dtype=np.int64)
