@@ -221,7 +221,7 @@ def test_finding_follows_the_interval(token_only):
 def test_linearized_replicates_match_the_exact_ones():
     """The delta-method replicates (what stores of more than 500 questions use) against exact
     replicates of the same Dirichlet draws, at 600 questions: the share at unit weights is the point
-    estimate, replicates agree to within 20% of the exact interval's width and the interval's ends
+    estimate, single replicates agree to within 30% of the exact interval's width and the interval's ends
     to within 8% (the error the docstring states)."""
     n_questions, per_question = 600, 20
     store = synthetic_store(planted=True, n_questions=n_questions, per_question=per_question, seed=5)
@@ -243,6 +243,6 @@ def test_linearized_replicates_match_the_exact_ones():
         plain, given = tn._pair_sums(groups, weights, pairs.astype(np.float32),
                                      np.vstack([p for _, p in tn._times_mask(groups.counts, pairs.astype(np.float32))]))
         truth = (given - plain) / (weights @ observed - plain)
-        assert share + gradient @ (weights - 1) == pytest.approx(truth, abs=0.2 * width)
+        assert share + gradient @ (weights - 1) == pytest.approx(truth, abs=0.3 * width)
     for key in ("share_low", "share_high"):
         assert linear[key] == pytest.approx(exact[key], abs=0.08 * width)
