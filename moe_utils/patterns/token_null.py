@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from moe_utils.patterns.cooccurrence import Cooccurrence
 from moe_utils.patterns.expert_matrix import expert_label, expert_matrix
 from moe_utils.capture.store import RoutingStore
 
@@ -168,7 +169,11 @@ def _expected_given_type(groups: _Groups, weights: np.ndarray, fit: np.ndarray) 
     _, n_eval = groups.per_type(weights * ~fit)
     seen = n_fit > 0
     probs = _scale_rows(counts, np.where(seen, 1.0 / np.where(seen, n_fit, 1.0), 0.0))
-    expected = (probs.T.tocsr() @ _scale_rows(probs, n_eval)).toarray()
+    expected = np.zeros((counts.shape[1],) * 2)
+    step = max(1, _BLOCK_ENTRIES // counts.shape[1])
+    for start in range(0, probs.shape[0], step):  # dense products of blocks of strata (BLAS)
+        block = probs[start:start + step].toarray()
+        expected += block.T @ (block * n_eval[start:start + step, None])
     unseen_mass = n_eval[~seen].sum()
     if unseen_mass > 0:
         marginal = np.asarray(counts.sum(axis=0)).ravel() / n_fit.sum()
@@ -301,13 +306,17 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
         cache["groups"] = _Groups(store, seed, strata)
     groups = cache["groups"]
     n_questions = groups.question.max() + 1
-    if question_weights is None:
+    unit = question_weights is None
+    if unit:
         question_weights = np.ones(n_questions)
     question_weights = np.asarray(question_weights, dtype=np.float64)
     if question_weights.shape != (n_questions,):
         raise ValueError(f"question_weights needs one weight per question ({n_questions}), "
                          f"got shape {question_weights.shape}")
-    observed = (groups.selected_t @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
+    if unit:  # exact integer counts from blocked dense Gram products
+        observed = Cooccurrence(groups.selected_t, max_columns=None).pair_counts().astype(np.float64)
+    else:
+        observed = (groups.selected_t @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
     n, plain, given = _expected(groups, question_weights)
     result = CoSelection(observed, plain, given, n, store.n_experts)
     within = ~result.cross_layer
