@@ -31,6 +31,8 @@ import scipy.sparse as sp
 
 MAX_ORDER = 3
 _BLOCK_ENTRIES = 32_000_000  # entries of one dense block of tokens (128 MB in float32)
+#: a Gram product of n experts beats n^2 / _DIRECT_GAIN products of single pairs (BLAS against numpy)
+_DIRECT_GAIN = 16
 
 
 class Cooccurrence:
@@ -156,5 +158,14 @@ class Cooccurrence:
         needed, inverse = np.unique(np.concatenate([first, second]), return_inverse=True)
         if token_rows is not None and len(token_rows) == 0:
             return np.zeros(len(first), dtype=np.int64)
-        gram = self._gram(token_rows, needed)
-        return np.rint(gram[inverse[:len(first)], inverse[len(first):]]).astype(np.int64)
+        a, b = inverse[:len(first)], inverse[len(first):]
+        if _DIRECT_GAIN * len(first) >= len(needed) ** 2:  # many pairs among few experts: one Gram product
+            return np.rint(self._gram(token_rows, needed)[a, b]).astype(np.int64)
+        # few pairs among many experts: the products of just those columns, in blocks of tokens
+        rows = (self._tokens if token_rows is None else self._tokens[token_rows])[:, needed]
+        total = np.zeros(len(first))
+        step = max(1, _BLOCK_ENTRIES // max(len(needed), len(first)))
+        for start in range(0, rows.shape[0], step):
+            block = rows[start:start + step].toarray()
+            total += np.einsum("ij,ij->j", block[:, a], block[:, b], dtype=np.float64)
+        return np.rint(total).astype(np.int64)
