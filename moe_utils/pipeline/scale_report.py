@@ -85,7 +85,7 @@ def _shared(case: dict) -> str:
 
 def _controls(case: dict) -> str:
     """What the case ran of the controls of stages 1 and 2, and the time at the notebook's settings."""
-    if "controls" not in case:
+    if not case.get("controls"):
         return "The controls of stages 1 and 2 were not part of this run."
     ran = ("with the controls of stages 1 and 2" + (f" and their {case['n_hsdl_fits'] - 1} HSDL refits"
                                                     if case["refits"] else ", without the HSDL refits"))
