@@ -52,6 +52,15 @@ def scale_store_section(path: Path) -> list[str]:
              "store-only parts of 05 and 06 call. Seconds and peak resident memory (GB) per step. "
              f"Target: {result['target']}.", ""]
     for case in result["cases"]:
+        if case.get("complete") is False:  # stopped before every step ran: what it measured, and why
+            lines += [f"**{case['like']}** ({case['n_layers']} MoE layers x {case['n_experts']} experts, top-"
+                      f"{case['top_k']}; {case['n_tokens']:,} tokens): incomplete run, {case['analysis_seconds']:.0f} s "
+                      f"and a peak of {case['analysis_peak_rss_gb']:.1f} GB over the steps it finished "
+                      "(target missed).", "", "| stage | step | seconds | peak GB |", "|---|---|---|---|"]
+            lines += [f"| {s['stage']} | {s['step']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |"
+                      for s in case["steps"]]
+            lines += [f"- {note}" for note in case.get("notes", [])] + [""]
+            continue
         rankings = sum(s["seconds"] for s in case["steps"] if s["stage"] == "06" and s["step"].startswith("rankings"))
         at_notebook = case["analysis_seconds"] - rankings + case["rankings_seconds_at_notebook_heldout"]
         lines += [f"**{case['like']}** ({case['n_layers']} MoE layers x {case['n_experts']} experts, top-"
