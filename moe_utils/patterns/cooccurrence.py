@@ -24,7 +24,7 @@ the counts are then those of the subset, a stated estimate of the full ranking.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import scipy.sparse as sp
@@ -58,11 +58,15 @@ class Cooccurrence:
         self.n_rows, self.n_columns, self.n_columns_total = n_rows, tokens.shape[0], n_total
         # float32 products of 0/1 entries are exact integers while counts stay below 2^24
         self._dtype = np.float32 if self.n_columns < 2 ** 24 else np.float64
-        self._tokens = tokens.astype(self._dtype)
-        self._by_expert = sp.csr_matrix(self._tokens.T)  # (N_e, N_s): the tokens of each expert
+        self._tokens = tokens.astype(self._dtype, copy=False)
         self._histogram = lru_cache(maxsize=None)(self._compute_histogram)
 
     # ------------------------------------------------------------------ counting primitives
+    @cached_property
+    def _by_expert(self) -> sp.csr_matrix:
+        """(N_e, N_s): the tokens of each expert (built when first needed: pair counts do without it)."""
+        return sp.csr_matrix(self._tokens.T)
+
     def _gram(self, token_rows: np.ndarray | None, columns: np.ndarray) -> np.ndarray:
         """B[token_rows][:, columns]^T B[token_rows][:, columns] (all tokens if None), in blocks of tokens."""
         rows = self._tokens if token_rows is None else self._tokens[token_rows]

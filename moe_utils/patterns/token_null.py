@@ -127,7 +127,6 @@ class _Groups:
         self.in_a = question_halves(sample_ids, seed)
         _, type_of = np.unique(_strata(store, strata), return_inverse=True)
         self.selected = _selection(store)  # (n_tokens, N_e)
-        self.selected_t = self.selected.T.tocsr()
         group_key = self.question.astype(np.int64) * (type_of.max() + 1) + type_of
         keys, group = np.unique(group_key, return_inverse=True)
         n_groups = len(keys)
@@ -314,9 +313,9 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
         raise ValueError(f"question_weights needs one weight per question ({n_questions}), "
                          f"got shape {question_weights.shape}")
     if unit:  # exact integer counts from blocked dense Gram products
-        observed = Cooccurrence(groups.selected_t, max_columns=None).pair_counts().astype(np.float64)
+        observed = Cooccurrence(groups.selected.T, max_columns=None).pair_counts().astype(np.float64)
     else:
-        observed = (groups.selected_t @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
+        observed = (groups.selected.T.tocsr() @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
     n, plain, given = _expected(groups, question_weights)
     result = CoSelection(observed, plain, given, n, store.n_experts)
     within = ~result.cross_layer
