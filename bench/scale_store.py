@@ -52,6 +52,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -156,6 +157,7 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
     from moe_utils.patterns.hsdl import HSDL
 
     recorder, notes = Recorder(), []
+    started, load_start = _dt.datetime.now().isoformat(timespec="seconds"), list(os.getloadavg())
     try:
         with recorder.step("01", "write synthetic store"):
             store = write_synthetic_store(work / name / "store", shape, args.tokens, args.tokens_per_question, 0)
@@ -241,8 +243,9 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
     fit = next(s["seconds"] for s in recorder.steps if s["step"] == "HSDL fit")
     refits = sum(s["seconds"] for s in recorder.steps if "refits" in s["step"])
     n_fits = 1 + (4 + args.n_surrogates if args.controls and args.refits else 0)
-    # every fit at the notebook's 600 steps (the refits take the fit's settings) and stage 6 at its held-out size
-    at_notebook = (total - fit - refits + n_fits * fit / args.hsdl_steps * 600
+    # every fit at the notebook's 600 steps (the 4 + n_surrogates refits, run or not, take the fit's settings)
+    # and stage 6 at its held-out size
+    at_notebook = (total - fit - refits + (5 + args.n_surrogates) * fit / args.hsdl_steps * 600
                    - rankings + rankings / args.heldout_tokens * notebook_heldout)
     return {"shape": name, **shape, "n_tokens": args.tokens, "n_heldout_tokens": args.heldout_tokens,
             "hsdl_steps": args.hsdl_steps, "hsdl_seconds_per_step": fit / args.hsdl_steps,
@@ -257,6 +260,8 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
             "null_bootstrap": args.null_bootstrap, "control_draws": args.control_draws,
             "n_surrogates": args.n_surrogates,
             "analysis_seconds_at_notebook_settings": round(at_notebook, 1),
+            "started": started, "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
             "meets_target": bool(total <= TARGET_SECONDS and peak <= TARGET_GB)}
 
 

@@ -62,8 +62,10 @@ STORES = [_random_store(0), _random_store(1), _routing_store(0), _routing_store(
 
 @pytest.mark.parametrize("store", range(len(STORES)))
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_histogram_ranks_and_counts_match_exhaustive_counting(store, order, monkeypatch):
+@pytest.mark.parametrize("gain", [0, 10 ** 9])  # sets looked up through one Gram product, or pair by pair
+def test_histogram_ranks_and_counts_match_exhaustive_counting(store, order, gain, monkeypatch):
     monkeypatch.setattr(cooccurrence, "_BLOCK_ENTRIES", 500)  # several blocks of tokens per product
+    monkeypatch.setattr(cooccurrence, "_DIRECT_GAIN", gain)
     dense = STORES[store]
     expected = _exhaustive(dense, order)
     counts = Cooccurrence(sp.csr_matrix(dense), max_columns=None)

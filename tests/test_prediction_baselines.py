@@ -64,3 +64,28 @@ def test_bayes_reads_every_layer_up_to_l_and_affinity_only_layer_l():
     affinity = rp.affinity_rankings(fit, test, 8, horizon=1, n_ranked=1)
     assert rp.hit_counts(bayes, test, 1)[:, 2].mean() == 1.0
     assert rp.hit_counts(affinity, test, 1)[:, 2].mean() < 0.3
+
+
+def test_joint_counts_match_counting_token_by_token():
+    """Every pairwise statistic of the predictors is a block of joint_counts: checked against an
+    exhaustive loop over tokens and their pairs of chosen experts."""
+    rng = np.random.default_rng(2)
+    n_experts, n_layers, k = 5, 3, 2
+    fit = np.stack([np.stack([rng.choice(n_experts, k, replace=False) for _ in range(n_layers)]) for _ in range(120)])
+    exhaustive = np.zeros((n_layers * n_experts,) * 2, dtype=np.int64)
+    for token in fit:
+        rows = [layer * n_experts + e for layer in range(n_layers) for e in token[layer]]
+        for a in rows:
+            for b in rows:
+                exhaustive[a, b] += 1
+    joint = rp.joint_counts(fit, n_experts)
+    assert joint.dtype == np.int64
+    np.testing.assert_array_equal(joint, exhaustive)
+    # affinity from the counts = the conditional frequency counted directly
+    source, target = 0, 2
+    direct = np.zeros((n_experts, n_experts))
+    for token in fit:
+        for a in token[source]:
+            direct[a, token[target]] += 1
+    chosen = np.bincount(fit[:, source].ravel(), minlength=n_experts)
+    np.testing.assert_allclose(rp.affinity(fit, n_experts, source, target, joint=joint), direct / chosen[:, None])

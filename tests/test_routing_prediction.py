@@ -109,6 +109,23 @@ def test_hsdl_predicts_the_planted_atoms_later_experts():
     assert (ranked[2][:, :2] == -1).all()
 
 
+def test_hsdl_rankings_in_chunks_equal_one_fit_of_every_token():
+    """Each token's code is its own problem: fitting the held-out tokens in chunks (bounded memory)
+    gives the rankings of one fit over all of them."""
+    rng = np.random.default_rng(3)
+    dictionary = (rng.random((12, 5)) < 0.4).astype(np.float32)
+    hsdl = SimpleNamespace(dictionaries_=[dictionary], x_scale_=0.5, lambda_hier=500.0, lambda_rec=1000.0)
+    x = dictionary @ (rng.random((5, 23)) * (rng.random((5, 23)) < 0.5)) * 0.5
+    fit = rng.integers(0, 4, (50, 3, 1))
+    whole = rp.hsdl_rankings(hsdl, x, fit, 3, 4, [1, 2], 4, n_steps=30, chunk=100)
+    for chunk in (1, 7):
+        parts = rp.hsdl_rankings(hsdl, x, fit, 3, 4, [1, 2], 4, n_steps=30, chunk=chunk)
+        for h in (1, 2):
+            np.testing.assert_array_equal(parts[h], whole[h])
+    with pytest.raises(ValueError, match="chunk"):
+        rp.hsdl_rankings(hsdl, x, fit, 3, 4, [1], 4, chunk=0)
+
+
 # ------------------------------------------------------------------ hidden-state predictor
 @pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "phimoe", "gpt_oss"])
 def test_the_router_given_its_exact_input_reproduces_the_captured_top_k(random_models, arch):

@@ -28,6 +28,14 @@ def test_a_small_scale_run_is_recorded_and_shown(tmp_path):
     page = "\n".join(scale_report.scale_store_section(out))
     assert "Phi-3.5-MoE" in page and "| 02 | coverage against chance |" in page and "and their 5 HSDL refits" in page
     assert scale_report.scale_store_section(tmp_path / "missing.json") == []
+    assert ("machine was shared" in page) == (max(case["loadavg_at_start"][0], case["loadavg_at_end"][0])
+                                              >= 0.5 * case["cpu_count"])
+    # a run stopped early shows what it measured, marked incomplete
+    result["cases"] = [{**case, "complete": False, "steps": case["steps"][:3], "notes": ["stopped at a deadline"]}]
+    out.write_text(json.dumps(result))
+    page = "\n".join(scale_report.scale_store_section(out))
+    assert "incomplete run" in page and "- stopped at a deadline" in page
+    assert "| 02 | coverage against chance |" not in page
 
 
 def test_the_contention_section_shows_each_setting(tmp_path):

@@ -24,13 +24,15 @@ the counts are then those of the subset, a stated estimate of the full ranking.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import scipy.sparse as sp
 
 MAX_ORDER = 3
 _BLOCK_ENTRIES = 32_000_000  # entries of one dense block of tokens (128 MB in float32)
+#: a Gram product of n experts beats n^2 / _DIRECT_GAIN products of single pairs (BLAS against numpy)
+_DIRECT_GAIN = 16
 
 
 class Cooccurrence:
@@ -56,11 +58,15 @@ class Cooccurrence:
         self.n_rows, self.n_columns, self.n_columns_total = n_rows, tokens.shape[0], n_total
         # float32 products of 0/1 entries are exact integers while counts stay below 2^24
         self._dtype = np.float32 if self.n_columns < 2 ** 24 else np.float64
-        self._tokens = tokens.astype(self._dtype)
-        self._by_expert = sp.csr_matrix(self._tokens.T)  # (N_e, N_s): the tokens of each expert
+        self._tokens = tokens.astype(self._dtype, copy=False)
         self._histogram = lru_cache(maxsize=None)(self._compute_histogram)
 
     # ------------------------------------------------------------------ counting primitives
+    @cached_property
+    def _by_expert(self) -> sp.csr_matrix:
+        """(N_e, N_s): the tokens of each expert (built when first needed: pair counts do without it)."""
+        return sp.csr_matrix(self._tokens.T)
+
     def _gram(self, token_rows: np.ndarray | None, columns: np.ndarray) -> np.ndarray:
         """B[token_rows][:, columns]^T B[token_rows][:, columns] (all tokens if None), in blocks of tokens."""
         rows = self._tokens if token_rows is None else self._tokens[token_rows]
@@ -122,6 +128,11 @@ class Cooccurrence:
         at_least = np.cumsum(hist[::-1])[::-1]  # at_least[c] = number of observed sets with count >= c
         return int(np.nonzero(at_least >= rank)[0][-1])
 
+    def pair_counts(self) -> np.ndarray:
+        """(N_e, N_e) int64: columns selecting both experts (the diagonal: each expert's own count),
+        every pair at once from the blocked Gram products."""
+        return np.rint(self._gram(None, np.arange(self.n_rows))).astype(np.int64)
+
     def count(self, sets) -> np.ndarray:
         """Exact number of columns selecting every expert of each set (rows of ``sets``, (n, r), r <= 3)."""
         sets = np.asarray(sets, dtype=np.int64)
@@ -151,5 +162,14 @@ class Cooccurrence:
         needed, inverse = np.unique(np.concatenate([first, second]), return_inverse=True)
         if token_rows is not None and len(token_rows) == 0:
             return np.zeros(len(first), dtype=np.int64)
-        gram = self._gram(token_rows, needed)
-        return np.rint(gram[inverse[:len(first)], inverse[len(first):]]).astype(np.int64)
+        a, b = inverse[:len(first)], inverse[len(first):]
+        if _DIRECT_GAIN * len(first) >= len(needed) ** 2:  # many pairs among few experts: one Gram product
+            return np.rint(self._gram(token_rows, needed)[a, b]).astype(np.int64)
+        # few pairs among many experts: the products of just those columns, in blocks of tokens
+        rows = (self._tokens if token_rows is None else self._tokens[token_rows])[:, needed]
+        total = np.zeros(len(first))
+        step = max(1, _BLOCK_ENTRIES // max(len(needed), len(first)))
+        for start in range(0, rows.shape[0], step):
+            block = rows[start:start + step].toarray()
+            total += np.einsum("ij,ij->j", block[:, a], block[:, b], dtype=np.float64)
+        return np.rint(total).astype(np.int64)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from moe_utils.patterns.cooccurrence import Cooccurrence
 from moe_utils.patterns.expert_matrix import expert_label, expert_matrix
 from moe_utils.capture.store import RoutingStore
 
@@ -126,7 +127,6 @@ class _Groups:
         self.in_a = question_halves(sample_ids, seed)
         _, type_of = np.unique(_strata(store, strata), return_inverse=True)
         self.selected = _selection(store)  # (n_tokens, N_e)
-        self.selected_t = self.selected.T.tocsr()
         group_key = self.question.astype(np.int64) * (type_of.max() + 1) + type_of
         keys, group = np.unique(group_key, return_inverse=True)
         n_groups = len(keys)
@@ -168,7 +168,11 @@ def _expected_given_type(groups: _Groups, weights: np.ndarray, fit: np.ndarray) 
     _, n_eval = groups.per_type(weights * ~fit)
     seen = n_fit > 0
     probs = _scale_rows(counts, np.where(seen, 1.0 / np.where(seen, n_fit, 1.0), 0.0))
-    expected = (probs.T.tocsr() @ _scale_rows(probs, n_eval)).toarray()
+    expected = np.zeros((counts.shape[1],) * 2)
+    step = max(1, _BLOCK_ENTRIES // counts.shape[1])
+    for start in range(0, probs.shape[0], step):  # dense products of blocks of strata (BLAS)
+        block = probs[start:start + step].toarray()
+        expected += block.T @ (block * n_eval[start:start + step, None])
     unseen_mass = n_eval[~seen].sum()
     if unseen_mass > 0:
         marginal = np.asarray(counts.sum(axis=0)).ravel() / n_fit.sum()
@@ -182,18 +186,22 @@ def _pair_sums(groups: _Groups, question_weights: np.ndarray, mask: np.ndarray,
     expectations, without forming them: each is a sum of quadratic forms ``c^T M c`` over the
     strata's selection counts, read through ``projected`` (``groups.counts @ M``, dense (groups,
     N_e) float32, computed once for every replicate: 4 bytes x groups x N_e, where a group is a
-    question's tokens of one type). Cost per call: one pass over ``projected``."""
+    question's tokens of one type). Cost per call: one pass over ``projected`` and ``groups.counts``
+    per question half (each half's per-stratum sums serve as the fit of one cross-fit and the
+    evaluation of the other)."""
     weights = question_weights[groups.group_question]
     n = float(weights @ groups.size)
     counts = np.asarray(groups.counts.T @ weights).ravel()
     plain = float((weights @ projected) @ counts) / n
-    given = 0.0
+    halves = []
     for fit in (groups.group_in_a, ~groups.group_in_a):
-        type_counts, n_fit = groups.per_type(weights * fit)
-        _, n_eval = groups.per_type(weights * ~fit)
         agg = groups.by_type.copy()
         agg.data = (weights * fit)[agg.indices]
+        type_counts = (agg @ groups.counts).tocsr()
         quadratic = np.asarray(type_counts.multiply(agg @ projected).sum(axis=1)).ravel()  # c_t^T M c_t
+        halves.append((type_counts, agg @ groups.size, quadratic))
+    given = 0.0
+    for (type_counts, n_fit, quadratic), (_, n_eval, _) in zip(halves, halves[::-1]):
         seen = n_fit > 0
         given += float(n_eval[seen] @ (quadratic[seen] / n_fit[seen] ** 2))
         unseen_mass = n_eval[~seen].sum()
@@ -201,6 +209,74 @@ def _pair_sums(groups: _Groups, question_weights: np.ndarray, mask: np.ndarray,
             marginal = np.asarray(type_counts.sum(axis=0)).ravel() / n_fit.sum()
             given += unseen_mass * float(marginal @ mask.astype(np.float64) @ marginal)
     return plain, given
+
+
+def _row_dots(counts: sp.csr_matrix, row_of: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``counts[g] . vectors[row_of[g]]`` for every row g of ``counts``, in blocks of rows."""
+    out = np.empty(counts.shape[0])
+    step = max(1, _BLOCK_ENTRIES // max(1, counts.shape[1]))
+    for start in range(0, counts.shape[0], step):
+        block = counts[start:start + step]
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        out[start:start + block.shape[0]] = np.bincount(
+            rows, weights=block.data * vectors[row_of[start + rows], block.indices], minlength=block.shape[0])
+    return out
+
+
+def _share_gradient(groups: _Groups, mask: np.ndarray, observed: np.ndarray) -> tuple[float, np.ndarray]:
+    """The share over the pairs of ``mask`` at unit weights, and its gradient in the question
+    weights (one entry per question): the first-order (delta-method) expansion of a bootstrap
+    replicate, ``share(w) ~ share + grad . (w - 1)``. ``observed`` is :meth:`_Groups.pair_counts`.
+
+    Every term of :func:`_pair_sums` is a quadratic form ``c^T M c = c^T S c / 2`` (``S = M + M^T``)
+    of weighted sums ``c`` of group counts, divided by weighted token counts, so its derivative in a
+    group's weight is a dot product of that group's counts with ``S c``. Cost: one product of the
+    per-stratum counts with ``S`` per question half, and one pass over the group counts."""
+    sym = (mask + mask.T).astype(np.float32)
+    counts, size = groups.counts, groups.size
+    n_groups = counts.shape[0]
+    group_type = groups.by_type.nonzero()  # (type, group) of every group
+    type_of = np.empty(n_groups, dtype=np.int64)
+    type_of[group_type[1]] = group_type[0]
+    n = float(size.sum())
+    total = np.asarray(counts.sum(axis=0)).ravel()
+    s_total = sym.astype(np.float64) @ total
+    plain = 0.5 * float(total @ s_total) / n
+    d_plain = (counts @ s_total) / n - plain * size / n
+    halves = []
+    for in_half in (groups.group_in_a, ~groups.group_in_a):
+        agg = groups.by_type.copy()
+        agg.data = in_half[agg.indices].astype(np.float64)
+        type_counts = (agg @ counts).tocsr()
+        projected = np.vstack([product for _, product in _times_mask(type_counts, sym)]).astype(np.float64)  # S c_t
+        quadratic = 0.5 * np.asarray(type_counts.multiply(projected).sum(axis=1)).ravel()
+        n_fit = agg @ size
+        marginal = np.asarray(type_counts.sum(axis=0)).ravel() / n_fit.sum()
+        halves.append({"in": in_half, "projected": projected, "quadratic": quadratic, "n_fit": n_fit,
+                       "marginal": marginal, "s_marginal": sym.astype(np.float64) @ marginal, "total": n_fit.sum()})
+    given, d_given = 0.0, np.zeros(n_groups)
+    for fit, evaluation in ((halves[0], halves[1]), (halves[1], halves[0])):
+        n_fit, n_eval, quadratic = fit["n_fit"], evaluation["n_fit"], fit["quadratic"]
+        seen = n_fit > 0
+        safe = np.where(seen, n_fit, 1.0)
+        ratio = np.where(seen, quadratic / safe ** 2, 0.0)
+        unseen_mass = float(n_eval[~seen].sum())
+        m_quadratic = 0.5 * float(fit["marginal"] @ fit["s_marginal"])
+        given += float(n_eval @ ratio) + unseen_mass * m_quadratic
+        # groups of the fitting half: their stratum's c_t and n_fit(t), and the marginal of the unseen strata
+        dots = _row_dots(counts, type_of, fit["projected"])  # counts_g . S c_t
+        t = type_of
+        own = n_eval[t] * (dots / safe[t] ** 2 - 2 * quadratic[t] * size / safe[t] ** 3)
+        marginal_part = unseen_mass * ((counts @ fit["s_marginal"]) - 2 * m_quadratic * size) / fit["total"]
+        d_given += np.where(fit["in"], own + marginal_part, 0.0)
+        # groups of the evaluation half: their stratum's n_eval(t)
+        d_given += np.where(evaluation["in"], size * np.where(seen[t], ratio[t], m_quadratic), 0.0)
+    n_questions = groups.question.max() + 1
+    per_question = lambda values: np.bincount(groups.group_question, weights=values, minlength=n_questions)
+    excess = float(observed.sum()) - plain
+    share = (given - plain) / excess
+    gradient = (per_question(d_given - d_plain) - share * (observed - per_question(d_plain))) / excess
+    return share, gradient
 
 
 def _expected(groups: _Groups, question_weights: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -229,13 +305,17 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
         cache["groups"] = _Groups(store, seed, strata)
     groups = cache["groups"]
     n_questions = groups.question.max() + 1
-    if question_weights is None:
+    unit = question_weights is None
+    if unit:
         question_weights = np.ones(n_questions)
     question_weights = np.asarray(question_weights, dtype=np.float64)
     if question_weights.shape != (n_questions,):
         raise ValueError(f"question_weights needs one weight per question ({n_questions}), "
                          f"got shape {question_weights.shape}")
-    observed = (groups.selected_t @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
+    if unit:  # exact integer counts from blocked dense Gram products
+        observed = Cooccurrence(groups.selected.T, max_columns=None).pair_counts().astype(np.float64)
+    else:
+        observed = (groups.selected.T.tocsr() @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
     n, plain, given = _expected(groups, question_weights)
     result = CoSelection(observed, plain, given, n, store.n_experts)
     within = ~result.cross_layer
@@ -273,8 +353,12 @@ def explained_share(co: CoSelection, pairs: np.ndarray | None = None) -> dict:
             "lift_token": observed / float(co.given_token[pairs].sum())}
 
 
+#: above this many questions, bootstrap replicates are linearised (see :func:`explained_share_interval`)
+LINEAR_ABOVE_QUESTIONS = 500
+
+
 def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                             strata: np.ndarray | None = None) -> dict:
+                             strata: np.ndarray | None = None, linearized: bool | None = None) -> dict:
     """:func:`explained_share` with a percentile bootstrap interval over questions.
 
     Each replicate weights the questions by a Bayesian bootstrap draw (Dirichlet(1, ..., 1)
@@ -284,8 +368,19 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     anew in each replicate would add the replicate's noise to the excess); the observed sum is
     counted once per question, so a replicate costs only the type-level products. ``strata`` as in
     :func:`coselection`. A replicate needs only sums over those pairs, which :func:`_pair_sums`
-    computes without the (N_e, N_e) matrices. Returns the point estimate's values plus ``share_low``, ``share_high``,
-    ``remaining_low``, ``remaining_high`` and ``n_boot``.
+    computes without the (N_e, N_e) matrices; each costs a pass over every (question, stratum)
+    group's counts (seconds per replicate at 600,000 tokens of DeepSeek-MoE's shape).
+
+    ``linearized`` (default: when the store has more than :data:`LINEAR_ABOVE_QUESTIONS`
+    questions) replaces each replicate's share by its first-order expansion in the question weights
+    around the full sample (the delta method, :func:`_share_gradient`): one gradient, then each
+    replicate is a dot product. The expansion's error is of second order in the weights' deviations,
+    which shrink as 1 / sqrt(questions): on planted test stores the 90% interval's ends agree with
+    those of exact replicates of the same draws to within 11% of its width at 120 questions, 6% at
+    600 and 4% at 1,500 (tested at 600), about the Monte Carlo error of the percentiles themselves
+    (single replicates differ by up to about a quarter of the width; the ends average that out). Returns the point estimate's
+    values plus ``share_low``, ``share_high``, ``remaining_low``, ``remaining_high``, ``n_boot`` and
+    ``replicates`` ("exact" or "linearized").
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -296,17 +391,23 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     groups = cache["groups"]
     observed = groups.pair_counts(pairs)  # the observed sum is linear in the question weights
     n_questions = len(observed)
+    linearized = n_questions > LINEAR_ABOVE_QUESTIONS if linearized is None else bool(linearized)
     rng = np.random.default_rng(seed + 1)
     mask = pairs.astype(np.float32)
-    projected = np.vstack([product for _, product in _times_mask(groups.counts, mask)])  # exact: integer sums
-    shares = np.empty(n_boot)
-    for i in range(n_boot):
-        weights = rng.dirichlet(np.ones(n_questions)) * n_questions
-        plain, given = _pair_sums(groups, weights, mask, projected)
-        shares[i] = (given - plain) / (weights @ observed - plain)
+    draws = [rng.dirichlet(np.ones(n_questions)) * n_questions for _ in range(n_boot)]
+    if linearized:
+        share, gradient = _share_gradient(groups, mask, observed)
+        shares = np.array([share + gradient @ (weights - 1.0) for weights in draws])
+    else:
+        projected = np.vstack([product for _, product in _times_mask(groups.counts, mask)])  # exact: integer sums
+        shares = np.empty(n_boot)
+        for i, weights in enumerate(draws):
+            plain, given = _pair_sums(groups, weights, mask, projected)
+            shares[i] = (given - plain) / (weights @ observed - plain)
     low, high = np.nanpercentile(shares, [50 * (1 - level), 50 * (1 + level)])
     return {**point, "share_low": float(low), "share_high": float(high), "remaining_low": float(1 - high),
-            "remaining_high": float(1 - low), "n_boot": int(n_boot)}
+            "remaining_high": float(1 - low), "n_boot": int(n_boot),
+            "replicates": "linearized" if linearized else "exact"}
 
 
 def against(value: float, low: float, high: float) -> str:

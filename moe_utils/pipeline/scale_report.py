@@ -52,6 +52,15 @@ def scale_store_section(path: Path) -> list[str]:
              "store-only parts of 05 and 06 call. Seconds and peak resident memory (GB) per step. "
              f"Target: {result['target']}.", ""]
     for case in result["cases"]:
+        if case.get("complete") is False:  # stopped before every step ran: what it measured, and why
+            lines += [f"**{case['like']}** ({case['n_layers']} MoE layers x {case['n_experts']} experts, top-"
+                      f"{case['top_k']}; {case['n_tokens']:,} tokens): incomplete run, {case['analysis_seconds']:.0f} s "
+                      f"and a peak of {case['analysis_peak_rss_gb']:.1f} GB over the steps it finished "
+                      "(target missed).", "", "| stage | step | seconds | peak GB |", "|---|---|---|---|"]
+            lines += [f"| {s['stage']} | {s['step']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |"
+                      for s in case["steps"]]
+            lines += [f"- {note}" for note in case.get("notes", [])] + [""]
+            continue
         rankings = sum(s["seconds"] for s in case["steps"] if s["stage"] == "06" and s["step"].startswith("rankings"))
         at_notebook = case["analysis_seconds"] - rankings + case["rankings_seconds_at_notebook_heldout"]
         lines += [f"**{case['like']}** ({case['n_layers']} MoE layers x {case['n_experts']} experts, top-"
@@ -64,7 +73,7 @@ def scale_store_section(path: Path) -> list[str]:
                   f"{at_notebook / 60:.0f} minutes (target {'met' if at_notebook <= 600 else 'missed'}). HSDL: {case['hsdl_steps']} steps of "
                   f"{case['hsdl_seconds_per_step']:.2f} s (the notebook's default: 600). Fig 6's counts cover "
                   f"{case['coverage_columns_counted']:,} of the tokens. "
-                  + _controls(case), "",
+                  + _controls(case) + _shared(case), "",
                   "| stage | step | seconds | peak GB |", "|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['step']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for s in case["steps"]]
         lines += [f"- {note}" for note in case.get("notes", [])]
@@ -72,14 +81,25 @@ def scale_store_section(path: Path) -> list[str]:
     return lines
 
 
+def _shared(case: dict) -> str:
+    """Whether other work shared the machine during the case (its load averages, per CPU)."""
+    if "loadavg_at_start" not in case:
+        return ""
+    load = max(case["loadavg_at_start"][0], case["loadavg_at_end"][0])
+    if load < 0.5 * case["cpu_count"]:
+        return f" The machine was otherwise idle (1-minute load average up to {load:.1f}, {case['cpu_count']} CPUs)."
+    return (f" The machine was shared with other work during this run (1-minute load average up to {load:.1f} on "
+            f"{case['cpu_count']} CPUs), so times are longer than on an idle machine.")
+
+
 def _controls(case: dict) -> str:
     """What the case ran of the controls of stages 1 and 2, and the time at the notebook's settings."""
-    if "controls" not in case:
+    if not case.get("controls"):
         return "The controls of stages 1 and 2 were not part of this run."
     ran = ("with the controls of stages 1 and 2" + (f" and their {case['n_hsdl_fits'] - 1} HSDL refits"
                                                     if case["refits"] else ", without the HSDL refits"))
     minutes = case["analysis_seconds_at_notebook_settings"] / 60
-    return (f"The run is {ran}; with every HSDL fit at 600 steps and stage 6 at the notebook's held-out size it "
+    return (f"The run is {ran}; with every HSDL fit (the refits included) at 600 steps and stage 6 at the notebook's held-out size it "
             f"would take about {minutes:.0f} minutes (extrapolated from the measured rates).")
 
 

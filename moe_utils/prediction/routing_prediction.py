@@ -36,6 +36,11 @@ import scipy.sparse as sp
 import torch
 
 from moe_utils.common.stats import Interval, bootstrap_interval
+from moe_utils.patterns.cooccurrence import Cooccurrence
+
+#: held-out tokens whose HSDL codes are fitted together (:func:`hsdl_rankings`): bounds the memory
+#: of the dense (tokens x atoms) codes, their Adam state and gradients, whatever the number of tokens
+HSDL_CHUNK = 256
 
 
 def _check_topk(topk: np.ndarray, n_experts: int, name: str) -> np.ndarray:
@@ -75,27 +80,47 @@ def prior_rankings(fit_topk: np.ndarray, n_tokens: int, n_experts: int, horizon:
     return out
 
 
-def affinity(fit_topk: np.ndarray, n_experts: int, source: int, target: int) -> np.ndarray:
-    """(E, E) ``P(b chosen at target | a chosen at source)`` on the fitting tokens; rows of experts
-    never chosen at ``source`` are 0."""
+def joint_counts(fit_topk: np.ndarray, n_experts: int) -> np.ndarray:
+    """(n_layers * E, n_layers * E) int64: fitting tokens choosing both expert a and expert b (row and
+    column ``layer * E + expert``; the diagonal: each expert's own count). Every pairwise statistic
+    of the predictors is a block of it; it is counted once, exactly, by blocked Gram products
+    (:meth:`moe_utils.patterns.cooccurrence.Cooccurrence.pair_counts`), never holding a dense
+    tokens x experts matrix of all the fitting tokens."""
     fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
-    a = np.repeat(fit_topk[:, source], fit_topk.shape[2], axis=1).ravel()
-    b = np.tile(fit_topk[:, target], (1, fit_topk.shape[2])).ravel()
-    joint = np.zeros((n_experts, n_experts))
-    np.add.at(joint, (a, b), 1.0)
-    chosen = np.bincount(fit_topk[:, source].ravel(), minlength=n_experts)
-    return np.divide(joint, chosen[:, None], out=np.zeros_like(joint), where=chosen[:, None] > 0)
+    n, n_layers, k = fit_topk.shape
+    rows = (fit_topk + (np.arange(n_layers) * n_experts)[None, :, None]).reshape(n, -1)
+    selected = sp.csr_matrix((np.ones(rows.size, np.float32), rows.ravel(), np.arange(0, rows.size + 1, n_layers * k)),
+                             shape=(n, n_layers * n_experts))
+    selected.sum_duplicates()
+    return Cooccurrence(selected.T, max_columns=None).pair_counts()
+
+
+def _block(joint: np.ndarray, n_experts: int, rows: slice | int, target: int) -> np.ndarray:
+    """Rows ``rows`` (a layer, or a slice of layers) of ``joint`` against layer ``target``'s experts."""
+    rows = slice(rows, rows + 1) if isinstance(rows, (int, np.integer)) else rows
+    return joint[rows.start * n_experts:rows.stop * n_experts, target * n_experts:(target + 1) * n_experts]
+
+
+def affinity(fit_topk: np.ndarray, n_experts: int, source: int, target: int, *,
+             joint: np.ndarray | None = None) -> np.ndarray:
+    """(E, E) ``P(b chosen at target | a chosen at source)`` on the fitting tokens; rows of experts
+    never chosen at ``source`` are 0. ``joint``: :func:`joint_counts` of ``fit_topk``, if already counted."""
+    joint = joint_counts(fit_topk, n_experts) if joint is None else joint
+    both = _block(joint, n_experts, source, target).astype(np.float64)
+    chosen = np.diagonal(_block(joint, n_experts, source, source)).astype(np.float64)
+    return np.divide(both, chosen[:, None], out=np.zeros_like(both), where=chosen[:, None] > 0)
 
 
 def affinity_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizon: int,
-                      n_ranked: int) -> np.ndarray:
+                      n_ranked: int, *, joint: np.ndarray | None = None) -> np.ndarray:
     """First-order affinity: expert b of layer t scores the mean over the token's experts a at layer
-    t-h of ``P(b at t | a at t-h)`` (:func:`affinity`)."""
+    t-h of ``P(b at t | a at t-h)`` (:func:`affinity`; ``joint`` as there)."""
     topk = _check_topk(topk, n_experts, "topk")
     prior = usage_counts(fit_topk, n_experts)
+    joint = joint_counts(fit_topk, n_experts) if joint is None else joint
     out = _empty(topk.shape[0], topk.shape[1], n_ranked)
     for target in range(horizon, topk.shape[1]):
-        conditional = affinity(fit_topk, n_experts, target - horizon, target)
+        conditional = affinity(fit_topk, n_experts, target - horizon, target, joint=joint)
         scores = conditional[topk[:, target - horizon]].mean(axis=1)  # (N, E)
         out[:, target] = rank_scores(scores, prior[target], n_ranked)
     return out
@@ -117,8 +142,8 @@ def token_rankings(fit_topk: np.ndarray, fit_token_ids, token_ids, n_experts: in
     k = fit_topk.shape[2]
     out = _empty(len(token_ids), fit_topk.shape[1], n_ranked)
     for target in range(horizon, fit_topk.shape[1]):
-        counts = np.zeros((len(types), n_experts))
-        np.add.at(counts, (np.repeat(fit_type, k), fit_topk[:, target].ravel()), 1.0)
+        cell = np.repeat(fit_type, k) * n_experts + fit_topk[:, target].ravel()
+        counts = np.bincount(cell, minlength=len(types) * n_experts).reshape(len(types), n_experts).astype(float)
         out[:, target] = rank_scores(np.where(seen[:, None], counts[where], 0.0), prior[target], n_ranked)
     return out
 
@@ -132,19 +157,19 @@ def _one_hot(topk: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 def naive_bayes_scores(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, n_observed: int, target: int, *,
-                       alpha: float = 1.0) -> np.ndarray:
+                       alpha: float = 1.0, joint: np.ndarray | None = None) -> np.ndarray:
     """(N, E) Bernoulli naive Bayes scores of layer ``target``'s experts from the experts chosen in
     the first ``n_observed`` layers: ``log P(b) + sum_f [x_f log p_fb + (1 - x_f) log(1 - p_fb)]`` over
     the features f (expert e of layer s < n_observed chosen), with ``P(b)`` the share of layer
     ``target``'s choices that go to b and ``p_fb = (n(f, b) + alpha) / (n(b) + 2 alpha)``, counted on
     the fitting tokens (scikit-learn's ``BernoulliNB`` with one sample per chosen expert). Experts
-    never chosen at ``target`` score -inf."""
+    never chosen at ``target`` score -inf. The counts are blocks of ``joint`` (:func:`joint_counts`,
+    counted here when not given)."""
     fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
     topk = _check_topk(topk, n_experts, "topk")
-    features = _one_hot(fit_topk[:, :n_observed], n_experts)
-    chosen = _one_hot(fit_topk[:, target:target + 1], n_experts)
-    n_b = chosen.sum(axis=0)
-    p = (features.T @ chosen + alpha) / (n_b + 2 * alpha)  # (F, E)
+    joint = joint_counts(fit_topk, n_experts) if joint is None else joint
+    n_b = np.diagonal(_block(joint, n_experts, target, target)).astype(np.float64)
+    p = (_block(joint, n_experts, slice(0, n_observed), target) + alpha) / (n_b + 2 * alpha)  # (F, E)
     log_p, log_not = np.log(p), np.log1p(-p)
     with np.errstate(divide="ignore"):
         log_prior = np.log(n_b / n_b.sum())
@@ -153,14 +178,16 @@ def naive_bayes_scores(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, n
 
 
 def bayes_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizon: int, n_ranked: int, *,
-                   alpha: float = 1.0) -> np.ndarray:
+                   alpha: float = 1.0, joint: np.ndarray | None = None) -> np.ndarray:
     """Pairwise statistics of every layer <= t-h, the information HSDL reads: layer t's experts
-    ranked by :func:`naive_bayes_scores` from the token's experts in layers 0 .. t-h."""
+    ranked by :func:`naive_bayes_scores` from the token's experts in layers 0 .. t-h (``joint`` as there)."""
     topk = _check_topk(topk, n_experts, "topk")
     prior = usage_counts(fit_topk, n_experts)
+    joint = joint_counts(fit_topk, n_experts) if joint is None else joint
     out = _empty(topk.shape[0], topk.shape[1], n_ranked)
     for target in range(horizon, topk.shape[1]):
-        scores = naive_bayes_scores(fit_topk, topk, n_experts, target - horizon + 1, target, alpha=alpha)
+        scores = naive_bayes_scores(fit_topk, topk, n_experts, target - horizon + 1, target, alpha=alpha,
+                                    joint=joint)
         out[:, target] = rank_scores(scores, prior[target], n_ranked)
     return out
 
@@ -201,29 +228,37 @@ def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty
 
 
 def hsdl_rankings(hsdl, x: sp.spmatrix | np.ndarray, fit_topk: np.ndarray, n_layers: int, n_experts: int,
-                  horizons, n_ranked: int, *, n_steps: int = 100) -> dict[int, np.ndarray]:
+                  horizons, n_ranked: int, *, n_steps: int = 100, chunk: int = HSDL_CHUNK) -> dict[int, np.ndarray]:
     """HSDL, for each horizon h: the code of every token from its X rows of layers <= t-h
     (:func:`masked_codes` with HSDL's ``lambda_hier / lambda_rec``, in HSDL's normalised units), and
     layer t's experts ranked by ``D_1 r`` (ties: the prior). One fit per observed prefix serves
     every horizon.
 
     ``x`` is the held-out expert matrix (N_e, n_tokens) of the kind HSDL was fitted on
-    (:func:`moe_utils.patterns.expert_matrix.expert_matrix` with the same ``value``).
+    (:func:`moe_utils.patterns.expert_matrix.expert_matrix` with the same ``value``). Each token's
+    code is its own problem (the solver's steps are per entry), so tokens are fitted in chunks of
+    ``chunk`` (:data:`HSDL_CHUNK`): memory is bounded by the chunk, and the codes are those of one fit.
     """
     dictionary = np.asarray(hsdl.dictionaries_[0])
     if dictionary.shape[0] != n_layers * n_experts:
         raise ValueError(f"the HSDL dictionary has {dictionary.shape[0]} rows, not {n_layers} x {n_experts}")
-    columns = (x.T.toarray() if sp.issparse(x) else np.asarray(x).T) / hsdl.x_scale_  # (N, N_e)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    x = sp.csc_matrix(x) if sp.issparse(x) else np.asarray(x)
     prior = usage_counts(fit_topk, n_experts)
     penalty = hsdl.lambda_hier / hsdl.lambda_rec
-    out = {h: _empty(columns.shape[0], n_layers, n_ranked) for h in horizons}
-    for source in range(n_layers - min(horizons)):
-        codes = masked_codes(dictionary, columns, (source + 1) * n_experts, penalty, n_steps=n_steps)
-        for h in horizons:
-            target = source + h
-            if target < n_layers:
-                scores = codes @ dictionary[target * n_experts:(target + 1) * n_experts].T  # (N, E)
-                out[h][:, target] = rank_scores(scores, prior[target], n_ranked)
+    n_tokens = x.shape[1]
+    out = {h: _empty(n_tokens, n_layers, n_ranked) for h in horizons}
+    for start in range(0, n_tokens, chunk):
+        part = x[:, start:start + chunk]
+        columns = (part.T.toarray() if sp.issparse(part) else part.T) / hsdl.x_scale_  # (chunk, N_e)
+        for source in range(n_layers - min(horizons)):
+            codes = masked_codes(dictionary, columns, (source + 1) * n_experts, penalty, n_steps=n_steps)
+            for h in horizons:
+                target = source + h
+                if target < n_layers:
+                    scores = codes @ dictionary[target * n_experts:(target + 1) * n_experts].T  # (chunk, E)
+                    out[h][start:start + chunk, target] = rank_scores(scores, prior[target], n_ranked)
     return out
 
 
@@ -324,9 +359,10 @@ def all_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horizon
     those of the fitting and the scored tokens."""
     n_layers = np.asarray(topk).shape[1]
     from_hsdl = hsdl_rankings(hsdl, x, fit_topk, n_layers, n_experts, horizons, n_ranked, n_steps=n_steps)
+    joint = joint_counts(fit_topk, n_experts)
     return {h: dict(zip(PREDICTORS, (
         prior_rankings(fit_topk, len(topk), n_experts, h, n_ranked),
         token_rankings(fit_topk, fit_token_ids, token_ids, n_experts, h, n_ranked),
-        affinity_rankings(fit_topk, topk, n_experts, h, n_ranked),
-        bayes_rankings(fit_topk, topk, n_experts, h, n_ranked), from_hsdl[h], hidden[h][:, :, :n_ranked],
+        affinity_rankings(fit_topk, topk, n_experts, h, n_ranked, joint=joint),
+        bayes_rankings(fit_topk, topk, n_experts, h, n_ranked, joint=joint), from_hsdl[h], hidden[h][:, :, :n_ranked],
         oracle_rankings(topk, fit_topk, n_experts, h, n_ranked)))) for h in horizons}
