@@ -56,7 +56,7 @@ TARGET_GB = 8.0
 TOKEN_METER = Path(__file__).resolve().parent / "token_meter"
 #: Overrides of the profile: 20 questions, small evaluation limits, fewer refits and draws.
 SMALL_LIMITS: dict[str, object] = {
-    "n_per_category": 4, "card_paragraphs": 40, "blimp_pairs": 1, "null_bootstrap": 50,
+    "n_per_category": 4, "card_paragraphs": 12, "blimp_pairs": 1, "null_bootstrap": 50,
     "hsdl_steps": 300, "n_surrogates": 1, "control_draws": 200,
     "prune_ratios": [0.5], "pruning_methods": ["caep", "frequency", "reap", "random"], "random_seeds": [0],
     "calibration_samples": 4, "output_tokens": 128, "eval_tasks": ["mmlu_pro_ppl"], "eval_limit": 1,
