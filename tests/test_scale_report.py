@@ -60,14 +60,15 @@ def test_contention_interleaves_alone_and_beside_and_compares_medians(monkeypatc
     path = tmp_path / "contention.json"
     slow = {**row, "workload": "tests: pytest tests/test_threads.py", "setting": contention.POLICY,
             "alone_seconds": 10.0, "contended_seconds": 30.0, "ratio": 3.0, "meets_target": False}
-    path.write_text(json.dumps({"date": "2026-12-07T12:00:00", "machine": {"cpu_count": 2, "torch": "2.13.0"},
+    machine = {"cpu_count": 2, "torch": "2.13.0"}
+    path.write_text(json.dumps({"schema": 2, "date": "2026-12-07T12:00:00", "machine": machine,
                                 "profile": "params/tiny.yaml", "quick": False, "parameters": {"rounds": 3},
                                 "target": "at most 2.5 times", "meets_target": False,
                                 "rows": [{**row, "workload": "stage 00_model_card", "setting": contention.POLICY},
                                          slow]}))
     page = scale_report.contention_section(path)
     assert "| stage 00_model_card | the pipeline's policy: alone 2, beside 1 | 12.0 | 30.0 | 2.50 | yes |" in page
-    assert "| tests: pytest tests/test_threads.py | the pipeline's policy: alone 2, beside 1 | 10.0 | 30.0 | 3.00 | no |" \
-        in page
+    assert ("| tests: pytest tests/test_threads.py | the pipeline's policy: alone 2, beside 1 | 10.0 | 30.0 | 3.00 "
+            "| no |") in page
     assert any("missed with the pipeline's thread policy" in line for line in page)
     assert scale_report.contention_section(tmp_path / "missing.json") == []

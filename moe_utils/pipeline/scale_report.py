@@ -104,6 +104,7 @@ def contention_section(path: Path) -> list[str]:
              "| workload | threads | alone (s) | beside a competitor (s) | ratio | target met |",
              "|---|---|---|---|---|---|"]
     for row in result["rows"]:
+        met = "yes" if row["meets_target"] else "no"
         lines.append(f"| {row['workload']} | {row['setting']}: {row['threads']} | {row['alone_seconds']:.1f} | "
-                     f"{row['contended_seconds']:.1f} | {row['ratio']:.2f} | {'yes' if row['meets_target'] else 'no'} |")
+                     f"{row['contended_seconds']:.1f} | {row['ratio']:.2f} | {met} |")
     return lines
