@@ -80,8 +80,8 @@ STAGE_OVERRIDES: dict[str, object] = {
 #: A fixed part of the test suite that goes through the heavy paths: the all-types conformance sweep
 #: (on six architectures), routing capture, evaluation through lm-evaluation-harness, the thread policy
 #: through a pipeline stage's kernel.
-TEST_SELECTION = ["tests/test_conformance.py", "-k",
-                  "olmoe or mixtral or qwen2_moe or granitemoe or deepseek_v3 or gpt_oss",
+TEST_SELECTION = [*(f"tests/test_conformance.py::test_conformance[{model_type}]" for model_type in
+                    ("olmoe", "mixtral", "qwen2_moe", "granitemoe", "deepseek_v3", "gpt_oss")),
                   "tests/test_routing.py", "tests/test_evaluation.py", "tests/test_threads.py"]
 QUICK_STAGES = ["00_model_card", "02_hsdl"]
 QUICK_TESTS = ["tests/test_threads.py"]

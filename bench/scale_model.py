@@ -222,6 +222,9 @@ def main(argv=None) -> int:
                         "already in --out are kept")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="more pipeline overrides")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale_model.json")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT", help="what the numbers need said "
+                        "(e.g. the machine was shared), kept in the JSON and shown on the status page; without "
+                        "it, the notes already in --out are kept")
     args = parser.parse_args(argv)
     from moe_utils.pipeline.runner import load_about
 
@@ -236,6 +239,7 @@ def main(argv=None) -> int:
     print(f"model: {model}", flush=True)
     kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
     stages = {s["stage"]: s for s in kept.get("stages", [])} if kept.get("profile") == name else {}
+    args.note = args.note or (kept.get("notes", []) if kept.get("profile") == name else [])
     token_dir = Path(tempfile.mkdtemp(prefix="scale-model-tokens-"))
 
     def on_stage(stage: str, seconds: float | None, threads: int | None, meter: StageMeter) -> None:
@@ -264,7 +268,7 @@ def write(args, name: str, machine: dict, model: dict, stages: dict, about: dict
         "summary": about["summary"], "overrides": SMALL_LIMITS, "extra_overrides": args.set or [],
         "tokenizer": "byte-level (257 tokens), not the model's own",
         "target": f"every stage completes with peak memory under {TARGET_GB:.0f} GB",
-        "stages": rows, "peak_rss_gb": peak, "complete": complete,
+        "stages": rows, "peak_rss_gb": peak, "complete": complete, "notes": args.note,
         "meets_target": bool(complete and peak is not None and peak < TARGET_GB),
     }
     atomic_write_json(args.out, report)

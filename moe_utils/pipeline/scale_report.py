@@ -38,7 +38,8 @@ def scale_model_section(path: Path) -> list[str]:
         rate = "" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']:.1f}"
         lines.append(f"| {row['stage']} | {seconds} | {row.get('threads') or ''} | {row['peak_rss_gb']:.2f} | "
                      f"{row['token_positions']:,} | {rate} |")
-    return lines
+    notes = [f"- {note}" for note in result.get("notes", [])]
+    return lines + ([""] + notes if notes else [])
 
 
 def scale_store_section(path: Path) -> list[str]:
