@@ -60,7 +60,7 @@ SMALL_LIMITS: dict[str, object] = {
     "n_per_category": 4, "card_paragraphs": 12, "blimp_pairs": 1, "null_bootstrap": 50,
     "hsdl_steps": 300, "n_surrogates": 1, "control_draws": 200,
     "prune_ratios": [0.5], "pruning_methods": ["caep", "frequency", "reap", "random"], "random_seeds": [0],
-    "primary_endpoint": {"measure": "mmlu_pro"}, "reference_masks": 4, "caep_refits": None,
+    "primary_endpoint": {"measure": "mmlu_pro"}, "reference_masks": 4, "caep_refits": {},
     "calibration_samples": 4, "output_tokens": 128, "eval_tasks": ["mmlu_pro_ppl"], "eval_limit": 1,
     "eval_task_limits": {}, "ablation": {"k1": [0.8], "sizes": [], "samples": 8, "tokens": 256},
     "domain_ppl_limit": 2, "domain_mc_limit": 1, "n_bootstrap": 200, "heldout_per_category": 1,
