@@ -54,11 +54,13 @@ from moe_utils.common.artifacts import atomic_write_json  # noqa: E402
 SCHEMA = 1
 TARGET_GB = 8.0
 TOKEN_METER = Path(__file__).resolve().parent / "token_meter"
-#: Overrides of the profile: 20 questions, small evaluation limits, fewer refits and draws.
+#: Overrides of the profile: 20 questions, small evaluation limits, fewer refits and draws (stage 4: no CAEP refits,
+#: 4 reference masks per allocation, the primary endpoint on the one task evaluated).
 SMALL_LIMITS: dict[str, object] = {
-    "n_per_category": 4, "card_paragraphs": 40, "blimp_pairs": 1, "null_bootstrap": 50,
+    "n_per_category": 4, "card_paragraphs": 12, "blimp_pairs": 1, "null_bootstrap": 50,
     "hsdl_steps": 300, "n_surrogates": 1, "control_draws": 200,
     "prune_ratios": [0.5], "pruning_methods": ["caep", "frequency", "reap", "random"], "random_seeds": [0],
+    "primary_endpoint": {"measure": "mmlu_pro"}, "reference_masks": 4, "caep_refits": {},
     "calibration_samples": 4, "output_tokens": 128, "eval_tasks": ["mmlu_pro_ppl"], "eval_limit": 1,
     "eval_task_limits": {}, "ablation": {"k1": [0.8], "sizes": [], "samples": 8, "tokens": 256},
     "domain_ppl_limit": 2, "domain_mc_limit": 1, "n_bootstrap": 200, "heldout_per_category": 1,
@@ -222,6 +224,9 @@ def main(argv=None) -> int:
                         "already in --out are kept")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="more pipeline overrides")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale_model.json")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT", help="what the numbers need said "
+                        "(e.g. the machine was shared), kept in the JSON and shown on the status page; without "
+                        "it, the notes already in --out are kept")
     args = parser.parse_args(argv)
     from moe_utils.pipeline.runner import load_about
 
@@ -236,6 +241,7 @@ def main(argv=None) -> int:
     print(f"model: {model}", flush=True)
     kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
     stages = {s["stage"]: s for s in kept.get("stages", [])} if kept.get("profile") == name else {}
+    args.note = args.note or (kept.get("notes", []) if kept.get("profile") == name else [])
     token_dir = Path(tempfile.mkdtemp(prefix="scale-model-tokens-"))
 
     def on_stage(stage: str, seconds: float | None, threads: int | None, meter: StageMeter) -> None:
@@ -264,7 +270,7 @@ def write(args, name: str, machine: dict, model: dict, stages: dict, about: dict
         "summary": about["summary"], "overrides": SMALL_LIMITS, "extra_overrides": args.set or [],
         "tokenizer": "byte-level (257 tokens), not the model's own",
         "target": f"every stage completes with peak memory under {TARGET_GB:.0f} GB",
-        "stages": rows, "peak_rss_gb": peak, "complete": complete,
+        "stages": rows, "peak_rss_gb": peak, "complete": complete, "notes": args.note,
         "meets_target": bool(complete and peak is not None and peak < TARGET_GB),
     }
     atomic_write_json(args.out, report)

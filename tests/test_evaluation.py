@@ -193,6 +193,25 @@ def test_wikitext_word_perplexity_matches_direct_computation(model_and_tokenizer
     assert got["byte_perplexity"] == pytest.approx(math.exp(nll / len(doc.encode("utf-8"))), rel=1e-3)
 
 
+def test_batches_whose_logits_would_be_too_large_are_split_without_changing_the_scores(model_and_tokenizer,
+                                                                                    monkeypatch, caplog):
+    """A real vocabulary makes a batch's logits large (granite: 16 windows of 512 tokens are 1.6 GB): the
+    harness then runs fewer rows at once, and scores the same."""
+    from moe_utils.evaluation import wikitext
+
+    model, tokenizer = model_and_tokenizer
+    vocab = model.get_output_embeddings().weight.shape[0]
+    kwargs = dict(limit=1, max_length=256, wikitext_dir=WIKITEXT_DIR, batch_size=8)
+    with caplog.at_level("INFO", logger=evaluation.__name__):
+        full = evaluation.evaluate(model, tokenizer, ["wikitext2_ppl"], **kwargs)
+        monkeypatch.setattr(wikitext, "LOGIT_ENTRIES", 3 * 256 * vocab)  # room for 3 windows, not 8
+        capped = evaluation.evaluate(model, tokenizer, ["wikitext2_ppl"], **kwargs)
+    sizes = [line.rsplit("batch_size=", 1)[1].rstrip(")") for line in caplog.messages if "batch_size=" in line]
+    assert sizes == ["8", "3"]
+    assert wikitext.logit_batch_size(model, 2, 256) == 2 and wikitext.logit_batch_size(model, 8, 10**9) == 1
+    pd.testing.assert_frame_equal(full, capped, rtol=1e-5)
+
+
 def test_article_opening_keeps_whole_lines_up_to_the_word_count():
     article = " = Title = \n\n one two three \n four five \n six seven eight nine \n"
     assert evaluation.article_opening(article, None) == article

@@ -91,3 +91,16 @@ def test_the_scorer_answers_as_the_harness_does_one_mask_at_a_time(model_and_tok
         assert [g for _, g in answers] == [g for _, g in alone]
         np.testing.assert_allclose([ll for ll, _ in answers], [ll for ll, _ in alone], rtol=1e-5, atol=1e-4)
     assert not np.allclose([ll for ll, _ in batched[0]], [ll for ll, _ in batched[1]])
+
+
+def test_the_token_budget_shrinks_to_the_logit_budget(model_and_tokenizer, monkeypatch):
+    """A real vocabulary makes a pass's logits large (granite: 8,192 positions are 1.6 GB): the budget of
+    positions per pass is cut to LOGIT_ENTRIES logits (the smaller budget's answers are checked above)."""
+    from moe_utils.evaluation import wikitext
+    from moe_utils.evaluation.multi_mask import MultiMaskLM
+
+    model, tok = model_and_tokenizer
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert MultiMaskLM(model, tok, _keeps(model, 3, 3), max_length=64, max_tokens=300).max_tokens == 300
+    monkeypatch.setattr(wikitext, "LOGIT_ENTRIES", 100 * vocab)
+    assert MultiMaskLM(model, tok, _keeps(model, 3, 3), max_length=64, max_tokens=300).max_tokens == 100

@@ -67,8 +67,10 @@ def test_the_status_page_shows_each_stage(tmp_path):
         "stages": [{"stage": "00_model_card", "seconds": 300.0, "threads": 1, "peak_rss_gb": 6.5,
                     "token_positions": 12000, "tokens_per_second": 40.0},
                    {"stage": "01_capture", "seconds": None, "failed": True, "threads": 1, "peak_rss_gb": 6.0,
-                    "token_positions": 0, "tokens_per_second": None}]}))
+                    "token_positions": 0, "tokens_per_second": None}],
+        "notes": ["the machine was shared"]}))
     page = "\n".join(scale_report.scale_model_section(path))
     assert "params/granite.yaml" in page and "1.33B parameters" in page and "target missed" in page
     assert "| 00_model_card | 300.0 | 1 | 6.50 | 12,000 | 40.0 |" in page and "| 01_capture | failed |" in page
+    assert page.endswith("\n- the machine was shared")
     assert scale_report.scale_model_section(tmp_path / "missing.json") == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench import scale_store
+from bench import contention, scale_store
 from moe_utils.pipeline import scale_report
 
 
@@ -38,14 +38,45 @@ def test_a_small_scale_run_is_recorded_and_shown(tmp_path):
     assert "| 02 | coverage against chance |" not in page
 
 
-def test_the_contention_section_shows_each_setting(tmp_path):
+class _FakeCompetitor:
+    running = 0
+
+    def __init__(self):
+        type(self).running += 1
+
+    def kill(self):
+        type(self).running -= 1
+
+    def wait(self):
+        return 0
+
+
+def test_contention_interleaves_alone_and_beside_and_compares_medians(monkeypatch, tmp_path):
+    monkeypatch.setattr(contention, "competitor", _FakeCompetitor)
+    monkeypatch.setattr(contention.time, "sleep", lambda _: None)
+    seen, times = [], iter([10.0, 30.0, 14.0, 20.0, 12.0, 40.0])
+
+    def measure():
+        seen.append(_FakeCompetitor.running)
+        return next(times), 2 - _FakeCompetitor.running
+
+    row = contention.interleaved("stage x", measure, rounds=3)
+    assert seen == [0, 1, 0, 1, 0, 1] and _FakeCompetitor.running == 0
+    assert row["all_seconds"] == {"alone": [10.0, 14.0, 12.0], "contended": [30.0, 20.0, 40.0]}
+    assert row["alone_seconds"] == 12.0 and row["contended_seconds"] == 30.0 and row["ratio"] == 2.5
+    assert row["meets_target"] and row["threads"] == "alone 2, beside 1"
     path = tmp_path / "contention.json"
-    rows = [{"setting": name, "threads": f"alone {n}, beside {n}", "alone_seconds": alone, "contended_seconds": busy,
-             "ratio": busy / alone, "meets_target": busy / alone <= 2.5}
-            for name, n, alone, busy in (("torch's default (one per core)", 2, 10.0, 40.0),
-                                         ("the pipeline's policy", 1, 12.0, 15.0))]
-    path.write_text(json.dumps({"date": "2026-12-07T12:00:00", "machine": {"cpu_count": 2, "torch": "2.13.0"},
-                                "workload": "stage 00_model_card", "target": "at most 2.5 times", "settings": rows}))
+    slow = {**row, "workload": "tests: pytest tests/test_threads.py", "setting": contention.POLICY,
+            "alone_seconds": 10.0, "contended_seconds": 30.0, "ratio": 3.0, "meets_target": False}
+    machine = {"cpu_count": 2, "torch": "2.13.0"}
+    path.write_text(json.dumps({"schema": 2, "date": "2026-12-07T12:00:00", "machine": machine,
+                                "profile": "params/tiny.yaml", "quick": False, "parameters": {"rounds": 3},
+                                "target": "at most 2.5 times", "meets_target": False,
+                                "rows": [{**row, "workload": "stage 00_model_card", "setting": contention.POLICY},
+                                         slow]}))
     page = scale_report.contention_section(path)
-    assert "| torch's default (one per core) (alone 2, beside 2) | 10.0 | 40.0 | 4.00 | no |" in page
-    assert "| the pipeline's policy (alone 1, beside 1) | 12.0 | 15.0 | 1.25 | yes |" in page
+    assert "| stage 00_model_card | the pipeline's policy: alone 2, beside 1 | 12.0 | 30.0 | 2.50 | yes |" in page
+    assert ("| tests: pytest tests/test_threads.py | the pipeline's policy: alone 2, beside 1 | 10.0 | 30.0 | 3.00 "
+            "| no |") in page
+    assert any("missed with the pipeline's thread policy" in line for line in page)
+    assert scale_report.contention_section(tmp_path / "missing.json") == []

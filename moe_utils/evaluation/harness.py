@@ -78,7 +78,7 @@ import yaml
 
 from moe_utils.evaluation import blimp
 from moe_utils.evaluation.data import LETTERS, MMLU_PRO_ENV, format_prompt, load_mmlu_pro
-from moe_utils.evaluation.wikitext import WIKITEXT_ENV, count_words, load_wikitext
+from moe_utils.evaluation.wikitext import WIKITEXT_ENV, count_words, load_wikitext, logit_batch_size
 from moe_utils.models.loading import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -537,6 +537,8 @@ def run_harness(
     was_training = model.training
     if lm is None:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        if (capped := logit_batch_size(model, batch_size, lm.max_length)) < batch_size:  # a batch's logits, at worst
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=capped, max_length=max_length)
     _require_finite(lm)
     log.info("evaluating %s (limit=%s, num_fewshot=%s, max_length=%d, batch_size=%s)",
              list(tasks) if not isinstance(tasks, str) else [tasks], limit, num_fewshot,

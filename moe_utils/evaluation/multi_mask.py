@@ -35,6 +35,7 @@ from lm_eval.models.huggingface import HFLM
 
 from moe_utils.models.expert_surgery import row_masked_experts
 from moe_utils.models.loading import moe_layers
+from moe_utils.evaluation.wikitext import logit_batch_size
 
 #: Default token budget of one forward pass: rows x padded length over all masks. The logits of a
 #: 4,096-token vocabulary then take 32 MiB: on the embedded model, BLiMP's requests under 4 to 16
@@ -52,7 +53,8 @@ class MultiMaskLM(HFLM):
         keeps: the keep-masks (flat boolean, X's layer-major order; a mask that keeps every expert
             is the model as it is).
         batch_size, max_length: as ``HFLM`` takes them (``max_length`` None: the model's own).
-        max_tokens: rows x padded length of one forward pass, all masks together.
+        max_tokens: rows x padded length of one forward pass, all masks together (fewer where their logits
+            would exceed :data:`moe_utils.evaluation.wikitext.LOGIT_ENTRIES`).
     """
 
     def __init__(self, model, tokenizer, keeps: Sequence[np.ndarray], *, batch_size: int = 8,
@@ -62,7 +64,8 @@ class MultiMaskLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         self.keeps = [np.asarray(k, dtype=bool) for k in keeps]
         self.layers = moe_layers(model)
-        self.max_tokens = int(max_tokens)
+        # and at most LOGIT_ENTRIES logits per pass: a real vocabulary makes 8,192 positions 1.6 GB (granite)
+        self.max_tokens = logit_batch_size(model, int(max_tokens), 1)
         self.active = 0
         self.passes = 0  # forward passes run, for benchmarks
         self._answers: list[dict] = [{} for _ in self.keeps]

@@ -80,8 +80,16 @@ def unigram_word_perplexity(train_text: str, test_text: str) -> float:
     return math.exp(nll / len(test_words))
 
 
-#: Most logits (windows x tokens x vocabulary) :func:`word_perplexity` computes at once: 256 MB in float32.
+#: Most logits (rows x tokens x vocabulary) :func:`word_perplexity` and the harness (:func:`logit_batch_size`)
+#: compute at once: 256 MB in float32.
 LOGIT_ENTRIES = 2**26
+
+
+def logit_batch_size(model, batch_size: int, length: int) -> int:
+    """``batch_size``, or fewer rows where the logits of ``batch_size`` rows of ``length`` tokens would exceed
+    :data:`LOGIT_ENTRIES` (a real vocabulary makes them large: 16 windows of 512 tokens over granite's 49k
+    tokens are 1.6 GB in float32, twice that with the loss's log-softmax); at least 1."""
+    return max(1, min(batch_size, LOGIT_ENTRIES // (length * model.get_output_embeddings().weight.shape[0])))
 
 
 @torch.no_grad()
@@ -91,15 +99,14 @@ def word_perplexity(model, tokenizer, text: str, *, context: int = 256, batch_si
     Returns ``{"word_perplexity", "token_perplexity", "n_words", "n_tokens"}``: the summed token
     negative log-likelihood divided by the number of words (:func:`count_words`) or of tokens.
     At most ``batch_size`` windows run together, fewer where their logits would exceed
-    :data:`LOGIT_ENTRIES` (a real vocabulary makes them large: 16 windows of 512 tokens over
-    granite's 49k tokens are 1.6 GB in float32, twice that with the loss's log-softmax).
+    :data:`LOGIT_ENTRIES` (:func:`logit_batch_size`).
     """
     ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
     n_windows = (len(ids) - 1) // context
     if n_windows == 0:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {context}")
     device = next(model.parameters()).device
-    batch_size = max(1, min(batch_size, LOGIT_ENTRIES // (context * model.get_output_embeddings().weight.shape[0])))
+    batch_size = logit_batch_size(model, batch_size, context)
     windows = torch.from_numpy(ids[: n_windows * context + 1])
     nll, n_tok = 0.0, 0
     was_training = model.training

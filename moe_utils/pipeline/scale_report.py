@@ -38,7 +38,8 @@ def scale_model_section(path: Path) -> list[str]:
         rate = "" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']:.1f}"
         lines.append(f"| {row['stage']} | {seconds} | {row.get('threads') or ''} | {row['peak_rss_gb']:.2f} | "
                      f"{row['token_positions']:,} | {rate} |")
-    return lines
+    notes = [f"- {note}" for note in result.get("notes", [])]
+    return lines + ([""] + notes if notes else [])
 
 
 def scale_store_section(path: Path) -> list[str]:
@@ -104,17 +105,27 @@ def _controls(case: dict) -> str:
 
 
 def contention_section(path: Path) -> list[str]:
-    """Markdown lines summarising ``bench/contention.py``'s JSON, if it has been run and committed."""
+    """Markdown lines summarising ``bench/contention.py``'s JSON, if it has been run and committed: one
+    row per stage of the default profile and one for the tests, alone and beside a competitor."""
     if not path.is_file():
         return []
     result = json.loads(path.read_text())
-    lines = ["", "## Benchmark: a stage beside a competing process", "",
-             f"From `bench/contention.py` on {result['date'][:10]} ({_machine(result)}): {result['workload']}, "
-             "alone and beside one CPU-bound process, with torch's default threads and with the pipeline's "
-             f"policy (`moe_utils.common.threads`). Target: {result['target']}. \"Alone\" means without the added "
-             "competitor: other work on a shared machine (its load average above) runs in every case.", "",
-             "| threads | alone (s) | beside a competitor (s) | ratio | target met |", "|---|---|---|---|---|"]
-    for row in result["settings"]:
-        lines.append(f"| {row['setting']} ({row['threads']}) | {row['alone_seconds']:.1f} | "
-                     f"{row['contended_seconds']:.1f} | {row['ratio']:.2f} | {'yes' if row['meets_target'] else 'no'} |")
+    if result.get("schema", 1) < 2:  # one stage, before every stage was measured: its rows name the stage
+        result = {**result, "profile": "params/tiny.yaml", "meets_target": False,
+                  "rows": [{**row, "workload": result["workload"]} for row in result["settings"]]}
+    parameters = result["parameters"]
+    quick = " **A `--quick` check, not the benchmark's numbers.**" if result.get("quick") else ""
+    lines = ["", "## Benchmark: every stage and the tests beside a competing process", "",
+             f"From `bench/contention.py` on {result['date'][:10]} ({_machine(result)}): each stage of "
+             f"`{result['profile']}`, shortened (the overrides are in the JSON), and part of the test suite, "
+             f"{parameters['rounds']} time(s) alone and beside one CPU-bound process, interleaved; medians. "
+             f"Target: {result['target']}; {'met' if result['meets_target'] else 'missed'} with the pipeline's "
+             "thread policy (`moe_utils.common.threads`). \"Alone\" means without the added competitor: other "
+             f"work on a shared machine (its load average above) runs in every case.{quick}", "",
+             "| workload | threads | alone (s) | beside a competitor (s) | ratio | target met |",
+             "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        met = "yes" if row["meets_target"] else "no"
+        lines.append(f"| {row['workload']} | {row['setting']}: {row['threads']} | {row['alone_seconds']:.1f} | "
+                     f"{row['contended_seconds']:.1f} | {row['ratio']:.2f} | {met} |")
     return lines
