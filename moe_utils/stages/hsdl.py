@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from moe_utils.common.project import BENCH_RESULTS, resolve
 from moe_utils.patterns import atoms as patterns
 from moe_utils.patterns import hsdl_controls
-from moe_utils.patterns.atoms import atom_sizes, live_atoms  # stage 2's tables, named here too
+from moe_utils.patterns.atoms import atom_sizes, live_atoms  # noqa: F401 (stage 2's tables, named here too)
 from moe_utils.common.artifacts import sha256_file
 from moe_utils.common.markup import code_span
 from moe_utils.patterns.cooccurrence import Cooccurrence
