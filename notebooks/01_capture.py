@@ -155,7 +155,7 @@ pairs.style.format(capture_report.PAIRS_FORMAT, escape="html")
 # chosen together more often than plain independence predicts, the share of their excess that
 # token identity accounts for is what the token explains; the rest is what this page may call
 # collaboration, the part of co-activation that depends on the context. The interval is a
-# Bayesian bootstrap over questions ({glue:text}`null_bootstrap` replicates).
+# Bayesian bootstrap over questions ({glue:text}`null_bootstrap` replicates, {glue:text}`null_replicates`).
 
 # %%
 co_null, null_pairs, values = capture_report.token_control(store, co, n_boot=null_bootstrap, seed=seed)

@@ -69,6 +69,7 @@ def test_token_control_finds_the_planted_context_pair(planted):
     assert values["token_share"] + values["context_share"] == pytest.approx(100)
     assert values["token_share_low"] <= values["token_share"] <= values["token_share_high"]
     assert values["null_bootstrap"] == 20 and isinstance(values["finding_token_null"], str)
+    assert values["null_replicates"] == capture_report.REPLICATES["exact"]  # a small store: exact replicates
     # the pair the context switches on stays above independence given the token ...
     (la, ea), (lb, eb) = PLANTED
     planted_pair = coselection.lift(given_token=True)[la * N_EXPERTS + ea, lb * N_EXPERTS + eb]

@@ -80,6 +80,12 @@ def coactivation_summary(store: RoutingStore, n: int = 10) -> tuple[np.ndarray, 
                        "top_pair_p": float(pairs.p_together[0]), "top_pair_lift": float(pairs.lift[0])}
 
 
+#: How the page names the bootstrap's replicates (:func:`moe_utils.patterns.token_null.explained_share_interval`).
+REPLICATES = {"exact": "each computed exactly",
+              "linearized": (f"each a first-order (delta-method) expansion, as for every store of more than "
+                             f"{tn.LINEAR_ABOVE_QUESTIONS} questions; tested against exact replicates")}
+
+
 def token_control(store: RoutingStore, co: np.ndarray, *, n_boot: int, seed: int = 0, n: int = 10):
     """The token-identity control of Fig 2 (:mod:`moe_utils.patterns.token_null`): ``(coselection,
     pairs, values)`` with the cross-fitted co-selection, its ``n`` most frequent cross-layer pairs and
@@ -94,7 +100,7 @@ def token_control(store: RoutingStore, co: np.ndarray, *, n_boot: int, seed: int
         raise RuntimeError("the control's co-selection counts differ from the co-activation matrix")
     pairs = tn.pair_table(coselection, n=n)
     values = {
-        "null_bootstrap": n_boot, "token_share": null["share"] * 100, "token_share_low": null["share_low"] * 100,
+        "null_bootstrap": n_boot, "null_replicates": REPLICATES[null["replicates"]], "token_share": null["share"] * 100, "token_share_low": null["share_low"] * 100,
         "token_share_high": null["share_high"] * 100, "context_share": null["remaining"] * 100,
         "context_share_low": null["remaining_low"] * 100, "context_share_high": null["remaining_high"] * 100,
         "position_share": position["share"] * 100, "position_share_low": position["share_low"] * 100,
