@@ -15,7 +15,8 @@ The pipeline chooses each stage's threads from the cores free when it starts
   of the whole pipeline with the same overrides, not timed);
 * **the tests of** :data:`TEST_SELECTION` (the heavy paths: the conformance sweep over a few
   architectures, capture, lm-evaluation-harness evaluation, a smoke stage through papermill), one
-  ``python -m pytest`` process each time.
+  ``python -m pytest`` process each time; with ``--suite``, **the whole suite** instead, as
+  ``make test`` runs it (about 8 minutes alone on 2 idle cores).
 
 Each workload runs ``--rounds`` times alone and beside one competitor (a Python busy loop in
 another process, started one second before so that the thread policy sees it), interleaved:
@@ -33,12 +34,17 @@ Usage::
 
     python bench/contention.py            # about 15 minutes on 2 idle cores -> bench/results/contention.json
     python bench/contention.py --quick --out /tmp/contention.json
+    python bench/contention.py --stages --suite --rounds 1   # only `make test`'s suite: about 20 minutes
+
+Rows of workloads that a run does not measure are kept from ``--out`` (each row has its own date
+and rounds), so the stages and the whole suite can be measured in separate runs into one file.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import os
 import statistics
@@ -85,6 +91,8 @@ TEST_SELECTION = [*(f"tests/test_conformance.py::test_conformance[{model_type}]"
                   "tests/test_routing.py", "tests/test_evaluation.py", "tests/test_threads.py"]
 QUICK_STAGES = ["00_model_card", "02_hsdl"]
 QUICK_TESTS = ["tests/test_threads.py"]
+#: The test workload of ``--suite``: every test, as ``make test`` selects them (its ``pytest -q``).
+SUITE: list[str] = []
 
 
 def run_stage(profile: Path, stage: str, n_threads: int | None, work: Path, extra: dict) -> tuple[float, int]:
@@ -98,7 +106,8 @@ def run_stage(profile: Path, stage: str, n_threads: int | None, work: Path, extr
 
 
 def run_tests(selection: list[str]) -> tuple[float, int | None]:
-    """Wall seconds of one pytest process on ``selection`` (which must pass); threads are the suite's own."""
+    """Wall seconds of one pytest process on ``selection`` (which must pass; empty: the whole suite);
+    threads are the suite's own."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,13 +150,24 @@ def interleaved(name: str, measure: Callable[[], tuple[float, int | None]], roun
             "meets_target": beside / alone <= TARGET_RATIO}
 
 
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` after the rows already in ``path`` (a previous run's JSON) of the workloads and settings
+    this run did not measure, which keep their own date and rounds; a missing file keeps nothing."""
+    kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    measured = {(row["workload"], row["setting"]) for row in rows}
+    return [row for row in kept if (row["workload"], row["setting"]) not in measured] + rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, default=pipeline.DEFAULT_PROFILE)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="more profile overrides, after STAGE_OVERRIDES")
-    parser.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (default: every stage)")
+    parser.add_argument("--stages", nargs="*", metavar="STAGE", help="only these stages (default: every stage; "
+                        "none given: no stage)")
     parser.add_argument("--no-tests", action="store_true", help="skip the test-suite workload")
+    parser.add_argument("--suite", action="store_true", help="the test workload is the whole suite, as `make test` "
+                        "runs it, instead of TEST_SELECTION")
     parser.add_argument("--rounds", type=int, default=2, help="alone/beside pairs per workload (default 2)")
     parser.add_argument("--torch-default", action="store_true",
                         help="also measure each stage with one thread per core (torch's default)")
@@ -160,19 +180,21 @@ def main(argv=None) -> int:
         os.environ.pop(name, None)
     extra = {**STAGE_OVERRIDES, **profiles.parse_overrides(args.overrides)}
     every = [stage.name for stage in pipeline.discover_stages()]
-    stages = args.stages or (QUICK_STAGES if args.quick else every)
+    stages = args.stages if args.stages is not None else (QUICK_STAGES if args.quick else every)
     if unknown := sorted(set(stages) - set(every)):
         parser.error(f"no stage {unknown}; the stages are {', '.join(every)}")
-    selection = QUICK_TESTS if args.quick else TEST_SELECTION
+    selection = QUICK_TESTS if args.quick else SUITE if args.suite else TEST_SELECTION
     rounds = 1 if args.quick else args.rounds
     machine, cores = machine_info(), threads.available_cores()
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="contention-") as tmp:
         work = Path(tmp)
-        log.info("warm-up: every stage up to %s once (not timed)", stages[-1])
-        pipeline.run(args.profile, {**extra, "artifacts_dir": str(work / "artifacts")},
-                     only=every[:every.index(max(stages, key=every.index)) + 1], executed=work / "executed")
+        stages_needed = every[:every.index(max(stages, key=every.index)) + 1] if stages else []
+        if stages_needed:
+            log.info("warm-up: every stage up to %s once (not timed)", stages_needed[-1])
+            pipeline.run(args.profile, {**extra, "artifacts_dir": str(work / "artifacts")},
+                         only=stages_needed, executed=work / "executed")
         for stage in stages:
             settings = {POLICY: None, **({TORCH_DEFAULT: cores} if args.torch_default else {})}
             for setting, n_threads in settings.items():
@@ -181,10 +203,13 @@ def main(argv=None) -> int:
                 rows.append({"workload": f"stage {stage}", "setting": setting, **row})
     if not args.no_tests:
         row = interleaved("tests", lambda: run_tests(selection), rounds)
-        rows.append({"workload": "tests: pytest " + " ".join(selection), "setting": POLICY, **row})
+        name = "tests: the whole suite (make test)" if selection is SUITE else "tests: pytest " + " ".join(selection)
+        rows.append({"workload": name, "setting": POLICY, **row})
+    today = _dt.datetime.now().isoformat(timespec="seconds")
+    rows = merge_rows(args.out, [{**row, "date": today, "rounds": rounds} for row in rows])
     policy_rows = [r for r in rows if r["setting"] == POLICY]
     profile = args.profile.relative_to(REPO) if args.profile.is_relative_to(REPO) else args.profile
-    report = {"schema": SCHEMA, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    report = {"schema": SCHEMA, "date": today,
               "machine": finish_machine_info(machine), "profile": str(profile), "quick": args.quick,
               "parameters": {"rounds": rounds, "cores": cores, "overrides": extra, "tests": selection,
                              "competitor": "python -c 'while True: pass'"},

@@ -75,8 +75,19 @@ def test_contention_interleaves_alone_and_beside_and_compares_medians(monkeypatc
                                 "rows": [{**row, "workload": "stage 00_model_card", "setting": contention.POLICY},
                                          slow]}))
     page = scale_report.contention_section(path)
-    assert "| stage 00_model_card | the pipeline's policy: alone 2, beside 1 | 12.0 | 30.0 | 2.50 | yes |" in page
-    assert ("| tests: pytest tests/test_threads.py | the pipeline's policy: alone 2, beside 1 | 10.0 | 30.0 | 3.00 "
-            "| no |") in page
+    assert ("| stage 00_model_card | the pipeline's policy: alone 2, beside 1 | 2026-12-07 | 3 | 12.0 | 30.0 | 2.50 "
+            "| yes |") in page
+    assert ("| tests: pytest tests/test_threads.py | the pipeline's policy: alone 2, beside 1 | 2026-12-07 | 3 | 10.0 "
+            "| 30.0 | 3.00 | no |") in page
     assert any("missed with the pipeline's thread policy" in line for line in page)
     assert scale_report.contention_section(tmp_path / "missing.json") == []
+
+
+def test_contention_keeps_the_rows_a_run_did_not_measure(tmp_path):
+    path = tmp_path / "contention.json"
+    old = [{"workload": "stage 00_model_card", "setting": contention.POLICY, "ratio": 1.2, "date": "2026-12-01"},
+           {"workload": "tests: the whole suite (make test)", "setting": contention.POLICY, "ratio": 9.0}]
+    path.write_text(json.dumps({"rows": old}))
+    new = [{"workload": "tests: the whole suite (make test)", "setting": contention.POLICY, "ratio": 1.4}]
+    assert contention.merge_rows(path, new) == [old[0], new[0]]
+    assert contention.merge_rows(tmp_path / "none.json", new) == new

@@ -116,16 +116,17 @@ def contention_section(path: Path) -> list[str]:
     parameters = result["parameters"]
     quick = " **A `--quick` check, not the benchmark's numbers.**" if result.get("quick") else ""
     lines = ["", "## Benchmark: every stage and the tests beside a competing process", "",
-             f"From `bench/contention.py` on {result['date'][:10]} ({_machine(result)}): each stage of "
-             f"`{result['profile']}`, shortened (the overrides are in the JSON), and part of the test suite, "
-             f"{parameters['rounds']} time(s) alone and beside one CPU-bound process, interleaved; medians. "
+             f"From `bench/contention.py` ({_machine(result)}): each stage of `{result['profile']}`, shortened (the "
+             "overrides are in the JSON), and the tests (a selection of the heavy paths, and the whole suite as "
+             "`make test` runs it), alone and beside one CPU-bound process, interleaved; medians over the rounds. "
              f"Target: {result['target']}; {'met' if result['meets_target'] else 'missed'} with the pipeline's "
              "thread policy (`moe_utils.common.threads`). \"Alone\" means without the added competitor: other "
              f"work on a shared machine (its load average above) runs in every case.{quick}", "",
-             "| workload | threads | alone (s) | beside a competitor (s) | ratio | target met |",
-             "|---|---|---|---|---|---|"]
+             "| workload | threads | measured | rounds | alone (s) | beside a competitor (s) | ratio | target met |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         met = "yes" if row["meets_target"] else "no"
-        lines.append(f"| {row['workload']} | {row['setting']}: {row['threads']} | {row['alone_seconds']:.1f} | "
-                     f"{row['contended_seconds']:.1f} | {row['ratio']:.2f} | {met} |")
+        when, rounds = row.get("date", result["date"])[:10], row.get("rounds", parameters["rounds"])
+        lines.append(f"| {row['workload']} | {row['setting']}: {row['threads']} | {when} | {rounds} | "
+                     f"{row['alone_seconds']:.1f} | {row['contended_seconds']:.1f} | {row['ratio']:.2f} | {met} |")
     return lines
