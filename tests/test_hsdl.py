@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from moe_utils.patterns.hsdl import HSDL
+from moe_utils.patterns.hsdl import HSDL, _Columns as _columns
 
 LAYOUT = (4, 8)  # 4 MoE layers x 8 experts: N_e = 32
 FAST = dict(n_steps=1000, batch_size=256)
@@ -146,6 +146,33 @@ def test_hierarchy_is_consistent():
     # D_1 ~ D_2 R_2 where level 1 is used (atoms that code nothing need not be refined)
     used = np.asarray(model.codes_[0].sum(axis=1)).ravel() > 0
     assert np.abs(d1 - d2 @ r2)[:, used].sum() / d1[:, used].sum() < 0.1
+
+
+def test_deeper_levels_are_mini_batched_over_atoms_without_bias():
+    """Level 2's terms on a draw of level 1's atoms, scaled by p_1 over the draw's size: all the atoms
+    give the whole sums, and the estimates on the blocks of a partition average to them exactly."""
+    x, _, _ = planted(seed=1)
+    model = HSDL(levels=[12, 18], layout=LAYOUT, random_state=0, n_steps=20, batch_size=256)
+    params = model._init_params(_columns(x), [12, 18], 1.0, torch.Generator().manual_seed(0),
+                                np.random.default_rng(0), torch.device("cpu"))
+    xb = torch.from_numpy(x[:, :256].T.copy())
+    with torch.no_grad():
+        whole = model._terms(params, xb)[0][1]
+        assert model._terms(params, xb, 0.0, [torch.arange(12)])[0][1] == whole
+        blocks = [model._terms(params, xb, 0.5, [block])[0][1] for block in torch.randperm(12).reshape(3, 4)]
+        smoothed = model._terms(params, xb, 0.5)[0][1]
+    for name in ("hier", "rec", "fit"):
+        assert float(sum(b[name] for b in blocks) / 3) == pytest.approx(float(smoothed[name]), rel=1e-5)
+    assert all(float(b["sparse"]) == float(whole["sparse"]) for b in blocks)  # the row maxima: always whole
+
+
+def test_a_hierarchy_is_learned_when_level_2_is_mini_batched():
+    x, _, _ = planted(seed=1)
+    # batch_size 10 < 12 level-1 atoms: each step evaluates level 2 on 10 of them
+    model = HSDL(levels=[12, 18], layout=LAYOUT, random_state=0, n_steps=1000, batch_size=10).fit(x)
+    d1, d2 = model.dictionaries_
+    used = np.asarray(model.codes_[0].sum(axis=1)).ravel() > 0
+    assert np.abs(d1 - d2 @ model.codes_[1])[:, used].sum() / d1[:, used].sum() < 0.15
 
 
 # ----------------------------------------------------------------------------- determinism, devices

@@ -16,7 +16,12 @@ levels, has three named terms per level k + 1 (the level whose parameters it fit
     total  = sum_k sparse + lambda_hier * hier + lambda_rec * rec
 
 with N_k the number of columns of R_k (the mini-batch size at level 0 and 1), so every term is a
-mean over columns and does not grow with N_s. Decisions the paper leaves open (parametrisation,
+mean over columns and does not grow with N_s. Level k + 1 >= 2 is mini-batched too: when level k has
+more atoms than ``batch_size``, each step evaluates its ``hier`` and ``rec`` sums on ``batch_size``
+of level k's atoms drawn at random, scaled up by p_k / batch_size (an unbiased estimate), so a step
+costs N_e p_{k+1} batch_size instead of N_e p_{k+1} p_k (at DeepSeek-MoE-16B's N_e = 1728 with the
+default levels, a third). With p_k <= ``batch_size`` (the embedded model, Phi-3.5-MoE) the sums are
+whole and the fit is unchanged. Decisions the paper leaves open (parametrisation,
 optimiser, N, defaults) are explained on the book's method page. In short: level-1 codes come
 from an amortised encoder R_1 = relu(W X + b), which gives :meth:`HSDL.transform` for new columns
 and mini-batches over N_s; dictionaries and deeper codes are free parameters projected onto
@@ -187,7 +192,9 @@ class HSDL(BaseEstimator):
             L_inf cost must be paid back by reconstruction, so an atom used by fewer than about
             1 / lambda_rec of the columns is switched off.
         n_steps: Adam steps (mini-batches); may stop earlier, see ``tol``.
-        batch_size: columns per mini-batch (N of the level-0 and level-1 terms).
+        batch_size: columns per mini-batch (N of the level-0 and level-1 terms), and the most atoms of
+            a level on which the next level's terms are evaluated per step (drawn at random when the
+            level has more; see the module's docstring).
         learning_rate: Adam's initial learning rate, halved ``lr_halvings`` times at equal intervals
             (the paper halves 4e-4 every 500 of its 2000 epochs).
         warmup: share of the steps over which the two sparsity terms are ramped in from 0.
@@ -217,7 +224,7 @@ class HSDL(BaseEstimator):
         x_scale_: X is divided by this (its median non-zero entry) before fitting.
         loss_history_: ``{"step": [...], "total": [...], "level1.sparse": [...], "level1.hier": ...,
             "level1.rec": ..., "level2.sparse": ...}``: the exact (unsmoothed, fully weighted) terms
-            of every level, averaged over each 1% of the steps.
+            of every level on each step's mini-batches, averaged over each 1% of the steps.
         n_steps_, n_iter_: optimisation steps run, and passes over the columns they make.
         n_resampled_: level-1 atoms re-seeded during training.
         fit_seconds_: wall time of the optimisation (without computing ``codes_[0]``).
@@ -291,6 +298,7 @@ class HSDL(BaseEstimator):
         device = _resolve_device(self.device)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         order_rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+        atom_rng = np.random.default_rng([seed, 1])  # level >= 2 mini-batches: the column order is unchanged
         batch = min(self.batch_size, n_s)
         per_epoch = math.ceil(n_s / batch)
         n_steps = max(1, int(self.n_steps))
@@ -317,7 +325,9 @@ class HSDL(BaseEstimator):
                 xb = columns.batch(np.sort(idx), device) / scale  # (B, N_e)
                 delta = self.smoothing * max(0.0, 1.0 - step / smooth) if smooth else 0.0
                 ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-                terms, r1 = self._terms(params, xb, delta)
+                picks = [None if p <= self.batch_size else torch.from_numpy(np.sort(atom_rng.choice(
+                    p, self.batch_size, replace=False))).to(device) for p in sizes[:-1]]
+                terms, r1 = self._terms(params, xb, delta, picks)
                 objective = sum(ramp * (t["sparse"] + self.lambda_hier * t["hier"]) + self.lambda_rec * t["fit"]
                                 for t in terms)
                 optimiser.zero_grad(set_to_none=True)
@@ -389,19 +399,26 @@ class HSDL(BaseEstimator):
         R = [r.to(**to).requires_grad_() for r in codes]
         return {"W": W, "b": b, "D": D, "R": R, "nnz": float((sample > 0).sum(1).float().mean())}
 
-    def _terms(self, params: dict, xb: torch.Tensor, delta: float = 0.0) -> tuple[list[dict], torch.Tensor]:
+    def _terms(self, params: dict, xb: torch.Tensor, delta: float = 0.0,
+               picks: list | None = None) -> tuple[list[dict], torch.Tensor]:
         """The named loss terms of every level on one normalised mini-batch xb (B, N_e).
 
         ``rec`` is the L1 reconstruction; ``fit`` is what is optimised in its place: the same when
         ``delta`` is 0, else its Huber smoothing (quadratic below ``delta``), used early in the run.
+        ``picks[k - 1]``, if not None, holds the atoms of level k on which level k + 1's ``hier`` and
+        ``rec`` are estimated (scaled by p_k over their number); None: all of them.
         """
         r1 = torch.relu(xb @ params["W"].T + params["b"])  # (B, p_1)
         resid = xb - r1 @ params["D"][0].T  # (B, N_e)
         terms = [{"sparse": r1.amax(0).sum(), "hier": r1.sum(1).mean(), **_fit(resid, delta, None)}]
         usage = r1.detach().mean(0)  # ||R_1[j, :]||_1 / N_1 for each level-1 atom j
-        for d_prev, d, r in zip(params["D"][:-1], params["D"][1:], params["R"]):
-            terms.append({"sparse": r.amax(1).sum(), "hier": (r.abs().sum(0) * usage).sum(),
-                          **_fit((d_prev - d @ r).T, delta, usage)})
+        for level, (d_prev, d, r) in enumerate(zip(params["D"][:-1], params["D"][1:], params["R"])):
+            cols = picks[level] if picks else None
+            part, target, weight = (r, d_prev, usage) if cols is None else (r[:, cols], d_prev[:, cols], usage[cols])
+            scale = d_prev.shape[1] / target.shape[1]
+            fit = _fit((target - d @ part).T, delta, weight)
+            terms.append({"sparse": r.amax(1).sum(), "hier": (part.abs().sum(0) * weight).sum() * scale,
+                          "rec": fit["rec"] * scale, "fit": fit["fit"] * scale})
             usage = r.detach().mean(1)
         return terms, r1
 
