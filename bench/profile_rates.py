@@ -10,8 +10,12 @@ so that the added layers are MoE layers; ``d = --added-layers``, default 2), ran
 (median of ``--repeats`` after one warm-up): on a shared machine, CPU time leaves out the time
 other jobs hold the core, so the rate is that of one free core. The whole model's seconds per token are then
 ``t(a) + (L - a) x (t(a + d) - t(a)) / d``: measured per-layer cost, extrapolated over the layer count
-(stated as such in the JSON). Profiles whose ``a + d``-layer model needs more than ``--max-gb`` of
-weights are skipped and listed. Writes ``bench/results/profile_rates.json``.
+(stated as such in the JSON). When the ``a + d``-layer model needs more than ``--max-gb`` of weights,
+its embeddings and LM head are measured apart (``"method": "head apart"`` in the JSON): the layers
+are timed in models with a vocabulary of :data:`SMALL_VOCAB` tokens, and the LM head at the
+declared vocabulary as one (tokens x hidden) @ (hidden x vocab) product, in CPU seconds per token
+too, added to the whole model's cost. Profiles whose layers alone still need more than
+``--max-gb`` are skipped and listed. Writes ``bench/results/profile_rates.json``.
 
 Usage::
 
@@ -39,15 +43,18 @@ from bench._common import finish_machine_info, machine_info  # noqa: E402
 from moe_utils.common.artifacts import atomic_write_json  # noqa: E402
 
 SCHEMA = 1
+#: The vocabulary of the models whose layers are timed apart from their embeddings and LM head.
+SMALL_VOCAB = 256
 
 
-def config_for(about: dict, n_layers: int):
-    """The profile's config (its model type's own config class) with ``n_layers`` decoder layers."""
+def config_for(about: dict, n_layers: int, vocab_size: int | None = None):
+    """The profile's config (its model type's own config class) with ``n_layers`` decoder layers (and
+    ``vocab_size`` tokens, if given)."""
     from transformers import AutoConfig
 
     from moe_utils.models.deepseek_moe import REMOTE_MODEL_TYPE, port_config
 
-    fields = {**about["config"], "num_hidden_layers": n_layers}
+    fields = {**about["config"], "num_hidden_layers": n_layers, **({"vocab_size": vocab_size} if vocab_size else {})}
     if about["model_type"] == REMOTE_MODEL_TYPE:
         return port_config({**fields, "model_type": REMOTE_MODEL_TYPE})
     return AutoConfig.for_model(about["model_type"], **fields)
@@ -63,26 +70,41 @@ def _model_class(about: dict):
     return AutoModelForCausalLM.from_config
 
 
-def n_parameters(about: dict, n_layers: int) -> int:
+def n_parameters(about: dict, n_layers: int, vocab_size: int | None = None) -> int:
     """Parameters of the model with ``n_layers`` layers, counted on the meta device (no memory)."""
     with torch.device("meta"):
-        model = _model_class(about)(config_for(about, n_layers))
+        model = _model_class(about)(config_for(about, n_layers, vocab_size))
     return sum(p.numel() for p in model.parameters())
 
 
-def seconds_per_token(about: dict, n_layers: int, args) -> float:
+def _median_cpu_seconds(run, repeats: int) -> float:
+    """Median CPU seconds of this process over ``repeats`` calls of ``run`` after one warm-up."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.process_time()
+        run()
+        times.append(time.process_time() - start)
+    return statistics.median(times[1:])
+
+
+def seconds_per_token(about: dict, n_layers: int, args, vocab_size: int | None = None) -> float:
     """Median seconds per token of a forward pass of the ``n_layers``-layer model (random weights, float32)."""
     torch.manual_seed(0)
-    model = _model_class(about)(config_for(about, n_layers)).to(torch.float32).eval()
-    ids = torch.randint(0, about["config"]["vocab_size"], (args.batch, args.length))
-    times = []
+    model = _model_class(about)(config_for(about, n_layers, vocab_size)).to(torch.float32).eval()
+    ids = torch.randint(0, vocab_size or about["config"]["vocab_size"], (args.batch, args.length))
     with torch.no_grad():
-        for _ in range(args.repeats + 1):
-            start = time.process_time()
-            model(input_ids=ids)
-            times.append(time.process_time() - start)
-    del model
-    return statistics.median(times[1:]) / ids.numel()
+        seconds = _median_cpu_seconds(lambda: model(input_ids=ids), args.repeats)
+    return seconds / ids.numel()  # the model is freed on return
+
+
+def head_seconds_per_token(about: dict, args) -> float:
+    """Median seconds per token of the LM head at the declared vocabulary: (tokens x hidden) @ (hidden x vocab)."""
+    torch.manual_seed(0)
+    hidden, vocab = about["config"]["hidden_size"], about["config"]["vocab_size"]
+    states, weight = torch.randn(args.batch * args.length, hidden), torch.randn(vocab, hidden)
+    with torch.no_grad():
+        seconds = _median_cpu_seconds(lambda: torch.nn.functional.linear(states, weight), args.repeats)
+    return seconds / len(states)
 
 
 def measure(name: str, about: dict, args) -> dict:
@@ -92,18 +114,28 @@ def measure(name: str, about: dict, args) -> dict:
     weights_gb = n_parameters(about, first + more) * 4 / 1e9
     row = {"profile": name, "model_type": about["model_type"], "n_layers": total_layers,
            "n_parameters": n_parameters(about, total_layers), "measured_layers": [first, first + more],
-           "measured_weights_gb": round(weights_gb, 2)}
+           "measured_weights_gb": round(weights_gb, 2), "date": _dt.datetime.now().isoformat(timespec="seconds")}
+    vocab, head, method = None, 0.0, "whole"
     if weights_gb > args.max_gb:
-        return {**row, "skipped": f"{first + more} layers need {weights_gb:.1f} GB of float32 weights (> --max-gb)"}
-    t_a = seconds_per_token(about, first, args)
-    t_b = seconds_per_token(about, first + more, args)
+        vocab, method = SMALL_VOCAB, "head apart"
+        weights_gb = n_parameters(about, first + more, vocab) * 4 / 1e9
+        row["measured_weights_gb"] = round(weights_gb, 2)
+        if weights_gb > args.max_gb:
+            return {**row, "skipped": f"{first + more} layers need {weights_gb:.1f} GB of float32 weights even "
+                                      f"with a {SMALL_VOCAB}-token vocabulary (> --max-gb)"}
+        head = head_seconds_per_token(about, args)
+    t_a = seconds_per_token(about, first, args, vocab)
+    t_b = seconds_per_token(about, first + more, args, vocab)
     per_layer = max(t_b - t_a, 0.0) / more
-    whole = t_a + (total_layers - first) * per_layer
+    whole = head + t_a + (total_layers - first) * per_layer
+    apart = f"LM head apart {head * 1e3:.2f} ms, " if vocab else ""
     print(f"{name}: {t_a * 1e3:.2f} ms/token with {first} layers, {per_layer * 1e3:.2f} ms per more layer, "
-          f"{1 / whole:.1f} tokens/s for all {total_layers}", flush=True)
-    return {**row, "seconds_per_token_measured": [t_a, t_b], "seconds_per_layer_per_token": per_layer,
-            "seconds_per_token_whole_model": whole, "tokens_per_second": 1 / whole,
-            "whole_model": "extrapolated from the measured layers"}
+          f"{apart}{1 / whole:.1f} tokens/s for all {total_layers}", flush=True)
+    extra = {"head_seconds_per_token": head, "small_vocab": vocab} if vocab else {}
+    return {**row, "method": method, "seconds_per_token_measured": [t_a, t_b], **extra,
+            "seconds_per_layer_per_token": per_layer, "seconds_per_token_whole_model": whole,
+            "tokens_per_second": 1 / whole, "whole_model": "extrapolated from the measured layers"
+            + (" (at a small vocabulary), plus the LM head measured apart" if vocab else "")}
 
 
 def main(argv=None) -> int:
