@@ -27,6 +27,8 @@ def test_a_small_scale_run_is_recorded_and_shown(tmp_path):
     assert case["meets_target"] == (case["analysis_seconds"] <= 600 and case["analysis_peak_rss_gb"] <= 8)
     page = "\n".join(scale_report.scale_store_section(out))
     assert "Phi-3.5-MoE" in page and "| 02 | coverage against chance |" in page and "and their 5 HSDL refits" in page
+    fits = 6 * case["hsdl_seconds_per_step"] * 600 / 60  # the fit, 4 stability refits, 1 surrogate, at 600 steps
+    assert f"{fits:.0f} minutes for the 6 HSDL fits" in page
     assert scale_report.scale_store_section(tmp_path / "missing.json") == []
     assert ("machine was shared" in page) == (max(case["loadavg_at_start"][0], case["loadavg_at_end"][0])
                                               >= 0.5 * case["cpu_count"])

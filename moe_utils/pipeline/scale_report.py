@@ -100,8 +100,11 @@ def _controls(case: dict) -> str:
     ran = ("with the controls of stages 1 and 2" + (f" and their {case['n_hsdl_fits'] - 1} HSDL refits"
                                                     if case["refits"] else ", without the HSDL refits"))
     minutes = case["analysis_seconds_at_notebook_settings"] / 60
+    n_fits = 5 + case["n_surrogates"]  # the fit, 4 stability refits and the surrogate refits
+    fits = n_fits * case["hsdl_seconds_per_step"] * 600 / 60
     return (f"The run is {ran}; with every HSDL fit (the refits included) at 600 steps and stage 6 at the notebook's held-out size it "
-            f"would take about {minutes:.0f} minutes (extrapolated from the measured rates).")
+            f"would take about {minutes:.0f} minutes (extrapolated from the measured rates): {fits:.0f} minutes for the "
+            f"{n_fits} HSDL fits, {minutes - fits:.0f} for everything else.")
 
 
 def contention_section(path: Path) -> list[str]:
