@@ -100,6 +100,20 @@ def test_transform_new_columns(data, fitted):
     np.testing.assert_allclose(fitted.transform(torch.from_numpy(x_new)), codes, rtol=1e-5, atol=1e-6)
 
 
+def test_codes_are_the_encoder_applied_to_every_column(data, fitted):
+    """codes_ and transform (summing the encoder's weights over each column's non-zero entries) equal
+    relu(W X / s + b) s computed densely, empty columns included."""
+    x = data[0].copy()
+    x[:, :3] = 0.0
+    w, b = fitted.encoder_
+    dense = np.maximum(x.T / fitted.x_scale_ @ w.T + b, 0.0).T * fitted.x_scale_
+    for given in (x, sp.csr_matrix(x), torch.from_numpy(x)):
+        codes = fitted.transform(given)
+        np.testing.assert_allclose(codes.toarray() if sp.issparse(codes) else codes, dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fitted.codes_[0].toarray(), np.maximum(data[0].T / fitted.x_scale_ @ w.T + b, 0).T
+                               * fitted.x_scale_, rtol=1e-5, atol=1e-5)
+
+
 def test_loss_decreases(fitted):
     history = fitted.loss_history_
     first, last = np.mean(history["total"][:5]), np.mean(history["total"][-5:])

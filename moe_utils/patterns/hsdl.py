@@ -113,6 +113,24 @@ class _Columns:
             out = self.data[:, index].T.contiguous()
         return out.to(device=device, dtype=torch.float32, non_blocking=True)
 
+    def bags(self, idx: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Columns ``idx`` as bags of their non-zero entries: (row indices, offsets, values), each
+        column's entries in row order: what ``torch.nn.functional.embedding_bag`` reads. A sparse X is
+        read without densifying; every kind of X gives the same bags."""
+        if self.kind == "sparse":
+            block = self.data[idx]
+            block.sort_indices()
+            indices, values = torch.from_numpy(block.indices.astype(np.int64)), torch.from_numpy(block.data)
+            offsets = torch.from_numpy(block.indptr[:-1].astype(np.int64))
+        else:
+            dense = self.batch(idx, torch.device("cpu"))
+            cols, indices = torch.nonzero(dense, as_tuple=True)  # row-major: column by column, rows in order
+            values = dense[cols, indices]
+            counts = torch.bincount(cols, minlength=dense.shape[0])
+            offsets = torch.cumsum(counts, 0) - counts
+        to = dict(device=device, non_blocking=True)
+        return indices.to(**to), offsets.to(**to), values.to(dtype=torch.float32, **to)
+
 
 def _fit(resid: torch.Tensor, delta: float, weights: torch.Tensor | None) -> dict:
     """L1 norm of each row of ``resid`` (one row per column of the level below), weighted by
@@ -449,14 +467,20 @@ class HSDL(BaseEstimator):
 
     # ------------------------------------------------------------------ inference
     def _encode(self, columns: _Columns, sparse: bool):
+        """Level-1 codes of every column: relu(W x + b), W x summed over x's non-zero entries only
+        (``embedding_bag`` over the rows of W^T: a column of X selects L x k of its N_e experts, so this
+        reads about k / E of W), in blocks of ``batch_size`` columns."""
         device = _resolve_device(self.device)
-        w = torch.as_tensor(self.encoder_[0], device=device)
+        w_t = torch.as_tensor(self.encoder_[0].T.copy(), device=device)  # (N_e, p_1): one row per expert
         b = torch.as_tensor(self.encoder_[1], device=device)
         blocks = []
         with torch.no_grad():
             for start in range(0, columns.n_cols, max(1, self.batch_size)):
-                xb = columns.batch(slice(start, min(start + self.batch_size, columns.n_cols)), device)
-                codes = torch.relu(xb / self.x_scale_ @ w.T + b) * self.x_scale_  # (B, p_1) in X's units
+                indices, offsets, values = columns.bags(slice(start, min(start + self.batch_size, columns.n_cols)),
+                                                        device)
+                wx = torch.nn.functional.embedding_bag(indices, w_t, offsets, mode="sum",
+                                                       per_sample_weights=values / self.x_scale_)
+                codes = torch.relu(wx + b) * self.x_scale_  # (B, p_1) in X's units
                 codes = codes.cpu().numpy()
                 blocks.append(sp.csr_matrix(codes) if sparse else codes)
         if sparse:
