@@ -41,6 +41,11 @@ from moe_utils.patterns.cooccurrence import Cooccurrence
 #: held-out tokens whose HSDL codes are fitted together (:func:`hsdl_rankings`): bounds the memory
 #: of the dense (tokens x atoms) codes, their Adam state and gradients, whatever the number of tokens
 HSDL_CHUNK = 256
+#: Adam's initial step of the masked codes (:func:`masked_codes`), in HSDL's normalised units
+CODE_LEARNING_RATE = 0.05
+#: relative margin under the penalty of :func:`masked_codes`'s screening: it covers float32 rounding
+#: of the gradient's sum (at most N_e terms), so a screened code's gradient is > 0 as computed
+SCREEN_MARGIN = 1e-3
 
 
 def _check_topk(topk: np.ndarray, n_experts: int, name: str) -> np.ndarray:
@@ -192,39 +197,120 @@ def bayes_rankings(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, horiz
     return out
 
 
-def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty: float, *, n_steps: int = 100,
-                 learning_rate: float = 0.05) -> np.ndarray:
-    """Non-negative codes ``r`` (N, p) of the columns ``x`` (N, N_e) that fit only their first
-    ``n_observed`` rows: ``min_{r >= 0} ||x_obs - D_obs r||_1 + penalty * ||r||_1`` per column, HSDL's
-    level-1 objective of one column (reconstruction and usage terms, divided by lambda_rec; the
-    L_inf term belongs to the dictionary, which is fixed here) with the later rows masked out.
+def _check_dictionary(dictionary, penalty: float) -> np.ndarray:
+    """HSDL's D_1 as float32, with what :func:`masked_codes` relies on: finite, non-negative entries
+    (HSDL's lie in [0, 1]) and a non-negative usage penalty."""
+    dictionary = np.asarray(dictionary, dtype=np.float32)
+    if dictionary.ndim != 2 or not np.isfinite(dictionary).all() or (dictionary < 0).any():
+        raise ValueError(f"the dictionary must be a finite, non-negative (N_e, p) array like HSDL's D_1, got "
+                         f"shape {dictionary.shape}{'' if dictionary.ndim != 2 else ' with negative or non-finite entries'}")
+    if not np.isfinite(penalty) or penalty < 0:
+        raise ValueError(f"the code penalty (HSDL's lambda_hier / lambda_rec) must be finite and >= 0, got {penalty}")
+    return dictionary
 
-    Solved by projected Adam on the Huber-smoothed L1 (the width falling from 0.5 to 0.01), from
-    r = 0; atoms with no entry in the observed rows cannot lower the fit and stay at 0.
-    """
-    d_obs = torch.as_tensor(np.asarray(dictionary)[:n_observed], dtype=torch.float32)
-    target = torch.as_tensor(np.asarray(x)[:, :n_observed], dtype=torch.float32)
-    live = (d_obs > 0).any(0)
-    codes = torch.zeros(len(target), d_obs.shape[1])
-    if not bool(live.any()) or len(target) == 0:
-        return codes.numpy()
-    d_live = d_obs[:, live]
-    r = torch.zeros(len(target), d_live.shape[1], requires_grad=True)
+
+def _check_columns(x, n_rows: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_rows:
+        raise ValueError(f"x must hold one token per row over the dictionary's {n_rows} rows, got shape {x.shape}")
+    if not np.isfinite(x).all() or (x < 0).any():
+        raise ValueError("x must be finite and non-negative: routing weights or selections, as HSDL was fitted on")
+    return x
+
+
+def _masked_problems(dictionary: sp.csc_matrix, x: np.ndarray, prefixes,
+                     penalty: float) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Every row of ``x`` (N, N_e) masked to every length in ``prefixes``, as one sparse system (see
+    :func:`masked_codes`): a variable for each (token, prefix, atom) code that can leave 0, and an
+    equation for each (token, prefix, row) that one of them touches (the residuals of the other rows
+    are constants). Returns ``(system, target, keys)``: the dictionary's entries (equations x
+    variables, CSR), the equations' entries of x, and the (token, prefix index, atom) of each
+    variable, (3, n_variables)."""
+    rows, columns, values, targets, keys = [], [], [], [], []
+    n_equations = n_variables = 0
+    for index, n_observed in enumerate(prefixes):
+        observed = sp.csc_matrix(dictionary[:n_observed])
+        observed.sort_indices()
+        chosen = sp.csr_matrix(x[:, :n_observed] > 0, dtype=np.float32)
+        reach = (chosen @ observed).tocsr()  # (N, p): each atom's entries summed over the token's rows
+        reach.data[reach.data < penalty * (1 - SCREEN_MARGIN)] = 0.0  # these codes stay at 0
+        reach.eliminate_zeros()
+        reach.sort_indices()  # token-major, atoms in order
+        token = np.repeat(np.arange(len(x)), np.diff(reach.indptr))
+        atom = reach.indices.astype(np.int64)
+        sizes = np.diff(observed.indptr)[atom]  # each variable's entries in the observed rows
+        variable = np.repeat(np.arange(len(atom)), sizes)
+        entry = np.repeat(observed.indptr[atom] - np.cumsum(sizes) + sizes, sizes) + np.arange(len(variable))
+        key = token[variable] * n_observed + observed.indices[entry]
+        unique, equation = np.unique(key, return_inverse=True)
+        rows.append(equation + n_equations)
+        columns.append(variable + n_variables)
+        values.append(observed.data[entry])
+        targets.append(x[unique // n_observed, unique % n_observed])
+        keys.append(np.stack([token, np.full_like(token, index), atom]))
+        n_equations, n_variables = n_equations + len(unique), n_variables + len(atom)
+    system = sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
+                           shape=(n_equations, n_variables), dtype=np.float32)
+    return system, np.concatenate(targets), np.concatenate(keys, axis=1)
+
+
+def _projected_adam(system: sp.csr_matrix, target: np.ndarray, penalty: float, n_steps: int,
+                    learning_rate: float) -> np.ndarray:
+    """``argmin_{r >= 0} sum huber(target - system r) + penalty * sum(r)`` by :func:`masked_codes`'s
+    schedule: every variable's Adam step reads only its own gradient, so stacked problems are solved as
+    if one at a time. The gradient is written out: ``penalty - system^T huber'(target - system r)``."""
+    transposed = system.T.tocsr()
+    r = torch.zeros(system.shape[1])
+    values = r.numpy()  # the same memory: Adam's in-place steps show here
     optimiser = torch.optim.Adam([r], lr=learning_rate)
     for step in range(n_steps):  # threads: the stage's (moe_utils.common.threads)
         delta = 0.5 * (0.02 ** (step / max(1, n_steps - 1)))
-        resid = (target - r @ d_live.T).abs()
-        fit = torch.where(resid < delta, resid.pow(2) / (2 * delta), resid - delta / 2).sum(1)
-        loss = (fit + penalty * r.sum(1)).sum()
-        optimiser.zero_grad()
-        loss.backward()
+        resid = target - system @ values
+        slope = np.where(np.abs(resid) < delta, resid / delta, np.sign(resid))  # huber'(resid)
+        r.grad = torch.from_numpy(penalty - transposed @ slope.astype(np.float32, copy=False))
         optimiser.step()
         for group in optimiser.param_groups:
             group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
-        with torch.no_grad():
-            r.clamp_(min=0.0)
-    codes[:, live] = r.detach()
-    return codes.numpy()
+        r.clamp_(min=0.0)
+    return values
+
+
+def _prefix_codes(dictionary: sp.csc_matrix, x: np.ndarray, prefixes, penalty: float, n_steps: int,
+                  learning_rate: float) -> list[sp.csr_matrix]:
+    """:func:`masked_codes` of the rows of ``x`` for each length in ``prefixes``, fitted together: a list
+    of (N, p) CSR codes, one per prefix."""
+    system, target, (token, prefix, atom) = _masked_problems(dictionary, x, prefixes, penalty)
+    codes = _projected_adam(system, target, penalty, n_steps, learning_rate)
+    shape = (len(x), dictionary.shape[1])
+    return [sp.csr_matrix((codes[prefix == index], (token[prefix == index], atom[prefix == index])), shape=shape)
+            for index in range(len(prefixes))]
+
+
+def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty: float, *, n_steps: int = 100,
+                 learning_rate: float = CODE_LEARNING_RATE) -> np.ndarray:
+    """Non-negative codes ``r`` (N, p) of the columns ``x`` (N, N_e) that fit only their first
+    ``n_observed`` rows: ``min_{r >= 0} ||x_obs - D_obs r||_1 + penalty * ||r||_1`` per column, HSDL's
+    level-1 objective of one column (Tang et al. 2025, section 3: reconstruction and usage terms,
+    divided by lambda_rec; the L_inf term belongs to the dictionary, which is fixed here) with the
+    later rows masked out.
+
+    Solved by projected Adam on the Huber-smoothed L1 (the width falling from 0.5 to 0.01), from
+    r = 0. Only the codes that can leave 0 are fitted: D, x and r are non-negative, so on a row
+    where the column is 0 the residual is <= 0 and the Huber slope is <= 0, and on any row it is
+    <= 1. Atom j's gradient, ``penalty - sum_i D_ij slope_i``, is therefore at least ``penalty -
+    sum_{i: x_i > 0} D_ij``; where that sum (over the observed rows) is below the penalty (by
+    :data:`SCREEN_MARGIN`, for rounding), every Adam step moves the code down and the projection
+    holds it at 0, exactly as in a fit of all atoms. The other codes are the variables, and the
+    observed rows they touch the residuals (the others are constants), solved for all columns at
+    once as one sparse system with the gradient written out; the cost follows the entries of the
+    few atoms each token can use, not N_e x p.
+    """
+    dictionary = _check_dictionary(dictionary, penalty)
+    x = _check_columns(x, dictionary.shape[0])
+    if not 0 <= n_observed <= dictionary.shape[0]:
+        raise ValueError(f"n_observed must be in [0, {dictionary.shape[0]}] rows, got {n_observed}")
+    [codes] = _prefix_codes(sp.csc_matrix(dictionary), x, [n_observed], penalty, n_steps, learning_rate)
+    return codes.toarray()
 
 
 def hsdl_rankings(hsdl, x: sp.spmatrix | np.ndarray, fit_topk: np.ndarray, n_layers: int, n_experts: int,
@@ -236,24 +322,31 @@ def hsdl_rankings(hsdl, x: sp.spmatrix | np.ndarray, fit_topk: np.ndarray, n_lay
 
     ``x`` is the held-out expert matrix (N_e, n_tokens) of the kind HSDL was fitted on
     (:func:`moe_utils.patterns.expert_matrix.expert_matrix` with the same ``value``). Each token's
-    code is its own problem (the solver's steps are per entry), so tokens are fitted in chunks of
-    ``chunk`` (:data:`HSDL_CHUNK`): memory is bounded by the chunk, and the codes are those of one fit.
+    code for each prefix is its own problem (the solver's steps are per entry), so the problems of
+    ``chunk`` tokens (:data:`HSDL_CHUNK`) and all their prefixes are fitted together as one sparse
+    system: memory is bounded by the chunk, and the codes are those of one fit.
     """
-    dictionary = np.asarray(hsdl.dictionaries_[0])
+    penalty = hsdl.lambda_hier / hsdl.lambda_rec
+    dictionary = _check_dictionary(hsdl.dictionaries_[0], penalty)
     if dictionary.shape[0] != n_layers * n_experts:
         raise ValueError(f"the HSDL dictionary has {dictionary.shape[0]} rows, not {n_layers} x {n_experts}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 token, got {chunk}")
-    x = sp.csc_matrix(x) if sp.issparse(x) else np.asarray(x)
+    x = sp.csc_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != dictionary.shape[0]:
+        raise ValueError(f"x has shape {x.shape}, not the dictionary's {dictionary.shape[0]} rows: pass X (N_e, n_tokens)")
+    entries = x.data if sp.issparse(x) else x
+    if not np.isfinite(entries).all() or (entries < 0).any():
+        raise ValueError("x must be finite and non-negative: routing weights or selections, as HSDL was fitted on")
     prior = usage_counts(fit_topk, n_experts)
-    penalty = hsdl.lambda_hier / hsdl.lambda_rec
+    sparse = sp.csc_matrix(dictionary)
+    prefixes = [(source + 1) * n_experts for source in range(n_layers - min(horizons))]
     n_tokens = x.shape[1]
     out = {h: _empty(n_tokens, n_layers, n_ranked) for h in horizons}
     for start in range(0, n_tokens, chunk):
         part = x[:, start:start + chunk]
-        columns = (part.T.toarray() if sp.issparse(part) else part.T) / hsdl.x_scale_  # (chunk, N_e)
-        for source in range(n_layers - min(horizons)):
-            codes = masked_codes(dictionary, columns, (source + 1) * n_experts, penalty, n_steps=n_steps)
+        columns = (part.T.toarray() if sp.issparse(part) else part.T) / np.float32(hsdl.x_scale_)  # (chunk, N_e)
+        for source, codes in enumerate(_prefix_codes(sparse, columns, prefixes, penalty, n_steps, CODE_LEARNING_RATE)):
             for h in horizons:
                 target = source + h
                 if target < n_layers:
