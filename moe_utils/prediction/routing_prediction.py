@@ -49,7 +49,10 @@ SCREEN_MARGIN = 1e-3
 
 
 def _check_topk(topk: np.ndarray, n_experts: int, name: str) -> np.ndarray:
-    topk = np.asarray(topk, dtype=np.int64)
+    """``topk`` as an integer array (a store's narrow index dtype is kept: no copy of the fitting tokens)."""
+    topk = np.asarray(topk)
+    if topk.dtype.kind not in "iu":
+        topk = topk.astype(np.int64)
     if topk.ndim != 3:
         raise ValueError(f"{name} must be (n_tokens, n_layers, k) expert indices, got shape {topk.shape}")
     if topk.size and (topk.min() < 0 or topk.max() >= n_experts):
@@ -170,7 +173,6 @@ def naive_bayes_scores(fit_topk: np.ndarray, topk: np.ndarray, n_experts: int, n
     the fitting tokens (scikit-learn's ``BernoulliNB`` with one sample per chosen expert). Experts
     never chosen at ``target`` score -inf. The counts are blocks of ``joint`` (:func:`joint_counts`,
     counted here when not given)."""
-    fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
     topk = _check_topk(topk, n_experts, "topk")
     joint = joint_counts(fit_topk, n_experts) if joint is None else joint
     n_b = np.diagonal(_block(joint, n_experts, target, target)).astype(np.float64)
@@ -219,15 +221,15 @@ def _check_columns(x, n_rows: int) -> np.ndarray:
 
 
 def _masked_problems(dictionary: sp.csc_matrix, x: np.ndarray, prefixes,
-                     penalty: float) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+                     penalty: float) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
     """Every row of ``x`` (N, N_e) masked to every length in ``prefixes``, as one sparse system (see
     :func:`masked_codes`): a variable for each (token, prefix, atom) code that can leave 0, and an
     equation for each (token, prefix, row) that one of them touches (the residuals of the other rows
     are constants). Returns ``(system, target, keys)``: the dictionary's entries (equations x
-    variables, CSR), the equations' entries of x, and the (token, prefix index, atom) of each
-    variable, (3, n_variables)."""
-    rows, columns, values, targets, keys = [], [], [], [], []
-    n_equations = n_variables = 0
+    variables, CSC: each variable's column holds its atom's observed entries), the equations'
+    entries of x, and the (token, prefix index, atom) of each variable, (3, n_variables)."""
+    equations, values, sizes, targets, keys = [], [], [], [], []
+    n_equations = 0
     for index, n_observed in enumerate(prefixes):
         observed = sp.csc_matrix(dictionary[:n_observed])
         observed.sort_indices()
@@ -238,36 +240,42 @@ def _masked_problems(dictionary: sp.csc_matrix, x: np.ndarray, prefixes,
         reach.sort_indices()  # token-major, atoms in order
         token = np.repeat(np.arange(len(x)), np.diff(reach.indptr))
         atom = reach.indices.astype(np.int64)
-        sizes = np.diff(observed.indptr)[atom]  # each variable's entries in the observed rows
-        variable = np.repeat(np.arange(len(atom)), sizes)
-        entry = np.repeat(observed.indptr[atom] - np.cumsum(sizes) + sizes, sizes) + np.arange(len(variable))
-        key = token[variable] * n_observed + observed.indices[entry]
-        unique, equation = np.unique(key, return_inverse=True)
-        rows.append(equation + n_equations)
-        columns.append(variable + n_variables)
+        reach.data[:] = 1.0
+        touched = (reach @ (observed > 0).astype(np.float32).T).toarray() > 0  # (N, n_observed) rows in use
+        number = np.cumsum(touched.ravel()) - 1 + n_equations  # equation of each touched (token, row)
+        size = np.diff(observed.indptr)[atom]  # each variable's entries in the observed rows
+        entry = np.repeat(observed.indptr[atom] - np.cumsum(size) + size, size) + np.arange(size.sum())
+        equations.append(number[np.repeat(token * n_observed, size) + observed.indices[entry]])
         values.append(observed.data[entry])
-        targets.append(x[unique // n_observed, unique % n_observed])
+        sizes.append(size)
+        targets.append(x[:, :n_observed][touched])
         keys.append(np.stack([token, np.full_like(token, index), atom]))
-        n_equations, n_variables = n_equations + len(unique), n_variables + len(atom)
-    system = sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
-                           shape=(n_equations, n_variables), dtype=np.float32)
+        n_equations = number[-1] + 1 if len(number) else n_equations
+    sizes = np.concatenate(sizes)
+    system = sp.csc_matrix((np.concatenate(values), np.concatenate(equations), np.concatenate([[0], np.cumsum(sizes)])),
+                           shape=(n_equations, len(sizes)), dtype=np.float32)
     return system, np.concatenate(targets), np.concatenate(keys, axis=1)
 
 
-def _projected_adam(system: sp.csr_matrix, target: np.ndarray, penalty: float, n_steps: int,
+def _projected_adam(system: sp.csc_matrix, target: np.ndarray, penalty: float, n_steps: int,
                     learning_rate: float) -> np.ndarray:
     """``argmin_{r >= 0} sum huber(target - system r) + penalty * sum(r)`` by :func:`masked_codes`'s
     schedule: every variable's Adam step reads only its own gradient, so stacked problems are solved as
-    if one at a time. The gradient is written out: ``penalty - system^T huber'(target - system r)``."""
-    transposed = system.T.tocsr()
+    if one at a time. The gradient is written out: ``penalty - system^T huber'(target - system r)``,
+    with ``huber'`` the residual over the width, clipped to [-1, 1]."""
+    transposed = system.T  # CSR, no copy
     r = torch.zeros(system.shape[1])
     values = r.numpy()  # the same memory: Adam's in-place steps show here
     optimiser = torch.optim.Adam([r], lr=learning_rate)
     for step in range(n_steps):  # threads: the stage's (moe_utils.common.threads)
         delta = 0.5 * (0.02 ** (step / max(1, n_steps - 1)))
-        resid = target - system @ values
-        slope = np.where(np.abs(resid) < delta, resid / delta, np.sign(resid))  # huber'(resid)
-        r.grad = torch.from_numpy(penalty - transposed @ slope.astype(np.float32, copy=False))
+        slope = system @ values
+        np.subtract(target, slope, out=slope)
+        slope /= np.float32(delta)
+        np.clip(slope, -1.0, 1.0, out=slope)
+        grad = transposed @ slope
+        np.subtract(np.float32(penalty), grad, out=grad)
+        r.grad = torch.from_numpy(grad)
         optimiser.step()
         for group in optimiser.param_groups:
             group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
