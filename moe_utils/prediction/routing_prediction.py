@@ -67,7 +67,12 @@ def _empty(n_tokens: int, n_layers: int, n_ranked: int) -> np.ndarray:
 def usage_counts(topk: np.ndarray, n_experts: int) -> np.ndarray:
     """(n_layers, E): how many tokens chose each expert, per layer."""
     topk = _check_topk(topk, n_experts, "topk")
-    return np.stack([np.bincount(topk[:, layer].ravel(), minlength=n_experts) for layer in range(topk.shape[1])])
+    n_layers = topk.shape[1]
+    offsets = (np.arange(n_layers, dtype=np.int64) * n_experts)[None, :, None]
+    counts = np.zeros(n_layers * n_experts, np.int64)
+    for block in np.array_split(topk, max(1, len(topk) // 65536)):  # bounded int64 temporaries
+        counts += np.bincount((block + offsets).ravel(), minlength=n_layers * n_experts)
+    return counts.reshape(n_layers, n_experts)
 
 
 def rank_scores(scores: np.ndarray, prior: np.ndarray, n_ranked: int) -> np.ndarray:
