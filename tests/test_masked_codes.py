@@ -168,6 +168,7 @@ def test_hsdl_rankings_equal_the_dense_computation_on_a_fitted_hsdl(fitted_hsdl)
             np.testing.assert_array_equal(ranked[h][separated, target], expected[separated])
             compared += separated.sum()
     assert compared >= 60  # most token-layer rows are compared
+    assert (rp.hsdl_rankings(hsdl, x_test, top_fit, n_layers, n_experts, [3], n_ranked)[3] == -1).all()  # no prefix
 
 
 def test_fitted_hsdl_codes_equal_the_dense_computation(fitted_hsdl):
