@@ -60,6 +60,15 @@ def dense_hsdl_scores(hsdl, x, n_layers, n_experts, horizon):
     return out
 
 
+def stacked_system(dictionary, x, prefixes, penalty):
+    """The sparse system of :func:`rp._masked_problems` for these prefixes of rows."""
+    observed = [sp.csc_matrix(dictionary[:n_observed]) for n_observed in prefixes]
+    for part in observed:
+        part.sort_indices()
+    kept = [rp._kept_atoms(part, x[:, :part.shape[0]], penalty) for part in observed]
+    return rp._masked_problems(observed, kept, x)
+
+
 def random_problem(seed, n_rows=60, n_atoms=40, density=0.1, x_density=0.15):
     rng = np.random.default_rng(seed)
     dictionary = ((rng.random((n_rows, n_atoms)) < density) * rng.random((n_rows, n_atoms))).astype(np.float32)
@@ -85,8 +94,10 @@ def routing_matrix(n_layers, n_experts, k, n_tokens, seed):
     return x, top
 
 
+@pytest.mark.parametrize("solver, ratio", [("sparse", 0.0), ("dense", 1e12)])
 @pytest.mark.parametrize("seed, density", [(0, 0.1), (1, 0.03), (2, 0.3), (3, 1.0)])
-def test_sparse_codes_equal_the_dense_computation(seed, density):
+def test_both_solvers_equal_the_dense_computation(monkeypatch, seed, density, solver, ratio):
+    monkeypatch.setattr(rp, "DENSE_COST_RATIO", ratio)  # 0: always the sparse system; 1e12: always dense
     dictionary, x = random_problem(seed, density=density)
     for n_observed, penalty in ((0, 0.5), (7, 0.5), (30, 0.5), (60, 0.5), (30, 0.05), (30, 0.0)):
         fast = rp.masked_codes(dictionary, x, n_observed, penalty)
@@ -96,9 +107,25 @@ def test_sparse_codes_equal_the_dense_computation(seed, density):
         assert (fast[0] == 0).all() and (fast[:, 0] == 0).all()  # no expert, no entry: nothing to code
 
 
-def test_stacked_prefixes_equal_each_prefix_alone_exactly():
+def test_the_solver_follows_the_dictionarys_density(monkeypatch):
+    """At the default cost ratio a dictionary of a few entries per atom goes to the sparse system, a
+    dense one to the dense products."""
+    used = []
+    for name in ("_sparse_solve", "_dense_solve"):
+        solve = getattr(rp, name)
+        monkeypatch.setattr(rp, name, lambda *args, _solve=solve, _name=name: used.append(_name) or _solve(*args))
+    rng = np.random.default_rng(8)
+    x = ((rng.random((20, 400)) < 0.05) * rng.random((20, 400))).astype(np.float32)
+    sparse = (rng.random((400, 400)) < 0.01).astype(np.float32)
+    rp.masked_codes(sparse, x, 400, 0.5)
+    rp.masked_codes(np.full((400, 400), 0.3, np.float32), x, 400, 0.5)
+    assert used == ["_sparse_solve", "_dense_solve"]
+
+
+def test_stacked_prefixes_equal_each_prefix_alone_exactly(monkeypatch):
     """Every code's Adam step reads only its own gradient: fitting all prefixes of all tokens as one
     system gives exactly the codes of one prefix at a time."""
+    monkeypatch.setattr(rp, "DENSE_COST_RATIO", 0.0)  # the sparse system, whatever the size
     dictionary, x = random_problem(4)
     prefixes = [12, 30, 45, 60]
     stacked = rp._prefix_codes(sp.csc_matrix(dictionary), x, prefixes, 0.5, 100, rp.CODE_LEARNING_RATE)
@@ -113,7 +140,7 @@ def test_the_stacked_system_holds_exactly_the_codes_that_can_move():
     those atoms, each holding the token's entry of x."""
     dictionary, x = random_problem(5, density=0.08)
     n_observed, penalty = 33, 0.5
-    system, target, (token, prefix, atom) = rp._masked_problems(sp.csc_matrix(dictionary), x, [n_observed], penalty)
+    system, target, (token, prefix, atom) = stacked_system(dictionary, x, [n_observed], penalty)
     assert (prefix == 0).all()
     d_obs, x_obs = dictionary[:n_observed], x[:, :n_observed] > 0
     reach = {(t, j): sum(float(d_obs[i, j]) for i in range(n_observed) if x_obs[t, i])
@@ -133,7 +160,7 @@ def test_screened_codes_stay_at_zero_in_the_dense_fit():
     """The screening's claim on the dense computation itself: every atom it leaves out codes 0 there."""
     dictionary, x = random_problem(7, density=0.2)
     n_observed, penalty = 40, 0.5
-    _, _, (token, _, atom) = rp._masked_problems(sp.csc_matrix(dictionary), x, [n_observed], penalty)
+    _, _, (token, _, atom) = stacked_system(dictionary, x, [n_observed], penalty)
     kept = np.zeros((len(x), dictionary.shape[1]), bool)
     kept[token, atom] = True
     reference = dense_masked_codes(dictionary, x, n_observed, penalty)
@@ -150,7 +177,8 @@ def fitted_hsdl():
     return hsdl, top_fit, x_test
 
 
-def test_hsdl_rankings_equal_the_dense_computation_on_a_fitted_hsdl(fitted_hsdl):
+def test_hsdl_rankings_equal_the_dense_computation_on_a_fitted_hsdl(monkeypatch, fitted_hsdl):
+    monkeypatch.setattr(rp, "DENSE_COST_RATIO", 0.0)  # the sparse system, whatever the size
     hsdl, top_fit, x_test = fitted_hsdl
     assert 0 < (hsdl.dictionaries_[0] > 0).mean() < 1  # a sparse dictionary, as HSDL fits
     n_layers, n_experts, n_ranked = 3, 8, 4
@@ -171,7 +199,8 @@ def test_hsdl_rankings_equal_the_dense_computation_on_a_fitted_hsdl(fitted_hsdl)
     assert (rp.hsdl_rankings(hsdl, x_test, top_fit, n_layers, n_experts, [3], n_ranked)[3] == -1).all()  # no prefix
 
 
-def test_fitted_hsdl_codes_equal_the_dense_computation(fitted_hsdl):
+def test_fitted_hsdl_codes_equal_the_dense_computation(monkeypatch, fitted_hsdl):
+    monkeypatch.setattr(rp, "DENSE_COST_RATIO", 0.0)
     hsdl, _, x_test = fitted_hsdl
     columns = x_test.T.toarray() / hsdl.x_scale_
     penalty = hsdl.lambda_hier / hsdl.lambda_rec

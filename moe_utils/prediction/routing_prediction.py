@@ -48,6 +48,10 @@ CODE_LEARNING_RATE = 0.05
 #: relative margin under the penalty of :func:`masked_codes`'s screening: it covers float32 rounding
 #: of the gradient's sum (at most N_e terms), so a screened code's gradient is > 0 as computed
 SCREEN_MARGIN = 1e-3
+#: the sparse solver's cost per entry of its system over the dense solver's per multiply-add of its
+#: products (:func:`masked_codes`), measured at Phi-3.5-MoE's and DeepSeek-MoE-16B's shapes on one
+#: thread (about 0.5 us per entry, build included, against about 34 ns): below it, the sparse one
+DENSE_COST_RATIO = 16
 
 
 def _check_topk(topk: np.ndarray, n_experts: int, name: str) -> np.ndarray:
@@ -229,33 +233,39 @@ def _check_columns(x, n_rows: int) -> np.ndarray:
     return x
 
 
-def _masked_problems(dictionary: sp.csc_matrix, x: np.ndarray, prefixes,
-                     penalty: float) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
-    """Every row of ``x`` (N, N_e) masked to every length in ``prefixes``, as one sparse system (see
-    :func:`masked_codes`): a variable for each (token, prefix, atom) code that can leave 0, and an
+def _kept_atoms(observed: sp.csc_matrix, x_observed: np.ndarray, penalty: float) -> sp.csr_matrix:
+    """(N, p) 0/1 CSR (token-major, atoms in order): the codes that can leave 0 (:func:`masked_codes`),
+    those whose atom's observed entries on the token's rows sum to at least the penalty."""
+    chosen = sp.csr_matrix(x_observed > 0, dtype=np.float32)
+    reach = (chosen @ observed).tocsr()
+    reach.data[reach.data < penalty * (1 - SCREEN_MARGIN)] = 0.0  # these codes stay at 0
+    reach.eliminate_zeros()
+    reach.sort_indices()
+    reach.data[:] = 1.0
+    return reach
+
+
+def _masked_problems(observed: list[sp.csc_matrix], kept: list[sp.csr_matrix],
+                     x: np.ndarray) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
+    """Every row of ``x`` (N, N_e) masked to each prefix of rows (``observed``: the dictionary's rows of
+    each prefix, CSC with sorted indices; ``kept``: :func:`_kept_atoms` there), as one sparse system
+    (see :func:`masked_codes`): a variable for each (token, prefix, atom) code that can leave 0, and an
     equation for each (token, prefix, row) that one of them touches (the residuals of the other rows
     are constants). Returns ``(system, target, keys)``: the dictionary's entries (equations x
     variables, CSC: each variable's column holds its atom's observed entries), the equations'
     entries of x, and the (token, prefix index, atom) of each variable, (3, n_variables)."""
     equations, values, sizes, targets, keys = [], [], [], [], []
     n_equations = 0
-    for index, n_observed in enumerate(prefixes):
-        observed = sp.csc_matrix(dictionary[:n_observed])
-        observed.sort_indices()
-        chosen = sp.csr_matrix(x[:, :n_observed] > 0, dtype=np.float32)
-        reach = (chosen @ observed).tocsr()  # (N, p): each atom's entries summed over the token's rows
-        reach.data[reach.data < penalty * (1 - SCREEN_MARGIN)] = 0.0  # these codes stay at 0
-        reach.eliminate_zeros()
-        reach.sort_indices()  # token-major, atoms in order
-        token = np.repeat(np.arange(len(x)), np.diff(reach.indptr))
-        atom = reach.indices.astype(np.int64)
-        reach.data[:] = 1.0
-        touched = (reach @ (observed > 0).astype(np.float32).T).toarray() > 0  # (N, n_observed) rows in use
+    for index, (dictionary, codes) in enumerate(zip(observed, kept)):
+        n_observed = dictionary.shape[0]
+        token = np.repeat(np.arange(len(x)), np.diff(codes.indptr))
+        atom = codes.indices.astype(np.int64)
+        touched = (codes @ (dictionary > 0).astype(np.float32).T).toarray() > 0  # (N, n_observed) rows in use
         number = np.cumsum(touched.ravel()) - 1 + n_equations  # equation of each touched (token, row)
-        size = np.diff(observed.indptr)[atom]  # each variable's entries in the observed rows
-        entry = np.repeat(observed.indptr[atom] - np.cumsum(size) + size, size) + np.arange(size.sum())
-        equations.append(number[np.repeat(token * n_observed, size) + observed.indices[entry]])
-        values.append(observed.data[entry])
+        size = np.diff(dictionary.indptr)[atom]  # each variable's entries in the observed rows
+        entry = np.repeat(dictionary.indptr[atom] - np.cumsum(size) + size, size) + np.arange(size.sum())
+        equations.append(number[np.repeat(token * n_observed, size) + dictionary.indices[entry]])
+        values.append(dictionary.data[entry])
         sizes.append(size)
         targets.append(x[:, :n_observed][touched])
         keys.append(np.stack([token, np.full_like(token, index), atom]))
@@ -266,41 +276,84 @@ def _masked_problems(dictionary: sp.csc_matrix, x: np.ndarray, prefixes,
     return system, np.concatenate(targets), np.concatenate(keys, axis=1)
 
 
-def _projected_adam(system: sp.csc_matrix, target: np.ndarray, penalty: float, n_steps: int,
-                    learning_rate: float) -> np.ndarray:
-    """``argmin_{r >= 0} sum huber(target - system r) + penalty * sum(r)`` by :func:`masked_codes`'s
-    schedule: every variable's Adam step reads only its own gradient, so stacked problems are solved as
-    if one at a time. The gradient is written out: ``penalty - system^T huber'(target - system r)``,
-    with ``huber'`` the residual over the width, clipped to [-1, 1]."""
-    transposed = system.T  # CSR, no copy
-    r = torch.zeros(system.shape[1])
-    values = r.numpy()  # the same memory: Adam's in-place steps show here
+def _adam_schedule(r: torch.Tensor, gradient, n_steps: int, learning_rate: float) -> None:
+    """:func:`masked_codes`'s projected Adam on ``r`` in place: ``gradient(r, delta)`` sets ``r.grad`` for
+    the Huber width ``delta`` (falling from 0.5 to 0.01); the rate falls from ``learning_rate`` tenfold;
+    each step is projected on r >= 0."""
     optimiser = torch.optim.Adam([r], lr=learning_rate)
-    for step in range(n_steps):  # Adam on the stage's threads (moe_utils.common.threads), scipy's products on one
-        delta = 0.5 * (0.02 ** (step / max(1, n_steps - 1)))
-        slope = system @ values
+    for step in range(n_steps):  # Adam on the stage's threads (moe_utils.common.threads)
+        gradient(r, 0.5 * (0.02 ** (step / max(1, n_steps - 1))))
+        optimiser.step()
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
+        with torch.no_grad():
+            r.clamp_(min=0.0)
+
+
+def _sparse_solve(system: sp.csc_matrix, target: np.ndarray, penalty: float, n_steps: int,
+                  learning_rate: float) -> np.ndarray:
+    """``argmin_{r >= 0} sum huber(target - system r) + penalty * sum(r)`` with the gradient written out,
+    ``penalty - system^T huber'(target - system r)`` (``huber'``: the residual over the width, clipped
+    to [-1, 1]). Every variable's Adam step reads only its own gradient, so the stacked problems are
+    solved as if one at a time."""
+    transposed = system.T  # CSR, no copy
+
+    def gradient(r, delta):
+        slope = system @ r.numpy()
         np.subtract(target, slope, out=slope)
         slope /= np.float32(delta)
         np.clip(slope, -1.0, 1.0, out=slope)
         grad = transposed @ slope
-        np.subtract(np.float32(penalty), grad, out=grad)
-        r.grad = torch.from_numpy(grad)
-        optimiser.step()
-        for group in optimiser.param_groups:
-            group["lr"] = learning_rate * (0.1 ** (step / max(1, n_steps - 1)))
-        r.clamp_(min=0.0)
-    return values
+        r.grad = torch.from_numpy(np.subtract(np.float32(penalty), grad, out=grad))
+
+    r = torch.zeros(system.shape[1])
+    _adam_schedule(r, gradient, n_steps, learning_rate)
+    return r.numpy()
+
+
+def _dense_solve(observed: np.ndarray, target: np.ndarray, penalty: float, n_steps: int,
+                 learning_rate: float) -> np.ndarray:
+    """(N, p) codes of the columns ``target`` (N, n_observed) on the dense ``observed`` rows of D: every
+    atom with an observed entry a variable, every observed row a residual, the gradient by autograd."""
+    d_obs, target = torch.as_tensor(observed), torch.as_tensor(target)
+    live = (d_obs > 0).any(0)
+    codes = torch.zeros(len(target), d_obs.shape[1])
+    if not bool(live.any()) or len(target) == 0:
+        return codes.numpy()
+    d_live = d_obs[:, live]
+
+    def gradient(r, delta):
+        resid = (target - r @ d_live.T).abs()
+        fit = torch.where(resid < delta, resid.pow(2) / (2 * delta), resid - delta / 2).sum(1)
+        r.grad = None
+        (fit + penalty * r.sum(1)).sum().backward()
+
+    r = torch.zeros(len(target), d_live.shape[1], requires_grad=True)
+    _adam_schedule(r, gradient, n_steps, learning_rate)
+    codes[:, live] = r.detach()
+    return codes.numpy()
 
 
 def _prefix_codes(dictionary: sp.csc_matrix, x: np.ndarray, prefixes, penalty: float, n_steps: int,
                   learning_rate: float) -> list[sp.csr_matrix]:
     """:func:`masked_codes` of the rows of ``x`` for each length in ``prefixes``, fitted together: a list
-    of (N, p) CSR codes, one per prefix."""
+    of (N, p) CSR codes, one per prefix. As one sparse system of the codes that can move, unless its
+    entries times :data:`DENSE_COST_RATIO` exceed the dense products' multiply-adds (a dense dictionary):
+    then prefix by prefix, densely."""
+    observed = [dictionary[:n_observed].tocsc() for n_observed in prefixes]
+    for part in observed:
+        part.sort_indices()
+    kept = [_kept_atoms(part, x[:, :part.shape[0]], penalty) for part in observed]
+    entries = sum(int((codes @ np.diff(part.indptr)).sum()) for part, codes in zip(observed, kept))
+    dense = len(x) * sum(part.shape[0] * np.count_nonzero(np.diff(part.indptr)) for part in observed)
+    if entries * DENSE_COST_RATIO > dense:
+        return [sp.csr_matrix(_dense_solve(part.toarray(), x[:, :part.shape[0]], penalty, n_steps, learning_rate))
+                for part in observed]
     if not prefixes:
         return []
-    system, target, (token, prefix, atom) = _masked_problems(dictionary, x, prefixes, penalty)
-    codes = _projected_adam(system, target, penalty, n_steps, learning_rate)
     shape = (len(x), dictionary.shape[1])
+    system, target, (token, prefix, atom) = _masked_problems(observed, kept, x)
+    codes = _sparse_solve(system, target, penalty, n_steps, learning_rate)
     return [sp.csr_matrix((codes[prefix == index], (token[prefix == index], atom[prefix == index])), shape=shape)
             for index in range(len(prefixes))]
 
@@ -322,7 +375,8 @@ def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty
     holds it at 0, exactly as in a fit of all atoms. The other codes are the variables, and the
     observed rows they touch the residuals (the others are constants), solved for all columns at
     once as one sparse system with the gradient written out; the cost follows the entries of the
-    few atoms each token can use, not N_e x p.
+    few atoms each token can use, not N_e x p. Where the dictionary is too dense for that to pay
+    (:data:`DENSE_COST_RATIO`), every atom with an observed entry is fitted densely, by autograd.
     """
     dictionary = _check_dictionary(dictionary, penalty)
     x = _check_columns(x, dictionary.shape[0])
