@@ -132,6 +132,10 @@ def test_stacked_prefixes_equal_each_prefix_alone_exactly(monkeypatch):
     assert len({codes.nnz for codes in stacked}) > 1
     for n_observed, codes in zip(prefixes, stacked):
         np.testing.assert_array_equal(codes.toarray(), rp.masked_codes(dictionary, x, n_observed, 0.5))
+    monkeypatch.setattr(rp, "SYSTEM_ENTRIES", 300)  # systems of a few tokens each: memory bounded, same codes
+    split = rp._prefix_codes(sp.csc_matrix(dictionary), x, prefixes, 0.5, 100, rp.CODE_LEARNING_RATE)
+    for whole, part in zip(stacked, split):
+        np.testing.assert_array_equal(part.toarray(), whole.toarray())
 
 
 def test_the_stacked_system_holds_exactly_the_codes_that_can_move():

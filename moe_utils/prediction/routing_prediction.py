@@ -38,11 +38,13 @@ import torch
 from moe_utils.common.stats import Interval, bootstrap_interval
 from moe_utils.patterns.cooccurrence import Cooccurrence
 
-#: held-out tokens whose HSDL codes (every prefix of layers) are fitted together as one sparse system
-#: (:func:`hsdl_rankings`): bounds its memory, whatever the number of tokens. At DeepSeek-MoE-16B's
-#: shape (N_e = 1728, a 40-step fit: ~38 entries per atom) 128 tokens hold ~12.7 million entries,
-#: ~0.45 GB at their peak; smaller chunks were not faster
+#: held-out tokens whose HSDL codes (every prefix of layers) are fitted together (:func:`hsdl_rankings`):
+#: bounds the dense solver's (tokens x atoms) codes and the sparse solver's per-token arrays
 HSDL_CHUNK = 128
+#: the most entries of one sparse system of masked codes (whole tokens, so one token's more at most):
+#: bounds its memory whatever the dictionary. At DeepSeek-MoE-16B's shape (N_e = 1728, a 40-step
+#: fit: ~38 entries per atom) 128 tokens held ~12.7 million entries, ~0.45 GB at their peak
+SYSTEM_ENTRIES = 2 ** 24
 #: Adam's initial step of the masked codes (:func:`masked_codes`), in HSDL's normalised units
 CODE_LEARNING_RATE = 0.05
 #: relative margin under the penalty of :func:`masked_codes`'s screening: it covers float32 rounding
@@ -337,25 +339,35 @@ def _dense_solve(observed: np.ndarray, target: np.ndarray, penalty: float, n_ste
 def _prefix_codes(dictionary: sp.csc_matrix, x: np.ndarray, prefixes, penalty: float, n_steps: int,
                   learning_rate: float) -> list[sp.csr_matrix]:
     """:func:`masked_codes` of the rows of ``x`` for each length in ``prefixes``, fitted together: a list
-    of (N, p) CSR codes, one per prefix. As one sparse system of the codes that can move, unless its
-    entries times :data:`DENSE_COST_RATIO` exceed the dense products' multiply-adds (a dense dictionary):
-    then prefix by prefix, densely."""
+    of (N, p) CSR codes, one per prefix. As sparse systems of the codes that can move, each of at most
+    :data:`SYSTEM_ENTRIES` entries (whole tokens: memory stays bounded), unless the entries times
+    :data:`DENSE_COST_RATIO` exceed the dense products' multiply-adds (a dense dictionary): then
+    prefix by prefix, densely."""
+    shape = (len(x), dictionary.shape[1])
+    if not prefixes or not len(x):
+        return [sp.csr_matrix(shape, dtype=np.float32) for _ in prefixes]
     observed = [dictionary[:n_observed].tocsc() for n_observed in prefixes]
     for part in observed:
         part.sort_indices()
     kept = [_kept_atoms(part, x[:, :part.shape[0]], penalty) for part in observed]
-    entries = sum(int((codes @ np.diff(part.indptr)).sum()) for part, codes in zip(observed, kept))
+    entries = sum(codes @ np.diff(part.indptr) for part, codes in zip(observed, kept))  # (N,) per token
     dense = len(x) * sum(part.shape[0] * np.count_nonzero(np.diff(part.indptr)) for part in observed)
-    if entries * DENSE_COST_RATIO > dense:
+    if entries.sum() * DENSE_COST_RATIO > dense:
         return [sp.csr_matrix(_dense_solve(part.toarray(), x[:, :part.shape[0]], penalty, n_steps, learning_rate))
                 for part in observed]
-    if not prefixes:
-        return []
-    shape = (len(x), dictionary.shape[1])
-    system, target, (token, prefix, atom) = _masked_problems(observed, kept, x)
-    codes = _sparse_solve(system, target, penalty, n_steps, learning_rate)
-    return [sp.csr_matrix((codes[prefix == index], (token[prefix == index], atom[prefix == index])), shape=shape)
-            for index in range(len(prefixes))]
+    group = np.cumsum(entries) // SYSTEM_ENTRIES  # consecutive tokens: SYSTEM_ENTRIES, or one token more
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    tokens, prefix_of, atoms, codes = [], [], [], []
+    for first, last in zip(starts, [*starts[1:], len(x)]):
+        system, target, (token, prefix, atom) = _masked_problems(observed, [k[first:last] for k in kept],
+                                                                 x[first:last])
+        codes.append(_sparse_solve(system, target, penalty, n_steps, learning_rate))
+        tokens.append(token + first)
+        prefix_of.append(prefix)
+        atoms.append(atom)
+    tokens, prefix_of, atoms, codes = (np.concatenate(a) for a in (tokens, prefix_of, atoms, codes))
+    return [sp.csr_matrix((codes[prefix_of == index], (tokens[prefix_of == index], atoms[prefix_of == index])),
+                          shape=shape) for index in range(len(prefixes))]
 
 
 def masked_codes(dictionary: np.ndarray, x: np.ndarray, n_observed: int, penalty: float, *, n_steps: int = 100,
