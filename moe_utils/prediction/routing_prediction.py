@@ -45,6 +45,9 @@ HSDL_CHUNK = 128
 #: bounds its memory whatever the dictionary. At DeepSeek-MoE-16B's shape (N_e = 1728, a 40-step
 #: fit: ~38 entries per atom) 128 tokens held ~12.7 million entries, ~0.45 GB at their peak
 SYSTEM_ENTRIES = 2 ** 24
+#: fitting tokens whose pairs :func:`joint_counts` counts at once: bounds its memory (at DeepSeek-MoE-16B's
+#: shape, 162 experts a token, a block's sparse matrices hold about 0.3 GB)
+JOINT_BLOCK = 131072
 #: Adam's initial step of the masked codes (:func:`masked_codes`), in HSDL's normalised units
 CODE_LEARNING_RATE = 0.05
 #: relative margin under the penalty of :func:`masked_codes`'s screening: it covers float32 rounding
@@ -105,15 +108,20 @@ def joint_counts(fit_topk: np.ndarray, n_experts: int) -> np.ndarray:
     """(n_layers * E, n_layers * E) int64: fitting tokens choosing both expert a and expert b (row and
     column ``layer * E + expert``; the diagonal: each expert's own count). Every pairwise statistic
     of the predictors is a block of it; it is counted once, exactly, by blocked Gram products
-    (:meth:`moe_utils.patterns.cooccurrence.Cooccurrence.pair_counts`), never holding a dense
-    tokens x experts matrix of all the fitting tokens."""
+    (:meth:`moe_utils.patterns.cooccurrence.Cooccurrence.pair_counts`) summed over blocks of
+    :data:`JOINT_BLOCK` fitting tokens, never holding a dense tokens x experts matrix, nor a sparse
+    one of all the fitting tokens."""
     fit_topk = _check_topk(fit_topk, n_experts, "fit_topk")
     n, n_layers, k = fit_topk.shape
-    rows = (fit_topk + (np.arange(n_layers) * n_experts)[None, :, None]).reshape(n, -1)
-    selected = sp.csr_matrix((np.ones(rows.size, np.float32), rows.ravel(), np.arange(0, rows.size + 1, n_layers * k)),
-                             shape=(n, n_layers * n_experts))
-    selected.sum_duplicates()
-    return Cooccurrence(selected.T, max_columns=None).pair_counts()
+    offsets = (np.arange(n_layers, dtype=np.int32) * n_experts)[None, :, None]
+    joint = np.zeros((n_layers * n_experts, n_layers * n_experts), np.int64)
+    for block in np.array_split(fit_topk, max(1, -(-n // JOINT_BLOCK))):
+        rows = (block.astype(np.int32) + offsets).reshape(len(block), n_layers * k)
+        selected = sp.csr_matrix((np.ones(rows.size, np.float32), rows.ravel(),
+                                  np.arange(0, rows.size + 1, n_layers * k)), shape=(len(block), n_layers * n_experts))
+        selected.sum_duplicates()
+        joint += Cooccurrence(selected.T, max_columns=None).pair_counts()
+    return joint
 
 
 def _block(joint: np.ndarray, n_experts: int, rows: slice | int, target: int) -> np.ndarray:
