@@ -66,9 +66,11 @@ def test_bayes_reads_every_layer_up_to_l_and_affinity_only_layer_l():
     assert rp.hit_counts(affinity, test, 1)[:, 2].mean() < 0.3
 
 
-def test_joint_counts_match_counting_token_by_token():
+def test_joint_counts_match_counting_token_by_token(monkeypatch):
     """Every pairwise statistic of the predictors is a block of joint_counts: checked against an
-    exhaustive loop over tokens and their pairs of chosen experts."""
+    exhaustive loop over tokens and their pairs of chosen experts, with the tokens counted in blocks
+    (bounded memory) and from a store's narrow index dtype."""
+    monkeypatch.setattr(rp, "JOINT_BLOCK", 50)
     rng = np.random.default_rng(2)
     n_experts, n_layers, k = 5, 3, 2
     fit = np.stack([np.stack([rng.choice(n_experts, k, replace=False) for _ in range(n_layers)]) for _ in range(120)])
@@ -78,7 +80,7 @@ def test_joint_counts_match_counting_token_by_token():
         for a in rows:
             for b in rows:
                 exhaustive[a, b] += 1
-    joint = rp.joint_counts(fit, n_experts)
+    joint = rp.joint_counts(fit.astype(np.uint8), n_experts)
     assert joint.dtype == np.int64
     np.testing.assert_array_equal(joint, exhaustive)
     # affinity from the counts = the conditional frequency counted directly
