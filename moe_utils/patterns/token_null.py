@@ -25,7 +25,8 @@ the paper's sense. This module separates them, reading nothing but a routing sto
 Costs: one pass of sparse products over the (tokens x experts) selection matrix, about
 ``n_tokens * (n_layers * top_k)**2`` operations for ``O`` and less for the type-level products;
 dense results are (N_e, N_e). Nothing enumerates expert subsets. A bootstrap replicate costs one
-such pass.
+such pass. Calls on one store given the same ``shared`` dict (stage 1 asks for the token, the token
+and position, and the co-selection) compute what they have in common once.
 """
 
 from __future__ import annotations
@@ -419,12 +420,13 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    shared = {} if shared is None else shared  # at least the grouping, shared with the point estimate
     co = coselection(store, seed=seed, strata=strata, shared=shared)
     pairs = excess_pairs(co)
     point = explained_share(co, pairs)
     groups = _groups(store, seed, strata, shared)
     # the observed sum is linear in the question weights: per question, once per set of pairs
-    kept = [] if shared is None else shared.setdefault("question_sums", [])
+    kept = shared.setdefault("question_sums", [])
     observed = next((sums for old_pairs, sums in kept if np.array_equal(old_pairs, pairs)), None)
     if observed is None:
         observed = groups.pair_counts(pairs)
