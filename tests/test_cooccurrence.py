@@ -64,7 +64,7 @@ STORES = [_random_store(0), _random_store(1), _routing_store(0), _routing_store(
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("gram_first", [False, True])  # sets counted through bitsets, or read from B^T B
 def test_histogram_ranks_and_counts_match_exhaustive_counting(store, order, gram_first, monkeypatch):
-    monkeypatch.setattr(cooccurrence, "_BLOCK_ENTRIES", 500)  # several blocks of tokens (and of sets) per product
+    monkeypatch.setattr(cooccurrence, "_BLOCK_ENTRIES", 500)  # several blocks of tokens and of sets
     dense = STORES[store]
     expected = _exhaustive(dense, order)
     counts = Cooccurrence(sp.csr_matrix(dense), max_columns=None)

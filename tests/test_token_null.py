@@ -256,7 +256,8 @@ def test_shared_computations_give_exactly_the_unshared_results(linearized):
     strata = tn.token_position_strata(store)
     shared: dict = {}
     calls = [dict(seed=2), dict(seed=2, strata=strata), dict(seed=4)]
-    together = [tn.explained_share_interval(store, n_boot=30, linearized=linearized, shared=shared, **c) for c in calls]
+    together = [tn.explained_share_interval(store, n_boot=30, linearized=linearized, shared=shared, **c)
+                for c in calls]
     alone = [tn.explained_share_interval(store, n_boot=30, linearized=linearized, **c) for c in calls]
     assert together == alone
     for c in calls:

@@ -94,7 +94,8 @@ class Cooccurrence:
         if not e.has_sorted_indices:
             e.sort_indices()
         n_words = max(1, -(-self.n_columns // 64))
-        keys = np.repeat(np.arange(self.n_rows, dtype=np.int64), np.diff(e.indptr)) * n_words + e.indices // 64
+        expert = np.repeat(np.arange(self.n_rows, dtype=np.int64), np.diff(e.indptr))
+        keys = expert * n_words + e.indices // 64
         values = np.left_shift(np.uint64(1), (e.indices % 64).astype(np.uint64))
         bits = np.zeros(self.n_rows * n_words, dtype=np.uint64)
         if len(keys):  # keys ascend (rows in order, sorted columns): OR the bits of each word at once

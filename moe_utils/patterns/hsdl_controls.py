@@ -97,7 +97,8 @@ def _draw_round(block: np.ndarray, active: np.ndarray, missing: np.ndarray, fill
         rows = rng.integers(0, n_rows, total)
     else:  # inverse CDF: rows of weight 0 have an empty interval and are never drawn
         rows = np.searchsorted(cdf, rng.random(total) * cdf[-1], side="right")
-        rows = np.minimum(rows, np.searchsorted(cdf, cdf[-1]))  # rounding at the top: the last row of weight > 0
+        # rounding at the top: the last row of weight > 0
+        rows = np.minimum(rows, np.searchsorted(cdf, cdf[-1]))
     held_slot, held_column = np.nonzero(np.arange(block.shape[1])[None, :] < filled[active][:, None])
     # the rows each atom holds, then the candidates, atom by atom in draw order
     slot = np.concatenate([held_slot, np.repeat(np.arange(len(active)), n_candidates)])
