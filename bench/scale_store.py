@@ -165,10 +165,12 @@ def run_shape(name: str, shape: dict, args, work: Path) -> dict:
                                             args.tokens_per_question, 1)
         if args.controls:
             with recorder.step("01", "token-identity control"):
-                tn.explained_share_interval(store, n_boot=args.null_bootstrap, seed=0)
+                shared: dict = {}  # as stage 1's token_control: what the three calls have in common, once
+                tn.explained_share_interval(store, n_boot=args.null_bootstrap, seed=0, shared=shared)
                 tn.explained_share_interval(store, n_boot=args.null_bootstrap, seed=0,
-                                            strata=tn.token_position_strata(store))
-                tn.pair_table(tn.coselection(store, seed=0), n=10)
+                                            strata=tn.token_position_strata(store), shared=shared)
+                tn.pair_table(tn.coselection(store, seed=0, shared=shared), n=10)
+                del shared
         with recorder.step("02", "expert matrix"):
             X = expert_matrix(store, granularity="token", value="weight")
         with recorder.step("02", "HSDL fit"):

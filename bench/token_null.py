@@ -65,8 +65,7 @@ def run(n_tokens: int) -> dict:
     store = synthetic_store(n_tokens)
     tracemalloc.start()
     start = time.perf_counter()
-    cache: dict = {}
-    share = tn.explained_share(tn.coselection(store, _cache=cache))
+    share = tn.explained_share(tn.coselection(store))
     point = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

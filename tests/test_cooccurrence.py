@@ -62,13 +62,15 @@ STORES = [_random_store(0), _random_store(1), _routing_store(0), _routing_store(
 
 @pytest.mark.parametrize("store", range(len(STORES)))
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("gain", [0, 10 ** 9])  # sets looked up through one Gram product, or pair by pair
-def test_histogram_ranks_and_counts_match_exhaustive_counting(store, order, gain, monkeypatch):
-    monkeypatch.setattr(cooccurrence, "_BLOCK_ENTRIES", 500)  # several blocks of tokens per product
-    monkeypatch.setattr(cooccurrence, "_DIRECT_GAIN", gain)
+@pytest.mark.parametrize("gram_first", [False, True])  # sets counted through bitsets, or read from B^T B
+def test_histogram_ranks_and_counts_match_exhaustive_counting(store, order, gram_first, monkeypatch):
+    monkeypatch.setattr(cooccurrence, "_BLOCK_ENTRIES", 500)  # several blocks of tokens and of sets
     dense = STORES[store]
     expected = _exhaustive(dense, order)
     counts = Cooccurrence(sp.csr_matrix(dense), max_columns=None)
+    if not gram_first:
+        observed = list(expected)
+        np.testing.assert_array_equal(counts.count(np.array(observed)), [expected[s] for s in observed])
     hist = counts.histogram(order)
     assert hist[0] == 0 and counts.n_observed(order) == len(expected)
     np.testing.assert_array_equal(hist, np.bincount(list(expected.values()), minlength=dense.shape[1] + 1) * (

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import permutations
 from math import comb
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from moe_utils.patterns import hsdl_controls as hc
 from moe_utils.patterns import atoms as patterns
@@ -34,6 +36,51 @@ def test_weighted_draws_follow_the_weights():
     np.testing.assert_allclose(first, weights / weights.sum(), atol=0.025)
     with pytest.raises(ValueError, match="non-negative"):
         hc.random_atom_rows([1], 8, weights=-weights)
+
+
+def _successive_sampling(weights, size: int) -> dict[tuple, float]:
+    """Exact probability of each ordered tuple of ``size`` distinct rows drawn one after another in
+    proportion to the weights of the rows not yet drawn (every weight > 0)."""
+    out = {}
+    for rows in permutations(range(len(weights)), size):
+        p, left = 1.0, float(np.sum(weights))
+        for row in rows:
+            p *= weights[row] / left
+            left -= weights[row]
+        out[rows] = p
+    return out
+
+
+def _chi_square_p(draws: np.ndarray, exact: dict[tuple, float]) -> float:
+    """p-value of the frequencies of the ordered tuples (rows of ``draws``) against ``exact``."""
+    seen = Counter(map(tuple, draws.tolist()))
+    assert set(seen) <= set(exact)
+    keys = list(exact)
+    return stats.chisquare([seen.get(k, 0) for k in keys], [exact[k] * len(draws) for k in keys]).pvalue
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 4])  # completed by Gumbel keys only, mostly, or rarely
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 3.0, 4.0, 0.5]])
+def test_draws_are_successive_sampling_in_draw_order(rounds, weights, monkeypatch):
+    """The ordered rows of each atom against the exact successive-sampling probabilities (every
+    ordered tuple, including full permutations), whichever path completed them."""
+    monkeypatch.setattr(hc, "_ROUNDS", rounds)
+    monkeypatch.setattr(hc, "_BLOCK_DRAWS", 5_000)  # several blocks of draws
+    w = np.ones(5) if weights is None else np.asarray(weights)
+    sizes = [3, 5, 1, 2]
+    draws = hc.random_atom_rows(sizes, 5, n_draws=6000, weights=None if weights is None else w, seed=4)
+    for atom, size in enumerate(sizes):
+        assert _chi_square_p(draws[:, atom, :size], _successive_sampling(w, size)) > 1e-3
+
+
+def test_rows_of_weight_zero_come_last_in_random_order():
+    weights = np.array([0, 1, 0, 3, 0, 6, 0, 0], dtype=float)
+    draws = hc.random_atom_rows([5], 8, n_draws=6000, weights=weights, seed=5)[:, 0]
+    positive = weights[[1, 3, 5]]
+    exact = {tuple(np.array([1, 3, 5])[list(k)]): p for k, p in _successive_sampling(positive, 3).items()}
+    assert _chi_square_p(draws[:, :3], exact) > 1e-3
+    zeros = {k: 1 / 20 for k in permutations([0, 2, 4, 6, 7], 2)}
+    assert _chi_square_p(draws[:, 3:], zeros) > 1e-3
 
 
 def test_cross_layer_chance_matches_the_exact_probability():

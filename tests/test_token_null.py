@@ -228,10 +228,10 @@ def test_linearized_replicates_match_the_exact_ones():
     exact = tn.explained_share_interval(store, n_boot=100, seed=1, level=0.9, linearized=False)
     linear = tn.explained_share_interval(store, n_boot=100, seed=1, level=0.9)
     assert (exact["replicates"], linear["replicates"]) == ("exact", "linearized")
-    cache: dict = {}
-    co = tn.coselection(store, seed=1, _cache=cache)
+    shared: dict = {}
+    co = tn.coselection(store, seed=1, shared=shared)
     pairs = tn.excess_pairs(co)
-    groups = cache["groups"]
+    groups = tn._groups(store, 1, None, shared)
     observed = groups.pair_counts(pairs)
     share, gradient = tn._share_gradient(groups, pairs.astype(np.float32), observed)
     assert share == pytest.approx(exact["share"], rel=1e-6)
@@ -246,3 +246,23 @@ def test_linearized_replicates_match_the_exact_ones():
         assert share + gradient @ (weights - 1) == pytest.approx(truth, abs=0.3 * width)
     for key in ("share_low", "share_high"):
         assert linear[key] == pytest.approx(exact[key], abs=0.08 * width)
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+def test_shared_computations_give_exactly_the_unshared_results(linearized):
+    """Stage 1's three calls (by token, by token and position, the co-selection) with what they have
+    in common computed once: the same values as separate calls, and the common parts computed once."""
+    store = synthetic_store(planted=True, n_questions=14, per_question=30, seed=3)
+    strata = tn.token_position_strata(store)
+    shared: dict = {}
+    calls = [dict(seed=2), dict(seed=2, strata=strata), dict(seed=4)]
+    together = [tn.explained_share_interval(store, n_boot=30, linearized=linearized, shared=shared, **c)
+                for c in calls]
+    alone = [tn.explained_share_interval(store, n_boot=30, linearized=linearized, **c) for c in calls]
+    assert together == alone
+    for c in calls:
+        a, b = tn.coselection(store, shared=shared, **c), tn.coselection(store, **c)
+        for field in ("observed", "plain", "given_token"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert len(shared["groups"]) == 3 and len(shared["unit"]) == 3 and len(shared["question_sums"]) == 1
+    assert tn.coselection(store, seed=2, shared=shared) is tn.coselection(store, seed=2, shared=shared)

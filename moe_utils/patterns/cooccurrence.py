@@ -8,14 +8,18 @@ enumerates them. It needs only
 
 * the distribution of counts over all observed r-sets (a histogram: how many sets were seen
   exactly c times), from which the count at any rank and the number of observed sets follow, and
-* the exact count of the few sets it is asked about (an atom's pair or triplet).
+* the exact count of the sets it is asked about (an atom's pair or triplet, or those of the
+  thousands of random atoms of a chance level).
 
-Both come from Gram matrices of the binary token x expert matrix B (columns of X as rows):
+The histograms come from Gram matrices of the binary token x expert matrix B (columns of X as rows):
 order 1 is the column sums of B, order 2 the upper triangle of B^T B, and order 3, for each
 anchor expert a, the upper triangle of B_a^T B_a, where B_a keeps the tokens that select a and the
 experts after a, so that each triplet a < b < c is counted once. Memory stays at O(E^2) plus one
 block of tokens; time is that of dense matrix products (about N m E^2 / 3 multiply-adds for
-triplets, N tokens, E experts), run by BLAS in blocks of tokens.
+triplets, N tokens, E experts), run by BLAS in blocks of tokens. A set's count is read from B^T B
+once that is built (pairs), or else is the popcount of the AND of its experts' columns kept as
+bitsets (N / 64 words per set): counting n sets costs n N / 64 word operations, whatever their
+experts.
 
 Counts are exact over the columns counted. At most ``max_columns`` columns are counted (a
 uniformly random subset for very large X, recorded in ``n_columns`` against ``n_columns_total``):
@@ -31,8 +35,6 @@ import scipy.sparse as sp
 
 MAX_ORDER = 3
 _BLOCK_ENTRIES = 32_000_000  # entries of one dense block of tokens (128 MB in float32)
-#: a Gram product of n experts beats n^2 / _DIRECT_GAIN products of single pairs (BLAS against numpy)
-_DIRECT_GAIN = 16
 
 
 class Cooccurrence:
@@ -78,6 +80,43 @@ class Cooccurrence:
             gram = block.T @ block if gram is None else gram + block.T @ block
         return np.zeros((len(columns), len(columns)), dtype=self._dtype) if gram is None else gram
 
+    @cached_property
+    def _pair_gram(self) -> np.ndarray:
+        """(N_e, N_e) B^T B over every counted column (exact integers): built once, shared by the
+        pair histogram, :meth:`pair_counts` and the look-up of pairs."""
+        return self._gram(None, np.arange(self.n_rows))
+
+    @cached_property
+    def _bits(self) -> np.ndarray:
+        """(N_e, ceil(N_s / 64)) uint64: the columns selecting each expert as a bitset (bit c % 64
+        of word c // 64 for column c)."""
+        e = self._by_expert
+        if not e.has_sorted_indices:
+            e.sort_indices()
+        n_words = max(1, -(-self.n_columns // 64))
+        expert = np.repeat(np.arange(self.n_rows, dtype=np.int64), np.diff(e.indptr))
+        keys = expert * n_words + e.indices // 64
+        values = np.left_shift(np.uint64(1), (e.indices % 64).astype(np.uint64))
+        bits = np.zeros(self.n_rows * n_words, dtype=np.uint64)
+        if len(keys):  # keys ascend (rows in order, sorted columns): OR the bits of each word at once
+            starts = np.flatnonzero(np.r_[True, np.diff(keys) != 0])
+            bits[keys[starts]] = np.bitwise_or.reduceat(values, starts)
+        return bits.reshape(self.n_rows, n_words)
+
+    def _bit_counts(self, sets: np.ndarray) -> np.ndarray:
+        """Columns selecting every expert of each row of ``sets``: popcounts of the AND of their
+        bitsets, in blocks of sets (about ``_BLOCK_ENTRIES`` bytes of words at a time)."""
+        bits = self._bits
+        out = np.empty(len(sets), dtype=np.int64)
+        step = max(1, _BLOCK_ENTRIES // (8 * bits.shape[1]))
+        for start in range(0, len(sets), step):
+            block = sets[start:start + step]
+            both = bits[block[:, 0]]
+            for column in range(1, block.shape[1]):
+                np.bitwise_and(both, bits[block[:, column]], out=both)
+            out[start:start + len(block)] = np.bitwise_count(both).sum(axis=1, dtype=np.int64)
+        return out
+
     def _anchor_tokens(self, anchor: int) -> np.ndarray:
         e = self._by_expert
         return e.indices[e.indptr[anchor]:e.indptr[anchor + 1]]
@@ -95,7 +134,7 @@ class Cooccurrence:
         if order == 1:
             return np.bincount(np.diff(self._by_expert.indptr), minlength=size)
         if order == 2:
-            return self._upper_histogram(self._gram(None, np.arange(self.n_rows)), size)
+            return self._upper_histogram(self._pair_gram, size)
         total = np.zeros(size, dtype=np.int64)
         for anchor in range(self.n_rows - 2):
             tokens = self._anchor_tokens(anchor)
@@ -131,7 +170,7 @@ class Cooccurrence:
     def pair_counts(self) -> np.ndarray:
         """(N_e, N_e) int64: columns selecting both experts (the diagonal: each expert's own count),
         every pair at once from the blocked Gram products."""
-        return np.rint(self._gram(None, np.arange(self.n_rows))).astype(np.int64)
+        return np.rint(self._pair_gram).astype(np.int64)
 
     def count(self, sets) -> np.ndarray:
         """Exact number of columns selecting every expert of each set (rows of ``sets``, (n, r), r <= 3)."""
@@ -150,26 +189,6 @@ class Cooccurrence:
             raise ValueError("a set must not repeat an expert")
         if order == 1:
             return np.diff(self._by_expert.indptr)[sets[:, 0]].astype(np.int64)
-        if order == 2:
-            return self._lookup(None, sets[:, 0], sets[:, 1])
-        for anchor in np.unique(sets[:, 0]):
-            mine = np.nonzero(sets[:, 0] == anchor)[0]
-            out[mine] = self._lookup(self._anchor_tokens(int(anchor)), sets[mine, 1], sets[mine, 2])
-        return out
-
-    def _lookup(self, token_rows, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """Entries (first, second) of the Gram matrix over ``token_rows``, built on the experts asked about only."""
-        needed, inverse = np.unique(np.concatenate([first, second]), return_inverse=True)
-        if token_rows is not None and len(token_rows) == 0:
-            return np.zeros(len(first), dtype=np.int64)
-        a, b = inverse[:len(first)], inverse[len(first):]
-        if _DIRECT_GAIN * len(first) >= len(needed) ** 2:  # many pairs among few experts: one Gram product
-            return np.rint(self._gram(token_rows, needed)[a, b]).astype(np.int64)
-        # few pairs among many experts: the products of just those columns, in blocks of tokens
-        rows = (self._tokens if token_rows is None else self._tokens[token_rows])[:, needed]
-        total = np.zeros(len(first))
-        step = max(1, _BLOCK_ENTRIES // max(len(needed), len(first)))
-        for start in range(0, rows.shape[0], step):
-            block = rows[start:start + step].toarray()
-            total += np.einsum("ij,ij->j", block[:, a], block[:, b], dtype=np.float64)
-        return np.rint(total).astype(np.int64)
+        if order == 2 and "_pair_gram" in self.__dict__:  # B^T B is built (the pair histogram): look-ups
+            return np.rint(self._pair_gram[sets[:, 0], sets[:, 1]]).astype(np.int64)
+        return self._bit_counts(sets)

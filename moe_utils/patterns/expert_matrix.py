@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from moe_utils.capture.store import RoutingStore
+from moe_utils.patterns.cooccurrence import Cooccurrence
 
 
 def expert_label(row: int, n_experts: int) -> str:
@@ -67,9 +68,12 @@ def expert_matrix(
 
 
 def coactivation(store: RoutingStore) -> np.ndarray:
-    """P(experts a and b both selected for the same token), (N_e, N_e); the diagonal is P(a selected)."""
-    selected = expert_matrix(store, "token", "binary").astype(np.float64)
-    return (selected @ selected.T).toarray() / store.n_tokens
+    """P(experts a and b both selected for the same token), (N_e, N_e); the diagonal is P(a selected).
+
+    The counts are the exact blocked Gram products of :class:`~moe_utils.patterns.cooccurrence.Cooccurrence`
+    over every token (dense BLAS: a few times faster than a sparse product at 27 layers x top-6)."""
+    counts = Cooccurrence(expert_matrix(store, "token", "binary"), max_columns=None).pair_counts()
+    return counts / store.n_tokens
 
 
 def top_cross_layer_pairs(store: RoutingStore, co: np.ndarray | None = None, n: int = 10) -> pd.DataFrame:

@@ -33,35 +33,109 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
     return float(np.mean(values)), float(low), float(high)
 
 
+#: rounds of draws with replacement before the atoms still short of rows are completed by Gumbel keys
+_ROUNDS = 4
+_BLOCK_DRAWS = 4_000_000  # candidate rows (or Gumbel keys) drawn at a time: bounded memory
+
+
 def random_atom_rows(sizes, n_rows: int, *, n_draws: int = 1000, weights: np.ndarray | None = None,
                      seed: int = 0) -> np.ndarray:
     """(n_draws, n_atoms, max(sizes)) rows of random atoms of the given sizes, -1 beyond each size.
 
     Each atom's rows are distinct, drawn uniformly or, with ``weights`` (one per row, >= 0),
-    one after another in proportion to the weights of the rows not yet drawn (Gumbel top-k), in
-    draw order (the first rows play the "strongest" experts of :func:`moe_utils.patterns.atoms.coverage`).
+    one after another in proportion to the weights of the rows not yet drawn (successive sampling),
+    in draw order (the first rows play the "strongest" experts of
+    :func:`moe_utils.patterns.atoms.coverage`); rows of weight 0 come only after every row of
+    positive weight, in uniformly random order.
+
+    Cost about n_draws x sum(sizes), not n_draws x n_atoms x n_rows: rows are drawn with replacement
+    in proportion to the weights and each atom keeps the first occurrence of each row, which is
+    successive sampling exactly (the next new row of an i.i.d. sequence is drawn in proportion to
+    the weights of the rows not yet seen). The few atoms still short of rows after a few rounds of
+    such draws (collisions with heavy rows, weights of 0) are completed from the rows they lack by
+    Gumbel top-k keys, the same successive sampling given the rows drawn so far.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     if sizes.size and (sizes.min() < 0 or sizes.max() > n_rows):
         raise ValueError(f"atom sizes must lie in 0..{n_rows}, got {sizes.min()}..{sizes.max()}")
-    log_w = np.zeros(n_rows)
+    cdf = None
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (n_rows,) or weights.min() < 0 or not weights.sum() > 0:
             raise ValueError(f"weights must be {n_rows} non-negative numbers, not all zero")
-        with np.errstate(divide="ignore"):
-            log_w = np.log(weights)
+        cdf = np.cumsum(weights)
     rng = np.random.default_rng(seed)
     width = int(sizes.max()) if sizes.size else 0
     out = np.full((n_draws, len(sizes), width), -1, dtype=np.int64)
-    step = max(1, 4_000_000 // max(1, len(sizes) * n_rows))  # bounded memory: ~4M keys at a time
+    if width == 0:
+        return out
+    per_draw = max(1, int(sizes.sum()) + 2 * len(sizes))
+    step = max(1, _BLOCK_DRAWS // per_draw)
     for start in range(0, n_draws, step):
-        stop = min(n_draws, start + step)
-        keys = log_w + rng.gumbel(size=(stop - start, len(sizes), n_rows))
-        top = np.argsort(-keys, axis=2)[:, :, :width]
-        mask = np.arange(width)[None, None, :] < sizes[None, :, None]
-        out[start:stop] = np.where(mask, top, -1)
+        block = out[start:start + step].reshape(-1, width)  # one row per (draw, atom): a view of out
+        need = np.tile(sizes, len(block) // max(1, len(sizes)))
+        filled = np.zeros(len(block), dtype=np.int64)
+        for _ in range(_ROUNDS):
+            active = np.flatnonzero(filled < need)
+            if not active.size:
+                break
+            _draw_round(block, active, need[active] - filled[active], filled, n_rows, cdf, rng)
+        short = np.flatnonzero(filled < need)
+        if short.size:
+            _complete_by_keys(block, short, need, filled, n_rows, weights, rng)
     return out
+
+
+def _draw_round(block: np.ndarray, active: np.ndarray, missing: np.ndarray, filled: np.ndarray, n_rows: int,
+                cdf: np.ndarray | None, rng) -> None:
+    """One round of :func:`random_atom_rows`' draws with replacement for the atoms ``active`` (rows of
+    ``block``, ``missing`` rows short): ``missing + 2`` candidates each; the first occurrences of rows
+    an atom does not hold yet are appended in draw order, up to ``missing``."""
+    n_candidates = missing + 2
+    total = int(n_candidates.sum())
+    if cdf is None:
+        rows = rng.integers(0, n_rows, total)
+    else:  # inverse CDF: rows of weight 0 have an empty interval and are never drawn
+        rows = np.searchsorted(cdf, rng.random(total) * cdf[-1], side="right")
+        # rounding at the top: the last row of weight > 0
+        rows = np.minimum(rows, np.searchsorted(cdf, cdf[-1]))
+    held_slot, held_column = np.nonzero(np.arange(block.shape[1])[None, :] < filled[active][:, None])
+    # the rows each atom holds, then the candidates, atom by atom in draw order
+    slot = np.concatenate([held_slot, np.repeat(np.arange(len(active)), n_candidates)])
+    rows = np.concatenate([block[active[held_slot], held_column], rows])
+    key = slot * n_rows + rows
+    first = np.argsort(key, kind="stable")  # per atom and row, the earliest occurrence first
+    key = key[first]
+    first = first[np.r_[True, key[1:] != key[:-1]]]
+    new = np.sort(first[first >= len(held_slot)])  # rows new to their atom, by atom and in draw order
+    slot, rows = slot[new], rows[new]
+    rank = np.arange(len(slot)) - np.searchsorted(slot, slot)
+    keep = rank < missing[slot]
+    slot, rows, rank = slot[keep], rows[keep], rank[keep]
+    block[active[slot], filled[active[slot]] + rank] = rows
+    filled[active] += np.bincount(slot, minlength=len(active))
+
+
+def _complete_by_keys(block: np.ndarray, short: np.ndarray, need: np.ndarray, filled: np.ndarray, n_rows: int,
+                      weights: np.ndarray | None, rng) -> None:
+    """Complete the atoms ``short`` (rows of ``block``) by successive sampling from the rows each
+    lacks: Gumbel top-k, the largest ``log w + G`` first (G standard Gumbel); rows of weight 0 after
+    the others, in random order."""
+    positive = np.ones(n_rows, dtype=bool) if weights is None else weights > 0
+    with np.errstate(divide="ignore"):
+        log_w = np.zeros(n_rows) if weights is None else np.log(weights)
+    step = max(1, _BLOCK_DRAWS // n_rows)
+    for start in range(0, len(short), step):
+        atoms = short[start:start + step]
+        gumbel = rng.gumbel(size=(len(atoms), n_rows))
+        keys = np.where(positive, log_w + gumbel, gumbel - 1e10)
+        held_atom, held_column = np.nonzero(np.arange(block.shape[1])[None, :] < filled[atoms][:, None])
+        keys[held_atom, block[atoms[held_atom], held_column]] = -np.inf
+        missing = need[atoms] - filled[atoms]
+        top = np.argsort(-keys, axis=1)[:, :int(missing.max())]
+        atom, column = np.nonzero(np.arange(top.shape[1])[None, :] < missing[:, None])
+        block[atoms[atom], filled[atoms[atom]] + column] = top[atom, column]
+        filled[atoms] = need[atoms]
 
 
 def cross_layer_chance(sizes, layout: tuple[int, int], *, n_draws: int = 1000, weights: np.ndarray | None = None,
@@ -87,8 +161,10 @@ def coverage_chance(sizes, counts: Cooccurrence, *, percents, n_draws: int = 100
     rows = []
     for order in (2, 3):
         eligible = sizes >= order
+        if not eligible.any():  # no atom to count: the order's histogram is not needed
+            continue
         n_observed = counts.n_observed(order)
-        if not eligible.any() or not n_observed:
+        if not n_observed:
             continue
         sets = draws[:, eligible, :order]
         atom_counts = counts.count(sets.reshape(-1, order)).reshape(sets.shape[:2])

@@ -25,7 +25,8 @@ the paper's sense. This module separates them, reading nothing but a routing sto
 Costs: one pass of sparse products over the (tokens x experts) selection matrix, about
 ``n_tokens * (n_layers * top_k)**2`` operations for ``O`` and less for the type-level products;
 dense results are (N_e, N_e). Nothing enumerates expert subsets. A bootstrap replicate costs one
-such pass.
+such pass. Calls on one store given the same ``shared`` dict (stage 1 asks for the token, the token
+and position, and the co-selection) compute what they have in common once.
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ class _Groups:
     """The tokens of a store grouped by (question, token type): everything the null model sums
     over tokens with per-question weights is a sum over these groups."""
 
-    def __init__(self, store: RoutingStore, seed: int, strata: np.ndarray | None = None):
+    def __init__(self, store: RoutingStore, seed: int, strata: np.ndarray | None = None,
+                 selected: sp.csr_matrix | None = None):
         sample_ids = store.tokens["sample_id"].to_numpy()
         self.question = np.unique(sample_ids, return_inverse=True)[1]
         self.in_a = question_halves(sample_ids, seed)
         _, type_of = np.unique(_strata(store, strata), return_inverse=True)
-        self.selected = _selection(store)  # (n_tokens, N_e)
+        self.selected = _selection(store) if selected is None else selected  # (n_tokens, N_e)
         group_key = self.question.astype(np.int64) * (type_of.max() + 1) + type_of
         keys, group = np.unique(group_key, return_inverse=True)
         n_groups = len(keys)
@@ -290,20 +292,44 @@ def _expected(groups: _Groups, question_weights: np.ndarray) -> tuple[float, np.
     return n, np.outer(counts, counts) / n, given
 
 
+def _shared(shared: dict | None, key, compute):
+    """``shared[key]``, computed by ``compute()`` the first time (every time without ``shared``)."""
+    if shared is None:
+        return compute()
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
+
+
+def _groups(store: RoutingStore, seed: int, strata: np.ndarray | None, shared: dict | None) -> _Groups:
+    """The :class:`_Groups` of ``store`` for ``seed`` and ``strata``, kept in ``shared`` (one per
+    seed and strata; the selection matrix, shared by all of them)."""
+    selected = _shared(shared, "selected", lambda: _selection(store))
+    kept = [] if shared is None else shared.setdefault("groups", [])
+    for old_seed, old_strata, groups in kept:
+        if old_seed == seed and (old_strata is None if strata is None else
+                                 old_strata is not None and np.array_equal(old_strata, strata)):
+            return groups
+    groups = _Groups(store, seed, strata, selected)
+    kept.append((seed, None if strata is None else np.array(strata), groups))
+    return groups
+
+
 def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndarray | None = None,
-                strata: np.ndarray | None = None, _cache: dict | None = None) -> CoSelection:
+                strata: np.ndarray | None = None, shared: dict | None = None) -> CoSelection:
     """Observed and expected cross-layer co-selection of ``store`` (see :class:`CoSelection`).
 
     ``seed`` draws the question halves of the cross-fit (:func:`question_halves`). ``strata``
     (one key per token) conditions on something else than the token id, e.g. token id and
     position (:func:`token_position_strata`); ``given_token`` then holds that expectation.
     ``question_weights`` (one per distinct ``sample_id``, in sorted order) weights every token of a
-    question, as a bootstrap replicate does.
+    question, as a bootstrap replicate does. ``shared``: a dict passed to every call on the same
+    store (:func:`explained_share_interval` too, any seed and strata), so that what they have in
+    common is computed once: the selection matrix and the observed counts at unit weights, the
+    grouping of the tokens and the unit-weight result per seed and strata (returned as is: do not
+    modify it).
     """
-    cache = _cache if _cache is not None else {}
-    if "groups" not in cache:
-        cache["groups"] = _Groups(store, seed, strata)
-    groups = cache["groups"]
+    groups = _groups(store, seed, strata, shared)
     n_questions = groups.question.max() + 1
     unit = question_weights is None
     if unit:
@@ -312,8 +338,13 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
     if question_weights.shape != (n_questions,):
         raise ValueError(f"question_weights needs one weight per question ({n_questions}), "
                          f"got shape {question_weights.shape}")
-    if unit:  # exact integer counts from blocked dense Gram products
-        observed = Cooccurrence(groups.selected.T, max_columns=None).pair_counts().astype(np.float64)
+    if unit:
+        for old_groups, result in ([] if shared is None else shared.get("unit", [])):
+            if old_groups is groups:
+                return result
+        # exact integer counts from blocked dense Gram products, the same whatever the seed and strata
+        observed = _shared(shared, "observed", lambda: Cooccurrence(
+            groups.selected.T, max_columns=None).pair_counts().astype(np.float64)).copy()
     else:
         observed = (groups.selected.T.tocsr() @ _scale_rows(groups.selected, question_weights[groups.question])).toarray()
     n, plain, given = _expected(groups, question_weights)
@@ -321,6 +352,8 @@ def coselection(store: RoutingStore, *, seed: int = 0, question_weights: np.ndar
     within = ~result.cross_layer
     for matrix in (observed, plain, given):
         matrix[within] = 0.0
+    if unit and shared is not None:
+        shared.setdefault("unit", []).append((groups, result))
     return result
 
 
@@ -358,7 +391,8 @@ LINEAR_ABOVE_QUESTIONS = 500
 
 
 def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                             strata: np.ndarray | None = None, linearized: bool | None = None) -> dict:
+                             strata: np.ndarray | None = None, linearized: bool | None = None,
+                             shared: dict | None = None) -> dict:
     """:func:`explained_share` with a percentile bootstrap interval over questions.
 
     Each replicate weights the questions by a Bayesian bootstrap draw (Dirichlet(1, ..., 1)
@@ -380,16 +414,23 @@ def explained_share_interval(store: RoutingStore, *, n_boot: int = 200, level: f
     600 and 4% at 1,500 (tested at 600), about the Monte Carlo error of the percentiles themselves
     (single replicates differ by up to about a quarter of the width; the ends average that out). Returns the point estimate's
     values plus ``share_low``, ``share_high``, ``remaining_low``, ``remaining_high``, ``n_boot`` and
-    ``replicates`` ("exact" or "linearized").
+    ``replicates`` ("exact" or "linearized"). ``shared`` as in :func:`coselection`: calls on the same
+    store share the observed counts, and the per-question observed sums over the excess pairs (the
+    same pairs whatever the strata: they compare the observed counts with plain independence).
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    cache: dict = {}
-    co = coselection(store, seed=seed, strata=strata, _cache=cache)
+    shared = {} if shared is None else shared  # at least the grouping, shared with the point estimate
+    co = coselection(store, seed=seed, strata=strata, shared=shared)
     pairs = excess_pairs(co)
     point = explained_share(co, pairs)
-    groups = cache["groups"]
-    observed = groups.pair_counts(pairs)  # the observed sum is linear in the question weights
+    groups = _groups(store, seed, strata, shared)
+    # the observed sum is linear in the question weights: per question, once per set of pairs
+    kept = shared.setdefault("question_sums", [])
+    observed = next((sums for old_pairs, sums in kept if np.array_equal(old_pairs, pairs)), None)
+    if observed is None:
+        observed = groups.pair_counts(pairs)
+        kept.append((pairs, observed))
     n_questions = len(observed)
     linearized = n_questions > LINEAR_ABOVE_QUESTIONS if linearized is None else bool(linearized)
     rng = np.random.default_rng(seed + 1)

@@ -92,9 +92,11 @@ def token_control(store: RoutingStore, co: np.ndarray, *, n_boot: int, seed: int
     every value the page glues: the shares (%) of the excess that the token, and the token with its
     position, explain, with Bayesian-bootstrap intervals over ``n_boot`` replicates, the lifts and
     ``finding_token_null``. RuntimeError when its observed counts are not those of ``co``."""
-    null = tn.explained_share_interval(store, n_boot=n_boot, seed=seed)
-    position = tn.explained_share_interval(store, n_boot=n_boot, seed=seed, strata=tn.token_position_strata(store))
-    coselection = tn.coselection(store, seed=seed)
+    shared: dict = {}  # the selection, observed counts and excess pairs' sums, computed once for the three
+    null = tn.explained_share_interval(store, n_boot=n_boot, seed=seed, shared=shared)
+    position = tn.explained_share_interval(store, n_boot=n_boot, seed=seed,
+                                           strata=tn.token_position_strata(store), shared=shared)
+    coselection = tn.coselection(store, seed=seed, shared=shared)
     cross = coselection.cross_layer
     if not np.allclose(coselection.observed[cross], co[cross] * store.n_tokens, rtol=1e-6):
         raise RuntimeError("the control's co-selection counts differ from the co-activation matrix")
