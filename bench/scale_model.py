@@ -55,8 +55,11 @@ SCHEMA = 1
 TARGET_GB = 8.0
 TOKEN_METER = Path(__file__).resolve().parent / "token_meter"
 #: Overrides of the profile: 20 questions, small evaluation limits, fewer refits and draws (stage 4: no CAEP refits,
-#: 4 reference masks per allocation, the primary endpoint on the one task evaluated).
+#: 4 reference masks per allocation, the primary endpoint on the one task evaluated). Stage 5's heatmaps read bits
+#: per byte: random weights answer one question per domain right only by chance, and a relative change of an
+#: accuracy of 0 does not exist (stage 5 stops with that error); both metrics' evaluations run either way.
 SMALL_LIMITS: dict[str, object] = {
+    "domain_metric": "bits_per_byte",
     "n_per_category": 4, "card_paragraphs": 12, "blimp_pairs": 1, "null_bootstrap": 50,
     "hsdl_steps": 300, "n_surrogates": 1, "control_draws": 200,
     "prune_ratios": [0.5], "pruning_methods": ["caep", "frequency", "reap", "random"], "random_seeds": [0],

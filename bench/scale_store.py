@@ -272,8 +272,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["phimoe", "deepseek"])
     parser.add_argument("--tokens", type=int, default=604_109)
     parser.add_argument("--heldout-tokens", type=int, default=1_000,
-                        help="tokens of the held-out store of stage 6 (its HSDL inference costs about "
-                             "n_layers x steps x tokens x N_e x atoms: the JSON gives the rate per token)")
+                        help="tokens of the held-out store of stage 6 (its HSDL inference grows with the tokens, "
+                             "the prefixes of layers and the dictionary's non-zeros: the JSON gives the rate per token)")
     parser.add_argument("--tokens-per-question", type=int, default=216)
     parser.add_argument("--hsdl-steps", type=int, default=600, help="HSDL steps (the notebook's default)")
     parser.add_argument("--inference-steps", type=int, default=100, help="stage 6's hsdl_inference_steps")
