@@ -188,7 +188,8 @@ def run_pipeline(args, model_dir: Path, token_dir: Path, on_stage) -> int:
     command = [sys.executable, "-m", "moe_utils.pipeline", "--profile", str(args.profile), "--no-book"]
     for key, value in overrides.items():
         command += ["--set", f"{key}={json.dumps(value)}"]
-    command += ["--set", *args.set] if args.set else []
+    for item in args.set or []:  # the pipeline takes one KEY=VALUE per --set
+        command += ["--set", item]
     command += ["--only", *args.only] if args.only else []
     env = {**os.environ, "MOE_BENCH_TOKEN_DIR": str(token_dir),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TOKEN_METER), os.environ.get("PYTHONPATH")]))}
