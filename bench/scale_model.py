@@ -181,16 +181,20 @@ def stage_tokens(token_dir: Path, pids: set[int]) -> int:
 
 
 # ------------------------------------------------------------------------------- the run
+def pipeline_command(args, model_dir: Path) -> list[str]:
+    """The pipeline's command line: the profile with :data:`SMALL_LIMITS`, the model and artifacts
+    folders, then ``args.set`` (later overrides win), one ``--set KEY=VALUE`` each."""
+    overrides = {**SMALL_LIMITS, "model": str(model_dir), "artifacts_dir": str(args.artifacts_dir)}
+    command = [sys.executable, "-m", "moe_utils.pipeline", "--profile", str(args.profile), "--no-book"]
+    for item in [f"{key}={json.dumps(value)}" for key, value in overrides.items()] + list(args.set or []):
+        command += ["--set", item]
+    return command + (["--only", *args.only] if args.only else [])
+
+
 def run_pipeline(args, model_dir: Path, token_dir: Path, on_stage) -> int:
     """Run the pipeline on ``model_dir``; calls ``on_stage(name, seconds, threads, meter)`` when each
     stage finishes (from the pipeline's log lines)."""
-    overrides = {**SMALL_LIMITS, "model": str(model_dir), "artifacts_dir": str(args.artifacts_dir)}
-    command = [sys.executable, "-m", "moe_utils.pipeline", "--profile", str(args.profile), "--no-book"]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={json.dumps(value)}"]
-    for item in args.set or []:  # the pipeline takes one KEY=VALUE per --set
-        command += ["--set", item]
-    command += ["--only", *args.only] if args.only else []
+    command = pipeline_command(args, model_dir)
     env = {**os.environ, "MOE_BENCH_TOKEN_DIR": str(token_dir),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TOKEN_METER), os.environ.get("PYTHONPATH")]))}
     print("$", " ".join(command), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -74,3 +75,20 @@ def test_the_status_page_shows_each_stage(tmp_path):
     assert "| 00_model_card | 300.0 | 1 | 6.50 | 12,000 | 40.0 |" in page and "| 01_capture | failed |" in page
     assert page.endswith("\n- the machine was shared")
     assert scale_report.scale_model_section(tmp_path / "missing.json") == []
+
+
+def test_the_pipeline_command_gives_each_override_its_own_set(tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(profile=Path("params/granite.yaml"), artifacts_dir=tmp_path / "a", only=["05_mmlu_pro_results"],
+                     set=["threads=1", 'domain_metric="bits_per_byte"'])
+    command = scale_model.pipeline_command(args, tmp_path / "m")
+    flags = command[3:]
+    items = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--set"]
+    assert len(items) == len(scale_model.SMALL_LIMITS) + 2 + 2  # the limits, model and artifacts, the two given
+    assert items[-2:] == ["threads=1", 'domain_metric="bits_per_byte"']  # last: they win
+    assert f"model={json.dumps(str(tmp_path / 'm'))}" in items
+    assert all(flags[i] in ("--set", "--only", "--profile", "--no-book") or flags[i - 1] in ("--set", "--profile",
+                                                                                            "--only")
+               for i in range(len(flags)))
+    assert flags[-2:] == ["--only", "05_mmlu_pro_results"]
