@@ -153,7 +153,9 @@ def interleaved(name: str, measure: Callable[[], tuple[float, int | None]], roun
 def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     """``rows`` after the rows already in ``path`` (a previous run's JSON) of the workloads and settings
     this run did not measure, which keep their own date and rounds; a missing file keeps nothing."""
-    kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    stamp = {"date": previous.get("date"), "rounds": previous.get("parameters", {}).get("rounds")}
+    kept = [{**stamp, **row} for row in previous.get("rows", [])]  # rows of older files: the file's date and rounds
     measured = {(row["workload"], row["setting"]) for row in rows}
     return [row for row in kept if (row["workload"], row["setting"]) not in measured] + rows
 
